@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` (the main job, end to end, CPU) and `make test` (the test suite).
+# Each creates its own virtualenv and installs torch before the project, so pip never pulls a CUDA build here.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rtdist-installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: install test test-all demo clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev,mpi]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) tools/demo.py --out $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) runs

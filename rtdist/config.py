@@ -1,0 +1,322 @@
+"""Typed run configuration: dataclasses loaded from one or more YAML files plus ``--set key=value`` overrides.
+
+Validation happens once, here at the edge; every error names the offending key (``model.window_size``) and what
+would be right. Everything below this module takes plain, already-checked values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257
+    d_model: int = 256
+    n_layers: int = 2
+    n_heads: int = 4
+    head_dim: Optional[int] = None  # default d_model // n_heads
+    emb_dim: Optional[int] = None  # factorised embedding (Wikitext-103 preset); default d_model
+    # "routing": local + routing heads per layer; "local": every head local; "full": dense causal SDPA;
+    # "full_naive": dense attention with a materialised n x n score matrix (the quadratic reference).
+    attention_type: Literal["routing", "local", "full", "full_naive"] = "routing"
+    n_local_attn_heads: int = 2  # per layer; the other heads are routing heads
+    routing_layers: Optional[list[int]] = None  # layer indices (negative from the end) with routing heads; None = all
+    window_size: int = 64  # routing block size w
+    local_window_size: Optional[int] = None  # local attention block; default window_size
+    num_clusters: int = 4
+    routing_mode: Literal["causal", "topk"] = "causal"
+    shared_qk: bool = True  # routing heads use k = normalize(q)
+    kmeans_ema_decay: float = 0.999
+    commitment_factor: float = 1e-4
+    ff_mult: float = 4.0
+    ff_glu: bool = True  # GEGLU feed-forward
+    pos_emb: Literal["rotary", "none"] = "rotary"
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    tie_embedding: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    # Manifest written by tools/preprocess.py; None means the built-in demo corpus.
+    manifest: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    num_workers: int = 1
+    shuffle_buffer: int = 64
+    skip_corrupt: bool = False
+
+
+@dataclass
+class TrainConfig:
+    seq_length: int = 256
+    train_micro_batch_size_per_gpu: int = 4
+    gradient_accumulation_steps: int = 1
+    train_batch_size: Optional[int] = None  # derived when None; checked against micro x accum x dp when set
+    train_iters: int = 50
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 10
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    gradient_clipping: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 0
+    eval_iters: int = 10
+    save_interval: int = 0
+    checkpoint_activations: bool = False
+    checkpoint_num_layers: int = 1  # checkpoint every k-th layer
+    checkpoint_offload: bool = False  # keep saved activations in host memory
+    engine: Literal["deepspeed", "fairscale", "torch"] = "deepspeed"
+    zero_stage: int = 0
+    max_nonfinite_steps: int = 5
+    dist_timeout_s: int = 300
+
+
+@dataclass
+class ParallelConfig:
+    sequence_parallel_size: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # DeepSpeed keys pass through unchanged (zero_optimization.*, bf16, optimizer, ...).
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep merge: nested dicts merge key by key, everything else in ``override`` replaces."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """``a.b=c`` -> ``{"a": {"b": c}}`` with ``c`` parsed as YAML (so 3, 1e-4, true, [1,2] get their types)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):  # PyYAML reads 1e-4 (no dot) as a string
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a bug in this module, not in the YAML
+
+
+def build(cls, data: Optional[dict], prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys (with a close-match hint) and wrong types."""
+    data = {} if data is None else data
+    where = prefix or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{key}'{hint}; known keys at {where}: {', '.join(names)}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(paths: list[str] | str = (), overrides: list[str] = (), validate_config: bool = True) -> Config:
+    """Merge the YAML files in order, apply ``key=value`` overrides, build and validate a :class:`Config`."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    raw: dict = {}
+    for p in paths:
+        raw = merge(raw, load_yaml(p))
+    for o in overrides:
+        raw = merge(raw, parse_override(o))
+    cfg = build(Config, raw)
+    if validate_config:
+        validate(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ConfigError(msg)
+
+
+def layer_head_split(m: ModelConfig) -> list[int]:
+    """Number of local heads in each layer (the rest of the layer's heads route)."""
+    if m.attention_type != "routing":
+        return [m.n_heads] * m.n_layers if m.attention_type == "local" else [0] * m.n_layers
+    routed = set(range(m.n_layers)) if m.routing_layers is None else {i % m.n_layers for i in m.routing_layers}
+    return [m.n_local_attn_heads if i in routed else m.n_heads for i in range(m.n_layers)]
+
+
+def validate_model(m: ModelConfig, seq_length: Optional[int] = None) -> None:
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "window_size", "num_clusters"):
+        _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    _check(m.head_dim is not None or m.d_model % m.n_heads == 0,
+           f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or set model.head_dim")
+    _check(head_dim % 2 == 0 or m.pos_emb != "rotary", f"rotary positions need an even head dim, got {head_dim}")
+    _check(0 <= m.n_local_attn_heads <= m.n_heads,
+           f"model.n_local_attn_heads ({m.n_local_attn_heads}) must be between 0 and model.n_heads ({m.n_heads})")
+    for i in m.routing_layers or []:
+        _check(-m.n_layers <= i < m.n_layers,
+               f"model.routing_layers entry {i} is outside the {m.n_layers} layers (use 0..{m.n_layers - 1} or negatives)")
+    _check(0.0 <= m.kmeans_ema_decay < 1.0, f"model.kmeans_ema_decay must be in [0, 1), got {m.kmeans_ema_decay}")
+    _check(0.0 <= m.dropout < 1.0 and 0.0 <= m.attn_dropout < 1.0, "model.dropout / model.attn_dropout must be in [0, 1)")
+    if seq_length is not None:
+        local_w = m.local_window_size or m.window_size
+        _check(seq_length % local_w == 0,
+               f"train.seq_length ({seq_length}) must be divisible by the local window "
+               f"(model.local_window_size or model.window_size = {local_w})")
+        _check(seq_length % m.window_size == 0,
+               f"train.seq_length ({seq_length}) must be divisible by model.window_size ({m.window_size})")
+        if m.attention_type == "routing" and m.routing_mode == "topk":
+            _check(m.window_size <= seq_length,
+                   f"model.window_size ({m.window_size}) cannot exceed train.seq_length ({seq_length}) in topk mode")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that would otherwise fail deep inside a run (or hang a process group)."""
+    t = cfg.train
+    validate_model(cfg.model, t.seq_length)
+    _check(t.seq_length > 0, f"train.seq_length must be positive, got {t.seq_length}")
+    _check(t.train_micro_batch_size_per_gpu > 0, "train.train_micro_batch_size_per_gpu must be positive")
+    _check(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps must be positive")
+    _check(t.train_iters >= 0, "train.train_iters must be >= 0")
+    _check(0 <= t.zero_stage <= 3, f"train.zero_stage must be 0..3, got {t.zero_stage}")
+    _check(t.checkpoint_num_layers >= 1, "train.checkpoint_num_layers must be >= 1")
+    _check(cfg.parallel.sequence_parallel_size >= 1, "parallel.sequence_parallel_size must be >= 1")
+    sp = cfg.parallel.sequence_parallel_size
+    if sp > 1:
+        w = max(cfg.model.window_size, cfg.model.local_window_size or cfg.model.window_size)
+        _check(t.seq_length % (sp * w) == 0,
+               f"train.seq_length ({t.seq_length}) must be divisible by parallel.sequence_parallel_size x window "
+               f"({sp} x {w})")
+
+
+def check_world(cfg: Config, world_size: int) -> int:
+    """Check the batch triple against the world size; returns the data-parallel size."""
+    sp = cfg.parallel.sequence_parallel_size
+    _check(world_size % sp == 0,
+           f"world size {world_size} is not divisible by parallel.sequence_parallel_size ({sp})")
+    dp = world_size // sp
+    t = cfg.train
+    derived = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp
+    _check(t.train_batch_size is None or t.train_batch_size == derived,
+           f"train.train_batch_size ({t.train_batch_size}) must equal train_micro_batch_size_per_gpu "
+           f"({t.train_micro_batch_size_per_gpu}) x gradient_accumulation_steps ({t.gradient_accumulation_steps}) "
+           f"x data-parallel size ({dp}) = {derived}")
+    return dp

@@ -1,0 +1,143 @@
+"""Online spherical k-means for routing heads.
+
+Commitment loss = factor * mean over tokens of ||r - sg(centroid)||^2 with r the unit-norm routing vector.
+
+Centroids live in fp32 buffers and never receive gradients. Forward only *reads* them: it assigns tokens to their
+nearest centroid and, in training, accumulates per-cluster sums and counts. The EMA update is applied once per
+optimizer step by :meth:`SphericalKMeans.apply_update` (through ``RoutingTransformerLM.update_kmeans``), after the
+statistics have been reduced over every replica, so activation-checkpoint recomputation, gradient accumulation and
+evaluation never move the centroids and the commitment loss is always against the pre-step centroids.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_suspended = 0
+
+
+@contextlib.contextmanager
+def kmeans_stats_suspended():
+    """Forward passes inside this context do not accumulate k-means statistics (used for checkpoint recomputation,
+    which replays a forward whose statistics were already counted)."""
+    global _suspended
+    _suspended += 1
+    try:
+        yield
+    finally:
+        _suspended -= 1
+
+
+def routing_vectors(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without scale/bias, divided by sqrt(d): unit-norm-like fp32 vectors for spherical k-means."""
+    d = x.shape[-1]
+    return F.layer_norm(x.float(), (d,)) / math.sqrt(d)
+
+
+class SphericalKMeans(nn.Module):
+    """Per-head centroids ``[heads, clusters, dim]`` updated by EMA of the assigned routing vectors.
+
+    Update rule (per head h, cluster c), with s/n the step's (reduced) sums and counts:
+        ema_sums   <- decay * ema_sums   + (1 - decay) * s
+        ema_counts <- decay * ema_counts + (1 - decay) * n
+        means      <- normalize(ema_sums)           (spherical: only the direction matters)
+    The first update uses decay 0 (one Lloyd step from the random initial centroids), so routing adapts to the
+    data at once instead of crawling away from noise at rate 1e-3. A cluster that has never received a token
+    keeps its previous centroid.
+    """
+
+    def __init__(self, num_heads: int, num_clusters: int, dim: int, decay: float = 0.999,
+                 commitment_factor: float = 1e-4):
+        super().__init__()
+        self.num_heads, self.num_clusters, self.dim = num_heads, num_clusters, dim
+        self.decay = decay
+        self.commitment_factor = commitment_factor
+        means = F.normalize(torch.randn(num_heads, num_clusters, dim), dim=-1)
+        self.register_buffer("means", means)
+        self.register_buffer("ema_sums", means.clone())
+        self.register_buffer("ema_counts", torch.zeros(num_heads, num_clusters))
+        self.register_buffer("initted", torch.tensor(False))
+        # Statistics of the current step; transient, so not part of checkpoints.
+        self.register_buffer("step_sums", torch.zeros(num_heads, num_clusters, dim), persistent=False)
+        self.register_buffer("step_counts", torch.zeros(num_heads, num_clusters), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Keep every k-means buffer fp32 whatever .half()/.bfloat16()/DeepSpeed does to the module.
+        super()._apply(fn, recurse)
+        for name, buf in self.named_buffers(recurse=False):
+            if buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
+    @torch.no_grad()
+    def reset_initial_means(self, generator: Optional[torch.Generator] = None) -> None:
+        means = F.normalize(torch.randn(self.means.shape, generator=generator), dim=-1).to(self.means.device)
+        self.means.copy_(means)
+        self.ema_sums.copy_(means)
+        self.ema_counts.zero_()
+        self.initted.fill_(False)
+
+    def similarities(self, r: torch.Tensor) -> torch.Tensor:
+        """``r`` [B, H, n, d] fp32 routing vectors -> cosine scores [B, H, n, C] (fp32, autocast off)."""
+        with torch.autocast(device_type=r.device.type, enabled=False):
+            return torch.einsum("bhnd,hcd->bhnc", r, self.means)
+
+    def assign(self, r: torch.Tensor, valid: Optional[torch.Tensor] = None, sims: Optional[torch.Tensor] = None):
+        """Nearest centroid for each routing vector; accumulates statistics when training.
+
+        Returns (assignment [B, H, n] long, commitment loss scalar)."""
+        sims = self.similarities(r) if sims is None else sims
+        clusters = sims.argmax(dim=-1)
+        if self.training and not _suspended and torch.is_grad_enabled():
+            self._accumulate(r.detach(), clusters, valid)
+        return clusters, self.commitment_loss(r, clusters, valid)
+
+    def commitment_loss(self, r: torch.Tensor, clusters: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.commitment_factor == 0:
+            return r.new_zeros(())
+        h = torch.arange(self.num_heads, device=r.device)[None, :, None]
+        target = self.means[h, clusters]  # [B, H, n, d], detached buffer
+        err = (r - target).pow(2).sum(dim=-1)  # [B, H, n] squared distance of unit-norm vectors, in [0, 4]
+        if valid is not None:
+            w = valid[:, None, :].to(err.dtype).expand_as(err)
+            return self.commitment_factor * (err * w).sum() / w.sum().clamp(min=1)
+        return self.commitment_factor * err.mean()
+
+    @torch.no_grad()
+    def _accumulate(self, r: torch.Tensor, clusters: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+        B, H, n, d = r.shape
+        idx = (torch.arange(H, device=r.device)[None, :, None] * self.num_clusters + clusters)  # [B, H, n]
+        vecs = r
+        if valid is not None:  # padding never enters the statistics
+            keep = valid[:, None, :].expand(B, H, n)
+            idx, vecs = idx[keep], vecs[keep]
+        idx, vecs = idx.reshape(-1), vecs.reshape(-1, d)
+        self.step_sums.view(-1, d).index_add_(0, idx, vecs)
+        self.step_counts.view(-1).add_(torch.bincount(idx, minlength=H * self.num_clusters).to(self.step_counts))
+
+    def stats(self) -> list[torch.Tensor]:
+        return [self.step_counts, self.step_sums]
+
+    @torch.no_grad()
+    def apply_update(self) -> None:
+        """EMA step from the (already reduced) statistics, then clear them."""
+        counts, sums = self.step_counts, self.step_sums
+        if counts.sum() == 0:  # nothing was routed this step (e.g. only evaluation ran)
+            return
+        decay = self.decay if bool(self.initted) else 0.0
+        seen = counts > 0
+        new_sums = decay * self.ema_sums + (1 - decay) * sums
+        if decay == 0.0:  # first update: clusters that received nothing keep their initial centroid
+            new_sums = torch.where(seen[..., None], new_sums, self.ema_sums)
+        self.ema_sums.copy_(new_sums)
+        self.ema_counts.mul_(decay).add_((1 - decay) * counts)
+        norm = new_sums.norm(dim=-1, keepdim=True)
+        self.means.copy_(torch.where(norm > 1e-12, new_sums / norm.clamp(min=1e-12), self.means))
+        self.initted.fill_(True)
+        counts.zero_()
+        sums.zero_()

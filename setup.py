@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="rtdist",
+    version="0.1.0",
+    description="Distributed training of Routing Transformers on very long sequences",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["rtdist", "rtdist.*"]),
+    python_requires=">=3.10",
+    # torch is a plain requirement so that an installed CUDA build is kept as it is.
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "fairscale>=0.4.13",
+        "webdataset>=0.2.86",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "safetensors",
+        "sentencepiece",
+        "pillow",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout", "matplotlib"],
+        "mpi": ["mpi4py", "mpich"],
+    },
+)

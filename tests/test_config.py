@@ -1,0 +1,71 @@
+"""Config loading: merged files, overrides, and errors that name the key."""
+import pytest
+
+from rtdist.config import Config, ConfigError, check_world, load_config
+
+PRESETS = ["tiny", "pg19", "wikitext103", "enwik8", "imagenet64"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_validate(name):
+    assert isinstance(load_config(f"configs/{name}.yaml"), Config)
+
+
+def test_pg19_preset_is_the_papers_model():
+    m = load_config("configs/pg19.yaml").model
+    assert (m.n_layers, m.d_model, m.n_heads, m.n_local_attn_heads) == (22, 1032, 8, 6)
+    assert (m.num_clusters, m.window_size, m.local_window_size, m.routing_layers) == (16, 512, 256, [-1])
+
+
+def test_later_files_and_overrides_win(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  d_model: 64\ntrain:\n  lr: 0.5\n")
+    cfg = load_config(["configs/tiny.yaml", str(extra)], ["train.lr=1e-4", "model.routing_layers=[-1]"])
+    assert cfg.model.d_model == 64 and cfg.model.n_layers == 2  # merged, not replaced
+    assert cfg.train.lr == 1e-4 and cfg.model.routing_layers == [-1]
+
+
+def test_deepspeed_keys_pass_through(tmp_path):
+    f = tmp_path / "ds.yaml"
+    f.write_text("deepspeed:\n  zero_optimization:\n    stage: 3\n    overlap_comm: true\n")
+    assert load_config(str(f)).deepspeed == {"zero_optimization": {"stage": 3, "overlap_comm": True}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.windw_size=64", "unknown key 'model.windw_size' (did you mean 'model.window_size'?)"),
+    ("trian.lr=1", "unknown key 'trian' (did you mean 'train'?)"),
+    ("model.n_layers=two", "model.n_layers: expected an integer, got 'two'"),
+    ("model.n_layers=2.5", "model.n_layers: expected an integer, got 2.5"),
+    ("train.lr=fast", "train.lr: expected a number"),
+    ("model.routing_mode=casual", "model.routing_mode: 'casual' is not one of ['causal', 'topk'] (did you mean 'causal'?)"),
+    ("train.seq_length=100", "train.seq_length (100) must be divisible by the local window"),
+    ("model.n_local_attn_heads=5", "model.n_local_attn_heads (5) must be between 0 and model.n_heads (4)"),
+    ("model.routing_layers=[7]", "model.routing_layers entry 7 is outside the 2 layers"),
+    ("model.shared_qk=1", "model.shared_qk: expected true/false, got 1"),
+    ("model.d_model=130", "model.d_model (130) must be divisible by model.n_heads (4)"),
+    ("parallel.sequence_parallel_size=3", "train.seq_length (256) must be divisible by parallel.sequence_parallel_size"),
+    ("model", "override 'model' must look like key.sub=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_missing_and_malformed_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml' does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml' is not valid YAML"):
+        load_config(str(bad))
+
+
+def test_batch_triple_must_match_world():
+    cfg = load_config("configs/tiny.yaml", ["train.train_batch_size=16", "train.train_micro_batch_size_per_gpu=4"])
+    assert check_world(cfg, 4) == 4
+    with pytest.raises(ConfigError, match=r"train.train_batch_size \(16\) must equal .* = 8"):
+        check_world(cfg, 2)
+    cfg = load_config("configs/tiny.yaml", ["parallel.sequence_parallel_size=2"])
+    with pytest.raises(ConfigError, match="world size 3 is not divisible"):
+        check_world(cfg, 3)

@@ -1,0 +1,192 @@
+"""The LM: causal safety, k-means bookkeeping, precision, checkpoint recomputation."""
+import pytest
+import torch
+
+from rtdist.config import ModelConfig
+from rtdist.model import RoutingTransformerLM, SphericalKMeans, lm_loss
+
+
+def tiny(**kw):
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_local_attn_heads=2, window_size=8,
+                num_clusters=3)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make(cfg, seed=0, **kw):
+    torch.manual_seed(seed)
+    return RoutingTransformerLM(cfg, **kw)
+
+
+def step(model, tokens, valid=None):
+    logits, aux = model(tokens, valid)
+    loss = lm_loss(logits[:, :-1], tokens[:, 1:]) + aux
+    loss.backward()
+    return loss
+
+
+def trained(model, steps=3, n=64, seed=0):
+    """A few k-means updates so the centroids are data-shaped, not random."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        step(model, torch.randint(0, model.cfg.vocab_size, (2, n), generator=g))
+        model.update_kmeans()
+    model.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("cfg", [tiny(), tiny(num_clusters=2, window_size=4, local_window_size=16),
+                                 tiny(n_local_attn_heads=0, pos_emb="none", routing_layers=[-1])])
+def test_causal_mode_logits_never_depend_on_later_tokens(cfg, seed):
+    model = trained(make(cfg, seed)).eval()
+    g = torch.Generator().manual_seed(100 + seed)
+    n = 96
+    x = torch.randint(0, cfg.vocab_size, (2, n), generator=g)
+    base, _ = model(x)
+    for t in (0, 7, 40, n - 2):
+        y = x.clone()
+        y[:, t + 1:] = torch.randint(0, cfg.vocab_size, (2, n - t - 1), generator=g)
+        out, _ = model(y)
+        assert torch.equal(out[:, : t + 1], base[:, : t + 1]), f"logits at <= {t} changed"
+        assert not torch.equal(out[:, t + 1:], base[:, t + 1:])
+
+
+def test_topk_mode_leaks_the_future():
+    cfg = tiny(routing_mode="topk", n_local_attn_heads=0, window_size=16, num_clusters=4)
+    model = trained(make(cfg)).eval()
+    x = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(5))
+    base, _ = model(x)
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 1) % cfg.vocab_size  # change only the last token
+    out, _ = model(y)
+    changed = (out[:, :-1] - base[:, :-1]).abs().amax(-1) > 0
+    assert changed.sum() > 0  # earlier positions moved: top-k membership looks ahead
+
+
+def test_kmeans_ema_update_matches_hand_computation():
+    km = SphericalKMeans(num_heads=1, num_clusters=2, dim=2, decay=0.9)
+    km.means.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+    km.ema_sums.copy_(km.means)
+    km.train()
+    r = torch.tensor([[[[0.8, 0.6], [0.6, 0.8], [1.0, 0.0]]]])  # tokens 0 and 2 -> cluster 0, token 1 -> cluster 1
+    with torch.enable_grad():
+        clusters, _ = km.assign(r)
+    assert clusters.tolist() == [[[0, 1, 0]]]
+    assert torch.allclose(km.step_counts, torch.tensor([[2.0, 1.0]]))
+    km.apply_update()  # first update: decay 0 -> centroids are the normalised cluster sums
+    s0 = torch.tensor([1.8, 0.6])
+    torch.testing.assert_close(km.means[0, 0], s0 / s0.norm())
+    torch.testing.assert_close(km.means[0, 1], torch.tensor([0.6, 0.8]))
+    assert km.step_counts.sum() == 0 and bool(km.initted)
+    with torch.enable_grad():
+        km.assign(torch.tensor([[[[0.0, 1.0]]]]))  # one token, nearest cluster 1
+    km.apply_update()  # now EMA with decay 0.9
+    s1 = 0.9 * torch.tensor([0.6, 0.8]) + 0.1 * torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(km.means[0, 1], s1 / s1.norm())
+    torch.testing.assert_close(km.means[0, 0], s0 / s0.norm())  # 0.9 * s0 only rescales: same direction
+    torch.testing.assert_close(km.ema_counts, torch.tensor([[0.9 * 2, 0.9 * 1 + 0.1]]))
+
+
+def test_padding_is_excluded_from_kmeans_statistics():
+    cfg = tiny()
+    model = make(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 32))
+    valid = torch.ones(2, 32, dtype=torch.bool)
+    valid[1, 20:] = False
+    step(model, x, valid)
+    with_pad = [t.clone() for km in model.kmeans_modules() for t in km.stats()]
+    ref = make(cfg).train()
+    step(ref, x[:1])
+    step(ref, x[1:, :20])
+    only_valid = [t for km in ref.kmeans_modules() for t in km.stats()]
+    for a, b in zip(with_pad, only_valid):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    n_routing = sum(km.num_heads for km in model.kmeans_modules())
+    assert sum(km.step_counts.sum() for km in model.kmeans_modules()) == n_routing * (32 + 20)
+
+
+def centroids(model):
+    return [km.means.clone() for km in model.kmeans_modules()]
+
+
+def test_forward_eval_and_recomputation_never_move_centroids():
+    cfg = tiny()
+    model = make(cfg, checkpoint_every=1)
+    before = centroids(model)
+    x = torch.randint(0, cfg.vocab_size, (2, 48))
+    step(model, x)  # forward + backward with checkpoint recomputation
+    model.eval()
+    model(x)
+    for a, b in zip(before, centroids(model)):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_recomputation_counts_statistics_once_and_keeps_gradients():
+    cfg = tiny()
+    x = torch.randint(0, cfg.vocab_size, (2, 48))
+    plain, ckpt = make(cfg), make(cfg, checkpoint_every=1)
+    l1, l2 = step(plain, x), step(ckpt, x)
+    assert torch.equal(l1, l2)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+    for a, b in zip(plain.kmeans_modules(), ckpt.kmeans_modules()):
+        assert torch.equal(a.step_counts, b.step_counts) and torch.equal(a.step_sums, b.step_sums)
+
+
+def test_gradient_accumulation_sums_statistics_of_every_micro_batch():
+    cfg = tiny()
+    model = make(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 32))
+    step(model, x[:1])
+    step(model, x[1:])
+    n_routing = sum(km.num_heads for km in model.kmeans_modules())
+    assert sum(km.step_counts.sum() for km in model.kmeans_modules()) == n_routing * 64
+
+
+def test_kmeans_state_stays_fp32_under_bf16_autocast_and_casts():
+    cfg = tiny()
+    model = make(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, aux = model(x)
+        loss = lm_loss(logits[:, :-1], x[:, 1:]) + aux
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    model.update_kmeans()
+    model = model.to(torch.bfloat16)
+    for km in model.kmeans_modules():
+        for name, buf in km.named_buffers():
+            if buf.is_floating_point():
+                assert buf.dtype == torch.float32, name
+    assert model.embed.weight.dtype == torch.bfloat16
+
+
+def test_update_kmeans_reduces_all_statistics_in_one_call():
+    """Two replicas on different data, statistics summed by the hook == one replica that saw both batches."""
+    cfg = tiny()
+    x1, x2 = torch.randint(0, cfg.vocab_size, (2, 1, 32))
+    a, b, both = make(cfg), make(cfg), make(cfg)
+    step(a, x1)
+    step(b, x2)
+    step(both, x1)
+    step(both, x2)
+    other = torch.cat([t.reshape(-1) for km in b.kmeans_modules() for t in km.stats()])
+    calls = []
+
+    def all_reduce(flat):
+        calls.append(flat.numel())
+        flat.add_(other)
+
+    a.update_kmeans(all_reduce)
+    both.update_kmeans()
+    assert calls == [other.numel()]
+    for ka, kb in zip(a.kmeans_modules(), both.kmeans_modules()):
+        torch.testing.assert_close(ka.means, kb.means)
+        assert ka.step_counts.sum() == 0
+
+
+def test_routing_layers_select_which_layers_route():
+    model = make(tiny(n_layers=3, routing_layers=[-1]))
+    assert [layer.attn.n_routing for layer in model.layers] == [0, 0, 2]
+    assert len(model.kmeans_modules()) == 1
