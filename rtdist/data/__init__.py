@@ -1,0 +1,21 @@
+"""Data for rtdist: corpora -> tokenized webdataset tar shards + manifest, and a streaming loader.
+
+``ShardLoader`` (torch) is imported lazily so that preprocessing workers stay light.
+"""
+
+from .demo import build_demo_corpus
+from .preprocess import preprocess
+from .shards import CorruptShardError, DataError, ShardReader, ShardWriter, load_manifest, verify_shards
+from .tokenizers import BytesTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer, train_sentencepiece
+
+__all__ = ["BytesTokenizer", "CorruptShardError", "DataError", "SentencePieceTokenizer", "ShardLoader",
+           "ShardReader", "ShardWriter", "Tokenizer", "build_demo_corpus", "build_tokenizer", "load_manifest",
+           "preprocess", "train_sentencepiece", "verify_shards"]
+
+
+def __getattr__(name):
+    if name == "ShardLoader":
+        from .loader import ShardLoader
+
+        return ShardLoader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

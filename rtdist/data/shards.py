@@ -1,0 +1,391 @@
+"""Token shards on disk: a byte-reproducible tar writer, a validating random-access reader, the manifest.
+
+A shard is a plain (webdataset-compatible) USTAR tar holding one member per sample, ``{key}.tokens.npy``, where the
+key is ``{book}_{chunk:06d}`` without dots. Every member of a split has the same size (``sample_tokens`` tokens of
+one dtype), so sample ``i`` of a shard starts at byte ``i * member_bytes``: the loader can resume anywhere by seeking,
+and a reader can tell a truncated or foreign file from a good one without scanning it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "rtdist-shards/1"
+MEMBER_SUFFIX = ".tokens.npy"
+FIXED_MTIME = 946684800  # 2000-01-01 UTC: same bytes on every run
+BLOCK = tarfile.BLOCKSIZE  # 512
+RECORD = tarfile.RECORDSIZE  # 10240: tar files are padded to whole records
+SHARD_RE = r"(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{6})\.tar"
+
+
+class DataError(Exception):
+    """Bad input, bad flags or bad shards: the message says what and where (no traceback needed)."""
+
+
+class CorruptShardError(DataError):
+    """A shard does not match its manifest (truncated, overwritten, not a tar of our layout)."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def manifest_path_for(prefix: str | os.PathLike) -> Path:
+    return Path(f"{prefix}-manifest.json")
+
+
+def shard_name(prefix_name: str, split: str, index: int) -> str:
+    return f"{prefix_name}-{split}-{index:06d}.tar"
+
+
+@dataclass(frozen=True)
+class SampleLayout:  # (properties are cheap enough to recompute: hot paths keep their own copies)
+    """Byte layout of one sample member: 512-byte tar header, npy header, tokens, zero padding to 512."""
+
+    dtype: np.dtype
+    sample_tokens: int
+
+    @property
+    def npy_header(self) -> bytes:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            buf, {"descr": np.lib.format.dtype_to_descr(self.dtype.newbyteorder("<")),
+                  "fortran_order": False, "shape": (self.sample_tokens,)})
+        return buf.getvalue()
+
+    @property
+    def payload_bytes(self) -> int:  # the npy file
+        return len(self.npy_header) + self.sample_tokens * self.dtype.itemsize
+
+    @property
+    def member_bytes(self) -> int:
+        return BLOCK + -(-self.payload_bytes // BLOCK) * BLOCK
+
+    def to_dict(self) -> dict:
+        return {"member": "{key}" + MEMBER_SUFFIX, "member_bytes": self.member_bytes,
+                "npy_bytes": self.payload_bytes, "npy_header_bytes": len(self.npy_header)}
+
+
+def tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, FIXED_MTIME, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+class _HeaderTemplate:
+    """``tar_header(name, size)`` for a fixed size, ~20x faster: patch the name and checksum of a template."""
+
+    def __init__(self, size: int):
+        self.template = bytearray(tar_header("x", size))
+        self.template[148:156] = b" " * 8  # checksum is computed with its own field as spaces
+        self.base = sum(self.template) - ord("x")
+
+    def __call__(self, name: str) -> bytes:
+        raw = name.encode("utf-8")
+        if len(raw) > 100:
+            raise ValueError(f"tar member name {name!r} is over 100 bytes")
+        header = bytearray(self.template)
+        header[:100] = raw.ljust(100, b"\0")
+        header[148:155] = b"%06o\0" % (self.base + sum(raw))
+        return bytes(header)
+
+
+def tar_end_bytes(nbytes: int) -> bytes:
+    """Two zero blocks, then zero padding to a whole record (what tarfile writes on close)."""
+    end = nbytes + 2 * BLOCK
+    return bytes(2 * BLOCK + (-end % RECORD))
+
+
+class ShardWriter:
+    """Writes samples to ``{prefix}-{split}-%06d.tar`` shards, starting a new one at ``maxcount`` samples or
+    ``maxsize`` bytes. Each shard is written as ``name.tmp`` and renamed only once complete and synced, so a file
+    with a final name is always whole. ``shards`` lists what was written (name, samples, tokens, bytes, sha256)."""
+
+    def __init__(self, prefix: str | os.PathLike, split: str, layout: SampleLayout, tokens_per_sample: int,
+                 maxcount: int = 10000, maxsize: int = 1 << 30):
+        if maxcount < 1:
+            raise DataError(f"maxcount must be >= 1, got {maxcount}")
+        if maxsize < layout.member_bytes + 2 * BLOCK:
+            raise DataError(f"maxsize {maxsize} bytes cannot hold one sample ({layout.member_bytes} bytes "
+                            f"+ {2 * BLOCK} of tar end): raise --maxsize")
+        self.dir, self.prefix_name = Path(prefix).parent, Path(prefix).name
+        self.split, self.layout, self.tokens_per_sample = split, layout, tokens_per_sample
+        self.maxcount, self.maxsize = maxcount, maxsize
+        self.shards: list[dict] = []
+        self._file = None
+        self._header = _HeaderTemplate(layout.payload_bytes)
+        self._npy_header = layout.npy_header
+        self._pad = bytes(layout.member_bytes - BLOCK - layout.payload_bytes)
+        self._dtype = layout.dtype.newbyteorder("<")
+        self._member_bytes = layout.member_bytes
+
+    def write(self, key: str, tokens: np.ndarray) -> None:
+        if len(tokens) != self.layout.sample_tokens:
+            raise ValueError(f"sample {key}: {len(tokens)} tokens, layout needs {self.layout.sample_tokens}")
+        if self._file is not None and (self._count >= self.maxcount or
+                                       self._bytes + self._member_bytes + 2 * BLOCK > self.maxsize):
+            self._close_shard()
+        if self._file is None:
+            self._open_shard()
+        self._put(b"".join((self._header(key + MEMBER_SUFFIX), self._npy_header,
+                            tokens.astype(self._dtype, copy=False).tobytes(), self._pad)))
+        self._count += 1
+
+    def next_shard(self) -> None:
+        """Close the current shard now; the next sample starts a new one."""
+        if self._file is not None:
+            self._close_shard()
+
+    def close(self) -> list[dict]:
+        self.next_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard in progress (on error or interrupt): its temporary file is removed."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            Path(self._tmp).unlink(missing_ok=True)
+
+    def _put(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self._bytes += len(data)
+
+    def _open_shard(self) -> None:
+        self._name = shard_name(self.prefix_name, self.split, len(self.shards))
+        self._tmp = self.dir / (self._name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self._hash, self._bytes, self._count = hashlib.sha256(), 0, 0
+
+    def _close_shard(self) -> None:
+        self._put(tar_end_bytes(self._bytes))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp, self.dir / self._name)
+        self.shards.append({"name": self._name, "samples": self._count,
+                            "tokens": self._count * self.tokens_per_sample,
+                            "bytes": self._bytes, "sha256": self._hash.hexdigest()})
+
+
+# --------------------------------------------------------------------------------------------------- manifest
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """Read ``{prefix}-manifest.json`` (a prefix works too). The returned dict gains ``manifest_path``
+    (absolute) so shard and tokenizer files can be found next to it."""
+    path = Path(path)
+    if path.suffix != ".json":
+        path = manifest_path_for(path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"no manifest at {path}: run tools/preprocess.py first (or the run did not finish)")
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read manifest {path}: {e}")
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path} is not an rtdist shard manifest (format {manifest.get('format')!r}, "
+                        f"expected {FORMAT!r})")
+    manifest["manifest_path"] = str(path.resolve())
+    return manifest
+
+
+SAMPLE_LAYOUT = ("tokens.npy holds seq_length + 1 tokens: inputs = tokens[:-1], targets = tokens[1:]; "
+                 "consecutive samples of a stream overlap by one token")
+
+
+def build_manifest(prefix_name: str, seq_length: int, tokenizer: dict, splits: dict, **extra) -> dict:
+    """The manifest of shards written by ``ShardWriter``s: ``splits`` maps a split to a dict with at least
+    ``shards`` (the writer's list); sample and token totals are filled in. ``extra`` keys are appended."""
+    layout = SampleLayout(token_dtype(tokenizer["vocab_size"]), seq_length + 1)
+    for info in splits.values():
+        info.setdefault("samples", sum(s["samples"] for s in info["shards"]))
+        info.setdefault("tokens", info["samples"] * seq_length)
+    return {"format": FORMAT, "prefix": prefix_name, "seq_length": seq_length, "sample_tokens": seq_length + 1,
+            "sample_layout": SAMPLE_LAYOUT, "dtype": layout.dtype.name, "layout": layout.to_dict(),
+            "tokenizer": tokenizer, "total_tokens": sum(v["tokens"] for v in splits.values()),
+            "total_samples": sum(v["samples"] for v in splits.values()), "splits": splits, **extra}
+
+
+def manifest_dir(manifest: dict) -> Path:
+    return Path(manifest["manifest_path"]).parent
+
+
+def layout_of(manifest: dict) -> SampleLayout:
+    return SampleLayout(np.dtype(manifest["dtype"]), manifest["sample_tokens"])
+
+
+def split_info(manifest: dict, split: str) -> dict:
+    if split not in manifest["splits"]:
+        raise DataError(f"split {split!r} not in {manifest.get('manifest_path')}: "
+                        f"it has {sorted(manifest['splits'])}")
+    return manifest["splits"][split]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+class ShardReader:
+    """Random access to the samples of one split's shards, checking each member against the layout.
+
+    Cheap checks on every read (file size, tar header name/size/checksum, npy header, token range) catch truncated,
+    overwritten and foreign files with an error naming the shard; the sha256 in the manifest is checked only by
+    ``verify_shards`` (a full read)."""
+
+    def __init__(self, manifest: dict, max_open: int = 4):
+        self.layout = layout_of(manifest)
+        self.vocab_size = manifest["tokenizer"]["vocab_size"]
+        self.dir = manifest_dir(manifest)
+        self._npy_header = self.layout.npy_header
+        self._hdr_len = len(self._npy_header)
+        self._payload, self._stride = self.layout.payload_bytes, self.layout.member_bytes
+        self._dtype = self.layout.dtype.newbyteorder("<")
+        self._files: dict[str, object] = {}
+        self._max_open = max_open
+
+    def _open(self, shard: dict):
+        f = self._files.pop(shard["name"], None)
+        if f is None:
+            path = self.dir / shard["name"]
+            try:
+                f = open(path, "rb")
+            except OSError as e:
+                raise CorruptShardError(f"shard {path}: cannot open ({e.strerror or e})")
+            size = os.fstat(f.fileno()).st_size
+            if size != shard["bytes"]:
+                f.close()
+                raise CorruptShardError(
+                    f"shard {path}: {size} bytes but the manifest says {shard['bytes']} "
+                    f"({'truncated' if size < shard['bytes'] else 'rewritten'}?); re-run tools/preprocess.py")
+            if len(self._files) >= self._max_open:
+                self._files.pop(next(iter(self._files))).close()
+        self._files[shard["name"]] = f  # most recent last
+        return f
+
+    def read(self, shard: dict, index: int) -> tuple[str, np.ndarray]:
+        """Sample ``index`` of ``shard`` (a manifest shard entry): (key, tokens)."""
+        f = self._open(shard)
+        offset = index * self._stride
+        f.seek(offset)
+        buf = f.read(BLOCK + self._payload)
+        where = f"shard {self.dir / shard['name']}: sample {index} at byte {offset}"
+        if len(buf) < BLOCK + self._payload:
+            raise CorruptShardError(f"{where}: file ends early (truncated)")
+        header = buf[:BLOCK]
+        name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
+        if not name.endswith(MEMBER_SUFFIX):
+            raise CorruptShardError(f"{where}: member {name!r} is not a {MEMBER_SUFFIX} (not our layout)")
+        try:
+            size, checksum = int(header[124:136].strip(b"\0 ") or 0, 8), int(header[148:156].strip(b"\0 "), 8)
+        except ValueError:
+            raise CorruptShardError(f"{where}: unreadable tar header")
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+            raise CorruptShardError(f"{where}: tar header checksum mismatch")
+        if size != self._payload:
+            raise CorruptShardError(f"{where}: member {name} is {size} bytes, expected {self._payload}")
+        if buf[BLOCK:BLOCK + self._hdr_len] != self._npy_header:
+            raise CorruptShardError(f"{where}: npy header is not {self.layout.dtype}[{self.layout.sample_tokens}]")
+        tokens = np.frombuffer(buf, self._dtype, offset=BLOCK + self._hdr_len)
+        if tokens.max() >= self.vocab_size:
+            raise CorruptShardError(f"{where}: token {int(tokens.max())} >= vocab_size {self.vocab_size}")
+        return name[:-len(MEMBER_SUFFIX)], tokens
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def verify_shards(manifest: dict, splits=None, progress=None) -> list[str]:
+    """Check every shard of ``splits`` against the manifest: presence, size, sha256, tar integrity (tarfile
+    parses it), member names/sizes, sample counts, dtype and token range, unique keys. Returns problems found."""
+    problems = []
+    layout, reader = layout_of(manifest), ShardReader(manifest)
+    for split in splits or manifest["splits"]:
+        info = split_info(manifest, split)
+        keys = set()
+        for shard in info["shards"]:
+            path = manifest_dir(manifest) / shard["name"]
+            try:
+                size = path.stat().st_size
+                if size != shard["bytes"]:
+                    problems.append(f"{path}: {size} bytes but the manifest says {shard['bytes']}")
+                    continue
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+                if digest.hexdigest() != shard["sha256"]:
+                    problems.append(f"{path}: sha256 {digest.hexdigest()[:12]}.. != manifest {shard['sha256'][:12]}..")
+                with tarfile.open(path, "r:") as tar:
+                    members = tar.getmembers()
+                if len(members) != shard["samples"]:
+                    problems.append(f"{path}: {len(members)} members, manifest says {shard['samples']} samples")
+                for i in range(shard["samples"]):
+                    key, _ = reader.read(shard, i)
+                    if key in keys:
+                        problems.append(f"{path}: duplicate key {key}")
+                    keys.add(key)
+                if shard["tokens"] != shard["samples"] * manifest["seq_length"]:
+                    problems.append(f"{path}: tokens {shard['tokens']} != samples x seq_length")
+            except (OSError, tarfile.TarError, DataError) as e:
+                problems.append(f"{path}: {e}")
+            finally:
+                if progress is not None:
+                    progress.update(shard["bytes"])
+        counted = sum(s["samples"] for s in info["shards"])
+        if counted != info["samples"]:
+            problems.append(f"split {split}: shards hold {counted} samples, split total says {info['samples']}")
+    reader.close()
+    if layout.dtype != token_dtype(manifest["tokenizer"]["vocab_size"]):
+        problems.append(f"dtype {layout.dtype} does not fit vocab_size {manifest['tokenizer']['vocab_size']}")
+    return problems
+
+
+def find_shard_files(prefix: str | os.PathLike) -> list[Path]:
+    """Finished shard files of ``prefix`` on disk (any split)."""
+    prefix = Path(prefix)
+    pattern = re.compile(re.escape(prefix.name) + "-" + SHARD_RE + "$")
+    if not prefix.parent.is_dir():
+        return []
+    return sorted(p for p in prefix.parent.iterdir() if pattern.match(p.name))
+
+
+def read_sample(manifest: dict, split: str, index: int | None = None, key: str | None = None):
+    """Sample number ``index`` of ``split`` (in shard order), or the one named ``key``: (shard name, key, tokens)."""
+    shards = split_info(manifest, split)["shards"]
+    reader = ShardReader(manifest)
+    try:
+        if key is None:
+            total = sum(s["samples"] for s in shards)
+            if not 0 <= index < total:
+                raise DataError(f"split {split} has {total} samples: index {index} is out of range")
+            for shard in shards:
+                if index < shard["samples"]:
+                    return (shard["name"], *reader.read(shard, index))
+                index -= shard["samples"]
+        for shard in shards:  # by key: headers only would do, but shards are local and this is a debug tool
+            for i in range(shard["samples"]):
+                found, tokens = reader.read(shard, i)
+                if found == key:
+                    return shard["name"], found, tokens
+        raise DataError(f"no sample with key {key!r} in split {split}")
+    finally:
+        reader.close()

@@ -1,0 +1,406 @@
+"""Input discovery (main process) and readers (worker processes) for text, JSONL and image corpora.
+
+Discovery turns ``--input`` arguments into per-split lists of ``Item``s in a fixed order: a whole file, a block of a
+large file (cut after a newline, so memory is bounded by the block, not the file), or a multi-document file (JSONL,
+NPZ). Workers turn items into token arrays and report bad input as counted ``events`` rather than raising.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .shards import DataError
+from .tokenizers import Tokenizer, build_tokenizer, decode_text
+
+SPLITS = ("train", "validation", "test")
+KINDS = ("text", "jsonl", "image")
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+IMAGE_SUFFIXES = {".png", ".npz"}
+NEWLINE_SEARCH = 1 << 20  # how far past a block boundary we look for a newline before cutting mid-line
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One input file of a split."""
+    path: str
+    size: int
+    kind: str  # text | jsonl | image
+    doc: str  # document id (key-safe); multi-document files derive ids from it
+
+
+@dataclass(frozen=True)
+class Item:
+    """A unit of reading: a file, or bytes [start, end) of a large text/JSONL file."""
+    kind: str
+    path: str
+    doc: str
+    start: int = 0
+    end: int | None = None
+    first: bool = True  # opens the document (text)
+    last: bool = True  # closes the document (text: EOD goes after it)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.end - self.start) if self.end is not None else os.path.getsize(self.path)
+
+
+@dataclass
+class Report:
+    """Counted warnings: per category the number of occurrences, distinct files and a few examples."""
+    counts: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    examples: dict = field(default_factory=dict)
+
+    def add(self, category: str, path, n: int = 1, detail: str = "") -> None:
+        self.counts[category] = self.counts.get(category, 0) + n
+        seen = self.files.setdefault(category, set())
+        if str(path) not in seen:
+            seen.add(str(path))
+            ex = self.examples.setdefault(category, [])
+            if len(ex) < 5:
+                ex.append(f"{path}: {detail}" if detail else str(path))
+
+    def to_dict(self) -> dict:
+        return {c: {"count": self.counts[c], "files": len(self.files[c]), "examples": self.examples[c]}
+                for c in sorted(self.counts)}
+
+    def lines(self) -> list[str]:
+        out = []
+        for c, v in self.to_dict().items():
+            what = f"{v['count']}" + (f" in {v['files']} files" if v["files"] != v["count"] else "")
+            out.append(f"  {c}: {what} (e.g. {v['examples'][0]})")
+        return out
+
+
+# --------------------------------------------------------------------------------------------------- discovery
+
+def doc_id(name: str, max_len: int = 80) -> str:
+    """A key-safe id: letters, digits, '-' and '_' only (no dots: webdataset splits keys at the first dot)."""
+    ident = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "doc"
+    if len(ident) > max_len:  # tar names are limited to 100 bytes
+        ident = ident[:max_len - 9] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return ident
+
+
+def _kind(path: Path, input_type: str) -> str:
+    if input_type != "auto":
+        return input_type
+    suffix = path.suffix.lower()
+    return "jsonl" if suffix in JSONL_SUFFIXES else "image" if suffix in IMAGE_SUFFIXES else "text"
+
+
+def _walk(root: Path, report: Report) -> list[Path]:
+    """Regular files under ``root`` in sorted order, hidden names skipped, unreadable folders counted."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: report.add(
+            "unreadable_files", e.filename, detail=e.strerror or str(e))):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    return files
+
+
+def discover(inputs, split: str = "train", splits=None, input_type: str = "auto",
+             report: Report | None = None) -> dict[str, list[Entry]]:
+    """Map inputs to ``{split: [Entry]}``.
+
+    A folder holding ``train/``, ``validation/`` or ``test/`` sub-folders is a split layout (PG-19): each folder is
+    a split and ``<book_id>.txt`` names the book. Any other folder, file or glob feeds the split ``split``.
+    ``splits`` restricts (and requires) split folders; a split folder missing from a layout is a counted warning.
+    """
+    report = report if report is not None else Report()
+    if input_type not in ("auto",) + KINDS:
+        raise DataError(f"--input-type {input_type!r}: expected auto, {', '.join(KINDS)}")
+    for name in (split, *(splits or ())):
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise DataError(f"split name {name!r}: use letters, digits and '_' only")
+    out: dict[str, list[tuple[Path, Path]]] = {}  # split -> [(path, root for its id)]
+    for inp in map(str, inputs):
+        path = Path(inp)
+        if glob.has_magic(inp):
+            matches = sorted(Path(p) for p in glob.glob(inp, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise DataError(f"--input {inp}: the pattern matches no file")
+            root = Path(os.path.commonpath([m.parent for m in matches]))
+            out.setdefault(split, []).extend((m, root) for m in matches)
+        elif path.is_dir():
+            layout = [s for s in SPLITS if (path / s).is_dir()]
+            if layout:
+                for s in splits or SPLITS:
+                    if not (path / s).is_dir():
+                        if splits:
+                            raise DataError(f"--splits asks for {s!r} but {path} has no {s}/ folder "
+                                            f"(it has {', '.join(layout)})")
+                        report.add("missing_splits", path / s, detail="no such folder, split not written")
+                        continue
+                    out.setdefault(s, []).extend((f, path / s) for f in _walk(path / s, report))
+                for f in sorted(path.iterdir()):
+                    if f.is_file() and not f.name.startswith("."):
+                        report.add("ignored_files", f, detail="outside the train/validation/test folders")
+            else:
+                out.setdefault(split, []).extend((f, path) for f in _walk(path, report))
+        elif path.is_file():
+            out.setdefault(split, []).append((path, path.parent))
+        else:
+            raise DataError(f"--input {inp} does not exist")
+    entries: dict[str, list[Entry]] = {}
+    for s, files in out.items():
+        used: set[str] = set()
+        entries[s] = []
+        for f, root in files:
+            try:
+                size = f.stat().st_size
+            except OSError as e:
+                report.add("unreadable_files", f, detail=e.strerror or str(e))
+                continue
+            if size == 0:
+                report.add("empty_files", f, detail="skipped")
+                continue
+            ident = base = doc_id(str(f.relative_to(root).with_suffix("")))
+            n = 1
+            while ident in used:  # distinct files whose names sanitise alike
+                n += 1
+                ident = f"{base}-{n}"
+            used.add(ident)
+            entries[s].append(Entry(str(f), size, _kind(f, input_type), ident))
+    for s in [s for s, e in entries.items() if not e]:
+        report.add("empty_splits", s, detail="no readable, non-empty input file")
+        del entries[s]
+    return entries
+
+
+def _block_starts(path: str, size: int, block: int, kind: str) -> list[int]:
+    """Offsets that cut a large file into ~``block``-byte pieces right after a newline. Text without a newline
+    nearby is cut at a UTF-8 character boundary; JSONL lines are never cut."""
+    starts = [0]
+    with open(path, "rb") as f:
+        pos = block
+        while pos < size:
+            f.seek(pos)
+            cut = None
+            scanned = 0
+            while cut is None:
+                window = f.read(1 << 16)
+                if not window:
+                    break
+                nl = window.find(b"\n")
+                if nl >= 0:
+                    cut = pos + scanned + nl + 1
+                scanned += len(window)
+                if kind == "text" and scanned >= NEWLINE_SEARCH and cut is None:
+                    f.seek(pos)
+                    head = f.read(4)
+                    skip = next((i for i, b in enumerate(head) if b & 0xC0 != 0x80), 0)
+                    cut = pos + skip
+            if cut is None or cut >= size:
+                break
+            starts.append(cut)
+            pos = cut + block
+    return starts
+
+
+def plan_items(entries: list[Entry], block_bytes: int, report: Report) -> list[Item]:
+    items = []
+    for e in entries:
+        if e.kind in ("text", "jsonl") and e.size > block_bytes:
+            try:
+                starts = _block_starts(e.path, e.size, block_bytes, e.kind)
+            except OSError as err:
+                report.add("unreadable_files", e.path, detail=err.strerror or str(err))
+                continue
+            ends = starts[1:] + [e.size]
+            items += [Item(e.kind, e.path, e.doc, s, t, i == 0, i == len(starts) - 1)
+                      for i, (s, t) in enumerate(zip(starts, ends))]
+        else:
+            items.append(Item(e.kind, e.path, e.doc, 0, e.size))
+    return items
+
+
+def group_items(items: list[Item], block_bytes: int) -> list[list[Item]]:
+    """Consecutive items in tasks of about ``block_bytes`` (many small files per task keeps IPC cheap)."""
+    tasks, task, size = [], [], 0
+    for item in items:
+        if task and size + item.nbytes > block_bytes:
+            tasks.append(task)
+            task, size = [], 0
+        task.append(item)
+        size += item.nbytes
+    return tasks + ([task] if task else [])
+
+
+def iter_texts(entries: list[Entry], json_keys, max_bytes: int):
+    """Texts of a split for tokenizer training: every k-th file so that about ``max_bytes`` are read."""
+    total = sum(e.size for e in entries)
+    stride = max(1, -(-total // max_bytes)) if max_bytes else 1
+    for e in entries[::stride]:
+        try:
+            data = Path(e.path).read_bytes()
+        except OSError:
+            continue  # counted by the tokenizing pass
+        if e.kind == "text":
+            yield decode_text(data)[0]
+        elif e.kind == "jsonl":
+            for line in data.split(b"\n"):
+                try:
+                    obj = json.loads(decode_text(line)[0])
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    yield from (obj[k] for k in json_keys if isinstance(obj.get(k), str))
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+@dataclass(frozen=True)
+class ReadConfig:
+    tokenizer: dict  # spec
+    tokenizer_dir: str
+    append_eod: bool
+    json_keys: tuple
+    image_size: int
+
+
+_worker: dict = {}
+
+
+def init_reader(cfg: ReadConfig) -> None:
+    """Per-process setup (pool initializer): the tokenizer is built once per worker."""
+    _worker["cfg"] = cfg
+    _worker["tok"] = build_tokenizer(cfg.tokenizer, cfg.tokenizer_dir)
+
+
+def read_task(items: list[Item]):
+    """Tokenize a task. Returns (docs, events, bytes_read): docs are (doc_id, tokens, first) in input order,
+    events are (category, path, n, detail) warnings. Unexpected errors name the file."""
+    docs, events, nbytes = [], [], 0
+    for item in items:
+        try:
+            nbytes += _read_item(item, docs, events)
+        except DataError:
+            raise
+        except Exception as e:  # a clear message in the main process, never a bare worker traceback
+            raise DataError(f"{item.path} (bytes {item.start}..{item.end}): {type(e).__name__}: {e}") from None
+    return docs, events, nbytes
+
+
+def _read_bytes(item: Item) -> bytes:
+    with open(item.path, "rb") as f:
+        f.seek(item.start)
+        return f.read() if item.end is None else f.read(item.end - item.start)
+
+
+def _encode_text(tok: Tokenizer, data: bytes, path: str, events: list) -> np.ndarray:
+    if tok.takes_bytes:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            events.append(("non_utf8_kept_as_bytes", path, 1, f"byte {e.start}"))
+        return tok.encode(data)
+    text, replaced = decode_text(data)
+    if replaced:
+        events.append(("non_utf8_replaced", path, replaced, "invalid UTF-8 replaced by U+FFFD"))
+    return tok.encode(text)
+
+
+def _with_eod(tokens: np.ndarray, tok: Tokenizer) -> np.ndarray:
+    return np.append(tokens, np.asarray(tok.eod_id, tokens.dtype))
+
+
+def _read_item(item: Item, docs: list, events: list) -> int:
+    cfg, tok = _worker["cfg"], _worker["tok"]
+    try:
+        if item.kind == "image":
+            return _read_image(item, cfg, tok, docs, events)
+        data = _read_bytes(item)
+    except OSError as e:
+        events.append(("unreadable_files", item.path, 1, e.strerror or str(e)))
+        return 0
+    if item.kind == "text":
+        tokens = _encode_text(tok, data, item.path, events)
+        if item.last and cfg.append_eod:
+            tokens = _with_eod(tokens, tok)
+        docs.append((item.doc, tokens, item.first))
+    else:
+        _read_jsonl(item, data, cfg, tok, docs, events)
+    return len(data)
+
+
+def _read_jsonl(item: Item, data: bytes, cfg: ReadConfig, tok: Tokenizer, docs: list, events: list) -> None:
+    offset = item.start
+    for line in data.split(b"\n"):
+        at, offset = offset, offset + len(line) + 1
+        if not line.strip():
+            continue
+        where = f"line at byte {at}"
+        try:  # surrogateescape keeps undecodable bytes for the bytes tokenizer; text tokenizers replace them
+            obj = json.loads(line.decode("utf-8", "surrogateescape"))
+        except ValueError as e:
+            events.append(("bad_json_lines", item.path, 1, f"{where}: {e}"))
+            continue
+        if not isinstance(obj, dict):
+            events.append(("bad_json_lines", item.path, 1, f"{where}: not a JSON object"))
+            continue
+        for key in cfg.json_keys:
+            value = obj.get(key)
+            if not isinstance(value, str):
+                events.append(("missing_json_keys", item.path, 1, f"{where}: no string under {key!r}"))
+                continue
+            if not value:
+                events.append(("empty_documents", item.path, 1, f"{where}: {key!r} is empty"))
+                continue
+            try:
+                raw = value.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:  # lone surrogates escaped in the JSON itself
+                raw = value.encode("utf-8", "replace")
+                events.append(("non_utf8_replaced", item.path, 1, f"{where}: lone surrogate in {key!r}"))
+            tokens = _encode_text(tok, raw, item.path, events)
+            if cfg.append_eod:
+                tokens = _with_eod(tokens, tok)
+            suffix = f"-{doc_id(key)}" if len(cfg.json_keys) > 1 else ""
+            docs.append((f"{item.doc}-{at:010d}{suffix}", tokens, True))
+
+
+def _read_image(item: Item, cfg: ReadConfig, tok: Tokenizer, docs: list, events: list) -> int:
+    """An image is one document: EOD (start of image) then its pixels in raster order, RGB interleaved."""
+    size = cfg.image_size
+    if item.path.lower().endswith(".npz"):
+        try:
+            with np.load(item.path) as z:
+                name = "data" if "data" in z.files else sorted(z.files)[0]
+                images = z[name]
+        except (ValueError, KeyError, IndexError, zipfile.BadZipFile) as e:
+            events.append(("bad_images", item.path, 1, f"not a readable npz: {e}"))
+            return 0
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim == 2 and images.shape[1] == 3 * size * size:  # ImageNet-64 npz: rows of R, G, B planes
+            images = images.reshape(-1, 3, size, size).transpose(0, 2, 3, 1)
+        elif images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
+            images = images.transpose(0, 2, 3, 1)
+        names = [f"{item.doc}-{i:07d}" for i in range(len(images))]
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(item.path) as im:
+                images = np.asarray(im.convert("RGB"))[None]
+        except (OSError, ValueError) as e:  # UnidentifiedImageError and truncated files are OSErrors
+            events.append(("bad_images", item.path, 1, f"not a readable image: {e}"))
+            return 0
+        names = [item.doc]
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
+        events.append(("bad_images", item.path, 1, f"{images.dtype}{list(images.shape)}: expected uint8 RGB "
+                                                    f"{size}x{size}x3 (set --image-size)"))
+        return 0
+    start = np.array([tok.eod_id], np.uint16)
+    for name, image in zip(names, images):
+        docs.append((name, np.concatenate([start, image.reshape(-1).astype(np.uint16)]), True))
+    return os.path.getsize(item.path)

@@ -1,0 +1,175 @@
+"""Tokenizers: ``bytes`` (256 byte ids + EOD, exact round trip) and ``sentencepiece`` (trained here or loaded).
+
+``spec()`` is what goes into the manifest; ``build_tokenizer(manifest)`` rebuilds the tokenizer from it and checks
+the model file against the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .shards import DataError, manifest_dir, token_dtype
+
+# Text tokenizers read bytes with errors="replace"; this handler also counts the replacements (per process).
+_replaced = [0]
+
+
+def _count_replace(err: UnicodeDecodeError):
+    _replaced[0] += 1
+    return "\ufffd", err.end
+
+
+codecs.register_error("rtdist_replace", _count_replace)
+
+
+def decode_text(data: bytes) -> tuple[str, int]:
+    """UTF-8 decode with U+FFFD for invalid bytes; returns (text, number of replacements)."""
+    before = _replaced[0]
+    text = data.decode("utf-8", "rtdist_replace")
+    return text, _replaced[0] - before
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Tokenizer:
+    name: str
+    vocab_size: int
+    eod_id: int
+    takes_bytes: bool  # encode() wants the raw bytes (no decoding, nothing replaced)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return token_dtype(self.vocab_size)
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode(self, ids, eod_text: str = "") -> str:
+        """Text of ``ids``; EOD tokens become ``eod_text``."""
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        raise NotImplementedError
+
+
+class BytesTokenizer(Tokenizer):
+    """Ids 0..255 are the bytes themselves, EOD = 256, vocab_size 257. Nothing to train, nothing lost."""
+
+    name, vocab_size, eod_id, takes_bytes = "bytes", 257, 256, True
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+        return np.frombuffer(data, np.uint8).astype(np.uint16)
+
+    def decode_bytes(self, ids) -> bytes:
+        ids = np.asarray(ids)
+        return ids[ids < 256].astype(np.uint8).tobytes()
+
+    def decode(self, ids, eod_text: str = "") -> str:
+        ids = np.asarray(ids)
+        pieces = np.split(ids, np.flatnonzero(ids == self.eod_id))  # each piece after the first starts with EOD
+        texts = [self.decode_bytes(p).decode("utf-8", "replace") for p in pieces]
+        return eod_text.join(texts)
+
+    def spec(self) -> dict:
+        return {"type": "bytes", "vocab_size": self.vocab_size, "eod_id": self.eod_id, "file": None, "sha256": None}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model; EOD is its ``</s>`` (eos) id. Models trained by ``train_sentencepiece`` round-trip
+    text exactly (identity normalisation, no dummy prefix, byte fallback, newline as its own piece)."""
+
+    name, takes_bytes = "sentencepiece", False
+
+    def __init__(self, model_path: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.path = Path(model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"cannot load sentencepiece model {self.path}: {e}")
+        self.vocab_size = self.sp.get_piece_size()
+        self.eod_id = self.sp.eos_id()
+        if self.eod_id < 0:
+            raise DataError(f"sentencepiece model {self.path} has no eos piece to use as EOD (eos_id=-1): "
+                            "train it with eos_id >= 0 (tools/preprocess.py --train-tokenizer does)")
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        if isinstance(text, bytes):
+            text = decode_text(text)[0]
+        return np.asarray(self.sp.encode(text), dtype=self.dtype)
+
+    def decode(self, ids, eod_text: str = "") -> str:
+        ids = [int(i) for i in ids]
+        out, piece = [], []
+        for i in ids + [self.eod_id]:
+            if i == self.eod_id:
+                out.append(self.sp.decode(piece))
+                piece = []
+            else:
+                piece.append(i)
+        return eod_text.join(out)
+
+    def spec(self) -> dict:
+        return {"type": "sentencepiece", "vocab_size": self.vocab_size, "eod_id": self.eod_id,
+                "file": self.path.name, "sha256": sha256_file(self.path)}
+
+
+def _lines(texts):
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip():
+                yield line
+
+
+def train_sentencepiece(texts, model_path: str | os.PathLike, vocab_size: int, model_type: str = "unigram",
+                        num_threads: int = 1, seed: int = 0) -> SentencePieceTokenizer:
+    """Train a SentencePiece model on the lines of ``texts`` (an iterable of str) and write it atomically to
+    ``model_path``. The same texts and arguments give the same model bytes."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(texts), model_writer=model,
+            vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
+            # exact round trip: keep text as is, spaces and newlines included
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, byte_fallback=True, user_defined_symbols=["\n"],
+            unk_id=0, eos_id=1, bos_id=-1, pad_id=-1, hard_vocab_limit=False, max_sentence_length=1 << 16,
+            num_threads=num_threads, minloglevel=2)
+    except RuntimeError as e:
+        raise DataError(f"sentencepiece training (vocab_size={vocab_size}, {model_type}) failed: {e}")
+    tmp = Path(f"{model_path}.tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, model_path)
+    return SentencePieceTokenizer(model_path)
+
+
+def build_tokenizer(manifest_or_spec: dict, base_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer a manifest (or a ``spec()`` dict) describes. Model files are looked up next to the manifest
+    (or in ``base_dir``) and must match the recorded sha256."""
+    spec = manifest_or_spec.get("tokenizer", manifest_or_spec)
+    if spec["type"] == "bytes":
+        return BytesTokenizer()
+    if spec["type"] == "sentencepiece":
+        if base_dir is None:
+            base_dir = manifest_dir(manifest_or_spec) if "manifest_path" in manifest_or_spec else "."
+        path = Path(base_dir) / spec["file"]
+        if not path.exists():
+            raise DataError(f"tokenizer model {path} (named in the manifest) is missing")
+        if spec.get("sha256") and sha256_file(path) != spec["sha256"]:
+            raise DataError(f"tokenizer model {path} does not match the manifest's sha256 "
+                            f"{spec['sha256'][:12]}..: the shards were written with another model")
+        return SentencePieceTokenizer(path)
+    raise DataError(f"unknown tokenizer type {spec['type']!r} (known: bytes, sentencepiece)")

@@ -1,0 +1,346 @@
+"""Preprocessing: corpora -> webdataset tar shards + manifest. One property a user relies on per test."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import book, pg19, run, shard_set, stream_of, write_files
+
+from rtdist.data import DataError, build_tokenizer, load_manifest, verify_shards
+from rtdist.data import sources
+from rtdist.data.shards import FIXED_MTIME, ShardReader, ShardWriter
+
+L = 64  # tokens per sample: small samples keep the tests fast
+REPO = Path(__file__).resolve().parents[1]
+
+
+def corpus_stream(root: Path, split: str, eod: int | None = 256) -> np.ndarray:
+    """What the bytes tokenizer must produce for a split folder: files in name order, EOD after each."""
+    out = []
+    for f in sorted((root / split).iterdir()):
+        out += list(f.read_bytes()) + ([eod] if eod is not None else [])
+    return np.array(out, np.uint16)
+
+
+def samples_of(manifest, split):
+    reader = ShardReader(manifest)
+    out = [reader.read(s, i) for s in manifest["splits"][split]["shards"] for i in range(s["samples"])]
+    reader.close()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ round trip, layout
+
+def test_bytes_round_trip_text_to_shards_to_text(tmp_path):
+    root = pg19(tmp_path / "pg19")
+    m = run([root], tmp_path / "out" / "pg", seq_length=L, append_eod=True)["manifest"]
+    tok = build_tokenizer(m)
+    for split in ("train", "validation", "test"):
+        want, got, info = corpus_stream(root, split), stream_of(m, split), m["splits"][split]
+        # every token is in a sample but a final tail too short for one, and that tail is counted
+        assert info["corpus_tokens"] == len(want) == len(got) + info["dropped_tokens"]
+        assert info["dropped_tokens"] < L + 1
+        assert np.array_equal(got, want[:len(got)])
+    books = tok.decode(stream_of(m, "train"), eod_text="\0").split("\0")
+    for f, text in zip(sorted((root / "train").iterdir()), books[:-1]):  # the last one is cut by the tail
+        assert text == f.read_text(encoding="utf-8")
+
+
+def test_drop_tail_cuts_each_book_alone_and_keys_name_book_and_chunk(tmp_path):
+    root = pg19(tmp_path / "pg19", {"train": [700, 100, 400]}, splits=("train",))
+    m = run([root], tmp_path / "pg", seq_length=L, tail="drop")["manifest"]
+    samples = samples_of(m, "train")
+    expected, dropped = [], 0
+    for f in sorted((root / "train").iterdir()):
+        data = np.frombuffer(f.read_bytes(), np.uint8).astype(np.uint16)
+        n = (len(data) - 1) // L  # a sample needs L + 1 tokens; consecutive ones share one
+        expected += [(f"{f.stem}_{c:06d}", data[c * L:c * L + L + 1]) for c in range(n)]
+        dropped += len(data) - 1 - n * L if n else len(data)
+    assert [k for k, _ in samples] == [k for k, _ in expected]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(samples, expected))
+    assert m["splits"]["train"]["dropped_tokens"] == dropped
+
+
+def test_packed_sample_keys_name_the_book_the_sample_starts_in(tmp_path):
+    root = pg19(tmp_path / "pg19", {"train": [150, 40, 30, 300]}, splits=("train",))
+    m = run([root], tmp_path / "pg", seq_length=L, append_eod=True)["manifest"]
+    starts, pos = [], 0
+    for f in sorted((root / "train").iterdir()):
+        starts.append((pos, f.stem))
+        pos += f.stat().st_size + 1
+    keys, seen = [], {}
+    for i in range(m["splits"]["train"]["samples"]):
+        owner = [stem for p, stem in starts if p <= i * L][-1]
+        keys.append(f"{owner}_{seen.get(owner, 0):06d}")
+        seen[owner] = seen.get(owner, 0) + 1
+    assert [k for k, _ in samples_of(m, "train")] == keys
+    assert not any("." in k for k in keys)
+
+
+def test_manifest_counts_tokenizer_and_files_match_the_shards(tmp_path):
+    root = pg19(tmp_path / "pg19")
+    m = run([root], tmp_path / "pg", seq_length=L, maxcount=5)["manifest"]
+    assert (m["seq_length"], m["sample_tokens"], m["dtype"]) == (L, L + 1, "uint16")
+    assert m["tokenizer"] == {"type": "bytes", "vocab_size": 257, "eod_id": 256, "file": None, "sha256": None}
+    for split, info in m["splits"].items():
+        assert [s["name"] for s in info["shards"]] == [f"pg-{split}-{i:06d}.tar" for i in range(len(info["shards"]))]
+        assert all(0 < s["samples"] <= 5 and s["tokens"] == s["samples"] * L for s in info["shards"])
+        assert info["samples"] == sum(s["samples"] for s in info["shards"])
+        assert all(s["bytes"] == (tmp_path / s["name"]).stat().st_size for s in info["shards"])
+        assert [(f["path"], f["bytes"]) for f in info["files"]] == \
+               [(str(p), p.stat().st_size) for p in sorted((root / split).iterdir())]
+    assert m["total_tokens"] == sum(i["tokens"] for i in m["splits"].values())
+    assert verify_shards(load_manifest(tmp_path / "pg-manifest.json")) == []
+
+
+def test_shards_are_plain_reproducible_tars_that_webdataset_reads(tmp_path):
+    import webdataset as wds
+
+    root = pg19(tmp_path / "pg19")
+    m = run([root], tmp_path / "pg", seq_length=L, maxsize=6 * 1024)["manifest"]
+    shard = m["splits"]["train"]["shards"][0]
+    assert shard["samples"] == 5  # members are 1 KiB: a 6th would leave no room for the tar end
+    with tarfile.open(tmp_path / shard["name"]) as tar:
+        members = tar.getmembers()
+    assert {(t.mtime, t.uid, t.gid, t.mode) for t in members} == {(FIXED_MTIME, 0, 0, 0o444)}
+    ds = wds.WebDataset(str(tmp_path / shard["name"]), shardshuffle=False).decode()
+    ours = samples_of(m, "train")[:5]
+    theirs = [(s["__key__"], s["tokens.npy"]) for s in ds]
+    assert [k for k, _ in theirs] == [k for k, _ in ours]
+    assert all(t.dtype == np.uint16 and np.array_equal(t, o) for (_, t), (_, o) in zip(theirs, ours))
+
+
+# ------------------------------------------------------------------------------------------ determinism
+
+def big_corpus(root: Path) -> Path:
+    """Books plus one file far larger than the test block size (it is cut into blocks at newlines)."""
+    pg19(root)
+    write_files(root, {"train/900.txt": book(9, 20000)})
+    return root
+
+
+def test_two_runs_give_byte_identical_shards_and_manifest(tmp_path):
+    root = big_corpus(tmp_path / "pg19")
+    a = run([root], tmp_path / "a" / "pg", seq_length=L, append_eod=True, maxcount=20, block_bytes=4096)
+    b = run([root], tmp_path / "b" / "pg", seq_length=L, append_eod=True, maxcount=20, block_bytes=4096)
+    assert a["shards"] > 3
+    assert shard_set(tmp_path / "a" / "pg") == shard_set(tmp_path / "b" / "pg")
+
+
+def test_parallel_workers_write_the_same_shards_as_one_worker(tmp_path):
+    root = big_corpus(tmp_path / "pg19")
+    kw = dict(seq_length=L, append_eod=True, maxcount=20, block_bytes=4096)
+    run([root], tmp_path / "one" / "pg", workers=1, **kw)
+    run([root], tmp_path / "two" / "pg", workers=2, **kw)
+    assert shard_set(tmp_path / "one" / "pg") == shard_set(tmp_path / "two" / "pg")
+
+
+def test_cutting_large_files_into_blocks_does_not_change_the_tokens(tmp_path):
+    root = big_corpus(tmp_path / "pg19")
+    run([root], tmp_path / "small" / "pg", seq_length=L, block_bytes=1000)
+    run([root], tmp_path / "large" / "pg", seq_length=L, block_bytes=1 << 20)
+    tars = lambda d: {k: v for k, v in shard_set(tmp_path / d / "pg").items() if k.endswith(".tar")}  # noqa: E731
+    assert tars("small") == tars("large")
+
+
+# ------------------------------------------------------------------------------------------ other inputs
+
+def test_sentencepiece_trained_on_the_corpus_round_trips_and_is_recorded(tmp_path):
+    root = pg19(tmp_path / "pg19")
+    kw = dict(tokenizer="sentencepiece", seq_length=L, append_eod=True)
+    m = run([root], tmp_path / "a" / "pg", train_tokenizer=True, vocab_size=400, **kw)["manifest"]
+    spec, model = m["tokenizer"], tmp_path / "a" / "pg-tokenizer.model"
+    assert spec["type"] == "sentencepiece" and spec["file"] == model.name and 258 < spec["vocab_size"] <= 400  # bytes + specials + pieces
+    import hashlib
+
+    assert spec["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    tok = build_tokenizer(m)
+    texts = tok.decode(stream_of(m, "train"), eod_text="\0").split("\0")
+    for f, text in zip(sorted((root / "train").iterdir()), texts[:-1]):
+        assert text == f.read_text(encoding="utf-8")
+    # loading the model instead of training gives the same shards
+    run([root], tmp_path / "b" / "pg", tokenizer_model=str(model), **kw)
+    tars = lambda d: {k: v for k, v in shard_set(tmp_path / d / "pg").items() if k.endswith(".tar")}  # noqa: E731
+    assert tars("a") == tars("b")
+    model.write_bytes(model.read_bytes()[:-1] + b"x")
+    with pytest.raises(DataError, match="sha256"):
+        build_tokenizer(load_manifest(tmp_path / "a" / "pg-manifest.json"))
+
+
+def test_jsonl_documents_and_bad_lines_are_counted(tmp_path):
+    lines = [json.dumps({"text": "first document"}), "{oops", json.dumps({"title": "no text"}), "[1, 2]", "",
+             json.dumps({"text": ""}), json.dumps({"text": "second ✓ document", "id": 7})]
+    write_files(tmp_path, {"docs.jsonl": "\n".join(lines) + "\n"})
+    s = run([tmp_path / "docs.jsonl"], tmp_path / "out" / "j", seq_length=8, append_eod=True)
+    m = s["manifest"]
+    assert m["splits"]["train"]["documents"] == 2
+    w = {k: v["count"] for k, v in m["warnings"].items()}
+    assert w == {"bad_json_lines": 2, "missing_json_keys": 1, "empty_documents": 1}
+    want = list(b"first document") + [256] + list("second ✓ document".encode()) + [256]
+    got = stream_of(m, "train")
+    assert list(got) == want[:len(got)] and len(got) + m["splits"]["train"]["dropped_tokens"] == len(want)
+    offset = len(lines[0]) + 1 + sum(len(x) + 1 for x in lines[1:6])
+    assert samples_of(m, "train")[0][0] == f"docs-{0:010d}_000000"
+    assert any(k.startswith(f"docs-{offset:010d}_") for k, _ in samples_of(m, "train"))
+
+
+def test_images_become_one_sample_each_eod_then_pixels_in_raster_order(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    png = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    planar = rng.integers(0, 256, (2, 3 * 64 * 64), dtype=np.uint8)  # ImageNet-64 npz rows: R, G, B planes
+    (tmp_path / "img").mkdir()
+    Image.fromarray(png).save(tmp_path / "img" / "a.png")
+    Image.fromarray(png[:32, :32]).save(tmp_path / "img" / "b_small.png")
+    np.savez(tmp_path / "img" / "c.npz", data=planar)
+    m = run([tmp_path / "img"], tmp_path / "out" / "im")["manifest"]
+    assert m["seq_length"] == 12288
+    samples = samples_of(m, "train")
+    assert [k for k, _ in samples] == ["a_000000", "c-0000000_000000", "c-0000001_000000"]
+    hwc = [png] + [p.reshape(3, 64, 64).transpose(1, 2, 0) for p in planar]
+    for (_, tokens), image in zip(samples, hwc):
+        assert tokens[0] == 256 and np.array_equal(tokens[1:], image.reshape(-1))
+    assert m["warnings"]["bad_images"]["examples"][0].startswith(str(tmp_path / "img" / "b_small.png"))
+    with pytest.raises(DataError, match="12288"):
+        run([tmp_path / "img"], tmp_path / "out2" / "im", seq_length=8192)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def test_non_utf8_bytes_are_kept_exactly_by_the_bytes_tokenizer_and_counted(tmp_path):
+    raw = b"caf\xe9 latin-1 \xff\xfe and a cut \xc3"
+    write_files(tmp_path / "in", {"a.txt": raw, "b.txt": "ok text"})
+    m = run([tmp_path / "in"], tmp_path / "out" / "x", seq_length=4)["manifest"]
+    assert bytes(stream_of(m, "train").astype(np.uint8)) == (raw + b"ok text")[:len(stream_of(m, "train"))]
+    assert m["warnings"]["non_utf8_kept_as_bytes"]["files"] == 1
+
+
+def test_non_utf8_is_replaced_and_counted_by_text_tokenizers(tmp_path):
+    write_files(tmp_path / "in", {"a.txt": b"caf\xe9 and \xff\xfe end\n" + book(1, 2000).encode()})
+    m = run([tmp_path / "in"], tmp_path / "out" / "x", seq_length=8, tokenizer="sentencepiece",
+            train_tokenizer=True, vocab_size=350)["manifest"]
+    assert m["warnings"]["non_utf8_replaced"]["count"] == 3  # \xe9, \xff, \xfe
+    assert build_tokenizer(m).decode(stream_of(m, "train")).startswith("caf\ufffd and \ufffd\ufffd end")
+
+
+def test_empty_and_unreadable_files_are_counted_and_the_rest_processed(tmp_path, monkeypatch):
+    root = pg19(tmp_path / "pg19", {"train": [500, 500, 500]}, splits=("train",))
+    write_files(root, {"train/empty.txt": b""})
+    (root / "train" / "gone.txt").symlink_to(root / "nowhere.txt")
+    real = sources._read_bytes
+    monkeypatch.setattr(sources, "_read_bytes", lambda item: (_ for _ in ()).throw(PermissionError(
+        13, "Permission denied")) if item.path.endswith("101.txt") else real(item))
+    s = run([root], tmp_path / "pg", seq_length=L)
+    w = s["manifest"]["warnings"]
+    assert w["empty_files"]["count"] == 1 and w["unreadable_files"]["count"] == 2
+    assert any("101.txt" in e for e in w["unreadable_files"]["examples"])
+    assert s["manifest"]["splits"]["train"]["documents"] == 2
+
+
+def test_a_missing_split_is_a_counted_warning_unless_asked_for(tmp_path):
+    root = pg19(tmp_path / "pg19", splits=("train", "validation"))
+    m = run([root], tmp_path / "pg", seq_length=L)["manifest"]
+    assert sorted(m["splits"]) == ["train", "validation"]
+    assert m["warnings"]["missing_splits"]["examples"] == [str(root / "test") + ": no such folder, split not written"]
+    with pytest.raises(DataError, match="no test/ folder"):
+        run([root], tmp_path / "pg2", seq_length=L, splits=["train", "test"])
+
+
+def test_bad_inputs_get_clear_messages(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        run([tmp_path / "nope"], tmp_path / "x")
+    with pytest.raises(DataError, match="matches no file"):
+        run([str(tmp_path / "*.txt")], tmp_path / "x")
+    write_files(tmp_path / "in", {"a.txt": b""})
+    with pytest.raises(DataError, match="no readable input"):
+        run([tmp_path / "in"], tmp_path / "x")
+    write_files(tmp_path / "in", {"a.txt": b"text"})
+    with pytest.raises(DataError, match="--vocab-size"):
+        run([tmp_path / "in"], tmp_path / "x", tokenizer="sentencepiece", train_tokenizer=True)
+
+
+def test_an_unexpected_error_in_a_worker_names_the_file(tmp_path, monkeypatch):
+    root = pg19(tmp_path / "pg19", {"train": [300, 300]}, splits=("train",))
+    monkeypatch.setattr(sources, "_encode_text", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(DataError, match=r"100\.txt.*RuntimeError: boom"):
+        run([root], tmp_path / "pg", seq_length=L)
+
+
+# ------------------------------------------------------------------------------------------ safe output
+
+def test_a_prefix_holding_shards_from_other_flags_is_refused(tmp_path):
+    root = pg19(tmp_path / "pg19")
+    run([root], tmp_path / "pg", seq_length=L)
+    with pytest.raises(DataError, match=r"different flags.*seq_length: 64 \(there\) vs 32 \(now\).*--overwrite"):
+        run([root], tmp_path / "pg", seq_length=32)
+    run([root], tmp_path / "pg", seq_length=32, maxcount=1000, overwrite=True)
+    assert {p.name for p in tmp_path.glob("pg-*.tar")} == {"pg-train-000000.tar", "pg-validation-000000.tar",
+                                                          "pg-test-000000.tar"}
+    (tmp_path / "other-train-000000.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="no manifest describes"):
+        run([root], tmp_path / "other", seq_length=L)
+
+
+def test_an_interrupted_run_leaves_no_half_shard_and_a_rerun_starts_clean(tmp_path, monkeypatch):
+    root = pg19(tmp_path / "pg19")
+    kw = dict(seq_length=L, maxcount=10)
+    calls, real = [0], ShardWriter.write
+
+    def interrupt_after_25(self, key, tokens):
+        calls[0] += 1
+        if calls[0] == 25:
+            raise KeyboardInterrupt
+        real(self, key, tokens)
+
+    monkeypatch.setattr(ShardWriter, "write", interrupt_after_25)
+    with pytest.raises(KeyboardInterrupt):
+        run([root], tmp_path / "pg", **kw)
+    monkeypatch.setattr(ShardWriter, "write", real)
+    names = sorted(p.name for p in tmp_path.glob("pg-*"))
+    assert names == ["pg-incomplete.json", "pg-train-000000.tar", "pg-train-000001.tar"]  # whole shards only
+    for p in tmp_path.glob("pg-*.tar"):
+        with tarfile.open(p) as tar:
+            assert len(tar.getmembers()) == 10
+    (tmp_path / "pg-train-000002.tar.tmp").write_bytes(b"half a shard from a killed run")
+    run([root], tmp_path / "pg", **kw)
+    run([root], tmp_path / "clean" / "pg", **kw)
+    assert shard_set(tmp_path / "pg") == shard_set(tmp_path / "clean" / "pg")
+
+
+# ------------------------------------------------------------------------------------------ tools
+
+def test_inspect_reports_corrupt_and_truncated_shards(tmp_path):
+    root = pg19(tmp_path / "pg19")
+    m = run([root], tmp_path / "pg", seq_length=L, maxcount=10)["manifest"]
+    first, second = (tmp_path / s["name"] for s in m["splits"]["train"]["shards"][:2])
+    data = bytearray(first.read_bytes())
+    data[512 + 200] ^= 1  # one token of the first sample
+    first.write_bytes(bytes(data))
+    second.write_bytes(second.read_bytes()[:5000])
+    problems = verify_shards(load_manifest(tmp_path / "pg"))
+    assert len(problems) == 2
+    assert first.name in problems[0] and "sha256" in problems[0]
+    assert second.name in problems[1] and "5000 bytes but the manifest says" in problems[1]
+
+
+def test_command_line_tools(tmp_path):
+    root = pg19(tmp_path / "pg19")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cli = lambda *a: subprocess.run([sys.executable, *map(str, a)], capture_output=True, text=True,  # noqa: E731
+                                    env=env, cwd=tmp_path, timeout=60)
+    r = cli(REPO / "tools/preprocess.py", "--input", root, "--output-prefix", "out/pg", "--seq-length", L,
+            "--append-eod", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "preprocess:" in r.stdout and "MB/s" in r.stdout
+    r = cli(REPO / "tools/inspect_shards.py", "out/pg", "--decode", 0, "--split", "train", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "all good" in r.stdout and (root / "train" / "100.txt").read_text()[:10] in r.stdout
+    r = cli(REPO / "tools/preprocess.py", "--input", root, "--output-prefix", "out/pg", "--tokenizer-type",
+            "sentencepiece")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Tokenize a corpus into webdataset tar shards + ``{prefix}-manifest.json`` (logic: ``rtdist.data.preprocess``).
+
+Examples:
+  python tools/preprocess.py --input data/pg19 --output-prefix data/shards/pg19 --workers 8 --append-eod
+  python tools/preprocess.py --input 'corpus/**/*.txt' --output-prefix out/c --tokenizer-type sentencepiece \\
+      --train-tokenizer --vocab-size 32000
+  python tools/preprocess.py --input pile.jsonl --json-keys text --output-prefix out/pile --seq-length 4096
+  python tools/preprocess.py --input imagenet64/ --output-prefix out/in64   # PNG/NPZ: 12288 pixels per sample
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from rtdist.data import DataError, preprocess  # noqa: E402
+
+
+def parse_size(text: str) -> int:
+    """'1G', '256M', '64k' or a plain number of bytes."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1G, 256M, 1000000)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("input / output")
+    io.add_argument("--input", nargs="+", required=True,
+                    help="folders (a folder with train/ validation/ test/ is a split layout, e.g. PG-19), files "
+                         "or globs; .jsonl/.ndjson are JSON lines, .png/.npz images, anything else text")
+    io.add_argument("--input-type", default="auto", choices=["auto", "text", "jsonl", "image"],
+                    help="force the input kind instead of guessing from file suffixes (default: auto)")
+    io.add_argument("--json-keys", nargs="+", default=["text"],
+                    help="JSONL keys to read; each key of each line is one document (default: text)")
+    io.add_argument("--split", default="train", help="split name for inputs without split folders (train)")
+    io.add_argument("--splits", nargs="+", help="take only these split folders (and require them)")
+    io.add_argument("--output-prefix", required=True,
+                    help="writes {prefix}-{split}-%%06d.tar, {prefix}-manifest.json (and -tokenizer.model)")
+    io.add_argument("--overwrite", action="store_true", help="replace shards written under other flags")
+    tk = p.add_argument_group("tokenizer")
+    tk.add_argument("--tokenizer-type", default="bytes", choices=["bytes", "sentencepiece"],
+                    help="bytes: 256 byte ids + EOD (256), exact round trip (default)")
+    tk.add_argument("--tokenizer-model", help="an existing sentencepiece .model (copied next to the manifest)")
+    tk.add_argument("--train-tokenizer", action="store_true", help="train sentencepiece on the train split")
+    tk.add_argument("--vocab-size", type=int,
+                    help="vocabulary size for --train-tokenizer (at most: a small corpus may give fewer)")
+    tk.add_argument("--sp-model-type", default="unigram", choices=["unigram", "bpe"])
+    tk.add_argument("--tokenizer-train-bytes", type=parse_size, default="256M",
+                    help="train on about this much text, evenly spread over the split (256M)")
+    sm = p.add_argument_group("samples and shards")
+    sm.add_argument("--seq-length", type=int,
+                    help="tokens per sample; stored as seq_length + 1 (default 8192; images: pixels per image)")
+    sm.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
+    sm.add_argument("--tail", choices=["pack", "drop"],
+                    help="a document's tail shorter than a sample: pack with the next document (default for "
+                         "text) or drop it (counted; default for images: one image per sample)")
+    sm.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most (10000)")
+    sm.add_argument("--maxsize", type=parse_size, default="1G", help="bytes per shard at most (1G)")
+    sm.add_argument("--image-size", type=int, default=64, help="image side in pixels (64: 12288 tokens)")
+    rn = p.add_argument_group("run")
+    rn.add_argument("--workers", type=int, default=1, help="tokenizing processes (1)")
+    rn.add_argument("--block-size", type=parse_size, default="8M",
+                    help="work unit; large files are cut after a newline near each multiple (8M). Memory is "
+                         "about 2 x workers x block size x 3")
+    rn.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        preprocess(args.input, args.output_prefix, tokenizer=args.tokenizer_type,
+                   tokenizer_model=args.tokenizer_model, train_tokenizer=args.train_tokenizer,
+                   vocab_size=args.vocab_size, sp_model_type=args.sp_model_type,
+                   tokenizer_train_bytes=args.tokenizer_train_bytes, input_type=args.input_type, split=args.split,
+                   splits=args.splits, json_keys=args.json_keys, seq_length=args.seq_length,
+                   append_eod=args.append_eod, tail=args.tail, maxcount=args.maxcount, maxsize=args.maxsize,
+                   image_size=args.image_size, workers=args.workers, block_bytes=args.block_size,
+                   overwrite=args.overwrite, progress=not args.no_progress)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no partial shard was kept; run the same command again to start clean", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
