@@ -46,6 +46,9 @@ class ModelConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     tie_embedding: bool = True
+    # Recompute the attention kernels (gathers + SDPA) in backward instead of keeping their inputs: ~3-5% more
+    # time for several activations fewer per head; numerically identical.
+    recompute_attention: bool = True
     init_std: float = 0.02
 
 

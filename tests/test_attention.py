@@ -53,7 +53,8 @@ def test_causal_routing_equals_masked_dense(w, crowded):
     clusters = torch.randint(0, C, q.shape[:3], generator=g)
     if crowded:  # one cluster holds most tokens: many blocks, others nearly empty
         clusters = torch.where(torch.rand(q.shape[:3], generator=g) < 0.8, 0, clusters)
-    out = causal_routing_attention(q, k, v, clusters, C, w)
+    t = lambda x: x.transpose(1, 2)  # the kernel works in the projection layout [B, n, H, d]
+    out = t(causal_routing_attention(t(q), t(k), t(v), t(clusters), C, w))
     ref = dense(q, k, v, causal_routing_mask(clusters, w))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for a, b in zip(grads(out, [q, k, v]), grads(ref, [q, k, v])):
@@ -63,11 +64,12 @@ def test_causal_routing_equals_masked_dense(w, crowded):
 def test_block_plan_places_every_token_once_in_position_order():
     clusters = torch.tensor([[0, 1, 0, 0, 1, 0, 0, 2]])
     plan = plan_causal_blocks(clusters, num_clusters=3, window=2)
-    # cluster 0: tokens 0,2 | 3,5 | 6 ; cluster 1: 1,4 ; cluster 2: 7  -> 5 blocks of 2 slots
+    # cluster 0: tokens 0,2 | 3,5 | 6 ; cluster 1: 1,4 ; cluster 2: 7  -> 5 blocks of 2 slots after a pad block
     assert plan.num_blocks == 5
-    assert plan.token_of_slot.tolist() == [0, 2, 3, 5, 6, 8, 1, 4, 7, 8]  # 8 = empty slot
-    assert plan.prev_valid.tolist() == [False, True, True, False, False]
-    assert (plan.token_of_slot[plan.slot_of_token] == torch.arange(8)).all()
+    assert plan.token_of_slot.tolist() == [[0, 2], [3, 5], [6, 0], [1, 4], [7, 0]]  # 0 also fills empty slots
+    assert plan.first_blocks.tolist() == [0, 3, 4] and plan.later_blocks.tolist() == [1, 2]
+    rows = torch.cat([plan.token_of_slot[plan.first_blocks], plan.token_of_slot]).reshape(-1)
+    assert (rows[plan.out_index] == torch.arange(8)).all()  # every token reads its own output row
 
 
 def topk_reference(q, k, v, sims, w):

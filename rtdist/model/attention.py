@@ -2,7 +2,13 @@
 
 All of them run :func:`torch.nn.functional.scaled_dot_product_attention` on batches of blocks and never build an
 n x n matrix (except :func:`naive_full_attention`, the quadratic reference used by benchmarks).
-Shapes: q, k, v are [B, H, n, d].
+
+Block attention is split in two calls so that each takes one small 2-D mask shared by every block: blocks that
+have a predecessor see [previous block ++ own block] with mask ``[w, 2w]``, first blocks see only themselves with
+``[w, w]``. A per-block mask would be converted to float and saved for backward by the fused kernels, costing
+8w bytes per query: more than q, k, v and the output together. Tensors are 4-D [batch, blocks, w, d]: the shape
+the fused (flash) kernels accept; 5-D falls back to the math kernel, which materialises the scores.
+Shapes: q, k, v are [B, H, n, d] except for causal routing, which works in the projection layout [B, n, H, d].
 """
 from __future__ import annotations
 
@@ -13,42 +19,39 @@ import torch
 import torch.nn.functional as F
 
 
-def _block_mask(prev_valid: torch.Tensor, w: int, exclude_self: bool) -> torch.Tensor:
-    """Boolean mask [nblocks, w, 2w] for queries of a block over keys (previous block ++ own block).
+def block_masks(w: int, exclude_self: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first-block mask [w, w], later-block mask [w, 2w]) over keys (own block) and (previous ++ own block).
 
-    Keys of the previous block are all earlier in position, so they are visible when that block exists; own-block
-    keys are visible causally. With ``exclude_self`` a query never sees itself unless it has no other key (the
-    first token of a sequence or cluster), so no row is ever fully masked."""
-    dev = prev_valid.device
-    i = torch.arange(w, device=dev)
-    own = i[None, :] < i[:, None] if exclude_self else i[None, :] <= i[:, None]  # [w, w]
-    mask = torch.cat([prev_valid[:, None, None].expand(-1, w, w), own.expand(len(prev_valid), w, w)], dim=-1)
-    if exclude_self:
-        lonely = ~prev_valid  # row 0 of a block without predecessor sees only itself
-        mask[:, 0, w] = mask[:, 0, w] | lonely
-    return mask
+    Keys of the previous block are all earlier in position, so all are visible; own-block keys causally. With
+    ``exclude_self`` a query never sees itself unless it has no other key (row 0 of a first block: the first token
+    of a sequence or cluster), so no row is ever fully masked."""
+    i = torch.arange(w, device=device)
+    own = i[None, :] < i[:, None] if exclude_self else i[None, :] <= i[:, None]
+    first = own.clone()
+    first[0, 0] = True
+    later = torch.cat([torch.ones(w, w, dtype=torch.bool, device=device), own], dim=-1)
+    return first, later
 
 
-def _with_previous_block(x: torch.Tensor) -> torch.Tensor:
-    """[..., nb, w, d] -> [..., nb, 2w, d]: each block preceded by the block before it (zeros for the first)."""
-    prev = torch.cat([torch.zeros_like(x[..., :1, :, :]), x[..., :-1, :, :]], dim=-3)
-    return torch.cat([prev, x], dim=-2)
-
-
-def local_attention(q, k, v, window: int, dropout_p: float = 0.0, exclude_self: bool = False) -> torch.Tensor:
+def local_attention(q, k, v, window: int, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention in blocks of ``window``, each block seeing itself and the block before it."""
     B, H, n, d = q.shape
-    pad = (-n) % window
+    w = window
+    pad = (-n) % w
     if pad:  # padded keys come after every real query, so causality hides them
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    nb = (n + pad) // window
-    qb = q.reshape(B, H, nb, window, d)
-    kb = _with_previous_block(k.reshape(B, H, nb, window, d))
-    vb = _with_previous_block(v.reshape(B, H, nb, window, d))
-    prev_valid = torch.arange(nb, device=q.device) > 0
-    mask = _block_mask(prev_valid, window, exclude_self)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)
-    return out.reshape(B, H, nb * window, d)[:, :, :n]
+    nb = (n + pad) // w
+    q, k, v = (t.reshape(B * H, nb * w, d) for t in (q, k, v))
+    first_mask, later_mask = block_masks(w, exclude_self=False, device=q.device)
+    outs = [F.scaled_dot_product_attention(q[:, None, :w], k[:, None, :w], v[:, None, :w], attn_mask=first_mask,
+                                           dropout_p=dropout_p).reshape(B * H, w, d)]
+    if nb > 1:
+        # Overlapping strided views [BH, nb-1, 2w, d] of (block b-1 ++ block b): no copy of k or v.
+        kb, vb = (t.unfold(1, 2 * w, w).transpose(-1, -2) for t in (k, v))
+        qb = q[:, w:].reshape(B * H, nb - 1, w, d)
+        outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=later_mask, dropout_p=dropout_p)
+                    .reshape(B * H, (nb - 1) * w, d))
+    return torch.cat(outs, dim=1).view(B, H, nb * w, d)[:, :, :n]
 
 
 # ------------------------------------------------------------------------------------------ causal routing
@@ -56,67 +59,95 @@ def local_attention(q, k, v, window: int, dropout_p: float = 0.0, exclude_self: 
 
 @dataclass
 class BlockPlan:
-    """Where each routed token sits in the flat list of cluster blocks.
+    """Where each routed token sits in the cluster blocks.
 
-    Tokens of group g (a batch element x head) and cluster c, in position order, fill consecutive blocks of w slots.
-    ``slot_of_token[t]`` is the slot of flat token t (t = g * n + position); ``token_of_slot[s]`` is the flat token in
-    slot s, or ``num_tokens`` (a zero row) for the empty slots at the end of a cluster's last block."""
+    Tokens of one group (a batch element x head) and cluster, in position order, fill consecutive blocks of w
+    slots. ``token_of_slot[b, i]`` is the flat token in slot i of block b; empty slots at the end of a cluster's
+    last block point at token 0: they are masked as keys (they come after every real query of their block) and
+    their query rows are never read back, so their values never matter and get zero gradient.
+    ``first_blocks`` have no predecessor in their cluster; each of ``later_blocks`` follows block ``b - 1`` of
+    the same cluster. ``out_index[t]`` is token t's row in ``cat(first-block outputs, all-block outputs)``: the
+    first-block call's rows for tokens of first blocks, the all-block call's rows for the others."""
 
-    slot_of_token: torch.Tensor  # [G * n]
-    token_of_slot: torch.Tensor  # [num_blocks * w]
-    prev_valid: torch.Tensor  # [num_blocks] the block before is of the same cluster
-    num_blocks: int
-    window: int
+    token_of_slot: torch.Tensor  # [num_blocks, w]
+    first_blocks: torch.Tensor  # [num_first]
+    later_blocks: torch.Tensor  # [num_later]
+    out_index: torch.Tensor  # [T]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.token_of_slot.shape[0]
+
+    @property
+    def window(self) -> int:
+        return self.token_of_slot.shape[1]
 
 
 def plan_causal_blocks(clusters: torch.Tensor, num_clusters: int, window: int) -> BlockPlan:
-    """``clusters`` [G, n] -> :class:`BlockPlan`. A token's block depends only on how many *earlier* tokens share its
-    cluster, so no token's routing depends on a later token."""
-    G, n = clusters.shape
+    """Plan the blocks for ``clusters`` [B, n] or [B, n, H], indexing tokens in that tensor's flat (row-major)
+    order. A token's block depends only on how many *earlier* tokens share its cluster, so no token's routing
+    depends on a later token."""
     dev = clusters.device
-    gc = (torch.arange(G, device=dev)[:, None] * num_clusters + clusters).reshape(-1)  # group-cluster id per token
-    order = torch.sort(gc, stable=True).indices  # by (group, cluster), then position
-    counts = torch.bincount(gc, minlength=G * num_clusters)
+    if clusters.dim() == 2:
+        clusters = clusters.unsqueeze(-1)
+    B, n, H = clusters.shape
+    group = torch.arange(B, device=dev)[:, None, None] * H + torch.arange(H, device=dev)[None, None, :]
+    gc = (group * num_clusters + clusters).reshape(-1)  # group-cluster id of each flat token
+    T = gc.numel()
+    order = torch.sort(gc, stable=True).indices  # by (group, cluster), then position (flat order keeps it)
+    counts = torch.bincount(gc, minlength=B * H * num_clusters)
     first = counts.cumsum(0) - counts  # sorted index where each group-cluster starts
     nblk = (counts + window - 1) // window
     blk_first = nblk.cumsum(0) - nblk
     num_blocks = int(nblk.sum())
     sorted_gc = gc[order]
-    rank = torch.arange(G * n, device=dev) - first[sorted_gc]  # rank of the token inside its cluster
+    rank = torch.arange(T, device=dev) - first[sorted_gc]  # rank of the token inside its cluster
     slot_sorted = blk_first[sorted_gc] * window + rank
-    slot_of_token = torch.empty_like(slot_sorted)
-    slot_of_token[order] = slot_sorted
-    token_of_slot = torch.full((num_blocks * window,), G * n, dtype=torch.long, device=dev)
+    token_of_slot = torch.zeros(num_blocks * window, dtype=torch.long, device=dev)
     token_of_slot[slot_sorted] = order
-    owner = torch.repeat_interleave(torch.arange(G * num_clusters, device=dev), nblk, output_size=num_blocks)
-    prev_valid = torch.arange(num_blocks, device=dev) != blk_first[owner]
-    return BlockPlan(slot_of_token, token_of_slot, prev_valid, num_blocks, window)
+    owner = torch.repeat_interleave(torch.arange(B * H * num_clusters, device=dev), nblk, output_size=num_blocks)
+    is_first = torch.arange(num_blocks, device=dev) == blk_first[owner]
+    first_blocks = is_first.nonzero().squeeze(1)
+    later_blocks = (~is_first).nonzero().squeeze(1)
+    block_row = len(first_blocks) + torch.arange(num_blocks, device=dev)
+    block_row[first_blocks] = torch.arange(len(first_blocks), device=dev)
+    out_sorted = block_row[slot_sorted // window] * window + slot_sorted % window
+    out_index = torch.empty_like(out_sorted)
+    out_index[order] = out_sorted
+    return BlockPlan(token_of_slot.view(num_blocks, window), first_blocks, later_blocks, out_index)
 
 
-def _gather_slots(x: torch.Tensor, token_of_slot: torch.Tensor) -> torch.Tensor:
-    """[T, d] tokens -> [S, d] slots (empty slots read an appended zero row)."""
-    return torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, token_of_slot)
+def block_attention(q, k, v, plan: BlockPlan, exclude_self: bool, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention of flat tokens [T, d] inside their cluster blocks (each block also sees its predecessor) -> [T, d].
 
-
-def block_attention(qs, ks, vs, prev_valid, window: int, exclude_self: bool, dropout_p: float = 0.0):
-    """Attention over flat cluster blocks: [S, d] slots -> [S, d]; each block sees itself and its predecessor."""
-    d = qs.shape[-1]
-    nb = qs.shape[0] // window
-    qb = qs.view(nb, 1, window, d)
-    kb = _with_previous_block(ks.view(1, nb, window, d))[0].unsqueeze(1)
-    vb = _with_previous_block(vs.view(1, nb, window, d))[0].unsqueeze(1)
-    mask = _block_mask(prev_valid, window, exclude_self).unsqueeze(1)
-    return F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p).reshape(nb * window, d)
+    Keys and values are gathered once into slot order behind a leading pad block, and every block reads
+    (previous ++ own) as an overlapping strided view: one copy of k and v, not two. That call runs over all blocks
+    with the later-block mask; first blocks (whose "previous" slots belong to another cluster) take their output
+    from a second, small call over themselves only."""
+    w, d = plan.window, q.shape[-1]
+    first_mask, later_mask = block_masks(w, exclude_self, device=q.device)
+    slots = plan.token_of_slot
+    idx = slots[plan.first_blocks].reshape(-1)
+    qa, ka, va = (t.index_select(0, idx).view(1, -1, w, d) for t in (q, k, v))
+    outs = [F.scaled_dot_product_attention(qa, ka, va, attn_mask=first_mask, dropout_p=dropout_p).reshape(-1, d)]
+    if len(plan.later_blocks):
+        padded = F.pad(slots.reshape(-1), (w, 0))  # slot -> token behind one pad block (token 0, never visible)
+        qb = q.index_select(0, slots.reshape(-1)).view(1, -1, w, d)
+        kb, vb = (t.index_select(0, padded).unsqueeze(0).unfold(1, 2 * w, w).transpose(-1, -2) for t in (k, v))
+        outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=later_mask, dropout_p=dropout_p)
+                    .reshape(-1, d))
+    return torch.cat(outs).index_select(0, plan.out_index)
 
 
 def causal_routing_attention(q, k, v, clusters, num_clusters: int, window: int, exclude_self: bool = True,
                              dropout_p: float = 0.0) -> torch.Tensor:
-    """Each token attends causally to its own block and the previous block of its cluster. [B, H, n, d]."""
-    B, H, n, d = q.shape
-    plan = plan_causal_blocks(clusters.reshape(B * H, n), num_clusters, window)
-    qs, ks, vs = (_gather_slots(t.reshape(B * H * n, d), plan.token_of_slot) for t in (q, k, v))
-    out = block_attention(qs, ks, vs, plan.prev_valid, window, exclude_self, dropout_p)
-    return out.index_select(0, plan.slot_of_token).view(B, H, n, d)
+    """Each token attends causally to its own block and the previous block of its cluster.
+
+    q, k, v [B, n, H, d] (the projection layout, no transpose needed), clusters [B, n, H] -> [B, n, H, d]."""
+    plan = plan_causal_blocks(clusters, num_clusters, window)
+    d = q.shape[-1]
+    out = block_attention(q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d), plan, exclude_self, dropout_p)
+    return out.view(q.shape)
 
 
 # -------------------------------------------------------------------------------------------- top-k routing

@@ -95,14 +95,17 @@ class SphericalKMeans(nn.Module):
         clusters = sims.argmax(dim=-1)
         if self.training and not _suspended and torch.is_grad_enabled():
             self._accumulate(r.detach(), clusters, valid)
-        return clusters, self.commitment_loss(r, clusters, valid)
+        return clusters, self.commitment_loss(r, clusters, valid, sims)
 
-    def commitment_loss(self, r: torch.Tensor, clusters: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    def commitment_loss(self, r: torch.Tensor, clusters: torch.Tensor, valid: Optional[torch.Tensor],
+                        sims: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.commitment_factor == 0:
             return r.new_zeros(())
+        sims = self.similarities(r) if sims is None else sims
         h = torch.arange(self.num_heads, device=r.device)[None, :, None]
-        target = self.means[h, clusters]  # [B, H, n, d], detached buffer
-        err = (r - target).pow(2).sum(dim=-1)  # [B, H, n] squared distance of unit-norm vectors, in [0, 4]
+        # ||r - c||^2 = ||r||^2 - 2 r.c + ||c||^2 from the scores already computed: no [B, H, n, d] difference
+        # tensor is built or kept for backward. In [0, 4] for unit-norm vectors.
+        err = r.pow(2).sum(-1) - 2 * sims.gather(-1, clusters[..., None])[..., 0] + self.means.pow(2).sum(-1)[h, clusters]
         if valid is not None:
             w = valid[:, None, :].to(err.dtype).expand_as(err)
             return self.commitment_factor * (err * w).sum() / w.sum().clamp(min=1)

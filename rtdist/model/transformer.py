@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, layer_head_split
-from .attention import (causal_routing_attention, full_attention, local_attention, naive_full_attention,
+from .attention import (block_attention, full_attention, local_attention, naive_full_attention, plan_causal_blocks,
                         topk_routing_attention)
 from .kmeans import SphericalKMeans, kmeans_stats_suspended, routing_vectors
 
@@ -57,51 +57,59 @@ class RoutingAttention(nn.Module):
         self.kmeans = (SphericalKMeans(self.n_routing, cfg.num_clusters, self.head_dim, cfg.kmeans_ema_decay,
                                        cfg.commitment_factor) if self.n_routing else None)
 
-    def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        B, n, _ = x.shape
-        return x.view(B, n, n_heads, self.head_dim).transpose(1, 2)
+    def _kernel(self, fn, *args, **kwargs):
+        """Run an attention kernel, recomputing it in backward when ``recompute_attention`` is on."""
+        if self.cfg.recompute_attention and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
 
     def forward(self, x, rope=None, valid: Optional[torch.Tensor] = None):
         B, n, _ = x.shape
-        H, L = self.n_heads, self.n_local
+        H, L, hd = self.n_heads, self.n_local, self.head_dim
         p = self.cfg.attn_dropout if self.training else 0.0
-        q = self._heads(self.to_q(x), H)
-        v = self._heads(self.to_v(x), H)
-        k = self._heads(self.to_k(x), self.to_k.out_features // self.head_dim) if self.to_k is not None else None
+        # Projection layout [B, n, heads, d]; only the kernels that need [B, heads, n, d] get a transposed view.
+        q = self.to_q(x).view(B, n, H, hd)
+        v = self.to_v(x).view(B, n, H, hd)
+        k = self.to_k(x).view(B, n, -1, hd) if self.to_k is not None else None
         aux = x.new_zeros((), dtype=torch.float32)
         outs = []
 
         if self.kind in ("full", "full_naive"):
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             attn = full_attention if self.kind == "full" else naive_full_attention
-            out = attn(q, k, v, dropout_p=p)
-            return self.to_out(out.transpose(1, 2).reshape(B, n, -1)), aux
+            out = attn(q, k, v, dropout_p=p).transpose(1, 2)
+            return self.to_out(out.reshape(B, n, H * hd)), aux
 
         if L:
-            ql, kl = q[:, :L], k[:, :L]
+            ql, kl, vl = (t[:, :, :L].transpose(1, 2) for t in (q, k, v))
             if rope is not None:
                 ql, kl = apply_rotary(ql, *rope), apply_rotary(kl, *rope)
-            outs.append(local_attention(ql, kl, v[:, :L], self.local_window, dropout_p=p))
+            out_l = self._kernel(local_attention, ql, kl, vl, self.local_window, dropout_p=p)
+            outs.append(out_l.transpose(1, 2))
 
         if self.n_routing:
-            qr, vr = q[:, L:], v[:, L:]
-            kr = F.normalize(qr, dim=-1) if self.shared_qk else k[:, L:]
-            r = routing_vectors(qr)  # fp32, from content only
+            qr, vr = q[:, :, L:], v[:, :, L:]
+            kr = F.normalize(qr, dim=-1) if self.shared_qk else k[:, :, L:]
+            r = routing_vectors(qr.transpose(1, 2))  # [B, Hr, n, d] fp32, from content only (before rotary)
             sims = self.kmeans.similarities(r)
             clusters, aux = self.kmeans.assign(r, valid, sims=sims)
             if rope is not None:
-                qr, kr = apply_rotary(qr, *rope), apply_rotary(kr, *rope)
+                cos, sin = (t[:, None, :] for t in rope)  # broadcast over the head axis
+                qr, kr = apply_rotary(qr, cos, sin), apply_rotary(kr, cos, sin)
             if self.cfg.routing_mode == "causal":
-                out_r = causal_routing_attention(qr, kr, vr, clusters, self.cfg.num_clusters, self.window,
-                                                 exclude_self=self.shared_qk, dropout_p=p)
+                plan = plan_causal_blocks(clusters.transpose(1, 2), self.cfg.num_clusters, self.window)
+                out_r = self._kernel(block_attention, qr.reshape(-1, hd), kr.reshape(-1, hd), vr.reshape(-1, hd),
+                                     plan, self.shared_qk, p).view(qr.shape)
             else:
-                out_r = topk_routing_attention(qr, kr, vr, sims, self.window, valid=valid,
-                                               exclude_self=self.shared_qk, dropout_p=p)
+                out_r = self._kernel(topk_routing_attention, *(t.transpose(1, 2) for t in (qr, kr, vr)), sims.detach(),
+                                     self.window, valid=valid, exclude_self=self.shared_qk,
+                                     dropout_p=p).transpose(1, 2)
             outs.append(out_r)
 
-        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        return self.to_out(out.transpose(1, 2).reshape(B, n, -1)), aux
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        return self.to_out(out.reshape(B, n, H * hd)), aux
 
 
 class FeedForward(nn.Module):
