@@ -1,0 +1,119 @@
+"""Evaluation: token-level loss, perplexity, bits per token and bits per byte (or per dim, for pixels).
+
+    python -m rtdist.evaluate --checkpoint RUN_DIR [--split validation] [--max-batches N]
+
+``--checkpoint`` is a run directory (its ``model.safetensors`` export and ``config.yaml``) or a safetensors file
+next to a ``config.yaml``. All ranks share the work: each data-parallel rank reads its own part of the split and the
+sums are all-reduced.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import dist as rdist
+
+
+@torch.no_grad()
+def evaluate(model, loader, max_batches: Optional[int] = None, seq_length: Optional[int] = None,
+             autocast=None, device: str = "cpu", group=None) -> dict:
+    """Sum of token losses and counts over ``loader`` (one pass, at most ``max_batches``), reduced over ``group``."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    n = len(loader) if max_batches is None else min(max_batches, len(loader))
+    it = iter(loader)
+    for _ in range(n):
+        batch = next(it).to(device)
+        if seq_length:
+            batch = batch[:, : seq_length + 1]
+        with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
+            logits, _ = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total += torch.tensor([loss.item(), batch[:, 1:].numel()], dtype=torch.float64)
+    if was_training:
+        model.train()
+    rdist.all_reduce_sum(total, group=group)
+    loss = (total[0] / total[1]).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_token": loss / math.log(2),
+            "tokens": int(total[1].item())}
+
+
+def with_bytes(metrics: dict, bytes_per_token: Optional[float]) -> dict:
+    """Add bits per byte (text) / per dim (pixels): bits per token divided by bytes per token."""
+    if bytes_per_token:
+        metrics["bits_per_byte"] = metrics["bits_per_token"] / bytes_per_token
+    return metrics
+
+
+def bytes_per_token(manifest: dict, split: str) -> Optional[float]:
+    """From the manifest: source bytes / tokens of the split (1.0-ish for the bytes tokenizer)."""
+    info = manifest.get("splits", {}).get(split, {})
+    nbytes, tokens = info.get("input_bytes"), info.get("corpus_tokens") or info.get("tokens")
+    if nbytes and tokens:
+        return nbytes / tokens
+    if manifest.get("tokenizer", {}).get("type") == "bytes":
+        return 1.0
+    return None
+
+
+def load_model_for_inference(checkpoint: Path, device: str = "cpu"):
+    """(model, config) from a run directory's safetensors export and resolved config."""
+    from safetensors.torch import load_file
+
+    from .config import load_config
+    from .model import RoutingTransformerLM
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
+    cfg_path = run_dir / "config.yaml"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} does not exist: pass a run directory whose training finished (it exports "
+                                f"model.safetensors) or the path of a .safetensors file next to a config.yaml")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} does not exist: the run directory's resolved config is needed")
+    cfg = load_config(str(cfg_path))
+    model = RoutingTransformerLM(cfg.model)
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    real_missing = [k for k in missing if not k.endswith(("step_sums", "step_counts", "inv_freq"))]
+    if real_missing or unexpected:
+        raise ValueError(f"{weights} does not match the model of {cfg_path}: missing {real_missing}, "
+                         f"unexpected {unexpected}")
+    return model.to(device).eval(), cfg
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, type=Path, help="run directory or model.safetensors")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--manifest", default=None, help="default: the run config's data.manifest")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    from .data import ShardLoader, load_manifest
+    info = rdist.init()
+    model, cfg = load_model_for_inference(args.checkpoint)
+    manifest_path = args.manifest or cfg.data.manifest
+    if not manifest_path:
+        raise SystemExit("no manifest: pass --manifest or train with data.manifest set")
+    loader = ShardLoader(manifest_path, args.split, args.batch_size, info.rank, info.world_size,
+                         num_workers=args.num_workers, shuffle=False, policy="wrap")
+    metrics = evaluate(model, loader, args.max_batches, seq_length=cfg.train.seq_length)
+    metrics = with_bytes(metrics, bytes_per_token(load_manifest(manifest_path), args.split))
+    metrics["split"] = args.split
+    if info.is_main:
+        print(json.dumps(metrics, indent=1))
+    rdist.shutdown()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

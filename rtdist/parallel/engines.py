@@ -1,0 +1,318 @@
+"""Training engines behind one small interface: DeepSpeed (ZeRO 0-3, offload, bf16), fairscale (OSS +
+ShardedDataParallel on CPU/GPU, FullyShardedDataParallel on CUDA) and plain torch (DDP).
+
+Every engine takes the same plain arguments and exposes ``model`` (the callable to run forward through),
+``module`` (the bare ``RoutingTransformerLM``), ``backward(loss)`` and ``step()`` (called once per micro-batch; the
+optimizer only steps at the accumulation boundary) and checkpoint save/load into ``dir/global_step{N}/``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    lr: float
+    min_lr: float
+    warmup_iters: int
+    train_iters: int
+    weight_decay: float
+    betas: tuple[float, float]
+    gradient_clipping: float
+
+
+def lr_lambda(cfg: OptimConfig):
+    """Linear warmup to lr, cosine decay to min_lr at train_iters (as a multiplier of lr)."""
+    def f(step: int) -> float:
+        if cfg.warmup_iters and step < cfg.warmup_iters:
+            return (step + 1) / cfg.warmup_iters
+        span = max(1, cfg.train_iters - cfg.warmup_iters)
+        progress = min(1.0, (step - cfg.warmup_iters) / span)
+        ratio = cfg.min_lr / cfg.lr
+        return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    """Weight decay on matrices only (not norms, biases or embeddings' 1-D siblings)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+class Engine:
+    name = "base"
+    model: Any
+    module: nn.Module
+    accumulation: int
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> bool:
+        """Called after every micro-batch's backward; returns True when the optimizer stepped."""
+        raise NotImplementedError
+
+    def grad_norm(self) -> Optional[float]:
+        return self._grad_norm
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def save(self, path: Path) -> None:
+        """Write this engine's model/optimizer state into the directory ``path`` (collective)."""
+        raise NotImplementedError
+
+    def load(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def consolidated_state_dict(self, path: Path) -> Optional[dict]:
+        """fp32 parameters + buffers on rank 0 (None elsewhere), after ``save(path)``."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, module: nn.Module, optim: OptimConfig, *, micro_batch: int, accumulation: int, dp_size: int,
+                 zero_stage: int, precision: str, overrides: dict, mpu=None):
+        import deepspeed
+
+        self.module, self.accumulation, self.zero_stage = module, accumulation, zero_stage
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": accumulation,
+            "train_batch_size": micro_batch * accumulation * dp_size,
+            "gradient_clipping": optim.gradient_clipping,
+            "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": precision == "bf16"},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        from ..config import merge
+        config = merge(config, overrides)
+        zero = config.get("zero_optimization", {})
+        if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+            # We pass torch's AdamW; DeepSpeed's CPU Adam would need a compiled extension.
+            config.setdefault("zero_force_ds_cpu_optimizer", False)
+        self.config = config
+        if zero.get("stage", 0) == 3 and getattr(module, "lm_head", None) is None:
+            # The tied output projection reads embed.weight outside the embedding's own forward.
+            deepspeed.zero.register_external_parameter(module, module.embed.weight)
+        optimizer = make_optimizer(param_groups(module, optim.weight_decay), optim)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=config, mpu=mpu,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim)))
+        self._grad_norm = None
+
+    def backward(self, loss):
+        self.model.backward(loss)
+
+    def step(self) -> bool:
+        boundary = self.model.is_gradient_accumulation_boundary()
+        self.model.step()
+        if boundary:
+            norm = self.model.get_global_grad_norm()
+            self._grad_norm = float(norm) if norm is not None else None
+        return boundary
+
+    def lr(self) -> float:
+        return self.model.get_lr()[0]
+
+    def save(self, path: Path) -> None:
+        self.model.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        load_path, _ = self.model.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path}")
+
+    def consolidated_state_dict(self, path: Path) -> Optional[dict]:
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        if self.config["zero_optimization"].get("stage", 0) >= 1:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            params = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        else:
+            params = {k: v for k, v in self.module.state_dict().items()}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in params.items()}
+        for name, buf in self.module.named_buffers():  # k-means state: replicated, never partitioned
+            if name in dict(self.module.state_dict()):
+                state[name] = buf.detach().clone()
+        return state
+
+
+# ------------------------------------------------------------------------------------- torch / fairscale
+
+
+class _LocalStepEngine(Engine):
+    """Shared optimizer-step logic for engines where we own the optimizer: accumulation, clipping, schedule."""
+
+    def __init__(self, module, optim: OptimConfig, accumulation: int, precision: str):
+        self.module, self.accumulation, self.precision = module, accumulation, precision
+        self.optim_cfg = optim
+        self._micro = 0
+        self._grad_norm = None
+
+    def _setup_scheduler(self):
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.optim_cfg))
+
+    def autocast(self):
+        if self.precision == "bf16":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            return torch.autocast(dev, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sync_context(self):
+        """Skip the gradient all-reduce on micro-batches before the boundary."""
+        last = (self._micro + 1) % self.accumulation == 0
+        no_sync = getattr(self.model, "no_sync", None)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+    def backward(self, loss):
+        with self._sync_context():
+            (loss / self.accumulation).backward()
+
+    def _clip(self) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.gradient_clipping
+                                                    if self.optim_cfg.gradient_clipping > 0 else float("inf")))
+
+    def step(self) -> bool:
+        self._micro += 1
+        if self._micro % self.accumulation:
+            return False
+        self._grad_norm = self._clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return True
+
+    def _rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def save(self, path: Path) -> None:
+        optim_state = self._optimizer_state()
+        if self._rank() == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            torch.save({"module": self.module.state_dict(), "optimizer": optim_state,
+                        "scheduler": self.scheduler.state_dict(), "micro": self._micro}, path / "engine_states.pt")
+
+    def _optimizer_state(self):
+        return self.optimizer.state_dict()
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path / "engine_states.pt", map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._micro = state["micro"]
+
+    def consolidated_state_dict(self, path: Path) -> Optional[dict]:
+        if self._rank() != 0:
+            return None
+        return {k: v.detach().float().clone() if v.is_floating_point() else v.clone()
+                for k, v in self.module.state_dict().items()}
+
+
+class TorchEngine(_LocalStepEngine):
+    """AdamW, with DistributedDataParallel when there is more than one process."""
+    name = "torch"
+
+    def __init__(self, module, optim: OptimConfig, accumulation: int, precision: str):
+        super().__init__(module, optim, accumulation, precision)
+        self.model = module
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.model = nn.parallel.DistributedDataParallel(module)
+        self.optimizer = make_optimizer(param_groups(module, optim.weight_decay), optim)
+        self._setup_scheduler()
+
+
+class FairscaleEngine(_LocalStepEngine):
+    """OSS (sharded optimizer state) + ShardedDataParallel; FullyShardedDataParallel when CUDA is present."""
+    name = "fairscale"
+
+    def __init__(self, module, optim: OptimConfig, accumulation: int, precision: str, full_shard: bool = False):
+        super().__init__(module, optim, accumulation, precision)
+        self.full_shard = full_shard
+        if full_shard:
+            from fairscale.nn.data_parallel import FullyShardedDataParallel
+            self.model = FullyShardedDataParallel(module.cuda(), mixed_precision=False, flatten_parameters=True)
+            self.module = module
+            self.optimizer = make_optimizer(self.model.parameters(), optim)
+        else:
+            from fairscale.nn.data_parallel import ShardedDataParallel
+            from fairscale.optim.oss import OSS
+            self.optimizer = OSS(param_groups(module, optim.weight_decay), optim=torch.optim.AdamW, lr=optim.lr,
+                                 betas=optim.betas)
+            self.model = ShardedDataParallel(module, self.optimizer)
+        self._setup_scheduler()
+
+    def _clip(self) -> float:
+        max_norm = self.optim_cfg.gradient_clipping if self.optim_cfg.gradient_clipping > 0 else float("inf")
+        if self.full_shard:
+            return float(self.model.clip_grad_norm_(max_norm))
+        return float(self.optimizer.clip_grad_norm(max_norm))
+
+    def _optimizer_state(self):
+        if self.full_shard:
+            return self.model.gather_full_optim_state_dict(self.optimizer)
+        self.optimizer.consolidate_state_dict(recipient_rank=0)  # collective
+        return self.optimizer.state_dict() if self._rank() == 0 else None
+
+    def save(self, path: Path) -> None:
+        if self.full_shard:
+            full = self.model.state_dict()  # collective
+            optim_state = self._optimizer_state()
+            if self._rank() == 0:
+                path.mkdir(parents=True, exist_ok=True)
+                torch.save({"module": full, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                            "micro": self._micro}, path / "engine_states.pt")
+            return
+        super().save(path)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path / "engine_states.pt", map_location="cpu", weights_only=False)
+        if self.full_shard:
+            self.model.load_state_dict(state["module"])
+            self.optimizer.load_state_dict(self.model.get_shard_from_optim_state_dict(state["optimizer"]))
+        else:
+            self.module.load_state_dict(state["module"])
+            self.optimizer.load_state_dict(state["optimizer"])  # OSS keeps its own shard
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._micro = state["micro"]
+
+
+def build_engine(kind: str, module: nn.Module, optim: OptimConfig, *, micro_batch: int, accumulation: int,
+                 dp_size: int, zero_stage: int, precision: str, deepspeed_overrides: Optional[dict] = None,
+                 mpu=None) -> Engine:
+    if kind == "deepspeed":
+        return DeepSpeedEngine(module, optim, micro_batch=micro_batch, accumulation=accumulation, dp_size=dp_size,
+                               zero_stage=zero_stage, precision=precision, overrides=deepspeed_overrides or {},
+                               mpu=mpu)
+    if kind == "fairscale":
+        return FairscaleEngine(module, optim, accumulation, precision, full_shard=torch.cuda.is_available())
+    if kind == "torch":
+        return TorchEngine(module, optim, accumulation, precision)
+    raise ValueError(f"unknown engine {kind!r}: expected deepspeed, fairscale or torch")
