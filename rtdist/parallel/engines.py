@@ -205,9 +205,12 @@ class _LocalStepEngine(Engine):
             return False
         self._grad_norm = self._clip()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         self.scheduler.step()
         return True
+
+    def _zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0
@@ -256,6 +259,8 @@ class FairscaleEngine(_LocalStepEngine):
     def __init__(self, module, optim: OptimConfig, accumulation: int, precision: str, full_shard: bool = False):
         super().__init__(module, optim, accumulation, precision)
         self.full_shard = full_shard
+        if not dist.is_initialized():  # fairscale wants a process group even for one process
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         if full_shard:
             from fairscale.nn.data_parallel import FullyShardedDataParallel
             self.model = FullyShardedDataParallel(module.cuda(), mixed_precision=False, flatten_parameters=True)
@@ -268,6 +273,10 @@ class FairscaleEngine(_LocalStepEngine):
                                  betas=optim.betas)
             self.model = ShardedDataParallel(module, self.optimizer)
         self._setup_scheduler()
+
+    def _zero_grad(self):
+        # ShardedDataParallel reduces into gradient buckets it holds on to: zero them, do not drop them.
+        self.model.zero_grad(set_to_none=False)
 
     def _clip(self) -> float:
         max_norm = self.optim_cfg.gradient_clipping if self.optim_cfg.gradient_clipping > 0 else float("inf")
