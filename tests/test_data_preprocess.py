@@ -132,12 +132,24 @@ def test_two_runs_give_byte_identical_shards_and_manifest(tmp_path):
     assert shard_set(tmp_path / "a" / "pg") == shard_set(tmp_path / "b" / "pg")
 
 
-def test_parallel_workers_write_the_same_shards_as_one_worker(tmp_path):
+@pytest.mark.parametrize("tail", ["pack", "drop"])  # pack: workers write shards; drop: workers tokenize, main writes
+def test_parallel_workers_write_the_same_shards_as_one_worker(tmp_path, tail):
     root = big_corpus(tmp_path / "pg19")
-    kw = dict(seq_length=L, append_eod=True, maxcount=20, block_bytes=4096)
+    kw = dict(seq_length=L, append_eod=True, maxcount=20, block_bytes=4096, tail=tail)
     run([root], tmp_path / "one" / "pg", workers=1, **kw)
     run([root], tmp_path / "two" / "pg", workers=2, **kw)
     assert shard_set(tmp_path / "one" / "pg") == shard_set(tmp_path / "two" / "pg")
+
+
+def test_workers_writing_shards_from_the_files_match_the_streaming_path(tmp_path):
+    root = big_corpus(tmp_path / "pg19")
+    write_files(root, {"train/950.txt": book(3, 3000).encode() + b"\xff" + book(4, 3000).encode() + b"\xe2\x82"})
+    kw = dict(seq_length=L, append_eod=True, maxcount=20, block_bytes=1000)  # reads of 15 samples cut characters
+    run([root], tmp_path / "direct" / "pg", **kw)
+    run([root], tmp_path / "stream" / "pg", direct=False, **kw)
+    assert shard_set(tmp_path / "direct" / "pg") == shard_set(tmp_path / "stream" / "pg")
+    warning = load_manifest(tmp_path / "direct" / "pg")["warnings"]["non_utf8_kept_as_bytes"]
+    assert warning == {"count": 1, "files": 1, "examples": [f"{root / 'train' / '950.txt'}: byte {len(book(3, 3000).encode())}"]}
 
 
 def test_cutting_large_files_into_blocks_does_not_change_the_tokens(tmp_path):
@@ -229,18 +241,36 @@ def test_non_utf8_is_replaced_and_counted_by_text_tokenizers(tmp_path):
     assert build_tokenizer(m).decode(stream_of(m, "train")).startswith("caf\ufffd and \ufffd\ufffd end")
 
 
-def test_empty_and_unreadable_files_are_counted_and_the_rest_processed(tmp_path, monkeypatch):
+def test_empty_and_unreadable_files_are_counted_and_the_rest_processed(tmp_path):
+    import socket
+
     root = pg19(tmp_path / "pg19", {"train": [500, 500, 500]}, splits=("train",))
     write_files(root, {"train/empty.txt": b""})
     (root / "train" / "gone.txt").symlink_to(root / "nowhere.txt")
-    real = sources._read_bytes
-    monkeypatch.setattr(sources, "_read_bytes", lambda item: (_ for _ in ()).throw(PermissionError(
-        13, "Permission denied")) if item.path.endswith("101.txt") else real(item))
-    s = run([root], tmp_path / "pg", seq_length=L)
+    with socket.socket(socket.AF_UNIX) as sock:  # a file that cannot be opened for reading, even by root
+        sock.bind(str(root / "train" / "socket.txt"))
+        s = run([root], tmp_path / "pg", seq_length=L)
     w = s["manifest"]["warnings"]
     assert w["empty_files"]["count"] == 1 and w["unreadable_files"]["count"] == 2
-    assert any("101.txt" in e for e in w["unreadable_files"]["examples"])
-    assert s["manifest"]["splits"]["train"]["documents"] == 2
+    assert s["manifest"]["splits"]["train"]["documents"] == 3
+
+
+@pytest.mark.parametrize("tail", ["pack", "drop"])  # pack: workers write shards from the files; drop: streaming
+def test_a_file_failing_during_the_run_is_named_never_silently_lost(tmp_path, monkeypatch, tail):
+    root = pg19(tmp_path / "pg19", {"train": [500, 500, 500]}, splits=("train",))
+    real = sources._read_bytes
+
+    def failing(item):
+        if item.path.endswith("101.txt"):
+            raise PermissionError(13, "Permission denied")
+        return real(item)
+    monkeypatch.setattr(sources, "_read_bytes", failing)
+    if tail == "pack":
+        with pytest.raises(DataError, match=r"101\.txt: became unreadable while preprocessing"):
+            run([root], tmp_path / "pg", seq_length=L, tail=tail)
+    else:
+        w = run([root], tmp_path / "pg", seq_length=L, tail=tail)["manifest"]["warnings"]
+        assert w["unreadable_files"]["examples"] == [str(root / "train" / "101.txt") + ": Permission denied"]
 
 
 def test_a_missing_split_is_a_counted_warning_unless_asked_for(tmp_path):
@@ -265,11 +295,12 @@ def test_bad_inputs_get_clear_messages(tmp_path):
         run([tmp_path / "in"], tmp_path / "x", tokenizer="sentencepiece", train_tokenizer=True)
 
 
-def test_an_unexpected_error_in_a_worker_names_the_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tail", ["pack", "drop"])
+def test_an_unexpected_error_in_a_worker_names_the_file(tmp_path, monkeypatch, tail):
     root = pg19(tmp_path / "pg19", {"train": [300, 300]}, splits=("train",))
-    monkeypatch.setattr(sources, "_encode_text", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(sources, "_read_bytes", lambda item: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(DataError, match=r"100\.txt.*RuntimeError: boom"):
-        run([root], tmp_path / "pg", seq_length=L)
+        run([root], tmp_path / "pg", seq_length=L, tail=tail, workers=2)
 
 
 # ------------------------------------------------------------------------------------------ safe output
@@ -290,18 +321,19 @@ def test_a_prefix_holding_shards_from_other_flags_is_refused(tmp_path):
 def test_an_interrupted_run_leaves_no_half_shard_and_a_rerun_starts_clean(tmp_path, monkeypatch):
     root = pg19(tmp_path / "pg19")
     kw = dict(seq_length=L, maxcount=10)
-    calls, real = [0], ShardWriter.write
+    written, real = [0], ShardWriter.write_many
 
-    def interrupt_after_25(self, key, tokens):
-        calls[0] += 1
-        if calls[0] == 25:
+    def interrupt_at_25(self, keys, samples):  # Ctrl-C in the middle of the third shard
+        n = min(len(keys), 25 - written[0])
+        real(self, keys[:n], samples[:n])
+        written[0] += n
+        if written[0] == 25:
             raise KeyboardInterrupt
-        real(self, key, tokens)
 
-    monkeypatch.setattr(ShardWriter, "write", interrupt_after_25)
+    monkeypatch.setattr(ShardWriter, "write_many", interrupt_at_25)
     with pytest.raises(KeyboardInterrupt):
         run([root], tmp_path / "pg", **kw)
-    monkeypatch.setattr(ShardWriter, "write", real)
+    monkeypatch.setattr(ShardWriter, "write_many", real)
     names = sorted(p.name for p in tmp_path.glob("pg-*"))
     assert names == ["pg-incomplete.json", "pg-train-000000.tar", "pg-train-000001.tar"]  # whole shards only
     for p in tmp_path.glob("pg-*.tar"):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
-TEXT_SUFFIXES = (".py", ".txt", ".rst", ".md")
+TEXT_SUFFIXES = (".py", ".pyi", ".txt", ".rst", ".md", ".c", ".h", ".cpp", ".hpp", ".cuh", ".json", ".csv", ".html",
+                 ".js", ".css", ".cfg", ".toml", ".ini", ".xml")
 
 
 def _source_files(roots):
@@ -27,15 +29,16 @@ def _source_files(roots):
 
 
 def build_demo_corpus(out_dir, max_bytes: int = 32 << 20, book_bytes: int = 256 << 10, roots=None) -> dict:
-    """Write ``out_dir/{train,validation,test}/<book_id>.txt`` from local text files (the standard library's
-    ``.py``/``.txt``/``.rst``/``.md`` files, then site-packages), at most about ``max_bytes`` in all.
+    """Write ``out_dir/{train,validation,test}/<book_id>.txt`` from local text files (sources and docs of the
+    standard library, then of the installed packages), at most about ``max_bytes`` in all.
 
     Files are concatenated in sorted order into "books" of about ``book_bytes``, each file headed by a
     ``# ==== path ====`` line; book 1 of every 50 goes to validation, book 2 to test, the rest to train, so even
     a small corpus has all three splits. Deterministic for a given installation. Returns counts per split."""
     out = Path(out_dir)
+    base = {"base": sys.base_prefix, "platbase": sys.base_prefix}
     roots = roots or [sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
-                      sysconfig.get_paths()["platlib"]]
+                      sysconfig.get_paths()["platlib"], sysconfig.get_paths(vars=base)["purelib"]]
     for split in ("train", "validation", "test"):
         (out / split).mkdir(parents=True, exist_ok=True)
     books = {"train": 0, "validation": 0, "test": 0}

@@ -1,9 +1,12 @@
 """Corpus -> tokens -> webdataset tar shards + manifest (the logic behind ``tools/preprocess.py``).
 
-Pipeline: discover inputs (main) -> tokenize tasks of ~``block_bytes`` (``workers`` processes, at most
-``2 * workers`` tasks in flight, results consumed in input order) -> cut the token stream into samples (main)
--> ``ShardWriter``. Memory is bounded by the tasks in flight, not by the corpus; the output depends only on the
-inputs and the flags (``workers`` excluded), so runs are byte-identical.
+Two ways to the same bytes, both with work split into bounded tasks run by ``workers`` processes (at most
+``2 * workers`` in flight, so memory does not grow with the corpus), and output independent of ``workers``:
+
+- direct (bytes tokenizer, text, ``tail="pack"``): every token count is known from file sizes, so the sample
+  layout is computed up front and each worker writes whole shards straight from the input files;
+- streaming (everything else): workers tokenize blocks of ~``block_bytes``; the main process cuts the token
+  stream (in input order) into samples and writes the shards.
 
 Samples hold ``seq_length + 1`` tokens: inputs are ``tokens[:-1]``, targets ``tokens[1:]``, and consecutive samples
 of a stream share one token, so every token but the first of a stream is a target exactly once.
@@ -11,20 +14,25 @@ of a stream share one token, so every token but the first of a stream is a targe
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import multiprocessing as mp
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
+from . import sources
 from .shards import (DataError, SampleLayout, ShardWriter, build_manifest, find_shard_files, manifest_path_for,
-                     write_json_atomic)
-from .sources import (SPLITS, ReadConfig, Report, discover, group_items, init_reader, iter_texts, plan_items,
-                      read_task)
+                     shard_capacity, write_json_atomic)
+from .sources import (SPLITS, Item, ReadConfig, Report, discover, group_items, init_reader, iter_texts, plan_items,
+                      read_task, utf8_error)
 from .tokenizers import BytesTokenizer, SentencePieceTokenizer, train_sentencepiece
+
 
 class Chunker:
     """Cuts a split's token stream into samples of ``seq_length + 1`` tokens with keys ``{doc}_{chunk:06d}``
@@ -33,7 +41,7 @@ class Chunker:
     ``pack``: documents are concatenated, so a book's tail fills the next sample. Otherwise each document is cut
     on its own and a tail too short for a sample is dropped. Dropped tokens are counted, never silently lost."""
 
-    def __init__(self, seq_length: int, pack: bool, emit, dtype):
+    def __init__(self, seq_length: int, pack: bool, emit, dtype):  # emit(keys, samples [n, L + 1])
         self.L, self.pack, self.emit = seq_length, pack, emit
         self.buf = np.zeros(0, dtype)
         self.docs: list[list] = []  # [start offset in buf, doc id, samples started] of docs reaching into buf
@@ -49,15 +57,15 @@ class Chunker:
         self.tokens += len(tokens)
         self.buf = np.concatenate([self.buf, tokens]) if len(self.buf) else tokens
         n = (len(self.buf) - 1) // self.L
-        d = 0
+        d, keys = 0, []
         for i in range(n):
-            start = i * self.L
-            while d + 1 < len(self.docs) and self.docs[d + 1][0] <= start:
+            while d + 1 < len(self.docs) and self.docs[d + 1][0] <= i * self.L:
                 d += 1
             entry = self.docs[d]
-            self.emit(f"{entry[1]}_{entry[2]:06d}", self.buf[start:start + self.L + 1])
+            keys.append(f"{entry[1]}_{entry[2]:06d}")
             entry[2] += 1
         if n:
+            self.emit(keys, sliding_window_view(self.buf, self.L + 1)[::self.L][:n])
             cut = n * self.L
             self.samples += n
             self.buf = self.buf[cut:].copy()
@@ -76,18 +84,111 @@ class Chunker:
         self._drop_rest()
 
 
-def _ordered(tasks, workers: int, pool):
-    """``read_task`` over ``tasks`` in order, with at most ``2 * workers`` tasks in flight (bounded memory)."""
+def _ordered(fn, tasks, workers: int, pool):
+    """``fn`` over ``tasks`` in order, with at most ``2 * workers`` tasks in flight (bounded memory)."""
     if pool is None:
-        yield from map(read_task, tasks)
+        yield from map(fn, tasks)
         return
     pending = deque()
     for task in tasks:
-        pending.append(pool.apply_async(read_task, (task,)))
+        pending.append(pool.apply_async(fn, (task,)))
         if len(pending) >= 2 * workers:
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
+
+
+@dataclass(frozen=True)
+class DirectShard:
+    """One shard of the direct path: samples [first, first + count) of a split's packed stream."""
+    prefix: str
+    split: str
+    index: int
+    first: int
+    count: int
+    seq_length: int
+    docs: tuple  # (path, doc id, first stream token, bytes) of the documents the shard's tokens touch
+    stream_end: int | None  # the split's stream length when this is its last shard (its tail is checked too)
+    block_bytes: int
+
+
+def plan_direct(prefix, split: str, entries, seq_length: int, append_eod: bool, capacity: int, block_bytes: int):
+    """Shard tasks and split statistics of a bytes-tokenized, packed split, from file sizes alone."""
+    L = seq_length
+    sizes = np.array([e.size for e in entries], np.int64)
+    ntok = sizes + append_eod
+    starts = np.concatenate([[0], np.cumsum(ntok)[:-1]])
+    total = int(ntok.sum())
+    n = (total - 1) // L if total > L else 0
+    tasks = []
+    for index, first in enumerate(range(0, n, capacity)):
+        count = min(capacity, n - first)
+        last = first + count == n
+        t0, t1 = first * L, total if last else (first + count) * L + 1
+        d0, d1 = int(np.searchsorted(starts, t0, "right")) - 1, int(np.searchsorted(starts, t1, "left"))
+        docs = tuple((e.path, e.doc, int(starts[d]), e.size) for d, e in zip(range(d0, d1), entries[d0:d1]))
+        tasks.append(DirectShard(str(prefix), split, index, first, count, L, docs, total if last else None,
+                                 block_bytes))
+    stats = {"samples": n, "tokens": n * L, "documents": len(entries), "corpus_tokens": total,
+             "dropped_tokens": total - n * L - 1 if n else total, "input_bytes": int(sizes.sum())}
+    return tasks, stats
+
+
+def _gather(task: DirectShard, t0: int, t1: int, append_eod: bool, eod: int, events: list) -> np.ndarray:
+    """Stream tokens [t0, t1) of ``task``'s documents: file bytes, EOD after each document if asked."""
+    out = np.empty(t1 - t0, np.uint16)
+    for path, doc, start, size in task.docs:
+        lo, hi = max(t0, start) - start, min(t1, start + size + append_eod) - start
+        if lo >= hi:
+            continue
+        end = min(hi, size)
+        if end > lo:
+            context = min(lo, 3)  # bytes before the range, so a character cut by it is not an error
+            try:
+                data = sources._read_bytes(Item("text", path, doc, lo - context, end))
+            except OSError as e:
+                raise DataError(f"{path}: became unreadable while preprocessing ({e.strerror or e}); "
+                                "fix it and run again") from None
+            except Exception as e:
+                raise DataError(f"{path} (bytes {lo}..{end}): {type(e).__name__}: {e}") from None
+            if len(data) != end - lo + context:
+                raise DataError(f"{path}: changed while preprocessing ({len(data) - context} bytes at {lo}, "
+                                f"expected {end - lo}); run again")
+            bad = utf8_error(data, context, final=end == size)
+            if bad is not None:
+                events.append(("non_utf8_kept_as_bytes", path, 1, f"byte {lo + bad}"))
+            out[start + lo - t0:start + end - t0] = np.frombuffer(data, np.uint8, offset=context)
+        if hi > size:
+            out[start + size - t0] = eod
+    return out
+
+
+def write_direct_shard(task: DirectShard):
+    """Worker: write one shard of the direct path. Returns (shard entry, warning events)."""
+    cfg, tok = sources._worker["cfg"], sources._worker["tok"]
+    L, events = task.seq_length, []
+    writer = ShardWriter(task.prefix, task.split, SampleLayout(tok.dtype, L + 1), L, maxcount=task.count,
+                         maxsize=1 << 62, first_index=task.index)
+    starts = [d[2] for d in task.docs]
+    per_window = max(1, task.block_bytes // L)  # samples gathered at once: memory ~ block_bytes x 2
+    end = task.first + task.count
+    try:
+        for a in range(task.first, end, per_window):
+            b = min(a + per_window, end)
+            t0 = a * L
+            t1 = task.stream_end if b == end and task.stream_end is not None else b * L + 1
+            tokens = _gather(task, t0, t1, cfg.append_eod, tok.eod_id, events)
+            keys = []
+            for j in range(a, b):  # key: the document the sample starts in, and its count of samples there
+                path, doc, start, _ = task.docs[bisect.bisect_right(starts, j * L) - 1]
+                keys.append(f"{doc}_{j - -(-start // L):06d}")
+            writer.write_many(keys, sliding_window_view(tokens, L + 1)[::L][:b - a])
+        return writer.close()[0], events
+    except BaseException as e:
+        writer.abort()
+        if isinstance(e, Exception) and not isinstance(e, DataError):
+            raise DataError(f"shard {task.split} {task.index}: {type(e).__name__}: {e}") from None
+        raise
 
 
 def _check_output(prefix: Path, config: dict, overwrite: bool) -> None:
@@ -124,11 +225,12 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
                splits=None, json_keys=("text",), seq_length: int | None = None, append_eod: bool = False,
                tail: str | None = None, maxcount: int = 10000, maxsize: int = 1 << 30, image_size: int = 64,
                workers: int = 1, block_bytes: int = 8 << 20, overwrite: bool = False, progress: bool = True,
-               log=print) -> dict:
+               direct: bool = True, log=print) -> dict:
     """Tokenize ``inputs`` into ``{output_prefix}-{split}-%06d.tar`` shards and ``{output_prefix}-manifest.json``.
 
     ``seq_length`` defaults to 8192 (text) or the pixels of one image (images); ``tail`` to ``pack`` (text) or
-    ``drop`` (images: one image per sample). Returns a summary dict (with the manifest under ``manifest``).
+    ``drop`` (images: one image per sample). ``direct=False`` streams even where workers could write shards
+    straight from the files (same bytes, slower). Returns a summary dict (with the manifest under ``manifest``).
     Bad input is counted in ``manifest['warnings']`` and printed; bad flags raise ``DataError``."""
     t0 = time.time()
     prefix = Path(output_prefix)
@@ -196,39 +298,61 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
     layout = SampleLayout(tok.dtype, seq_length + 1)
 
     order = [s for s in SPLITS if s in entries] + sorted(s for s in entries if s not in SPLITS)
-    items = {s: plan_items(entries[s], block_bytes, report) for s in order}
-    total_bytes = sum(i.nbytes for s in order for i in items[s])
+    direct = {s: direct and tok.takes_bytes and tail == "pack" and all(e.kind == "text" for e in entries[s])
+              for s in order}
+    plans = {s: plan_direct(prefix, s, entries[s], seq_length, append_eod,
+                            shard_capacity(layout, maxcount, maxsize), block_bytes) if direct[s] else None
+             for s in order}
+    for s in order:
+        if direct[s] and not plans[s][0]:  # too small for a sample: stream it, so its files are still checked
+            direct[s] = False
+    items = {s: None if direct[s] else plan_items(entries[s], block_bytes, report) for s in order}
+    total_bytes = sum(plans[s][1]["input_bytes"] if direct[s] else sum(i.nbytes for i in items[s]) for s in order)
     read_cfg = ReadConfig(spec, str(model_path.parent), append_eod, json_keys, image_size)
-    pool = mp.get_context("spawn").Pool(workers, init_reader, (read_cfg,)) if workers > 1 else None
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = context.Pool(workers, init_reader, (read_cfg,)) if workers > 1 else None
     if pool is None:
         init_reader(read_cfg)
     bar = _progress(total_bytes, progress)
     split_out, writer = {}, None
     try:
+        # direct splits first, all their shards in one queue: parallel even when a split has few shards
+        tasks = [t for s in order if direct[s] for t in plans[s][0]]
+        shards = {s: [] for s in order}
+        for shard, events in _ordered(write_direct_shard, tasks, workers, pool):
+            for category, path, n, detail in events:
+                report.add(category, path, n, detail)
+            shards[shard["name"].rsplit("-", 2)[1]].append(shard)
+            bar.update(shard["samples"] * seq_length)  # ~ input bytes (EODs aside)
         for s in order:
-            writer = ShardWriter(prefix, s, layout, seq_length, maxcount, maxsize)
-            chunker = Chunker(seq_length, tail == "pack", writer.write, tok.dtype)
-            read = 0
-            for docs, events, nbytes in _ordered(group_items(items[s], block_bytes), workers, pool):
-                for category, path, n, detail in events:
-                    report.add(category, path, n, detail)
-                for doc, tokens, first in docs:
-                    chunker.add(doc, tokens, first)
-                read += nbytes
-                bar.update(nbytes)
-            chunker.finish()
-            shards = writer.close()
-            if not chunker.samples:
-                report.add("empty_splits", s, detail=f"{chunker.tokens} tokens < seq_length + 1, no sample")
-            split_out[s] = {
-                "samples": chunker.samples, "tokens": chunker.samples * seq_length, "documents": chunker.documents,
-                "corpus_tokens": chunker.tokens, "dropped_tokens": chunker.dropped, "input_bytes": read,
-                "shards": shards, "files": [{"path": e.path, "bytes": e.size} for e in entries[s]]}
+            if direct[s]:
+                stats = plans[s][1]
+            else:
+                writer = ShardWriter(prefix, s, layout, seq_length, maxcount, maxsize)
+                chunker = Chunker(seq_length, tail == "pack", writer.write_many, tok.dtype)
+                read = 0
+                for docs, events, nbytes in _ordered(read_task, group_items(items[s], block_bytes), workers, pool):
+                    for category, path, n, detail in events:
+                        report.add(category, path, n, detail)
+                    for doc, tokens, first in docs:
+                        chunker.add(doc, tokens, first)
+                    read += nbytes
+                    bar.update(nbytes)
+                chunker.finish()
+                shards[s] = writer.close()
+                stats = {"samples": chunker.samples, "tokens": chunker.samples * seq_length,
+                         "documents": chunker.documents, "corpus_tokens": chunker.tokens,
+                         "dropped_tokens": chunker.dropped, "input_bytes": read}
+            if not stats["samples"]:
+                report.add("empty_splits", s, detail=f"{stats['corpus_tokens']} tokens < seq_length + 1, no sample")
+            split_out[s] = {**stats, "shards": shards[s],
+                            "files": [{"path": e.path, "bytes": e.size} for e in entries[s]]}
+        bar.update(total_bytes - bar.n)
     except BaseException:
         if writer is not None:
             writer.abort()
         if pool is not None:
-            pool.terminate()
+            pool.terminate()  # a worker killed mid-shard leaves only a .tmp file, removed by the next run
         raise
     finally:
         bar.close()

@@ -101,6 +101,11 @@ class _HeaderTemplate:
         return bytes(header)
 
 
+def shard_capacity(layout: SampleLayout, maxcount: int, maxsize: int) -> int:
+    """Samples per shard under ``ShardWriter``'s rule (all members have the same size)."""
+    return max(1, min(maxcount, (maxsize - 2 * BLOCK) // layout.member_bytes))
+
+
 def tar_end_bytes(nbytes: int) -> bytes:
     """Two zero blocks, then zero padding to a whole record (what tarfile writes on close)."""
     end = nbytes + 2 * BLOCK
@@ -113,7 +118,7 @@ class ShardWriter:
     with a final name is always whole. ``shards`` lists what was written (name, samples, tokens, bytes, sha256)."""
 
     def __init__(self, prefix: str | os.PathLike, split: str, layout: SampleLayout, tokens_per_sample: int,
-                 maxcount: int = 10000, maxsize: int = 1 << 30):
+                 maxcount: int = 10000, maxsize: int = 1 << 30, first_index: int = 0):
         if maxcount < 1:
             raise DataError(f"maxcount must be >= 1, got {maxcount}")
         if maxsize < layout.member_bytes + 2 * BLOCK:
@@ -123,24 +128,46 @@ class ShardWriter:
         self.split, self.layout, self.tokens_per_sample = split, layout, tokens_per_sample
         self.maxcount, self.maxsize = maxcount, maxsize
         self.shards: list[dict] = []
+        self.first_index = first_index
         self._file = None
         self._header = _HeaderTemplate(layout.payload_bytes)
         self._npy_header = layout.npy_header
-        self._pad = bytes(layout.member_bytes - BLOCK - layout.payload_bytes)
         self._dtype = layout.dtype.newbyteorder("<")
         self._member_bytes = layout.member_bytes
 
     def write(self, key: str, tokens: np.ndarray) -> None:
-        if len(tokens) != self.layout.sample_tokens:
-            raise ValueError(f"sample {key}: {len(tokens)} tokens, layout needs {self.layout.sample_tokens}")
-        if self._file is not None and (self._count >= self.maxcount or
-                                       self._bytes + self._member_bytes + 2 * BLOCK > self.maxsize):
-            self._close_shard()
-        if self._file is None:
-            self._open_shard()
-        self._put(b"".join((self._header(key + MEMBER_SUFFIX), self._npy_header,
-                            tokens.astype(self._dtype, copy=False).tobytes(), self._pad)))
-        self._count += 1
+        self.write_many([key], tokens[None])
+
+    def write_many(self, keys: list[str], samples: np.ndarray) -> None:
+        """Write ``samples`` ([n, sample_tokens]) under ``keys``, splitting at shard boundaries as needed."""
+        if samples.ndim != 2 or samples.shape[1] != self.layout.sample_tokens or len(keys) != len(samples):
+            raise ValueError(f"samples {samples.shape} for {len(keys)} keys: the layout needs "
+                             f"[n, {self.layout.sample_tokens}]")
+        done = 0
+        while done < len(keys):
+            if self._file is not None and (self._count >= self.maxcount or
+                                           self._bytes + self._member_bytes + 2 * BLOCK > self.maxsize):
+                self._close_shard()
+            if self._file is None:
+                self._open_shard()
+            room = min(self.maxcount - self._count,
+                       (self.maxsize - 2 * BLOCK - self._bytes) // self._member_bytes)
+            n = min(room, len(keys) - done)
+            self._put(self._members(keys[done:done + n], samples[done:done + n]))
+            self._count += n
+            done += n
+
+    def _members(self, keys: list[str], samples: np.ndarray) -> memoryview:
+        """Tar members of ``samples`` built in one buffer (numpy does the copying, not Python)."""
+        n, h = len(keys), len(self._npy_header)
+        buf = np.zeros((n, self._member_bytes), np.uint8)
+        buf[:, :BLOCK] = np.frombuffer(b"".join(self._header(k + MEMBER_SUFFIX) for k in keys),
+                                       np.uint8).reshape(n, BLOCK)
+        buf[:, BLOCK:BLOCK + h] = np.frombuffer(self._npy_header, np.uint8)
+        payload = samples.astype(self._dtype, copy=False)
+        buf[:, BLOCK + h:BLOCK + h + payload.shape[1] * self._dtype.itemsize] = \
+            np.ascontiguousarray(payload).view(np.uint8)
+        return memoryview(buf).cast("B")
 
     def next_shard(self) -> None:
         """Close the current shard now; the next sample starts a new one."""
@@ -164,7 +191,7 @@ class ShardWriter:
         self._bytes += len(data)
 
     def _open_shard(self) -> None:
-        self._name = shard_name(self.prefix_name, self.split, len(self.shards))
+        self._name = shard_name(self.prefix_name, self.split, self.first_index + len(self.shards))
         self._tmp = self.dir / (self._name + ".tmp")
         self._file = open(self._tmp, "wb")
         self._hash, self._bytes, self._count = hashlib.sha256(), 0, 0

@@ -7,6 +7,7 @@ NPZ). Workers turn items into token arrays and report bad input as counted ``eve
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -25,7 +26,8 @@ SPLITS = ("train", "validation", "test")
 KINDS = ("text", "jsonl", "image")
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 IMAGE_SUFFIXES = {".png", ".npz"}
-NEWLINE_SEARCH = 1 << 20  # how far past a block boundary we look for a newline before cutting mid-line
+NEWLINE_SEARCH = 1 << 20
+PER_FILE = {"unreadable_files", "empty_files", "non_utf8_kept_as_bytes"}  # counted once per file  # how far past a block boundary we look for a newline before cutting mid-line
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,10 @@ class Report:
     examples: dict = field(default_factory=dict)
 
     def add(self, category: str, path, n: int = 1, detail: str = "") -> None:
-        self.counts[category] = self.counts.get(category, 0) + n
         seen = self.files.setdefault(category, set())
+        if str(path) in seen and category in PER_FILE:
+            return
+        self.counts[category] = self.counts.get(category, 0) + n
         if str(path) not in seen:
             seen.add(str(path))
             ex = self.examples.setdefault(category, [])
@@ -158,6 +162,7 @@ def discover(inputs, split: str = "train", splits=None, input_type: str = "auto"
         for f, root in files:
             try:
                 size = f.stat().st_size
+                open(f, "rb").close()  # unreadable files are reported here, before any work is planned on them
             except OSError as e:
                 report.add("unreadable_files", f, detail=e.strerror or str(e))
                 continue
@@ -297,12 +302,25 @@ def _read_bytes(item: Item) -> bytes:
         return f.read() if item.end is None else f.read(item.end - item.start)
 
 
-def _encode_text(tok: Tokenizer, data: bytes, path: str, events: list) -> np.ndarray:
+def utf8_error(data: bytes, context: int = 0, final: bool = True) -> int | None:
+    """Offset (relative to ``data[context]``) of the first invalid UTF-8 in ``data``, or None.
+
+    ``data`` may begin with ``context`` (<= 3) bytes from before the range: decoding starts at the last character
+    start among them, so a range cut inside a character is not an error and an invalid sequence cut by the range
+    start is still found. Unless ``final``, ``data`` may end inside a character."""
+    start = next((i for i in range(context - 1, -1, -1) if data[i] & 0xC0 != 0x80), context)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data[start:], final=final)
+    except UnicodeDecodeError as e:
+        return start + e.start - context
+    return None
+
+
+def _encode_text(tok: Tokenizer, data: bytes, path: str, events: list, offset: int = 0) -> np.ndarray:
     if tok.takes_bytes:
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            events.append(("non_utf8_kept_as_bytes", path, 1, f"byte {e.start}"))
+        bad = utf8_error(data)
+        if bad is not None:
+            events.append(("non_utf8_kept_as_bytes", path, 1, f"byte {offset + bad}"))
         return tok.encode(data)
     text, replaced = decode_text(data)
     if replaced:
@@ -324,7 +342,7 @@ def _read_item(item: Item, docs: list, events: list) -> int:
         events.append(("unreadable_files", item.path, 1, e.strerror or str(e)))
         return 0
     if item.kind == "text":
-        tokens = _encode_text(tok, data, item.path, events)
+        tokens = _encode_text(tok, data, item.path, events, item.start)
         if item.last and cfg.append_eod:
             tokens = _with_eod(tokens, tok)
         docs.append((item.doc, tokens, item.first))

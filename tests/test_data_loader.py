@@ -1,0 +1,143 @@
+"""ShardLoader: equal batches on every data-parallel rank, deterministic order, exact resume, named corruption."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import pg19, run, uneven_shards
+
+from rtdist.data import CorruptShardError, DataError, ShardLoader
+
+COUNTS = [5, 1, 11, 3, 2, 14]  # 36 samples in uneven shards: 36 = 2 ranks x 9 x 2 = 3 ranks x 6 x 2
+ALL = {f"shard{s}_{i:06d}" for s, n in enumerate(COUNTS) for i in range(n)}
+
+
+def keys(batches):
+    return [k for _, ks in batches for k in ks]
+
+
+def take(loader, n):
+    """``n`` batches, continuing across epochs (and across interrupted iterations) like a trainer does."""
+    out = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.mark.parametrize("dp", [2, 3])
+def test_every_rank_gets_equal_batches_and_an_epoch_reads_every_sample_once(tmp_path, dp):
+    path = uneven_shards(tmp_path, COUNTS)
+    loaders = [ShardLoader(path, "train", 2, r, dp, num_workers=2, seed=1, shuffle_buffer=4, with_keys=True)
+               for r in range(dp)]
+    batches = [list(loader) for loader in loaders]
+    assert [len(b) for b in batches] == [len(loader) for loader in loaders] == [36 // (2 * dp)] * dp
+    seen = [k for b in batches for k in keys(b)]
+    assert sorted(seen) == sorted(ALL)
+    assert loaders[0].stats["dropped_per_epoch"] == loaders[0].stats["repeated_per_epoch"] == 0
+
+
+@pytest.mark.parametrize("dp", [2, 3])
+def test_a_remainder_is_dropped_or_wrapped_and_counted_never_lost_silently(tmp_path, dp):
+    path = uneven_shards(tmp_path, COUNTS + [1])  # 37 samples: no rank count divides them
+    for policy in ("drop", "wrap"):
+        loaders = [ShardLoader(path, "train", 2, r, dp, num_workers=2, seed=1, policy=policy, with_keys=True)
+                   for r in range(dp)]
+        batches = [list(loader) for loader in loaders]
+        assert len({len(b) for b in batches}) == 1 and len(batches[0]) == len(loaders[0])
+        seen = [k for b in batches for k in keys(b)]
+        stats = loaders[0].stats
+        if policy == "drop":
+            assert len(seen) == len(set(seen)) and 37 - len(seen) == stats["dropped_per_epoch"] > 0
+        else:
+            assert set(seen) == ALL | {"shard6_000000"}
+            assert len(seen) - 37 == stats["repeated_per_epoch"] > 0
+
+
+def test_fewer_shards_than_ranks_times_workers(tmp_path):
+    path = uneven_shards(tmp_path, [10, 8])
+    batches = [list(ShardLoader(path, "train", 1, r, 3, num_workers=2, with_keys=True)) for r in range(3)]
+    assert [len(b) for b in batches] == [6, 6, 6]
+    assert len({k for b in batches for k in keys(b)}) == 18
+
+
+def test_order_depends_only_on_seed_and_epoch_and_sp_ranks_share_it(tmp_path):
+    path = uneven_shards(tmp_path, COUNTS)
+    order = lambda seed=0, epoch=0, **kw: keys(  # noqa: E731
+        take(_set_epoch(ShardLoader(path, "train", 3, 1, 2, num_workers=0, seed=seed, with_keys=True, **kw),
+                        epoch), 6))
+    assert order() == order()  # a second sequence-parallel rank (same dp_rank) reads the same samples
+    assert order() != order(epoch=1) and order() != order(seed=1)
+    plain = order(shuffle=False)
+    assert plain == sorted(plain, key=lambda k: (int(k[5:k.index("_")]), k))  # shards in order, samples in order
+
+
+def _set_epoch(loader, epoch):
+    loader.set_epoch(epoch)
+    return loader
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_yields_exactly_the_uninterrupted_batches(tmp_path, workers):
+    path = uneven_shards(tmp_path, COUNTS)
+    make = lambda: ShardLoader(path, "train", 2, 1, 2, num_workers=workers, seed=7, shuffle_buffer=5)  # noqa: E731
+    n = len(make())
+    full = take(make(), 2 * n)  # two epochs, uninterrupted
+    assert not torch.equal(torch.stack(full[:n]), torch.stack(full[n:]))
+    for stop in (1, 4, n, n + 3):
+        first = make()
+        head = take(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint's client_state
+        second = make()
+        second.load_state_dict(state)
+        second.set_epoch(state["epoch"])  # what a trainer's epoch loop does after resuming: keeps the position
+        tail = take(second, 2 * n - stop)
+        assert all(torch.equal(a, b) for a, b in zip(head + tail, full)), f"resume after {stop} batches differs"
+
+
+def test_resume_under_another_order_is_refused_or_approximate(tmp_path):
+    path = uneven_shards(tmp_path, COUNTS)
+    saved = ShardLoader(path, "train", 2, 0, 2, num_workers=0)
+    take(saved, 6)
+    other = ShardLoader(path, "train", 2, 0, 3, num_workers=0)
+    with pytest.raises(ValueError, match="dp_world_size: saved 2, now 3"):
+        other.load_state_dict(saved.state_dict())
+    other.load_state_dict(saved.state_dict(), strict=False)
+    assert other.state_dict()["batch"] == 6 * 2 * 2 // (2 * 3)  # same share of the epoch's samples
+
+
+def test_batches_are_int64_samples_and_the_loader_knows_its_tokenizer(tmp_path):
+    root = pg19(tmp_path / "pg19")
+    run([root], tmp_path / "pg", seq_length=32, maxcount=7)
+    loader = ShardLoader(tmp_path / "pg-manifest.json", "train", 4, 0, 1, num_workers=0)
+    batch = next(iter(loader))
+    assert batch.dtype == torch.int64 and batch.shape == (4, 33)
+    assert (loader.seq_length, loader.vocab_size, loader.eod_id) == (32, 257, 256)
+    corpus = b"".join(p.read_bytes() for p in sorted((root / "train").iterdir()))
+    assert loader.tokenizer.decode_bytes(batch[0]) in corpus
+    with pytest.raises(DataError, match="split 'dev' not in"):
+        ShardLoader(tmp_path / "pg-manifest.json", "dev", 4)
+    with pytest.raises(DataError, match="fewer than micro_batch_size x dp_world_size"):
+        ShardLoader(tmp_path / "pg-manifest.json", "test", 64)
+
+
+def test_a_corrupt_shard_is_named_or_skipped_and_counted(tmp_path):
+    path = uneven_shards(tmp_path, COUNTS)
+    shard = tmp_path / "u-train-000002.tar"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:4096])
+    with pytest.raises(CorruptShardError, match=r"u-train-000002\.tar: 4096 bytes but the manifest says .*trunc"):
+        list(ShardLoader(path, "train", 2, 0, 1, num_workers=2))
+    loader = ShardLoader(path, "train", 2, 0, 1, num_workers=2, skip_corrupt=True, with_keys=True)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 18
+    assert loader.stats["corrupt_shards"] == ["u-train-000002.tar"] and loader.stats["substituted_samples"] == 11
+    assert not any(k.startswith("shard2_") for k in keys(batches))
+    damaged = bytearray(good)
+    damaged[3 * 1024 + 10] ^= 0xFF  # inside the 4th member's tar header name
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(CorruptShardError, match=r"u-train-000002\.tar: sample 3 at byte 3072"):
+        list(ShardLoader(path, "train", 2, 0, 1, num_workers=0, shuffle=False))
