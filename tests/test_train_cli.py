@@ -1,0 +1,127 @@
+"""The training command as users run it (torchrun, 2 gloo ranks): exact resume, crash-safe checkpoints, faults."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rtdist import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    from rtdist.data import build_demo_corpus, preprocess
+    d = tmp_path_factory.mktemp("data")
+    build_demo_corpus(d / "corpus", max_bytes=1 << 20, book_bytes=64 << 10)
+    summary = preprocess([str(d / "corpus")], str(d / "shards" / "demo"), seq_length=64, progress=False,
+                         log=lambda *a, **k: None)
+    return summary["manifest_path"]
+
+
+def env(**extra):
+    e = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    e.update(extra)
+    return e
+
+
+def train_cmd(nproc, manifest, run_dir, *sets, resume=None):
+    base = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+            if nproc > 1 else [sys.executable])
+    cmd = base + ["-m", "rtdist.train", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+                  "--set", f"data.manifest={manifest}", "--set", "train.seq_length=64", "--set", "model.window_size=16",
+                  "--set", "train.train_micro_batch_size_per_gpu=2", "--set", "data.num_workers=1",
+                  "--set", "train.log_interval=1"]
+    for s in sets:
+        cmd += ["--set", s]
+    if resume:
+        cmd += ["--resume", resume]
+    return cmd
+
+
+def run(cmd, timeout=240, **kw):
+    return subprocess.run(cmd, cwd=ROOT, env=env(**kw), capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_mid_run_gives_the_losses_of_an_uninterrupted_run(manifest, tmp_path):
+    straight = run(train_cmd(2, manifest, tmp_path / "a", "train.train_iters=12"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run(train_cmd(2, manifest, tmp_path / "b", "train.train_iters=12", "train.save_interval=6"),
+                RTDIST_FAULT="step:7")  # killed abruptly during step 7, after the step-6 checkpoint
+    assert first.returncode != 0
+    assert ckpt.resolve_resume(tmp_path / "b" / "checkpoints", "auto").name == "global_step6"
+    second = run(train_cmd(2, manifest, tmp_path / "b", "train.train_iters=12", resume="auto"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    a = losses(tmp_path / "a")
+    b = losses(tmp_path / "b")  # steps 1-6 from the first process, 7-12 from the resumed one
+    steps_b = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == 12 and steps_b == list(range(1, 13))
+    assert a == b  # identical, not merely close: weights, optimizer, centroids, data position and RNG restored
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(manifest, tmp_path):
+    r = run(train_cmd(2, manifest, tmp_path, "train.train_iters=6", "train.save_interval=2"),
+            RTDIST_FAULT="save:4:1")  # rank 1 dies after writing its files for step 4, before the marker
+    assert r.returncode != 0
+    step4 = tmp_path / "checkpoints" / "global_step4"
+    assert step4.is_dir() and not ckpt.is_complete(step4)  # half written, and not taken for whole
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step2"
+    assert ckpt.resolve_resume(tmp_path / "checkpoints", "auto").name == "global_step2"
+    resumed = run(train_cmd(2, manifest, tmp_path, "train.train_iters=6", "train.save_interval=2", resume="auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "global_step2" in resumed.stdout
+    assert ckpt.complete_steps(tmp_path / "checkpoints") == [2, 4, 6]
+
+
+def test_the_export_loads_for_evaluation(manifest, tmp_path):
+    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=4", "train.zero_stage=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = run([sys.executable, "-m", "rtdist.evaluate", "--checkpoint", str(tmp_path), "--max-batches", "2"])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    metrics = json.loads(ev.stdout[ev.stdout.index("{"):])
+    assert metrics["tokens"] == 2 * 64 and 0 < metrics["loss"] < 6
+    assert metrics["bits_per_byte"] == pytest.approx(metrics["bits_per_token"], rel=0.05)  # bytes tokenizer
+
+
+def test_a_dead_rank_makes_the_others_exit_within_the_timeout(manifest, tmp_path):
+    # Plain processes (no torchrun agent to clean up): rank 1 dies at step 3, rank 0 must not hang.
+    procs = []
+    for rank in range(2):
+        cmd = train_cmd(1, manifest, tmp_path, "train.train_iters=50", "train.dist_timeout_s=20")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29700 + os.getpid() % 200),
+                                              RTDIST_FAULT="step:3:1")))
+    t0 = time.time()
+    rcs = [p.wait(timeout=120) for p in procs]
+    assert rcs[1] == 17 and rcs[0] != 0
+    assert time.time() - t0 < 90
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run_with_a_message(manifest, tmp_path):
+    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=30", "train.lr=1e6", "train.warmup_iters=0",
+                      "train.gradient_clipping=0", "train.max_nonfinite_steps=3", "train.engine=torch",
+                      "train.zero_stage=0"))
+    assert r.returncode != 0
+    assert "3 steps in a row had a non-finite loss" in r.stderr
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.train_batch_size=3"], "train.train_batch_size (3) must equal"),
+    (["train.engine=torch", "train.zero_stage=2"], "needs engine deepspeed or fairscale"),
+    (["train.seq_length=128"], "exceeds the shards' seq_length (64)"),
+    (["model.vocab_size=100"], "model.vocab_size (100) is smaller than the tokenizer's vocabulary (257)"),
+])
+def test_impossible_configs_fail_before_training_with_the_key_named(manifest, tmp_path, sets, message):
+    r = run(train_cmd(2, manifest, tmp_path, *sets), timeout=120)
+    assert r.returncode != 0
+    assert message in r.stderr
