@@ -1,5 +1,6 @@
 """Preprocessing: corpora -> webdataset tar shards + manifest. One property a user relies on per test."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from data_helpers import book, pg19, run, shard_set, stream_of, write_files
 
-from rtdist.data import DataError, build_tokenizer, load_manifest, verify_shards
+from rtdist.data import DataError, build_demo_corpus, build_tokenizer, load_manifest, verify_shards
 from rtdist.data import sources
 from rtdist.data.shards import FIXED_MTIME, ShardReader, ShardWriter
 
@@ -127,7 +128,7 @@ def big_corpus(root: Path) -> Path:
 def test_two_runs_give_byte_identical_shards_and_manifest(tmp_path):
     root = big_corpus(tmp_path / "pg19")
     a = run([root], tmp_path / "a" / "pg", seq_length=L, append_eod=True, maxcount=20, block_bytes=4096)
-    b = run([root], tmp_path / "b" / "pg", seq_length=L, append_eod=True, maxcount=20, block_bytes=4096)
+    run([root], tmp_path / "b" / "pg", seq_length=L, append_eod=True, maxcount=20, block_bytes=4096)
     assert a["shards"] > 3
     assert shard_set(tmp_path / "a" / "pg") == shard_set(tmp_path / "b" / "pg")
 
@@ -143,13 +144,15 @@ def test_parallel_workers_write_the_same_shards_as_one_worker(tmp_path, tail):
 
 def test_workers_writing_shards_from_the_files_match_the_streaming_path(tmp_path):
     root = big_corpus(tmp_path / "pg19")
-    write_files(root, {"train/950.txt": book(3, 3000).encode() + b"\xff" + book(4, 3000).encode() + b"\xe2\x82"})
+    bad = book(3, 3000).encode() + b"\xff" + book(4, 3000).encode() + b"\xe2\x82"  # invalid inside and at the end
+    write_files(root, {"train/950.txt": bad})
     kw = dict(seq_length=L, append_eod=True, maxcount=20, block_bytes=1000)  # reads of 15 samples cut characters
     run([root], tmp_path / "direct" / "pg", **kw)
     run([root], tmp_path / "stream" / "pg", direct=False, **kw)
     assert shard_set(tmp_path / "direct" / "pg") == shard_set(tmp_path / "stream" / "pg")
     warning = load_manifest(tmp_path / "direct" / "pg")["warnings"]["non_utf8_kept_as_bytes"]
-    assert warning == {"count": 1, "files": 1, "examples": [f"{root / 'train' / '950.txt'}: byte {len(book(3, 3000).encode())}"]}
+    at = len(book(3, 3000).encode())
+    assert warning == {"count": 1, "files": 1, "examples": [f"{root / 'train' / '950.txt'}: byte {at}"]}
 
 
 def test_cutting_large_files_into_blocks_does_not_change_the_tokens(tmp_path):
@@ -167,9 +170,8 @@ def test_sentencepiece_trained_on_the_corpus_round_trips_and_is_recorded(tmp_pat
     kw = dict(tokenizer="sentencepiece", seq_length=L, append_eod=True)
     m = run([root], tmp_path / "a" / "pg", train_tokenizer=True, vocab_size=400, **kw)["manifest"]
     spec, model = m["tokenizer"], tmp_path / "a" / "pg-tokenizer.model"
-    assert spec["type"] == "sentencepiece" and spec["file"] == model.name and 258 < spec["vocab_size"] <= 400  # bytes + specials + pieces
-    import hashlib
-
+    assert spec["type"] == "sentencepiece" and spec["file"] == model.name
+    assert 256 + 2 < spec["vocab_size"] <= 400  # byte fallback + specials + learnt pieces, at most what was asked
     assert spec["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
     tok = build_tokenizer(m)
     texts = tok.decode(stream_of(m, "train"), eod_text="\0").split("\0")
@@ -376,3 +378,13 @@ def test_command_line_tools(tmp_path):
     r = cli(REPO / "tools/preprocess.py", "--input", root, "--output-prefix", "out/pg", "--tokenizer-type",
             "sentencepiece")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_demo_corpus_is_local_text_in_the_pg19_layout_and_deterministic(tmp_path):
+    a = build_demo_corpus(tmp_path / "a", max_bytes=300_000, book_bytes=50_000)
+    build_demo_corpus(tmp_path / "b", max_bytes=300_000, book_bytes=50_000)
+    assert a["books"]["validation"] == a["books"]["test"] == 1 and a["books"]["train"] >= 1
+    files = lambda d: {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*.txt"))}  # noqa: E731
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert (tmp_path / "a" / "train" / "10000.txt").read_bytes().startswith(b"# ==== ")
+    assert run([tmp_path / "a"], tmp_path / "out" / "demo", seq_length=1024)["manifest"]["splits"]["test"]["samples"]

@@ -15,6 +15,10 @@ Epoch ``e`` of a split, computed identically on every rank and worker from the m
 Since the order is a pure function of (manifest, seed, epoch, dp_world_size, micro_batch_size, num_workers,
 shuffle_buffer), resuming is "skip the first c batches": each worker recomputes its buffer's content at batch c,
 re-reads those (<= shuffle_buffer) samples and continues.
+
+The shards are plain webdataset tars (``webdataset.WebDataset`` reads them); this loader reads them itself, seeking
+to fixed-size members, because a tar stream cannot skip to a checkpointed position and webdataset's node splitting
+follows the global ``RANK`` rather than the data-parallel rank. Nothing is loaded beyond the samples in flight.
 """
 
 from __future__ import annotations

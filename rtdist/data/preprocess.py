@@ -180,7 +180,7 @@ def write_direct_shard(task: DirectShard):
             tokens = _gather(task, t0, t1, cfg.append_eod, tok.eod_id, events)
             keys = []
             for j in range(a, b):  # key: the document the sample starts in, and its count of samples there
-                path, doc, start, _ = task.docs[bisect.bisect_right(starts, j * L) - 1]
+                _, doc, start, _ = task.docs[bisect.bisect_right(starts, j * L) - 1]
                 keys.append(f"{doc}_{j - -(-start // L):06d}")
             writer.write_many(keys, sliding_window_view(tokens, L + 1)[::L][:b - a])
         return writer.close()[0], events
@@ -198,16 +198,14 @@ def _check_output(prefix: Path, config: dict, overwrite: bool) -> None:
         if not path.exists() or overwrite:
             continue
         try:
-            old = json.loads(path.read_text(encoding="utf-8")).get("config")
+            old = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
         except (OSError, ValueError):
-            old = None
-        if old != config:
-            diff = [f"{k}: {old.get(k)!r} (there) vs {config.get(k)!r} (now)"
-                    for k in sorted(set(config) | set(old)) if old.get(k) != config.get(k)] if old else \
-                ["unreadable config"]
+            old = {"config": "unreadable"}
+        diff = [f"{k}: {old.get(k)!r} (there) vs {config.get(k)!r} (now)"
+                for k in sorted(set(config) | set(old)) if old.get(k) != config.get(k)]
+        if diff:
             raise DataError(f"output prefix {prefix} already holds shards from different flags ({path.name}): "
-                            + "; ".join(diff) + ". Pass --overwrite to replace them, or pick another "
-                                                "--output-prefix")
+                            f"{'; '.join(diff)}. Pass --overwrite to replace them, or pick another --output-prefix")
     shards = find_shard_files(prefix)
     if shards and not marker.exists() and not manifest.exists() and not overwrite:
         raise DataError(f"output prefix {prefix} holds {len(shards)} shards ({shards[0].name}, ...) that no "
@@ -367,8 +365,8 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
 
     seconds = time.time() - t0
     read = sum(v["input_bytes"] for v in split_out.values())
-    summary = {"manifest_path": str(path), "manifest": {**manifest, "manifest_path": str(path.resolve())}, "seconds": seconds, "input_bytes": read,
-               "mb_per_s": read / 1e6 / max(seconds, 1e-9),
+    summary = {"manifest_path": str(path), "manifest": {**manifest, "manifest_path": str(path.resolve())},
+               "seconds": seconds, "input_bytes": read, "mb_per_s": read / 1e6 / max(seconds, 1e-9),
                "documents": sum(v["documents"] for v in split_out.values()),
                "tokens": manifest["total_tokens"], "samples": manifest["total_samples"],
                "shards": sum(len(v["shards"]) for v in split_out.values()), "warnings": report.to_dict()}

@@ -106,6 +106,13 @@ def shard_capacity(layout: SampleLayout, maxcount: int, maxsize: int) -> int:
     return max(1, min(maxcount, (maxsize - 2 * BLOCK) // layout.member_bytes))
 
 
+def _checksum_ok(header: bytes) -> bool:
+    try:
+        return int(header[148:156].strip(b"\0 "), 8) == sum(header[:148]) + 256 + sum(header[156:])
+    except ValueError:
+        return False
+
+
 def tar_end_bytes(nbytes: int) -> bytes:
     """Two zero blocks, then zero padding to a whole record (what tarfile writes on close)."""
     end = nbytes + 2 * BLOCK
@@ -283,6 +290,7 @@ class ShardReader:
         self._npy_header = self.layout.npy_header
         self._hdr_len = len(self._npy_header)
         self._payload, self._stride = self.layout.payload_bytes, self.layout.member_bytes
+        self._size_field = tar_header("x", self._payload)[124:136]
         self._dtype = self.layout.dtype.newbyteorder("<")
         self._files: dict[str, object] = {}
         self._max_open = max_open
@@ -312,26 +320,25 @@ class ShardReader:
         offset = index * self._stride
         f.seek(offset)
         buf = f.read(BLOCK + self._payload)
-        where = f"shard {self.dir / shard['name']}: sample {index} at byte {offset}"
-        if len(buf) < BLOCK + self._payload:
-            raise CorruptShardError(f"{where}: file ends early (truncated)")
         header = buf[:BLOCK]
         name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
-        if not name.endswith(MEMBER_SUFFIX):
-            raise CorruptShardError(f"{where}: member {name!r} is not a {MEMBER_SUFFIX} (not our layout)")
-        try:
-            size, checksum = int(header[124:136].strip(b"\0 ") or 0, 8), int(header[148:156].strip(b"\0 "), 8)
-        except ValueError:
-            raise CorruptShardError(f"{where}: unreadable tar header")
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise CorruptShardError(f"{where}: tar header checksum mismatch")
-        if size != self._payload:
-            raise CorruptShardError(f"{where}: member {name} is {size} bytes, expected {self._payload}")
-        if buf[BLOCK:BLOCK + self._hdr_len] != self._npy_header:
-            raise CorruptShardError(f"{where}: npy header is not {self.layout.dtype}[{self.layout.sample_tokens}]")
+        problem = None
+        if len(buf) < BLOCK + self._payload:
+            problem = "file ends early (truncated)"
+        elif not name.endswith(MEMBER_SUFFIX):
+            problem = f"member {name!r} is not a {MEMBER_SUFFIX} (not our layout)"
+        elif not _checksum_ok(header):
+            problem = "tar header checksum mismatch"
+        elif header[124:136] != self._size_field:
+            problem = f"member {name} is not {self._payload} bytes"
+        elif buf[BLOCK:BLOCK + self._hdr_len] != self._npy_header:
+            problem = f"npy header is not {self.layout.dtype}[{self.layout.sample_tokens}]"
+        if problem:
+            raise CorruptShardError(f"shard {self.dir / shard['name']}: sample {index} at byte {offset}: {problem}")
         tokens = np.frombuffer(buf, self._dtype, offset=BLOCK + self._hdr_len)
         if tokens.max() >= self.vocab_size:
-            raise CorruptShardError(f"{where}: token {int(tokens.max())} >= vocab_size {self.vocab_size}")
+            raise CorruptShardError(f"shard {self.dir / shard['name']}: sample {index} at byte {offset}: "
+                                    f"token {int(tokens.max())} >= vocab_size {self.vocab_size}")
         return name[:-len(MEMBER_SUFFIX)], tokens
 
     def close(self) -> None:

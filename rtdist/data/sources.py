@@ -26,8 +26,8 @@ SPLITS = ("train", "validation", "test")
 KINDS = ("text", "jsonl", "image")
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 IMAGE_SUFFIXES = {".png", ".npz"}
-NEWLINE_SEARCH = 1 << 20
-PER_FILE = {"unreadable_files", "empty_files", "non_utf8_kept_as_bytes"}  # counted once per file  # how far past a block boundary we look for a newline before cutting mid-line
+NEWLINE_SEARCH = 1 << 20  # how far past a block boundary we look for a newline before cutting mid-line
+PER_FILE = {"unreadable_files", "empty_files", "non_utf8_kept_as_bytes"}  # counted once per file
 
 
 @dataclass(frozen=True)
