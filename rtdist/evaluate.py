@@ -23,8 +23,10 @@ from . import dist as rdist
 
 @torch.no_grad()
 def evaluate(model, loader, max_batches: Optional[int] = None, seq_length: Optional[int] = None,
-             autocast=None, device: str = "cpu", group=None) -> dict:
-    """Sum of token losses and counts over ``loader`` (one pass, at most ``max_batches``), reduced over ``group``."""
+             autocast=None, device: str = "cpu", group=None, sp=None) -> dict:
+    """Sum of token losses and counts over ``loader`` (one pass, at most ``max_batches``), reduced over ``group``
+    (the world by default). ``sp``: the sequence-parallel groups when the model runs sequence-parallel; each
+    rank then scores its slice of every sample."""
     was_training = getattr(model, "training", False)
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
@@ -34,8 +36,12 @@ def evaluate(model, loader, max_batches: Optional[int] = None, seq_length: Optio
         batch = next(it).to(device)
         if seq_length:
             batch = batch[:, : seq_length + 1]
+        positions = None
+        if sp is not None:
+            from .parallel.sequence import local_slice
+            batch, positions = local_slice(batch, sp.sp_rank, sp.sp_size)
         with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-            logits, _ = model(batch[:, :-1])
+            logits, _ = model(batch[:, :-1], positions=positions)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total += torch.tensor([loss.item(), batch[:, 1:].numel()], dtype=torch.float64)
     if was_training:

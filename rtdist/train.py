@@ -28,6 +28,7 @@ from .config import Config, ConfigError, check_world, load_config
 from .evaluate import bytes_per_token, evaluate, with_bytes
 from .model import RoutingTransformerLM, count_parameters, lm_loss
 from .parallel.engines import OptimConfig, build_engine
+from .parallel.sequence import apply_sequence_parallel, build_groups, local_slice
 
 
 class TrainingError(RuntimeError):
@@ -106,13 +107,16 @@ def check_engine(cfg: Config) -> None:
                           "use engine deepspeed for ZeRO-3 on CPU")
 
 
-def train_step(engine, model, micro_batches, reduce_fn=None, world_size: int = 1):
-    """One optimizer step over the micro-batches ([mb, n + 1] token tensors of this rank); returns the loss
-    averaged over micro-batches and ranks, or None when a non-finite loss on any rank dropped the step."""
+def train_step(engine, model, micro_batches, reduce_fn=None, world_size: int = 1, positions=None):
+    """One optimizer step over the micro-batches ([mb, n + 1] token tensors of this rank; under sequence
+    parallelism this rank's slice, at absolute ``positions``); returns the loss averaged over micro-batches and
+    ranks, or None when a non-finite loss on any rank dropped the step. Every rank holds as many tokens as every
+    other, so the mean of the ranks' means is the mean over all tokens, and the engines' gradient average over
+    the world is the gradient of that global mean."""
     losses = []
     for batch in micro_batches:
         with engine.autocast():
-            logits, aux = engine.model(batch[:, :-1])
+            logits, aux = engine.model(batch[:, :-1], positions=positions)
             loss = lm_loss(logits, batch[:, 1:])
         bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
         if rdist.all_reduce_max(bad).item():  # every rank agrees, so none waits alone in a gradient collective
@@ -148,9 +152,9 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
     check_engine(cfg)
     info = rdist.init(timeout_s=t.dist_timeout_s)
     dp_size = check_world(cfg, info.world_size)
-    dp_rank = info.rank // cfg.parallel.sequence_parallel_size
-    if cfg.parallel.sequence_parallel_size > 1:
-        raise ConfigError("parallel.sequence_parallel_size > 1 is not supported by this build yet")
+    sp = cfg.parallel.sequence_parallel_size
+    dp_rank = info.rank // sp
+    groups = build_groups(sp) if sp > 1 else None
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
@@ -160,11 +164,15 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
     seed_all(t.seed)  # same initial weights and centroids on every rank
     model = RoutingTransformerLM(cfg.model, checkpoint_every=t.checkpoint_num_layers if t.checkpoint_activations else 0,
                                  checkpoint_offload=t.checkpoint_offload).to(device)
+    if groups is not None:
+        apply_sequence_parallel(model, groups)
     loader = build_loader(cfg, cfg.data.train_split, dp_rank, dp_size, train=True)
     optim = OptimConfig(t.lr, t.min_lr, t.warmup_iters, t.train_iters, t.weight_decay, (t.adam_beta1, t.adam_beta2),
                         t.gradient_clipping)
+    # Engines average gradients over the whole world (SP ranks included, see train_step), so to DeepSpeed's batch
+    # accounting every rank is a data-parallel replica.
     engine = build_engine(t.engine, model, optim, micro_batch=t.train_micro_batch_size_per_gpu,
-                          accumulation=t.gradient_accumulation_steps, dp_size=dp_size, zero_stage=t.zero_stage,
+                          accumulation=t.gradient_accumulation_steps, dp_size=info.world_size, zero_stage=t.zero_stage,
                           precision=t.precision, deepspeed_overrides=cfg.deepspeed)
 
     step = 0
@@ -194,7 +202,7 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
 
     def run_eval() -> dict:
         return with_bytes(evaluate(engine.model, eval_loader, t.eval_iters, seq_length=t.seq_length,
-                                   autocast=engine.autocast(), device=str(device)), bpt)
+                                   autocast=engine.autocast(), device=str(device), sp=groups), bpt)
 
     reduce_fn = rdist.all_reduce_sum if info.world_size > 1 else None
     stop = StopSignal()
@@ -218,7 +226,11 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
     status = "completed"
     while step < t.train_iters:
         micro = [next(batches)[:, : t.seq_length + 1].to(device) for _ in range(t.gradient_accumulation_steps)]
-        loss_avg = train_step(engine, model, micro, reduce_fn, info.world_size)
+        positions = None
+        if groups is not None:
+            parts = [local_slice(b, groups.sp_rank, groups.sp_size) for b in micro]
+            micro, positions = [p[0] for p in parts], parts[0][1]
+        loss_avg = train_step(engine, model, micro, reduce_fn, info.world_size, positions)
         if loss_avg is None:
             skipped_total += 1
             nonfinite_in_a_row += 1
@@ -283,10 +295,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from .data import DataError
     try:
         result = train(cfg, args.run_dir, args.resume, args.progress)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     if rdist.rank() == 0:
         r = result

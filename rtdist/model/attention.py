@@ -33,8 +33,11 @@ def block_masks(w: int, exclude_self: bool, device=None) -> tuple[torch.Tensor, 
     return first, later
 
 
-def local_attention(q, k, v, window: int, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention in blocks of ``window``, each block seeing itself and the block before it."""
+def local_attention(q, k, v, window: int, dropout_p: float = 0.0, prev_k=None, prev_v=None) -> torch.Tensor:
+    """Causal attention in blocks of ``window``, each block seeing itself and the block before it.
+
+    ``prev_k``/``prev_v`` [B, H, w, d]: the block before position 0 (the previous rank's last block under sequence
+    parallelism); without them the first block has no predecessor."""
     B, H, n, d = q.shape
     w = window
     pad = (-n) % w
@@ -43,14 +46,21 @@ def local_attention(q, k, v, window: int, dropout_p: float = 0.0) -> torch.Tenso
     nb = (n + pad) // w
     q, k, v = (t.reshape(B * H, nb * w, d) for t in (q, k, v))
     first_mask, later_mask = block_masks(w, exclude_self=False, device=q.device)
-    outs = [F.scaled_dot_product_attention(q[:, None, :w], k[:, None, :w], v[:, None, :w], attn_mask=first_mask,
-                                           dropout_p=dropout_p).reshape(B * H, w, d)]
-    if nb > 1:
-        # Overlapping strided views [BH, nb-1, 2w, d] of (block b-1 ++ block b): no copy of k or v.
+    outs = []
+    if prev_k is not None:  # every block has a predecessor
+        k = torch.cat([prev_k.reshape(B * H, w, d), k], dim=1)
+        v = torch.cat([prev_v.reshape(B * H, w, d), v], dim=1)
+        q_later = q
+    else:
+        outs.append(F.scaled_dot_product_attention(q[:, None, :w], k[:, None, :w], v[:, None, :w],
+                                                   attn_mask=first_mask, dropout_p=dropout_p).reshape(B * H, w, d))
+        q_later = q[:, w:]
+    if q_later.shape[1]:
+        # Overlapping strided views [BH, blocks, 2w, d] of (block b-1 ++ block b): no copy of k or v.
         kb, vb = (t.unfold(1, 2 * w, w).transpose(-1, -2) for t in (k, v))
-        qb = q[:, w:].reshape(B * H, nb - 1, w, d)
+        qb = q_later.reshape(B * H, -1, w, d)
         outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=later_mask, dropout_p=dropout_p)
-                    .reshape(B * H, (nb - 1) * w, d))
+                    .reshape(B * H, -1, d))
     return torch.cat(outs, dim=1).view(B, H, nb * w, d)[:, :, :n]
 
 

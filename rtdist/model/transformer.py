@@ -54,6 +54,9 @@ class RoutingAttention(nn.Module):
         self.to_k = nn.Linear(cfg.d_model, n_k * self.head_dim, bias=False) if n_k else None
         self.to_v = nn.Linear(cfg.d_model, inner, bias=False)
         self.to_out = nn.Linear(inner, cfg.d_model, bias=False)
+        # Set by rtdist.parallel.sequence.apply_sequence_parallel: an object with local_attention(...) and
+        # routed_attention(...) that replaces the single-process kernels on one rank of a sequence-parallel group.
+        self.seq_parallel = None
         self.kmeans = (SphericalKMeans(self.n_routing, cfg.num_clusters, self.head_dim, cfg.kmeans_ema_decay,
                                        cfg.commitment_factor) if self.n_routing else None)
 
@@ -73,6 +76,7 @@ class RoutingAttention(nn.Module):
         k = self.to_k(x).view(B, n, -1, hd) if self.to_k is not None else None
         aux = x.new_zeros((), dtype=torch.float32)
         outs = []
+        halo = None
 
         if self.kind in ("full", "full_naive"):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -86,7 +90,14 @@ class RoutingAttention(nn.Module):
             ql, kl, vl = (t[:, :, :L].transpose(1, 2) for t in (q, k, v))
             if rope is not None:
                 ql, kl = apply_rotary(ql, *rope), apply_rotary(kl, *rope)
-            out_l = self._kernel(local_attention, ql, kl, vl, self.local_window, dropout_p=p)
+            # Under sequence parallelism the previous rank's last window arrives first (outside the recomputed
+            # kernel, so recomputation repeats no communication).
+            prev_k = prev_v = None
+            if self.seq_parallel is not None:
+                prev_k, prev_v, halo = self.seq_parallel.halo(kl, vl, self.local_window)
+            out_l = self._kernel(local_attention, ql, kl, vl, self.local_window, p, prev_k, prev_v)
+            if halo is not None:  # keeps the exchange in the graph on every rank, the first one included
+                out_l = self.seq_parallel.ordered_after(out_l, halo)
             outs.append(out_l.transpose(1, 2))
 
         if self.n_routing:
@@ -98,7 +109,11 @@ class RoutingAttention(nn.Module):
             if rope is not None:
                 cos, sin = (t[:, None, :] for t in rope)  # broadcast over the head axis
                 qr, kr = apply_rotary(qr, cos, sin), apply_rotary(kr, cos, sin)
-            if self.cfg.routing_mode == "causal":
+            if self.seq_parallel is not None:
+                qr = self.seq_parallel.ordered_after(qr, halo)
+                out_r = self._kernel(self.seq_parallel.routed_attention, qr, kr, vr, clusters.transpose(1, 2),
+                                     self.cfg.num_clusters, self.window, self.shared_qk, p)
+            elif self.cfg.routing_mode == "causal":
                 plan = plan_causal_blocks(clusters.transpose(1, 2), self.cfg.num_clusters, self.window)
                 out_r = self._kernel(block_attention, qr.reshape(-1, hd), kr.reshape(-1, hd), vr.reshape(-1, hd),
                                      plan, self.shared_qk, p).view(qr.shape)

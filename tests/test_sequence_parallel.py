@@ -1,0 +1,203 @@
+"""Sequence parallelism equals one process: outputs, every parameter gradient, k-means statistics and training
+losses of a sample split over 2 (and 4) gloo ranks match the single-process run on the whole sequence.
+
+Tolerances (fp32): outputs and gradients 1e-5 absolute (only summation order differs); training losses 2e-5."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+N = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_cfg(**kw):
+    from rtdist.config import ModelConfig
+    base = dict(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_local_attn_heads=2, window_size=4,
+                local_window_size=8, num_clusters=3)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def init(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from rtdist import dist as rdist
+    rdist.init(timeout_s=120)
+
+
+def spawn(fn, world, *args):
+    mp.start_processes(fn, args=(world, free_port()) + args, nprocs=world, start_method="spawn", join=True)
+
+
+def trained_model(cfg, seed=0):
+    """Same weights on every rank; a few single-process k-means updates so the clusters are data-shaped."""
+    from rtdist.model import RoutingTransformerLM, lm_loss
+    torch.manual_seed(seed)
+    model = RoutingTransformerLM(cfg)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        x = torch.randint(0, cfg.vocab_size, (2, N), generator=g)
+        logits, aux = model(x)
+        (lm_loss(logits[:, :-1], x[:, 1:]) + aux).backward()
+        model.update_kmeans()
+    model.zero_grad()
+    return model
+
+
+# ------------------------------------------------------------------------------------------ model level
+
+
+def model_worker(rank, world, port, cfg_kw, out):
+    init(rank, world, port)
+    from rtdist.parallel.sequence import apply_sequence_parallel, build_groups, local_slice
+    cfg = tiny_cfg(**cfg_kw)
+    x = torch.randint(0, cfg.vocab_size, (2, N + 1), generator=torch.Generator().manual_seed(11))
+    weights = torch.randn(2, N, cfg.vocab_size, generator=torch.Generator().manual_seed(12))
+
+    ref = trained_model(cfg)  # single process, whole sequence
+    logits, aux = ref(x[:, :-1])
+    ((logits * weights).sum() / N + aux).backward()
+    ref_stats = [t.clone() for km in ref.kmeans_modules() for t in km.stats()]
+
+    model = trained_model(cfg)
+    groups = build_groups(world)
+    backend = apply_sequence_parallel(model, groups)
+    part, pos = local_slice(x, groups.sp_rank, world)
+    m = N // world
+    logits_sp, aux_sp = model(part[:, :-1], positions=pos)
+    ((logits_sp * weights[:, pos]).sum() / N + aux_sp / world).backward()
+    from rtdist import dist as rdist
+    for p in model.parameters():
+        rdist.all_reduce_sum(p.grad)
+    stats = [rdist.all_reduce_sum(t.clone()) for km in model.kmeans_modules() for t in km.stats()]
+
+    # Causality across ranks: new tokens on the last rank leave every other rank's outputs untouched.
+    y = x.clone()
+    y[:, (world - 1) * m + 1:] = torch.randint(0, cfg.vocab_size, (2, N + 1 - (world - 1) * m - 1),
+                                               generator=torch.Generator().manual_seed(13))
+    part_y, _ = local_slice(y, groups.sp_rank, world)
+    with torch.no_grad():
+        model.eval()
+        logits_y, _ = model(part_y[:, :-1], positions=pos)
+        logits_x, _ = model(part[:, :-1], positions=pos)
+    torch.save({"logits": logits_sp.detach(), "ref_logits": logits[:, rank * m:(rank + 1) * m].detach(),
+                "grads": {n: p.grad for n, p in model.named_parameters()},
+                "ref_grads": {n: p.grad for n, p in ref.named_parameters()},
+                "stats": stats, "ref_stats": ref_stats, "same_under_change": torch.equal(logits_x, logits_y),
+                "bytes": (backend.bytes_sent, backend.bytes_min)}, f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("world, cfg_kw", [
+    (2, {}),
+    (2, {"n_local_attn_heads": 0, "pos_emb": "none"}),  # routing heads only
+    (2, {"attention_type": "local"}),  # local heads only: the halo exchange alone
+    (4, {}),
+])
+def test_sequence_parallel_equals_single_process(tmp_path, world, cfg_kw):
+    spawn(model_worker, world, cfg_kw, str(tmp_path / "r"))
+    for rank in range(world):
+        r = torch.load(f"{tmp_path / 'r'}.{rank}")
+        torch.testing.assert_close(r["logits"], r["ref_logits"], rtol=0, atol=1e-5)
+        for name, g in r["grads"].items():
+            torch.testing.assert_close(g, r["ref_grads"][name], rtol=0, atol=1e-5, msg=name)
+        for a, b in zip(r["stats"], r["ref_stats"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+        if rank < world - 1:
+            assert r["same_under_change"], f"rank {rank} outputs changed when only later tokens changed"
+
+
+# --------------------------------------------------------------------------------- kernel, crowded cluster
+
+
+def kernel_worker(rank, world, port, out):
+    init(rank, world, port)
+    from rtdist.model import block_attention, plan_causal_blocks
+    from rtdist.parallel.sequence import SequenceParallelAttention, build_groups
+    g = torch.Generator().manual_seed(3)
+    B, n, H, d, C, w = 2, 96, 3, 8, 4, 4
+    q, k, v = (torch.randn(B, n, H, d, generator=g, dtype=torch.float64) for _ in range(3))
+    clusters = torch.randint(0, C, (B, n, H), generator=g)
+    clusters = torch.where(torch.rand(B, n, H, generator=g) < 0.85, 0, clusters)  # one cluster holds most tokens
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    plan = plan_causal_blocks(clusters, C, w)
+    ref = block_attention(*(t.reshape(-1, d) for t in ref_in), plan, True).view(B, n, H, d)
+    gout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref.backward(gout)
+    m = n // world
+    sl = slice(rank * m, (rank + 1) * m)
+    mine = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
+    sp = SequenceParallelAttention(build_groups(world))
+    res = sp.routed_attention(*mine, clusters[:, sl], C, w, True)
+    res.backward(gout[:, sl])
+    torch.save({"out": res.detach(), "ref": ref[:, sl].detach(), "grads": [t.grad for t in mine],
+                "ref_grads": [t.grad[:, sl] for t in ref_in], "bytes": (sp.bytes_sent, sp.bytes_min)},
+               f"{out}.{rank}")
+
+
+def test_crowded_cluster_blocks_are_balanced_and_exact(tmp_path):
+    spawn(kernel_worker, 2, str(tmp_path / "k"))
+    for rank in range(2):
+        r = torch.load(f"{tmp_path / 'k'}.{rank}")
+        torch.testing.assert_close(r["out"], r["ref"], rtol=0, atol=1e-12)
+        for a, b in zip(r["grads"], r["ref_grads"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        sent, minimum = r["bytes"]
+        assert minimum > 0 and sent <= 1.2 * minimum  # q/k/v travel about once
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def train_worker(rank, world, port, sp, zero, ckpt_layers, out):
+    init(rank, world, port)
+    from rtdist import dist as rdist
+    from rtdist.config import load_config
+    from rtdist.model import RoutingTransformerLM
+    from rtdist.parallel import OptimConfig, build_engine
+    from rtdist.parallel.sequence import apply_sequence_parallel, build_groups, local_slice
+    from rtdist.train import train_step
+    cfg = load_config("configs/tiny.yaml", ["train.seq_length=64", "model.window_size=8", "model.local_window_size=16",
+                                            f"parallel.sequence_parallel_size={sp}"])
+    torch.manual_seed(cfg.train.seed)
+    model = RoutingTransformerLM(cfg.model, checkpoint_every=1 if ckpt_layers else 0)
+    groups = build_groups(sp) if sp > 1 else None
+    if groups:
+        apply_sequence_parallel(model, groups)
+    t = cfg.train
+    optim = OptimConfig(t.lr, t.min_lr, 2, 20, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.gradient_clipping)
+    eng = build_engine("deepspeed", model, optim, micro_batch=2, accumulation=1, dp_size=world, zero_stage=zero,
+                       precision="fp32")
+    g = torch.Generator().manual_seed(5)
+    losses = []
+    for _ in range(20):
+        b = torch.randint(0, 16, (2, 65), generator=g)
+        pos = None
+        if groups:
+            b, pos = local_slice(b, groups.sp_rank, sp)
+        losses.append(train_step(eng, model, [b], rdist.all_reduce_sum if world > 1 else None, world, pos))
+    torch.save(losses, f"{out}.{rank}")
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sp1") / "l")
+    spawn(train_worker, 1, 1, 0, False, out)
+    return torch.tensor(torch.load(f"{out}.0"), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("zero, ckpt_layers", [(2, False), (2, True)])
+def test_twenty_steps_with_sp2_equal_one_process(tmp_path, single_process_losses, zero, ckpt_layers):
+    spawn(train_worker, 2, 2, zero, ckpt_layers, str(tmp_path / "l"))
+    assert single_process_losses[-1] < single_process_losses[0] - 0.3
+    for rank in range(2):
+        losses = torch.tensor(torch.load(f"{tmp_path / 'l'}.{rank}"), dtype=torch.float64)
+        torch.testing.assert_close(losses, single_process_losses, rtol=0, atol=2e-5)
