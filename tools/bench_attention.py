@@ -20,37 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def matmul_rate(n: int = 4096, reps: int = 3) -> float:
-    import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
-def model_flops(cfg, n: int, batch: int) -> float:
-    """Matmul FLOPs of one forward+backward (3x forward) of the LM on ``batch`` x ``n`` tokens."""
-    from rtdist.config import layer_head_split
-    d, hd, H = cfg.d_model, cfg.head_dim or cfg.d_model // cfg.n_heads, cfg.n_heads
-    hidden = int(d * cfg.ff_mult)
-    per_token = 0.0
-    for n_local in layer_head_split(cfg):
-        if cfg.attention_type in ("full", "full_naive"):
-            n_local, n_routing, proj = 0, 0, 4 * d * H * hd
-            attn = H * hd * 2 * (n / 2)  # causal: on average n/2 keys, QK^T and PV
-        else:
-            n_routing = H - n_local
-            proj = d * H * hd * (4 if not (cfg.shared_qk and n_routing) else 3) + (d * n_local * hd if cfg.shared_qk and n_routing else 0)
-            lw = cfg.local_window_size or cfg.window_size
-            attn = n_local * hd * 2 * (2 * lw) + n_routing * hd * 2 * (2 * cfg.window_size)
-            attn += n_routing * hd * cfg.num_clusters  # nearest-centroid scores
-        ff = d * hidden * (3 if cfg.ff_glu else 2)
-        per_token += proj + ff + attn
-    per_token += d * cfg.vocab_size  # tied output projection
-    return 3 * 2 * per_token * n * batch
+from rtdist.bench import matmul_rate, model_flops, rss_bytes  # noqa: E402,F401 - shared with tools/bench_memory.py
 
 
 def run_point(args) -> dict:
@@ -96,11 +66,6 @@ def run_point(args) -> dict:
     return {"attention": args.attention, "seq_length": args.seq_length, "time_s": secs,
             "tokens_per_s": args.batch * args.seq_length / secs, "peak_mem_mb": peak / 2 ** 20,
             "flops": model_flops(cfg, args.seq_length, args.batch)}
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def main():

@@ -1,0 +1,362 @@
+"""Benchmark helpers shared by ``tools/bench_attention.py`` and ``tools/bench_memory.py``, and the analytic memory
+model of one training step.
+
+Process memory (Linux): ``rss_bytes`` is the resident set now; ``peak_rss_bytes`` is the kernel's high-water mark
+(VmHWM), which :func:`reset_peak_rss` lowers to the current RSS (``echo 5 > /proc/self/clear_refs``), so a peak can
+be taken over one step only, not over the process's whole life.
+
+The memory model (:func:`estimate`) counts, per rank, in bytes (fp32 everywhere, as the benchmark runs):
+
+* model states: parameters 4 B, gradients 4 B, AdamW m and v 8 B per parameter; ZeRO stage 1 divides the optimizer
+  states by the world size, stage 2 the gradients too, stage 3 the parameters too. k-means buffers are counted
+  apart (never sharded).
+* saved activations: what autograd keeps between forward and backward, per token and per layer, derived from the
+  model's code op by op (:func:`saved_floats_per_token`; checked against ``saved_tensors_hooks`` in the tests).
+  With full activation checkpointing a layer keeps only its input (d floats per token) and one layer's set is
+  rebuilt during backward.
+* attention working set: the quadratic score/probability tensors of ``full_naive`` (kept ones counted with the
+  saved activations, transient ones here), nothing for the flash/block kernels (their scratch is per block).
+* transient working set: the largest set of temporaries alive beyond the saved activations, which is the backward
+  of the last layer (its feed-forward gradients, or the recomputed attention kernel's gradients) or the head
+  (logits and their gradient), whichever is larger (:func:`working_floats_per_token`).
+
+Peak = parameters + k-means buffers + max(backward phase, optimizer phase): the backward phase holds saved
+activations + working set + gradients (counted in full: an upper bound, they fill during backward); the optimizer
+phase holds gradients + optimizer states + one parameter-sized temporary of AdamW's foreach update.
+Sequence parallelism of degree ``sp`` divides the tokens (so every activation term) by ``sp``; halo and collective
+buffers are not counted.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .config import ModelConfig, layer_head_split
+
+MB = 2 ** 20
+
+
+# ------------------------------------------------------------------------------------------ process memory
+
+
+def _status_kb(field: str, pid: int | str = "self") -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def reset_peak_rss() -> bool:
+    """Lower this process's peak RSS (VmHWM) to its current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS since start or the last :func:`reset_peak_rss` (VmHWM); ru_maxrss where /proc has no VmHWM."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return kb * 1024
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident set of ``pid`` and all its descendants (e.g. a torchrun launcher and its workers)."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        kb = _status_kb("VmRSS", p)
+        total += (kb or 0) * 1024
+        todo += _children(p)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------- compute
+
+
+def matmul_rate(n: int = 4096, reps: int = 3) -> float:
+    """Measured fp32 matmul FLOP/s on an n x n product."""
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def model_flops(cfg: ModelConfig, n: int, batch: int) -> float:
+    """Matmul FLOPs of one forward+backward (3x forward) of the LM on ``batch`` x ``n`` tokens."""
+    d, hd, H = cfg.d_model, cfg.head_dim or cfg.d_model // cfg.n_heads, cfg.n_heads
+    hidden = int(d * cfg.ff_mult)
+    per_token = 0.0
+    for n_local in layer_head_split(cfg):
+        if cfg.attention_type in ("full", "full_naive"):
+            n_local, n_routing, proj = 0, 0, 4 * d * H * hd
+            attn = H * hd * 2 * (n / 2)  # causal: on average n/2 keys, QK^T and PV
+        else:
+            n_routing = H - n_local
+            proj = d * H * hd * (4 if not (cfg.shared_qk and n_routing) else 3) + (d * n_local * hd if cfg.shared_qk and n_routing else 0)
+            lw = cfg.local_window_size or cfg.window_size
+            attn = n_local * hd * 2 * (2 * lw) + n_routing * hd * 2 * (2 * cfg.window_size)
+            attn += n_routing * hd * cfg.num_clusters  # nearest-centroid scores
+        ff = d * hidden * (3 if cfg.ff_glu else 2)
+        per_token += proj + ff + attn
+    per_token += d * cfg.vocab_size  # tied output projection
+    return 3 * 2 * per_token * n * batch
+
+
+def fit_exponent(xs: Iterable[float], ys: Iterable[float]) -> Optional[float]:
+    """Least-squares slope of log(y) against log(x): y ~ x^slope. None with fewer than two usable points."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]
+    if len(pts) < 2 or len({p[0] for p in pts}) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+# ------------------------------------------------------------------------------------------- memory model
+
+
+def _heads(cfg: ModelConfig, n_local_split: int) -> tuple[int, int]:
+    """(local heads, routing heads) of a layer, as RoutingAttention decides them."""
+    if cfg.attention_type == "routing":
+        return n_local_split, cfg.n_heads - n_local_split
+    if cfg.attention_type == "local":
+        return cfg.n_heads, 0
+    return 0, 0
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters of ``RoutingTransformerLM(cfg)``, from the config alone."""
+    d, H = cfg.d_model, cfg.n_heads
+    hd = cfg.head_dim or d // H
+    e = cfg.emb_dim or d
+    hidden = int(d * cfg.ff_mult)
+    total = cfg.vocab_size * e + 2 * d  # embedding, final norm
+    if e != d:
+        total += 2 * e * d  # emb_proj, out_proj
+    if not cfg.tie_embedding:
+        total += cfg.vocab_size * e
+    for nl in layer_head_split(cfg):
+        _, nr = _heads(cfg, nl)
+        n_k = H - (nr if cfg.shared_qk else 0)
+        total += 4 * d  # two LayerNorms
+        total += d * H * hd * 3 + d * n_k * hd  # q, v, out; k
+        total += d * hidden * (2 if cfg.ff_glu else 1) + hidden * d
+    return total
+
+
+def buffer_bytes(cfg: ModelConfig) -> int:
+    """k-means buffers (means, EMA sums, step sums, counts) and the rotary frequencies, fp32."""
+    hd = cfg.head_dim or cfg.d_model // cfg.n_heads
+    floats = hd // 2 if cfg.pos_emb == "rotary" else 0
+    for nl in layer_head_split(cfg):
+        _, nr = _heads(cfg, nl)
+        floats += nr * cfg.num_clusters * (3 * hd + 2)
+    return 4 * floats
+
+
+def model_state_bytes(n_params: int, world_size: int = 1, zero_stage: int = 0) -> dict[str, float]:
+    """Per-rank bytes of fp32 parameters, gradients and AdamW states under ZeRO ``zero_stage`` (0-3)."""
+    if not 0 <= zero_stage <= 3:
+        raise ValueError(f"zero_stage must be 0..3, got {zero_stage}")
+    w = max(1, world_size)
+    return {"params": 4 * n_params / (w if zero_stage >= 3 else 1),
+            "grads": 4 * n_params / (w if zero_stage >= 2 else 1),
+            "optim": 8 * n_params / (w if zero_stage >= 1 else 1)}
+
+
+def saved_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> float:
+    """fp32 values (int64 indices count as two) that autograd keeps per token for one layer without checkpointing.
+
+    Op by op (H heads of hd, L local and R routing heads, d model width, F feed-forward width):
+    LayerNorm 1 input d + mean/rstd 2; projection input (LayerNorm 1 output) d. Dense: rotated q and k 2*H*hd, v
+    H*hd, SDPA output H*hd and log-sum-exp H (flash), or the n x n probabilities H*n and the causal mask n/4
+    (bool) for ``full_naive``. Local heads: rotated q and k 2*L*hd and the whole v H*hd (the kernel's input is a
+    view of it). Routing heads: the whole q H*hd (normalize/layer_norm read a view of it), k = normalize(q) norms
+    2R, routing vectors R*hd + LayerNorm stats 2R, centroid scores R*C, cluster ids 2R, rotated q and k 2*R*hd, v
+    R*hd (a copy when local heads share v, else the whole v), the block plan ~4R. Output projection input H*hd;
+    LayerNorm 2 input d + 2; feed-forward input d; GEGLU: w_in output 2F (gelu reads half, the product the other
+    half), gelu output F, w_out input F (plain GELU: F + F).
+    """
+    d, H = cfg.d_model, cfg.n_heads
+    hd = cfg.head_dim or d // H
+    hidden = int(d * cfg.ff_mult)
+    rotary = cfg.pos_emb == "rotary"
+    L, R = _heads(cfg, n_local_split)
+    f = (d + 2) + d + H * hd  # LayerNorm 1, projection input, output-projection input
+    f += (d + 2) + d + (4 * hidden if cfg.ff_glu else 2 * hidden)  # LayerNorm 2, feed-forward
+    if cfg.attention_type in ("full", "full_naive"):
+        f += 3 * H * hd  # q, k (rotated or the projections), v
+        if cfg.attention_type == "full":
+            f += H * hd + H  # output and log-sum-exp
+        else:
+            f += H * n + n / 4  # probabilities, causal mask
+        return f
+    n_k = H - (R if cfg.shared_qk else 0)
+    q_kept = False
+    if L:
+        f += 2 * L * hd if rotary else H * hd + n_k * hd  # rotated q, k (else views of the projections)
+        f += H * hd  # v
+        q_kept = not rotary
+    if R:
+        if not q_kept:
+            f += H * hd  # q, read through a view by normalize and layer_norm
+        f += (2 * R if cfg.shared_qk else 0) + R * hd + 2 * R + R * cfg.num_clusters + 2 * R
+        f += 2 * R * hd if rotary else (R * hd if cfg.shared_qk else 0)
+        f += R * hd if L else H * hd  # v of the routing heads: a copy next to local heads, else the whole v
+        f += 4 * R  # block plan (int64 slot and output indices), not visible to saved-tensor hooks
+    return f
+
+
+def global_saved_floats_per_token(cfg: ModelConfig) -> tuple[float, float]:
+    """Per-token values kept once for the whole model, as (kept through the layers' backward, freed by the head's
+    backward): token ids and rotary tables (and the embedding projection's input); the final LayerNorm's input and
+    stats, the head's input, the log-softmax output and the targets."""
+    d = cfg.d_model
+    e = cfg.emb_dim or d
+    hd = cfg.head_dim or d // cfg.n_heads
+    keep = 2 + (hd if cfg.pos_emb == "rotary" else 0) + (e if e != d else 0)
+    head = (d + 2) + d + cfg.vocab_size + 2 + (d if e != d else 0)
+    return keep, head
+
+
+def ff_saved_floats_per_token(cfg: ModelConfig) -> float:
+    """Saved values of a block's second half (LayerNorm 2 input and stats, feed-forward input and internals)."""
+    hidden = int(cfg.d_model * cfg.ff_mult)
+    return (cfg.d_model + 2) + cfg.d_model + (4 * hidden if cfg.ff_glu else 2 * hidden)
+
+
+def working_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> dict[str, float]:
+    """Temporaries alive on top of the saved activations at the three candidate peaks of backward, per token:
+
+    * ``head``: start of backward: the logits V (held until backward), their gradient V, the log-softmax gradient V.
+    * ``ff``: the last layer's GEGLU product backward (where the profiler puts the peak): residual gradients 2d,
+      the w_out input's gradient F and the gradients of both GEGLU halves 2F, less the w_out input F already freed
+      (plain GELU: 2d + F).
+    * ``attn``: the last layer's attention backward, its feed-forward's saved values already freed: for the
+      recomputed local/routing kernels the re-gathered q, k, v (k and v twice: a block sees its predecessor), the
+      output and their gradients, ~10 per head dim; for dense SDPA the q, k, v and output gradients 4 per head
+      dim; for ``full_naive`` also the n x n probability gradient and the softmax gradient (2 H n) and the causal
+      mask (n / 8, bool) — the quadratic attention working set."""
+    d, H = cfg.d_model, cfg.n_heads
+    hd = cfg.head_dim or d // H
+    hidden = int(d * cfg.ff_mult)
+    L, R = _heads(cfg, n_local_split)
+    ff = 2 * d + (2 * hidden if cfg.ff_glu else hidden)
+    if cfg.attention_type == "full":
+        attn = 2 * d + 4 * H * hd
+    elif cfg.attention_type == "full_naive":
+        attn = 2 * d + 4 * H * hd + 2 * H * n + n / 4
+    else:
+        attn = 2 * d + 10 * (L + R) * hd
+    return {"head": 3 * cfg.vocab_size, "ff": ff, "attn": attn}
+
+
+@dataclass
+class MemoryEstimate:
+    n_params: int
+    params: float
+    grads: float
+    optim: float
+    buffers: float
+    activations: float  # saved activations at the end of forward
+    working: float  # peak minus everything else: transients (incl. the quadratic ones of full_naive) and the
+    #                 gradients already produced, at the activation peak
+    peak: float  # per-rank peak bytes
+    growth: float  # peak minus what exists before the step (parameters, buffers): what the benchmark measures
+    act_per_token_layer: float  # saved bytes per token per layer (mean over layers), without checkpointing
+    phase: str  # where the peak is: head / ff / attn (backward of the last layer) or optimizer
+
+    def as_dict(self, unit: float = MB) -> dict:
+        out = {k: (v / unit if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        out["act_per_token_layer"] = self.act_per_token_layer  # bytes, not scaled
+        return out
+
+
+def estimate(cfg: ModelConfig, seq_len: int, batch: int = 1, checkpointing: str = "none", world_size: int = 1,
+             zero_stage: int = 0, sp: int = 1) -> MemoryEstimate:
+    """Analytic per-rank peak memory of one fp32 forward + backward + AdamW step (see the module docstring)."""
+    if checkpointing not in ("none", "full"):
+        raise ValueError(f"checkpointing must be 'none' or 'full', got {checkpointing!r}")
+    n_params = count_params(cfg)
+    states = model_state_bytes(n_params, world_size, zero_stage)
+    tokens = batch * seq_len / sp
+    splits = layer_head_split(cfg)
+    per_layer = [saved_floats_per_token(cfg, seq_len, s) for s in splits]
+    keep, head = global_saved_floats_per_token(cfg)
+    work = working_floats_per_token(cfg, seq_len, splits[-1])
+    if checkpointing == "none":
+        layers = sum(per_layer)
+        recomputed = 0.0
+    else:  # layer inputs kept; the last layer, recomputed in backward, holds its whole saved set again
+        layers = len(splits) * cfg.d_model
+        recomputed = per_layer[-1]
+    saved = layers + keep + head
+    d, hidden = cfg.d_model, int(cfg.d_model * cfg.ff_mult)
+    e = cfg.emb_dim or d
+    # Gradients that exist at the peak: the head (embedding / output projection) and the last w_out.
+    head_grads = (cfg.vocab_size * e * (1 if cfg.tie_embedding else 2) + d * hidden) * states["grads"] / n_params
+    phases = {"head": saved + work["head"],
+              "ff": layers + keep + recomputed + work["ff"],
+              "attn": layers + keep + recomputed - ff_saved_floats_per_token(cfg) + work["attn"]}
+    phase = max(phases, key=phases.get)
+    act_peak = 4 * tokens * phases[phase] + (0 if phase == "head" else head_grads)
+    optim_phase = states["grads"] + states["optim"] + states["params"]  # AdamW's foreach temporaries: <= 1 param copy
+    if optim_phase > act_peak:
+        act_peak, phase = optim_phase, "optimizer"
+    activations = 4 * tokens * saved
+    bufs = float(buffer_bytes(cfg))
+    peak = states["params"] + bufs + act_peak
+    return MemoryEstimate(n_params=n_params, params=states["params"], grads=states["grads"], optim=states["optim"],
+                          buffers=bufs, activations=activations, working=act_peak - activations, peak=peak,
+                          growth=act_peak, act_per_token_layer=4 * sum(per_layer) / len(per_layer), phase=phase)
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Rows of possibly different keys as one CSV (union of keys, first-seen order)."""
+    import csv
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in keys})

@@ -1,0 +1,154 @@
+"""tools/bench_memory.py: the pipeline (JSON/CSV/PNG, series stops, skipped sequence parallelism) and the analytic
+memory model (parameter count, ZeRO sharding, saved activations against autograd's saved-tensor hooks)."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_memory  # noqa: E402
+
+from rtdist import bench  # noqa: E402
+from rtdist.config import ModelConfig, layer_head_split  # noqa: E402
+from rtdist.model import RoutingTransformerLM, count_parameters, lm_loss  # noqa: E402
+
+
+def run(tmp_path, *flags):
+    return bench_memory.main(["--quick", "--no-progress", "--out-dir", str(tmp_path), *flags])
+
+
+def test_quick_sweep_writes_json_csv_png_with_estimates(tmp_path):
+    data = run(tmp_path)
+    for name in ("bench_memory.json", "bench_memory.csv", "bench_memory.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "bench_memory.json").read_text())
+    rows = saved["results"]
+    assert [r["seq_length"] for r in rows] == [256, 512]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["peak_mb"] > 0 and r["time_s"] > 0 and r["tokens_per_s"] > 0
+        for k in ("est_mb", "est_peak_mb", "est_saved_mb", "est_states_mb", "est_ratio", "saved_mb"):
+            assert isinstance(r[k], float), k
+    assert saved["meta"]["peak_method"].startswith("peak RSS")
+    fit = saved["fits"]["routing ckpt=none sp=1"]
+    assert fit["mem_exponent"] is not None and fit["stopped_at"] is None
+    with open(tmp_path / "bench_memory.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert data["targets"]  # evaluated on what was measured
+
+
+def test_max_mem_stops_series_before_starting_a_point(tmp_path):
+    data = run(tmp_path, "--max-mem-gb", "0.01", "--checkpointing", "none,full")
+    rows = data["results"]
+    assert [(r["checkpointing"], r["seq_length"], r["status"]) for r in rows] == [("none", 256, "max-mem"),
+                                                                                 ("full", 256, "max-mem")]
+    assert "not started" in rows[0]["reason"]
+    assert data["fits"]["routing ckpt=none sp=1"]["stopped_at"] == 256
+    assert json.loads((tmp_path / "bench_memory.json").read_text())["results"][0]["status"] == "max-mem"
+
+
+def test_timeout_stops_series_and_records_where(tmp_path):
+    data = run(tmp_path, "--timeout", "0.3")
+    assert [(r["seq_length"], r["status"]) for r in data["results"]] == [(256, "timeout")]
+    assert data["fits"]["routing ckpt=none sp=1"]["stop_reason"].startswith("timeout")
+
+
+def test_sp_without_sequence_parallelism_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_memory, "sp_available", lambda: False)
+    data = run(tmp_path, "--sp", "2", "--seq-lengths", "256")
+    (r,) = data["results"]
+    assert (r["sp"], r["status"], r["reason"]) == (2, "skipped", "sequence parallelism not available")
+
+
+def test_estimate_only_prints_zero_stages(tmp_path, capsys):
+    data = bench_memory.main(["--estimate-only", "--full-size", "--world-size", "8", "--attention", "routing",
+                              "--checkpointing", "full", "--seq-lengths", "8k"])
+    out = capsys.readouterr().out
+    assert "ZeRO" in out and data["results"] == []
+    assert not (tmp_path / "bench_memory.json").exists()
+
+
+def test_bench_attention_cli_still_works(tmp_path):
+    out = tmp_path / "ba.json"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "bench_attention.py"), "--seq-lengths", "128",
+                    "--attention", "routing", "--d-model", "32", "--heads", "4", "--local-heads", "2", "--window", "32",
+                    "--repeats", "1", "--out", str(out)], check=True, capture_output=True, timeout=120)
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["time_s"] > 0 and r["flops"] > 0
+
+
+# ------------------------------------------------------------------------------------------- memory model
+
+
+BASE = dict(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_local_attn_heads=2, window_size=32,
+            local_window_size=16, num_clusters=4)
+VARIANTS = [dict(), dict(attention_type="local"), dict(attention_type="full"), dict(attention_type="full_naive"),
+            dict(n_local_attn_heads=0), dict(pos_emb="none"), dict(ff_glu=False), dict(routing_layers=[-1]),
+            dict(shared_qk=False), dict(emb_dim=32, tie_embedding=False), dict(head_dim=8)]
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "routing")
+def test_param_count_and_saved_activations_match_the_model(kw):
+    cfg = ModelConfig(**{**BASE, **kw})
+    torch.manual_seed(0)
+    model = RoutingTransformerLM(cfg)
+    assert bench.count_params(cfg) == count_parameters(model)
+    n = 256
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.randint(0, cfg.vocab_size, (1, n + 1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits, aux = model(x[:, :-1])
+        lm_loss(logits, x[:, 1:]) + aux
+    keep, head = bench.global_saved_floats_per_token(cfg)
+    formula = 4 * n * (sum(bench.saved_floats_per_token(cfg, n, s) for s in layer_head_split(cfg)) + keep + head)
+    measured = sum(saved.values())
+    assert formula == pytest.approx(measured, rel=0.03)
+    est = bench.estimate(cfg, n)
+    assert est.activations == pytest.approx(formula)
+
+
+def test_checkpointing_keeps_only_layer_inputs():
+    cfg = ModelConfig(**BASE)
+    none, full = bench.estimate(cfg, 4096), bench.estimate(cfg, 4096, checkpointing="full")
+    keep, head = bench.global_saved_floats_per_token(cfg)
+    assert full.activations == 4 * 4096 * (cfg.n_layers * cfg.d_model + keep + head)
+    assert full.peak < none.peak
+    assert bench.estimate(cfg, 8192, sp=2).activations == pytest.approx(bench.estimate(cfg, 4096).activations)
+
+
+def test_zero_stages_shard_states():
+    P, W = 1000, 4
+    s = [bench.model_state_bytes(P, W, z) for z in range(4)]
+    assert s[0] == {"params": 4000, "grads": 4000, "optim": 8000}
+    assert s[1] == {"params": 4000, "grads": 4000, "optim": 2000}
+    assert s[2] == {"params": 4000, "grads": 1000, "optim": 2000}
+    assert s[3] == {"params": 1000, "grads": 1000, "optim": 2000}
+    with pytest.raises(ValueError):
+        bench.model_state_bytes(P, W, 4)
+
+
+def test_memory_exponents_of_the_model():
+    """Linear in n for block attention, quadratic for the materialised scores."""
+    def exp(kind):
+        c = ModelConfig(**{**BASE, "attention_type": kind})
+        xs = [16384, 32768, 65536]
+        return bench.fit_exponent(xs, [bench.estimate(c, n).growth for n in xs])
+    assert exp("routing") == pytest.approx(1.0, abs=0.02)
+    assert exp("full") == pytest.approx(1.0, abs=0.02)
+    assert exp("full_naive") == pytest.approx(2.0, abs=0.1)
+    assert bench.fit_exponent([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)
+    assert bench.fit_exponent([1], [1]) is None
