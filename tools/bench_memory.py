@@ -139,9 +139,10 @@ def run_point(args) -> dict:
     import gc
     import torch
     from rtdist.model import RoutingTransformerLM, lm_loss
-    torch.set_num_threads(args.threads)
-    cfg = model_config(args, args.attention)
     n, sp = args.seq_length, args.sp
+    threads = max(1, args.threads // sp)  # --threads is for the whole point: sp ranks share the machine's cores
+    torch.set_num_threads(threads)
+    cfg = model_config(args, args.attention)
     rank, reduce_fn, seq, groups = 0, None, None, None
     if sp > 1:
         if not sp_available():
@@ -232,7 +233,7 @@ def run_point(args) -> dict:
     else:
         peak = peak_rss_bytes() - base
         extra = {}
-    return {"status": "ok", "rank": rank, "time_s": secs, "tokens_per_s": args.batch * n / secs,
+    return {"status": "ok", "rank": rank, "threads_per_rank": threads, "time_s": secs, "tokens_per_s": args.batch * n / secs,
             "peak_mb": peak / MB, "baseline_mb": (base if dev.type == "cuda" else rss_bytes()) / MB,
             "saved_mb": sum(saved.values()) / MB, "peak_method": method, **extra}
 
@@ -275,7 +276,7 @@ def launch_point(args, attention: str, ckpt: str, sp: int, n: int, max_mem_bytes
         cmd = [sys.executable, str(Path(__file__).resolve()), *forwarded, *point_args]
     result_dir = tempfile.mkdtemp(prefix="bench_memory_")
     cmd += ["--result-dir", result_dir]
-    env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(max(1, args.threads // sp))}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True, cwd=str(ROOT))
@@ -424,7 +425,7 @@ def sweep(args) -> dict:
         if r["status"] == "ok":
             r["est_ratio"] = r["est_mb"] / r["peak_mb"] if r["peak_mb"] > 0 else None
             overhead[key] = r["baseline_mb"] * MB
-        elif r["status"] != "skipped":
+        else:  # an unsupported variant (skipped) is unsupported at every length too
             stopped[key] = n
         results.append(r)
     meta["load_after"] = os.getloadavg()
@@ -621,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--routing-layers", help="'all' or comma list of layer indices with routing heads")
     g.add_argument("--recompute-attention", choices=["on", "off"])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="per point, split over its sp ranks")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--max-mem-gb", type=float, default=16.0,
                    help="per point: estimated or observed memory above this stops the series")
