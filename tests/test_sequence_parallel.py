@@ -201,3 +201,18 @@ def test_twenty_steps_with_sp2_equal_one_process(tmp_path, single_process_losses
     for rank in range(2):
         losses = torch.tensor(torch.load(f"{tmp_path / 'l'}.{rank}"), dtype=torch.float64)
         torch.testing.assert_close(losses, single_process_losses, rtol=0, atol=2e-5)
+
+
+def test_benchmark_tool_reports_memory_and_traffic(tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "sp.json"
+    r = subprocess.run([sys.executable, "tools/bench_sequence_parallel.py", "--seq-lengths", "512", "--sp", "1", "2",
+                        "--d-model", "32", "--heads", "4", "--local-heads", "2", "--window", "16", "--clusters", "3",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = {x["sp"]: x for x in json.loads(out.read_text())}
+    assert set(res) == {1, 2} and all("error" not in x for x in res.values())
+    assert res[2]["bytes_min_per_layer"] > 0 and res[2]["bytes_sent_per_layer"] >= res[2]["bytes_min_per_layer"]
+    assert "peak MB/rank" in r.stdout
