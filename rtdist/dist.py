@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,28 +65,78 @@ def slurm_master_port(job_id: Optional[str] = None, base: int = 20000, span: int
     return base + int(job_id) % span if job_id.isdigit() else 29500
 
 
+class DiscoveryError(RuntimeError):
+    """Launch variables that contradict each other (a rank outside the world, ...)."""
+
+
+def _checked(info: DistInfo) -> DistInfo:
+    if info.world_size < 1 or not 0 <= info.rank < info.world_size:
+        raise DiscoveryError(f"rank {info.rank} is outside a world of {info.world_size} (from {info.source} "
+                             f"variables): the launch environment is inconsistent")
+    return info
+
+
 def discover(rank: Optional[int] = None, world_size: Optional[int] = None, local_rank: Optional[int] = None) -> DistInfo:
+    """Who am I, in the order explicit > torchrun/deepspeed env > SLURM step > OpenMPI/PMI env > mpi4py > single.
+
+    SLURM variables count only inside an srun step (SLURM_STEP_ID set): a batch script that runs Python directly
+    also sees SLURM_PROCID=0 and SLURM_NTASKS=N, and would otherwise wait forever for N - 1 peers. OpenMPI/PMI
+    variables carry no master address; without MASTER_ADDR they go through mpi4py, whose rank 0 broadcasts its
+    own address (so ``mpirun -n 2 python -m rtdist.train`` works across hosts), and fall back to 127.0.0.1 (one
+    host) only when mpi4py is not available."""
     env = os.environ
     port = _env_int("MASTER_PORT")
     addr = env.get("MASTER_ADDR")
     if rank is not None and world_size is not None:
-        return DistInfo(rank, world_size, local_rank or 0, addr or "127.0.0.1", port or 29500, "explicit")
+        return _checked(DistInfo(rank, world_size, local_rank or 0, addr or "127.0.0.1", port or 29500, "explicit"))
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), _env_int("LOCAL_RANK") or 0,
-                        addr or "127.0.0.1", port or 29500, "env")
+        return _checked(DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), _env_int("LOCAL_RANK") or 0,
+                                 addr or "127.0.0.1", port or 29500, "env"))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), _env_int("SLURM_LOCALID") or 0,
-                        addr or slurm_master_addr(), port or slurm_master_port(), "slurm")
-    if "OMPI_COMM_WORLD_RANK" in env:
-        return DistInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                        _env_int("OMPI_COMM_WORLD_LOCAL_RANK") or 0, addr or "127.0.0.1", port or 29500, "openmpi")
-    if "PMI_RANK" in env and "PMI_SIZE" in env:
-        return DistInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), _env_int("MPI_LOCALRANKID", "PMI_LOCAL_RANK") or 0,
-                        addr or "127.0.0.1", port or 29500, "pmi")
+        ntasks = _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+        if "SLURM_STEP_ID" in env or "SLURM_STEPID" in env:
+            return _checked(DistInfo(int(env["SLURM_PROCID"]), ntasks, _env_int("SLURM_LOCALID") or 0,
+                                     addr or slurm_master_addr(), port or slurm_master_port(), "slurm"))
+        if ntasks and ntasks > 1:
+            sys.stderr.write(f"rtdist.dist: SLURM_NTASKS={ntasks} but this process was not started by srun (no "
+                             f"SLURM_STEP_ID): not joining a SLURM world; start it with srun or launch/launch.py\n")
+    mpi_env = None
+    if "OMPI_COMM_WORLD_RANK" in env and "OMPI_COMM_WORLD_SIZE" in env:
+        mpi_env = DistInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                           _env_int("OMPI_COMM_WORLD_LOCAL_RANK") or 0, addr or "127.0.0.1", port or 29500, "openmpi")
+    elif "PMI_RANK" in env and "PMI_SIZE" in env:
+        mpi_env = DistInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]),
+                           _env_int("MPI_LOCALRANKID", "PMI_LOCAL_RANK", "PALS_LOCAL_RANKID") or 0,
+                           addr or "127.0.0.1", port or 29500, "pmi")
+    if mpi_env is not None and (addr or mpi_env.world_size == 1):
+        return _checked(mpi_env)
     mpi = _mpi4py_info()
     if mpi is not None:
-        return mpi
+        if mpi_env is not None and (mpi.rank, mpi.world_size) != (mpi_env.rank, mpi_env.world_size):
+            mpi = None  # mpi4py is built for another MPI than the one that started us: trust the launcher's env
+        else:
+            return _checked(mpi)
+    if mpi_env is not None:
+        return _checked(mpi_env)
     return DistInfo(0, 1, 0, addr or "127.0.0.1", port or 29500, "single")
+
+
+def _routable_address() -> str:
+    """This host's address as other hosts see it: the hostname's address unless that is loopback (Debian maps the
+    hostname to 127.0.1.1), else the source address of the default route."""
+    import socket
+    try:
+        ip = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        ip = "127.0.0.1"
+    if not ip.startswith("127."):
+        return ip
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; only picks the outgoing interface
+            return s.getsockname()[0]
+    except OSError:
+        return ip
 
 
 def _mpi4py_info() -> Optional[DistInfo]:
@@ -99,10 +150,16 @@ def _mpi4py_info() -> Optional[DistInfo]:
     comm = MPI.COMM_WORLD
     if comm.Get_size() == 1:
         return None
-    import socket
-    addr = comm.bcast(os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname()), root=0)
+    local_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local, local_size = local_comm.Get_rank(), local_comm.Get_size()
+    local_comm.Free()
+    one_host = comm.allreduce(local_size, op=MPI.MIN) == comm.Get_size()
+    if os.environ.get("MASTER_ADDR"):
+        mine = os.environ["MASTER_ADDR"]
+    else:
+        mine = "127.0.0.1" if one_host else _routable_address()
+    addr = comm.bcast(mine, root=0)
     port = comm.bcast(_env_int("MASTER_PORT") or 29500, root=0)
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     return DistInfo(comm.Get_rank(), comm.Get_size(), local, addr, port, "mpi4py")
 
 
