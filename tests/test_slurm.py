@@ -1,0 +1,194 @@
+"""launch/slurm.sbatch and the launcher's SLURM paths on a real SLURM cluster started by the tests: slurmctld, two
+slurmd daemons simulating two nodes (rtnode1, rtnode2) on this machine, a private munged (tests/slurm_cluster.py).
+
+Needs root and Debian's slurmctld/slurmd/slurm-client/munge (.ci/setup_slurm.sh installs them); otherwise every
+test here skips with the reason."""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import SlurmCluster, unavailable_reason
+
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH = str(ROOT / "launch" / "slurm.sbatch")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        warnings.warn(f"SLURM tests skipped: {reason}")
+        pytest.skip(reason)
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    t0 = time.time()
+    c.start()
+    print(f"SLURM cluster up in {time.time() - t0:.1f}s")
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    from rtdist.data import build_demo_corpus, preprocess
+    d = tmp_path_factory.mktemp("data")
+    build_demo_corpus(d / "corpus", max_bytes=1 << 20, book_bytes=64 << 10)
+    return preprocess([str(d / "corpus")], str(d / "shards" / "demo"), seq_length=64, progress=False,
+                      log=lambda *a, **k: None)["manifest_path"]
+
+
+def job_env(run_dir, **extra):
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_"))
+         and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    e.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), PYTHON=sys.executable,
+             CONFIG="configs/tiny.yaml", RUN_DIR=str(run_dir),
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    e.update(extra)
+    return e
+
+
+def train_sets(manifest, iters):
+    sets = [f"data.manifest={manifest}", "train.seq_length=64", "model.window_size=16",
+            "train.train_micro_batch_size_per_gpu=2", "data.num_workers=1", "train.log_interval=1",
+            f"train.train_iters={iters}"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def steps(run_dir):
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x)["step"] for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def result(run_dir):
+    return json.loads((Path(run_dir) / "result.json").read_text())
+
+
+def signal_after_steps(cluster, jid, run_dir, n, timeout=120):
+    """Send SIGUSR1 to the job's tasks once training has logged ``n`` steps."""
+    deadline = time.time() + timeout
+    while len(steps(run_dir)) < n:
+        info = cluster.job(jid)
+        assert info.get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), info
+        assert time.time() < deadline, f"no {n} steps after {timeout}s: {info}"
+        time.sleep(0.1)
+    cluster.signal(jid, "USR1")
+
+
+def submit(cluster, tmp_path, name, run_dir, args, **env):
+    out = tmp_path / f"{name}.out"
+    jid = cluster.sbatch(["-N2", "--ntasks-per-node=1", f"--output={out}", "--time=10", SBATCH, *args],
+                         job_env(run_dir, **env), cwd=ROOT)
+    return jid, out
+
+
+def test_sbatch_trains_on_two_nodes_stops_on_sigusr1_and_a_second_submission_resumes(cluster, manifest, tmp_path):
+    run_dir, iters = tmp_path / "run", 60
+    t0 = time.time()
+    jid, out = submit(cluster, tmp_path, "first", run_dir, train_sets(manifest, iters), RTDIST_REQUEUE="0")
+    signal_after_steps(cluster, jid, run_dir, 2)
+    info = cluster.wait(jid)
+    first_wall = time.time() - t0
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-3000:])
+    assert "slurm: 2 node(s) [rtnode1,rtnode2] x 1 = world 2, MASTER_ADDR=rtnode1" in log
+    assert "world 2 (slurm)" in log
+    first = result(run_dir)
+    k = first["step"]
+    assert first["status"] == "stopped by SIGUSR1" and 2 <= k < iters, first
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{k}"
+    assert steps(run_dir) == list(range(1, k + 1))
+    assert not (run_dir / "model.safetensors").exists()
+
+    t0 = time.time()
+    jid2, out2 = submit(cluster, tmp_path, "second", run_dir, train_sets(manifest, iters), RTDIST_REQUEUE="0")
+    info2 = cluster.wait(jid2)
+    log2 = out2.read_text()
+    assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", (info2, log2[-3000:])
+    assert f"resumed from {run_dir / 'checkpoints' / f'global_step{k}'} at step {k}" in log2
+    second = result(run_dir)
+    assert second["status"] == "completed" and second["step"] == iters
+    assert steps(run_dir) == list(range(1, iters + 1))  # one continuous run: no step lost or repeated
+    assert (run_dir / "model.safetensors").exists()
+    print(f"sbatch 2 nodes x 1 task: first (stopped at step {k}) {first_wall:.1f}s, resumed {time.time() - t0:.1f}s")
+
+
+def test_sigusr1_requeues_the_job_and_the_requeued_run_resumes(cluster, manifest, tmp_path):
+    run_dir, iters = tmp_path / "run", 40
+    t0 = time.time()
+    jid, out = submit(cluster, tmp_path, "requeue", run_dir, train_sets(manifest, iters))
+    signal_after_steps(cluster, jid, run_dir, 2)
+    deadline = time.time() + 120
+    while True:
+        info = cluster.job(jid)
+        state, restarts = info.get("JobState"), info.get("Restarts")
+        # the second run's own banner, not a passing COMPLETED/REQUEUED state of the first run, ends the wait
+        if restarts == "1" and state == "COMPLETED" and "restart 1 on" in out.read_text():
+            break
+        if restarts == "1" and state == "PENDING" and info.get("Reason") == "BeginTime":
+            # SLURM holds a requeued job ~2 minutes (BeginTime); a test need not wait for that
+            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=cluster.env,
+                           capture_output=True, timeout=30)
+        assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), (info, out.read_text()[-3000:])
+        assert time.time() < deadline, (info, out.read_text()[-3000:])
+        time.sleep(0.2)
+    log = out.read_text()  # --open-mode=append: both runs
+    assert "requeueing job" in log and log.count("[slurm.sbatch] job") == 2, log[-3000:]
+    assert "resumed from" in log, log[-3000:]
+    res = result(run_dir)
+    assert res["status"] == "completed" and res["step"] == iters
+    assert steps(run_dir) == list(range(1, iters + 1))
+    print(f"sbatch with requeue after SIGUSR1: {time.time() - t0:.1f}s")
+
+
+PROBE = textwrap.dedent("""
+    import os, torch
+    from rtdist import dist
+    info = dist.init(timeout_s=60)
+    t = dist.all_reduce_sum(torch.tensor([float(info.rank + 1)]))
+    print(f"PROBE rank={info.rank} world={info.world_size} source={info.source} sum={t.item():g} "
+          f"node={os.environ.get('SLURMD_NODENAME')} END", flush=True)
+    dist.shutdown()
+""")
+
+
+def test_launcher_started_once_per_node_by_srun(cluster, tmp_path):
+    """srun --ntasks-per-node=1 launch.py: each node's launcher starts its own share (here 2 processes per
+    node from the allocation's CPUs), ranks 0-3 across the two nodes."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    out = tmp_path / "pernode.out"
+    wrap = (f"srun --ntasks-per-node=1 {sys.executable} {ROOT / 'launch' / 'launch.py'} -- "
+            f"python {tmp_path / 'probe.py'}")
+    jid = cluster.sbatch(["-N2", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={out}", "--wrap", wrap],
+                         job_env(tmp_path), cwd=ROOT)
+    info = cluster.wait(jid, timeout=120)
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED", (info, log[-3000:])
+    rows = sorted(re.findall(r"PROBE (.*?) END", log))  # lines from different tasks may be glued together
+    assert len(rows) == 4 and all("world=4 source=env sum=10" in r for r in rows), log[-3000:]
+    assert sorted(r.split("node=")[1].split()[0] for r in rows) == ["rtnode1", "rtnode1", "rtnode2", "rtnode2"]
+
+
+def test_launcher_errors_and_hostfile_inside_a_real_allocation(cluster, tmp_path):
+    out = tmp_path / "errors.out"
+    launch = f"{sys.executable} {ROOT / 'launch' / 'launch.py'}"
+    wrap = (f"{launch} --write-hostfile {tmp_path / 'hostfile'}; echo rc=$?; "
+            f"{launch} --num_gpus 2 -- true; echo rc=$?; "
+            f"srun -N1 -n2 --overcommit {launch} -- true; echo rc=$?")
+    jid = cluster.sbatch(["-N2", "--ntasks-per-node=1", f"--output={out}", "--wrap", wrap], job_env(tmp_path),
+                         cwd=ROOT)
+    info = cluster.wait(jid, timeout=120)
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED", (info, log)
+    assert (tmp_path / "hostfile").read_text() == "rtnode1 slots=1\nrtnode2 slots=1\n"
+    assert "SLURM_NTASKS=2" in log and "asks for 4 processes" in log  # --num_gpus 2 x 2 nodes vs 2 tasks
+    assert "started 2 times on 1 node(s) by srun" in log  # one launcher per node, or one per job
+    assert [x for x in log.splitlines() if x.startswith("rc=")] == ["rc=0", "rc=2", "rc=2"], log
