@@ -90,18 +90,21 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident set of ``pid`` and all its descendants (e.g. a torchrun launcher and its workers)."""
-    total, todo, seen = 0, [pid], set()
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a torchrun launcher's workers run in sessions of their own)."""
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        if p in seen:
+        if p in out:
             continue
-        seen.add(p)
-        kb = _status_kb("VmRSS", p)
-        total += (kb or 0) * 1024
+        out.append(p)
         todo += _children(p)
-    return total
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident set of ``pid`` and all its descendants."""
+    return sum((_status_kb("VmRSS", p) or 0) * 1024 for p in process_tree(pid))
 
 
 # ----------------------------------------------------------------------------------------------- compute

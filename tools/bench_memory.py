@@ -63,8 +63,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rtdist.bench import (MB, estimate, fit_exponent, model_state_bytes, peak_rss_bytes, reset_peak_rss,  # noqa: E402
-                          rss_bytes, tree_rss_bytes, write_csv)
+from rtdist.bench import (MB, estimate, fit_exponent, model_state_bytes, peak_rss_bytes,  # noqa: E402
+                          process_tree, reset_peak_rss, rss_bytes, tree_rss_bytes, write_csv)
 
 RESULT_TAG = "BENCH_MEMORY_POINT "
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # >= 1 MiB allocations are mmapped and returned on free
@@ -258,10 +258,13 @@ def point_main(args) -> None:
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the point's own session: the launcher and all its ranks
-    except (ProcessLookupError, PermissionError):
-        pass
+    """SIGKILL the point's process and every descendant (torchrun's workers live in sessions of their own, so the
+    launcher's process group is not enough)."""
+    for pid in process_tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def launch_point(args, attention: str, ckpt: str, sp: int, n: int, max_mem_bytes: float) -> dict:
@@ -281,23 +284,28 @@ def launch_point(args, attention: str, ckpt: str, sp: int, n: int, max_mem_bytes
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True, cwd=str(ROOT))
     observed, reason, out, err = 0, None, "", ""
-    while True:
-        try:
-            o, e = proc.communicate(timeout=0.05)
-            out, err = out + (o or ""), err + (e or "")
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        observed = max(observed, tree_rss_bytes(proc.pid))
-        if observed > max_mem_bytes:
-            reason = ("max-mem", f"resident memory {observed / 2**30:.2f} GiB > --max-mem-gb {args.max_mem_gb}")
-        elif time.perf_counter() - t0 > args.timeout:
-            reason = ("timeout", f"no result within --timeout {args.timeout:g} s")
-        if reason:
+    try:
+        while True:
+            try:
+                o, e = proc.communicate(timeout=0.05)
+                out, err = out + (o or ""), err + (e or "")
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            observed = max(observed, tree_rss_bytes(proc.pid))
+            if observed > max_mem_bytes:
+                reason = ("max-mem", f"resident memory {observed / 2**30:.2f} GiB > --max-mem-gb {args.max_mem_gb}")
+            elif time.perf_counter() - t0 > args.timeout:
+                reason = ("timeout", f"no result within --timeout {args.timeout:g} s")
+            if reason:
+                _kill(proc)
+                o, e = proc.communicate()
+                out, err = out + (o or ""), err + (e or "")
+                break
+    finally:  # interrupted (Ctrl-C, SIGTERM): leave no point processes behind
+        if proc.poll() is None:
             _kill(proc)
-            o, e = proc.communicate()
-            out, err = out + (o or ""), err + (e or "")
-            break
+            proc.wait()
     wall = time.perf_counter() - t0
     base = {"observed_rss_mb": observed / MB, "process_wall_s": wall}
     if reason:
@@ -695,4 +703,5 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup of the point in flight
     main()
