@@ -14,17 +14,18 @@ The memory model (:func:`estimate`) counts, per rank, in bytes (fp32 everywhere,
   model's code op by op (:func:`saved_floats_per_token`; checked against ``saved_tensors_hooks`` in the tests).
   With full activation checkpointing a layer keeps only its input (d floats per token) and one layer's set is
   rebuilt during backward.
-* attention working set: the quadratic score/probability tensors of ``full_naive`` (kept ones counted with the
-  saved activations, transient ones here), nothing for the flash/block kernels (their scratch is per block).
-* transient working set: the largest set of temporaries alive beyond the saved activations, which is the backward
-  of the last layer (its feed-forward gradients, or the recomputed attention kernel's gradients) or the head
-  (logits and their gradient), whichever is larger (:func:`working_floats_per_token`).
+* attention working set: the n x n tensors of ``full_naive`` (the kept probabilities with the saved activations;
+  the probability and softmax gradients of the last layer's backward as working set); nothing quadratic for the
+  flash and block kernels (their scratch is per block).
+* transient working set (:func:`working_floats_per_token`): temporaries on top of what is still saved, at three
+  candidate peaks, the start of backward (logits and their gradients), the last layer's feed-forward backward (its
+  GEGLU gradients; where the profiler finds the peak of the benchmark's models) and the last layer's attention
+  backward (its feed-forward activations already freed), plus the gradients produced by then (head, last w_out).
 
-Peak = parameters + k-means buffers + max(backward phase, optimizer phase): the backward phase holds saved
-activations + working set + gradients (counted in full: an upper bound, they fill during backward); the optimizer
-phase holds gradients + optimizer states + one parameter-sized temporary of AdamW's foreach update.
-Sequence parallelism of degree ``sp`` divides the tokens (so every activation term) by ``sp``; halo and collective
-buffers are not counted.
+Peak = parameters + buffers + max(largest backward candidate, optimizer phase = gradients + AdamW states + one
+parameter-sized foreach temporary). With full activation checkpointing a layer keeps only its input (d floats per
+token) and the last layer's whole saved set is rebuilt during its backward. Sequence parallelism of degree ``sp``
+divides the tokens (so every activation term) by ``sp``; halo and all-to-all buffers are not counted.
 """
 from __future__ import annotations
 
