@@ -80,6 +80,7 @@ class BlockPlan:
     first-block call's rows for tokens of first blocks, the all-block call's rows for the others."""
 
     token_of_slot: torch.Tensor  # [num_blocks, w]
+    slot_filled: torch.Tensor  # [num_blocks, w] bool: the slot holds a real token (not an empty-slot filler)
     first_blocks: torch.Tensor  # [num_first]
     later_blocks: torch.Tensor  # [num_later]
     out_index: torch.Tensor  # [T]
@@ -115,6 +116,8 @@ def plan_causal_blocks(clusters: torch.Tensor, num_clusters: int, window: int) -
     slot_sorted = blk_first[sorted_gc] * window + rank
     token_of_slot = torch.zeros(num_blocks * window, dtype=torch.long, device=dev)
     token_of_slot[slot_sorted] = order
+    slot_filled = torch.zeros(num_blocks * window, dtype=torch.bool, device=dev)
+    slot_filled[slot_sorted] = True
     owner = torch.repeat_interleave(torch.arange(B * H * num_clusters, device=dev), nblk, output_size=num_blocks)
     is_first = torch.arange(num_blocks, device=dev) == blk_first[owner]
     first_blocks = is_first.nonzero().squeeze(1)
@@ -124,7 +127,36 @@ def plan_causal_blocks(clusters: torch.Tensor, num_clusters: int, window: int) -
     out_sorted = block_row[slot_sorted // window] * window + slot_sorted % window
     out_index = torch.empty_like(out_sorted)
     out_index[order] = out_sorted
-    return BlockPlan(token_of_slot.view(num_blocks, window), first_blocks, later_blocks, out_index)
+    return BlockPlan(token_of_slot.view(num_blocks, window), slot_filled.view(num_blocks, window), first_blocks,
+                     later_blocks, out_index)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` whose backward is a gather too, not a scatter-add (which is slow on CPU).
+
+    Valid only when every row of x that can receive a non-zero gradient is read by at most one position of
+    ``index``: ``inverse[t]`` is that position, or ``len(index)`` for rows that get none. Block attention
+    qualifies: each token fills one slot, and the other slots that read token 0 (empty slots, the pad block)
+    are masked as keys and never read back as queries, so their gradients are exactly zero."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return torch.cat([grad, grad.new_zeros((1,) + grad.shape[1:])]).index_select(0, inverse), None, None
+
+
+def _inverse(index: torch.Tensor, readers: torch.Tensor, rows: int) -> torch.Tensor:
+    """For each of ``rows`` source rows, the position in ``index`` that reads it for real (``readers``), else
+    ``len(index)``."""
+    inv = torch.full((rows,), len(index), dtype=torch.long, device=index.device)
+    pos = torch.arange(len(index), device=index.device)
+    inv[index[readers]] = pos[readers]
+    return inv
 
 
 def block_attention(q, k, v, plan: BlockPlan, exclude_self: bool, dropout_p: float = 0.0) -> torch.Tensor:
@@ -134,19 +166,26 @@ def block_attention(q, k, v, plan: BlockPlan, exclude_self: bool, dropout_p: flo
     (previous ++ own) as an overlapping strided view: one copy of k and v, not two. That call runs over all blocks
     with the later-block mask; first blocks (whose "previous" slots belong to another cluster) take their output
     from a second, small call over themselves only."""
-    w, d = plan.window, q.shape[-1]
+    w, d, T = plan.window, q.shape[-1], q.shape[0]
     first_mask, later_mask = block_masks(w, exclude_self, device=q.device)
-    slots = plan.token_of_slot
+    slots, filled = plan.token_of_slot, plan.slot_filled
     idx = slots[plan.first_blocks].reshape(-1)
-    qa, ka, va = (t.index_select(0, idx).view(1, -1, w, d) for t in (q, k, v))
+    inv = _inverse(idx, filled[plan.first_blocks].reshape(-1), T)
+    qa, ka, va = (_GatherRows.apply(t, idx, inv).view(1, -1, w, d) for t in (q, k, v))
     outs = [F.scaled_dot_product_attention(qa, ka, va, attn_mask=first_mask, dropout_p=dropout_p).reshape(-1, d)]
     if len(plan.later_blocks):
-        padded = F.pad(slots.reshape(-1), (w, 0))  # slot -> token behind one pad block (token 0, never visible)
-        qb = q.index_select(0, slots.reshape(-1)).view(1, -1, w, d)
-        kb, vb = (t.index_select(0, padded).unsqueeze(0).unfold(1, 2 * w, w).transpose(-1, -2) for t in (k, v))
+        flat = slots.reshape(-1)
+        inv = _inverse(flat, filled.reshape(-1), T)
+        qb = _GatherRows.apply(q, flat, inv).view(1, -1, w, d)
+        # slot -> token behind one pad block (token 0, never visible)
+        padded, inv_padded = F.pad(flat, (w, 0)), torch.where(inv < len(flat), inv + w, len(flat) + w)
+        kb, vb = (_GatherRows.apply(t, padded, inv_padded).unsqueeze(0).unfold(1, 2 * w, w).transpose(-1, -2)
+                  for t in (k, v))
         outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=later_mask, dropout_p=dropout_p)
                     .reshape(-1, d))
-    return torch.cat(outs).index_select(0, plan.out_index)
+    rows = torch.cat(outs)
+    back = _inverse(plan.out_index, torch.ones_like(plan.out_index, dtype=torch.bool), rows.shape[0])
+    return _GatherRows.apply(rows, plan.out_index, back)
 
 
 def causal_routing_attention(q, k, v, clusters, num_clusters: int, window: int, exclude_self: bool = True,

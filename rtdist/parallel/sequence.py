@@ -247,6 +247,8 @@ class SequenceParallelAttention:
             local_blk = blk_in - base
             token_of_slot = torch.zeros(nb_local * w, dtype=torch.long, device=dev)
             token_of_slot[local_blk * w + slot_in] = torch.arange(R, device=dev)
+            slot_filled = torch.zeros(nb_local * w, dtype=torch.bool, device=dev)
+            slot_filled[local_blk * w + slot_in] = True
             cluster_first = torch.zeros(NB + 1, dtype=torch.bool, device=dev)
             cluster_first[blk_base[nblk > 0]] = True
             gblocks = torch.arange(base, hi, device=dev)
@@ -258,7 +260,8 @@ class SequenceParallelAttention:
             block_row[first_blocks] = torch.arange(len(first_blocks), device=dev)
             q_rows = torch.where(is_pred[:, None], torch.zeros_like(rows_in[:, :d]), rows_in[:, :d])
             out_index = block_row[local_blk] * w + slot_in  # pred rows read some row; they are not sent back
-            plan = BlockPlan(token_of_slot.view(nb_local, w), first_blocks, later_blocks, out_index)
+            plan = BlockPlan(token_of_slot.view(nb_local, w), slot_filled.view(nb_local, w), first_blocks,
+                             later_blocks, out_index)
             out_rows = block_attention(q_rows, rows_in[:, d:2 * d], rows_in[:, 2 * d:], plan, exclude_self,
                                        dropout_p)
 
