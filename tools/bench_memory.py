@@ -484,13 +484,20 @@ def targets(data: dict) -> list[dict]:
             dense = ok.get(variant_name("full", ckpt, sp), {})
             if 32768 in dense and pts:
                 t32 = dense[32768]["time_s"]
-                within = [n for n, r in pts.items() if r["time_s"] <= t32]
-                reach = max(within) if within else 0
-                how = "measured"
+                ns = sorted(pts)
+                within = [n for n in ns if pts[n]["time_s"] <= t32]
+                reach, how = (max(within), "measured") if within else (0, "none")
                 te = f["time_exponent"]
-                if reach == max(pts) and te:  # even the longest routing point is faster: extrapolate along the fit
+                if within and reach < ns[-1]:  # between two measured lengths: interpolate on the log-log line
+                    n0 = reach
+                    n1 = ns[ns.index(n0) + 1]
+                    t0, t1 = pts[n0]["time_s"], pts[n1]["time_s"]
+                    if t1 > t0:
+                        reach = n0 * (t32 / t0) ** (math.log(n1 / n0) / math.log(t1 / t0))
+                        how = f"interpolated between {fmt_len(n0)} and {fmt_len(n1)}"
+                elif within and te:  # even the longest routing point is faster: extrapolate along the fit
                     reach = reach * (t32 / pts[reach]["time_s"]) ** (1 / te)
-                    how = f"extrapolated with n^{te:.2f} from {fmt_len(max(pts))}"
+                    how = f"extrapolated with n^{te:.2f} from {fmt_len(ns[-1])}"
                 out.append({"target": f"{name}: length reached within one full step at 32k ({t32:.1f} s) >= 4 x 32k",
                             "value": f"{reach / 32768:.1f} x 32k ({how})", "met": reach >= 4 * 32768})
             if dense:
@@ -549,7 +556,7 @@ def plot(data: dict, path: Path) -> None:
     colors = {"routing": "tab:blue", "local": "tab:green", "full": "tab:orange", "full-naive": "tab:red"}
     styles = {"none": "-", "full": "--"}
     markers = {1: "o", 2: "s", 4: "^", 8: "D"}
-    fig, (axm, axt) = plt.subplots(1, 2, figsize=(14, 6))
+    fig, (axm, axt) = plt.subplots(1, 2, figsize=(15, 8))
     ticks = sorted({r["seq_length"] for r in data["results"]})
     for name, rows in _series(data["results"]).items():
         r0 = rows[0]
@@ -591,14 +598,15 @@ def plot(data: dict, path: Path) -> None:
             ax.text(0.5, 0.5, "no point ran (see the table)", ha="center", transform=ax.transAxes)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="upper left", title_fontsize=8,
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, title_fontsize=8,
                       title=f"n^k: log-log least squares over n >= {fmt_len(fit_min)} (all points if < 2)")
     m = next(iter(meta["model"].values()), {})
     fig.suptitle(f"{meta.get('gpu') or meta['host']} ({meta['threads']} threads), torch {meta.get('torch', '?')}; "
                  f"model d={m.get('d_model')} L={m.get('n_layers')} H={m.get('n_heads')} "
                  f"(local {m.get('n_local_attn_heads')}), window {m.get('window_size')}/"
                  f"{m.get('local_window_size')}, {m.get('num_clusters')} clusters, vocab {m.get('vocab_size')}, "
-                 f"batch {meta['batch']}", fontsize=10)
+                 f"batch {meta['batch']}; load average {meta['load_before'][0]:.1f} before, "
+                 f"{meta['load_after'][0]:.1f} after", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -641,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="for --estimate's activation table")
     p.add_argument("--fit-min", help="fit exponents over points at least this long (default 8k; --quick: 0)")
     p.add_argument("--out-dir", default="runs/bench_memory")
+    p.add_argument("--replot", metavar="JSON", help="redo the table, targets, CSV and plot of a saved run; run nothing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seq-length", type=int, help=argparse.SUPPRESS)
@@ -660,6 +669,11 @@ def main(argv=None) -> dict | None:
         args.sp = int(args.sp)
         point_main(args)
         return None
+    if args.replot:
+        data = json.loads(Path(args.replot).read_text())
+        data["fits"] = fits(data["results"], data["meta"].get("args", {}).get("fit_min", 0))
+        data["targets"] = targets(data)
+        return write_outputs(data, Path(args.out_dir))
     defaults = ({"seq_lengths": "256,512", "attention": "routing", "checkpointing": "none", "fit_min": "0"}
                 if args.quick else
                 {"seq_lengths": "4k,8k,16k,32k,64k", "attention": ",".join(ATTENTION), "checkpointing": "none,full",
@@ -691,7 +705,10 @@ def main(argv=None) -> dict | None:
     data["targets"] = targets(data)
     if args.estimate_only:
         return data
-    out = Path(args.out_dir)
+    return write_outputs(data, Path(args.out_dir))
+
+
+def write_outputs(data: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     print_table(data)
     (out / "bench_memory.json").write_text(json.dumps(data, indent=1, default=str))
