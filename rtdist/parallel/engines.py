@@ -158,8 +158,9 @@ class DeepSpeedEngine(Engine):
         else:
             params = {k: v for k, v in self.module.state_dict().items()}
         state = {k: v.float() if v.is_floating_point() else v for k, v in params.items()}
+        persistent = set(self.module.state_dict().keys())
         for name, buf in self.module.named_buffers():  # k-means state: replicated, never partitioned
-            if name in dict(self.module.state_dict()):
+            if name in persistent:
                 state[name] = buf.detach().clone()
         return state
 
