@@ -1,0 +1,725 @@
+"""A small, reproducible study of what routing attention learns that local attention cannot.
+
+Two tasks, the same attention variants on each (local-only heads, local + routing heads in ``causal`` and ``topk``
+mode, dense attention), equal steps and data for every variant:
+
+- **retrieval**: synthetic sequences generated on the fly from a seed. Key/value pairs are defined at the start, a
+  long filler of noise tokens follows, and the keys are queried at the end, far beyond the local window; loss and
+  accuracy are measured on the answer (value) tokens only.
+- **text**: a real corpus already on the machine (this Python installation's sources, :func:`build_demo_corpus`)
+  through the real shard pipeline (:func:`preprocess` with the bytes tokenizer + :class:`ShardLoader`); validation
+  bits per byte.
+
+A study is described by YAML (``configs/experiments/*.yaml``) loaded into :class:`Study` with the same typed,
+key-naming validation as training configs. :func:`run_study` writes ``results.json``, ``results.md`` and
+``curves.png``. ``tools/experiment.py`` is the command line.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, ModelConfig, build, load_yaml, merge, parse_override, validate_model
+from .model import RoutingTransformerLM, count_parameters, lm_loss
+
+# ------------------------------------------------------------------------------------------------- the task
+
+
+@dataclass
+class RetrievalTask:
+    """Associative recall over a long distance.
+
+    Vocabulary: ``num_filler`` noise symbols, then ``num_keys`` key symbols, then ``num_values`` value symbols.
+    A sequence of ``seq_length + 1`` tokens (inputs ``[:-1]``, targets ``[1:]``) holds
+
+    - ``num_pairs`` definitions at the start: distinct keys, each with a random value, written ``value key``
+      (``order: value_key``) or ``key value`` (``order: key_value``),
+    - filler drawn uniformly from the noise symbols,
+    - ``num_queries`` queries at the end, ``key value`` each, every key at most once (so no query can copy the
+      answer from a nearby earlier query: the only source is the definition at the start).
+
+    The answer tokens are the values of the queries; the rest is unpredictable noise or bookkeeping. With
+    ``value_key`` the earlier occurrence of the queried key is the content match (what shared-QK routing finds),
+    and the answer is the token *before* it; with ``key_value`` it is the token after (an induction head).
+    Either way the model needs a local "previous token" head in one layer and a retrieval head in the next."""
+
+    seq_length: int = 2048
+    num_pairs: int = 8
+    num_keys: int = 8
+    num_values: int = 8
+    num_filler: int = 16
+    num_queries: int = 8
+    order: Literal["value_key", "key_value"] = "value_key"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_filler + self.num_keys + self.num_values
+
+    def query_start(self, seq_length: Optional[int] = None) -> int:
+        """Input position of the first query key."""
+        return (seq_length or self.seq_length) + 1 - 2 * self.num_queries
+
+    def min_distance(self, seq_length: Optional[int] = None) -> int:
+        """Fewest positions between a query and the definition it needs (the last definition to the first query)."""
+        return self.query_start(seq_length) - (2 * self.num_pairs - 1)
+
+    def validate(self, where: str = "retrieval.task") -> None:
+        for name in ("seq_length", "num_pairs", "num_keys", "num_values", "num_filler", "num_queries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")
+        if self.num_pairs > self.num_keys:
+            raise ConfigError(f"{where}.num_pairs ({self.num_pairs}) cannot exceed {where}.num_keys "
+                              f"({self.num_keys}): the keys of one sequence are distinct")
+        if self.num_queries > self.num_pairs:
+            raise ConfigError(f"{where}.num_queries ({self.num_queries}) cannot exceed {where}.num_pairs "
+                              f"({self.num_pairs}): each key is queried at most once")
+        if self.min_distance() < 1:
+            raise ConfigError(f"{where}.seq_length ({self.seq_length}) is too short for {self.num_pairs} definitions "
+                              f"and {self.num_queries} queries")
+
+    def corrupt_definitions(self, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A copy of ``tokens`` whose definitions carry freshly drawn values (the queries keep the old ones as
+        targets): a model that answers by reading the definitions drops to chance, one that does not is unmoved."""
+        out = tokens.clone()
+        v_off = 0 if self.order == "value_key" else 1
+        V0 = self.num_filler + self.num_keys
+        out[:, v_off: 2 * self.num_pairs: 2] = torch.randint(0, self.num_values, (tokens.shape[0], self.num_pairs),
+                                                             generator=generator) + V0
+        return out
+
+    def sample(self, batch_size: int, generator: torch.Generator, seq_length: Optional[int] = None):
+        """(tokens [B, n + 1] int64, answers [B, n] bool): ``answers[b, i]`` marks input positions whose *target*
+        ``tokens[b, i + 1]`` is a query's value."""
+        n = seq_length or self.seq_length
+        B, P, Q = batch_size, self.num_pairs, self.num_queries
+        F0, K0 = 0, self.num_filler
+        V0 = K0 + self.num_keys
+        g = generator
+        tokens = torch.randint(F0, self.num_filler, (B, n + 1), generator=g)
+        keys = torch.rand(B, self.num_keys, generator=g).argsort(dim=1)[:, :P] + K0  # distinct per row
+        values = torch.randint(0, self.num_values, (B, P), generator=g) + V0
+        k_off, v_off = (1, 0) if self.order == "value_key" else (0, 1)
+        tokens[:, k_off: 2 * P: 2] = keys
+        tokens[:, v_off: 2 * P: 2] = values
+        asked = torch.rand(B, P, generator=g).argsort(dim=1)[:, :Q]  # which definitions are queried, in order
+        s = n + 1 - 2 * Q
+        tokens[:, s::2] = keys.gather(1, asked)
+        tokens[:, s + 1::2] = values.gather(1, asked)
+        answers = torch.zeros(B, n, dtype=torch.bool)
+        answers[:, s::2] = True
+        return tokens, answers
+
+
+# ------------------------------------------------------------------------------------------ study config
+
+
+@dataclass
+class Phase:
+    steps: int
+    seq_length: int
+    batch_size: int
+
+
+@dataclass
+class TrainSpec:
+    steps: int = 300  # at the task's full length, after the curriculum
+    batch_size: int = 4
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 20
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    # retrieval only: train on the answer tokens ("answers") or on every token ("all")
+    loss: Literal["answers", "all"] = "answers"
+    # "data": seed each routing layer's centroids from the first batch's routing vectors (k-means++ and a few
+    # Lloyd iterations, layer by layer) instead of the model's random unit vectors; "random": the model's own.
+    kmeans_init: Literal["data", "random"] = "data"
+    # retrieval only: phases run first, in order, each at its own (shorter) length; evaluation is always at full
+    # length. The learning rate schedule spans curriculum + steps.
+    curriculum: list[Phase] = field(default_factory=list)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.curriculum) + self.steps
+
+
+@dataclass
+class EvalSpec:
+    every: int = 50  # evaluate every this many steps (and after the last)
+    batches: int = 8
+    batch_size: int = 4
+    # text only: also score this many positions per validation sample, each from its prefix alone for a model
+    # that is not causal (topk routing), so that every variant has one honest, comparable number
+    sampled_positions: int = 16
+
+
+@dataclass
+class RetrievalSpec:
+    task: RetrievalTask = field(default_factory=RetrievalTask)
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig keys; vocab_size comes from the task
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+
+@dataclass
+class CorpusSpec:
+    dir: Optional[str] = None  # a directory of text (PG-19 layout: train/ validation/ ...); None = build the demo one
+    max_mb: float = 8.0  # size of the demo corpus built from local sources
+
+
+@dataclass
+class TextSpec:
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    seq_length: int = 1024
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig keys; vocab_size comes from the tokenizer
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+
+@dataclass
+class Study:
+    seed: int = 0
+    threads: int = 2  # torch intra-op threads
+    tasks: list[str] = field(default_factory=lambda: ["retrieval", "text"])
+    # variant name -> ModelConfig overrides applied on top of each task's model
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retrieval: RetrievalSpec = field(default_factory=RetrievalSpec)
+    text: TextSpec = field(default_factory=TextSpec)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TASKS = ("retrieval", "text")
+
+
+def load_study(paths, overrides=()) -> Study:
+    """Merge the YAML files in order, apply ``key=value`` overrides, build and check a :class:`Study`."""
+    raw: dict = {}
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        raw = merge(raw, load_yaml(p))
+    for o in overrides:
+        raw = merge(raw, parse_override(o))
+    study = build(Study, raw)
+    check_study(study)
+    return study
+
+
+def check_study(study: Study) -> None:
+    if not study.variants:
+        raise ConfigError("variants: name at least one variant (e.g. local: {attention_type: local})")
+    for t in study.tasks:
+        if t not in TASKS:
+            raise ConfigError(f"tasks: {t!r} is not one of {list(TASKS)}")
+    if study.threads < 1:
+        raise ConfigError(f"threads must be positive, got {study.threads}")
+    study.retrieval.task.validate()
+    for task in study.tasks:
+        spec = getattr(study, task)
+        for name in ("steps", "batch_size", "warmup"):
+            if getattr(spec.train, name) < (0 if name == "warmup" else 1):
+                raise ConfigError(f"{task}.train.{name} must be positive, got {getattr(spec.train, name)}")
+        for i, ph in enumerate(spec.train.curriculum):
+            if task == "text":
+                raise ConfigError("text.train.curriculum: the text task trains at its shard length only")
+            where = f"retrieval.train.curriculum[{i}]"
+            if ph.steps < 0 or ph.batch_size < 1:
+                raise ConfigError(f"{where}: steps must be >= 0 and batch_size positive")
+            if study.retrieval.task.min_distance(ph.seq_length) < 1:
+                raise ConfigError(f"{where}.seq_length ({ph.seq_length}) is too short for the definitions and queries")
+        if spec.eval.every < 1 or spec.eval.batches < 1 or spec.eval.batch_size < 1:
+            raise ConfigError(f"{task}.eval.every / batches / batch_size must be positive")
+        for v in study.variants:
+            cfg = model_config(study, task, v, vocab_size=257)  # raises naming the key
+            for i, ph in enumerate(spec.train.curriculum):
+                try:
+                    validate_model(cfg, ph.seq_length)
+                except ConfigError as e:
+                    raise ConfigError(f"retrieval.train.curriculum[{i}] with variants.{v}: {e}") from None
+
+
+def model_config(study: Study, task: str, variant: str, vocab_size: int) -> ModelConfig:
+    """The task's model with the variant's overrides; errors name ``<task>.model`` / ``variants.<name>``."""
+    spec = getattr(study, task)
+    base = dict(spec.model)
+    over = study.variants[variant] or {}
+    for key in ("vocab_size",):
+        if key in base or key in over:
+            raise ConfigError(f"{task}.model / variants.{variant}: {key} is set by the task, leave it out")
+    cfg = build(ModelConfig, merge(base, dict(over)), f"{task}.model+variants.{variant}")
+    cfg.vocab_size = vocab_size
+    seq = spec.task.seq_length if task == "retrieval" else spec.seq_length
+    validate_model(cfg, seq)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ training bits
+
+
+def lr_at(step: int, spec: TrainSpec) -> float:
+    """Linear warmup to ``lr``, cosine to ``min_lr`` at the last step."""
+    if spec.warmup and step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    span = max(1, spec.total_steps - spec.warmup)
+    t = min(1.0, (step - spec.warmup) / span)
+    return spec.min_lr + 0.5 * (spec.lr - spec.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, g: torch.Generator, iters: int = 10) -> torch.Tensor:
+    """Spherical k-means on unit rows ``x`` [N, d]: k-means++ seeds, then ``iters`` Lloyd steps -> [k, d]."""
+    N = x.shape[0]
+    first = int(torch.randint(N, (1,), generator=g))
+    idx = [first]
+    dist = (2 - 2 * x @ x[first]).clamp(min=0)
+    for _ in range(1, k):
+        total = dist.sum()
+        p = dist / total if total > 0 else torch.full_like(dist, 1.0 / N)
+        i = int(torch.multinomial(p, 1, generator=g))
+        idx.append(i)
+        dist = torch.minimum(dist, (2 - 2 * x @ x[i]).clamp(min=0))
+    c = x[idx].clone()
+    for _ in range(iters):
+        a = (x @ c.T).argmax(dim=1)
+        s = torch.zeros_like(c).index_add_(0, a, x)
+        norm = s.norm(dim=1, keepdim=True)
+        c = torch.where(norm > 1e-6, s / norm.clamp(min=1e-6), c)
+    return c
+
+
+@torch.no_grad()
+def init_centroids_from_data(model: RoutingTransformerLM, tokens: torch.Tensor, generator: torch.Generator,
+                             max_vectors: int = 8192) -> None:
+    """Seed every routing layer's centroids from the routing vectors of ``tokens`` [B, n].
+
+    Layer by layer (a layer's routing vectors depend on the centroids below it): one forward in eval mode (so no
+    k-means statistics accumulate) records the layer's routing vectors; k-means++ seeding and Lloyd steps on them
+    give the centroids, which become the k-means state as if it had already been initialised."""
+    kms = model.kmeans_modules()
+    if not kms:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        for km in kms:
+            seen = {}
+
+            def recording(r, _orig=km.similarities, _seen=seen):
+                _seen.setdefault("r", r)
+                return _orig(r)
+
+            km.similarities = recording  # instance attribute shadows the method for this forward only
+            try:
+                model(tokens)
+            finally:
+                del km.similarities
+            r = seen["r"]  # [B, H, n, d]
+            for h in range(r.shape[1]):
+                x = F.normalize(r[:, h].reshape(-1, r.shape[-1]).float(), dim=-1)
+                x = x[torch.randperm(x.shape[0], generator=generator)[:max_vectors]]
+                km.means[h] = _kmeans_pp(x, km.num_clusters, generator)
+            km.ema_sums.copy_(km.means)
+            km.ema_counts.zero_()
+            km.initted.fill_(True)
+    finally:
+        model.train(was_training)
+
+
+def make_optimizer(model, spec: TrainSpec):
+    return torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+
+
+def train_loop(model, spec: TrainSpec, next_batch: Callable[[int], tuple], evaluate_fn: Callable[[], dict],
+               every: int, log: Callable[[str], None], name: str) -> dict:
+    """AdamW, warmup + cosine, clipping, ``update_kmeans`` after every step. ``next_batch(step) -> (tokens,
+    weights)`` with ``weights`` [B, n] bool or None (every target). Returns the curve and the final evaluation."""
+    opt = make_optimizer(model, spec)
+    curve, t0 = [], time.time()
+    model.train()
+    evals = []
+    total = spec.total_steps
+    for step in range(total):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, spec)
+        tokens, weights = next_batch(step)
+        logits, aux = model(tokens[:, :-1])
+        loss = lm_loss(logits, tokens[:, 1:], weights)
+        (loss + aux).backward()
+        if spec.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_kmeans()
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"{name}: non-finite loss at step {step + 1}")
+        curve.append({"step": step + 1, "seq_length": tokens.shape[1] - 1, "train_loss": round(loss.item(), 5),
+                      "aux": round(aux.item(), 6)})
+        if (step + 1) % every == 0 or step + 1 == total:
+            m = evaluate_fn()
+            m.update(step=step + 1, wall_s=round(time.time() - t0, 2))
+            evals.append(m)
+            log(f"  {name:>16} step {step + 1:>5}/{total}  n {tokens.shape[1] - 1:>5}  train {loss.item():.4f}  "
+                + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("step", "wall_s") and isinstance(v, float))
+                + f"  ({time.time() - t0:.0f} s)")
+    return {"train": curve, "eval": evals, "final": evals[-1], "wall_s": round(time.time() - t0, 2)}
+
+
+# --------------------------------------------------------------------------------------------- the tasks
+
+
+@torch.no_grad()
+def retrieval_metrics(model, eval_set) -> dict:
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for tokens, answers in eval_set:
+        logits, _ = model(tokens[:, :-1])
+        targets = tokens[:, 1:]
+        nll = F.cross_entropy(logits.float()[answers], targets[answers], reduction="sum")
+        loss_sum += nll.item()
+        correct += int((logits[answers].argmax(-1) == targets[answers]).sum())
+        count += int(answers.sum())
+    model.train()
+    return {"answer_loss": loss_sum / count, "answer_acc": correct / count}
+
+
+@torch.no_grad()
+def is_causal(model, vocab_size: int, seq_length: int, seed: int = 0) -> bool:
+    """Probe: do logits before the middle of a sequence stay the same when every later token changes? (``topk``
+    routing fails this: which earlier tokens a cluster keeps depends on later tokens.)"""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, vocab_size, (1, seq_length), generator=g)
+    b = a.clone()
+    half = seq_length // 2
+    b[:, half:] = torch.randint(0, vocab_size, (1, seq_length - half), generator=g)
+    was_training = model.training
+    model.eval()
+    la, lb = model(a)[0][:, :half], model(b)[0][:, :half]
+    model.train(was_training)
+    return bool(torch.allclose(la, lb, atol=1e-5, rtol=0))
+
+
+@torch.no_grad()
+def prefix_logits(model, tokens: torch.Tensor, positions) -> torch.Tensor:
+    """Logits for ``positions`` of ``tokens`` [B, n], each from a forward over the prefix that ends there only
+    (what generation would see) -> [B, len(positions), vocab]."""
+    was_training = model.training
+    model.eval()
+    out = torch.stack([model(tokens[:, : p + 1])[0][:, -1] for p in positions], dim=1)
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def retrieval_prefix_metrics(model, eval_set) -> dict:
+    """:func:`retrieval_metrics` with every answer's logits from its prefix alone: the honest number for a model
+    that is not causal. Answers sit at the same positions in every row."""
+    loss_sum, correct, count = 0.0, 0, 0
+    for tokens, answers in eval_set:
+        positions = answers[0].nonzero().squeeze(1).tolist()
+        if not bool((answers == answers[:1]).all()):
+            raise ValueError("answer positions differ between rows")
+        logits = prefix_logits(model, tokens[:, :-1], positions).float()
+        targets = tokens[:, 1:][:, positions]
+        loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        correct += int((logits.argmax(-1) == targets).sum())
+        count += targets.numel()
+    return {"answer_loss": loss_sum / count, "answer_acc": correct / count}
+
+
+def run_retrieval(study: Study, variant: str, log) -> dict:
+    spec = study.retrieval
+    task = spec.task
+    cfg = model_config(study, "retrieval", variant, task.vocab_size)
+    torch.manual_seed(study.seed)
+    model = RoutingTransformerLM(cfg)
+    params = count_parameters(model)
+    g_train = torch.Generator().manual_seed(study.seed + 1)  # the same batches for every variant
+    g_eval = torch.Generator().manual_seed(study.seed + 2)
+    eval_set = [task.sample(spec.eval.batch_size, g_eval) for _ in range(spec.eval.batches)]
+    if spec.train.kmeans_init == "data":
+        g_init = torch.Generator().manual_seed(study.seed + 3)
+        init_centroids_from_data(model, task.sample(spec.train.batch_size, g_init)[0][:, :-1], g_init)
+
+    schedule = [(p.steps, p.seq_length, p.batch_size) for p in spec.train.curriculum]
+    schedule.append((spec.train.steps, task.seq_length, spec.train.batch_size))
+    bounds = [sum(s[0] for s in schedule[: i + 1]) for i in range(len(schedule))]
+
+    def next_batch(step):
+        _, n, b = schedule[next(i for i, end in enumerate(bounds) if step < end)]
+        tokens, answers = task.sample(b, g_train, seq_length=n)
+        return tokens, (answers if spec.train.loss == "answers" else None)
+
+    out = train_loop(model, spec.train, next_batch, lambda: retrieval_metrics(model, eval_set), spec.eval.every,
+                     log, variant)
+    g_control = torch.Generator().manual_seed(study.seed + 4)
+    control_set = [(task.corrupt_definitions(tokens, g_control), answers) for tokens, answers in eval_set]
+    out["control"] = retrieval_metrics(model, control_set)
+    out["causal"] = is_causal(model, task.vocab_size, min(task.seq_length, 512), study.seed)
+    if not out["causal"]:  # the full-sequence numbers may use later tokens: score each answer from its prefix
+        out["final_prefix_only"] = retrieval_prefix_metrics(model, eval_set)
+        log(f"  {variant:>16} not causal; answers scored from their prefix only: "
+            f"acc {out['final_prefix_only']['answer_acc']:.4f} loss {out['final_prefix_only']['answer_loss']:.4f}")
+    return {"params": params, "model": asdict(cfg), **out}
+
+
+def prepare_text(study: Study, out_dir: Path, log) -> dict:
+    """Corpus -> bytes-tokenizer shards with a manifest (rebuilt each run; a few seconds for a few MB)."""
+    from .data import build_demo_corpus, preprocess
+
+    spec = study.text
+    if spec.corpus.dir:
+        corpus_dir, info = Path(spec.corpus.dir), {"dir": spec.corpus.dir}
+    else:
+        corpus_dir = out_dir / "corpus"
+        info = build_demo_corpus(corpus_dir, max_bytes=int(spec.corpus.max_mb * 2 ** 20))
+    summary = preprocess([str(corpus_dir)], str(out_dir / "shards" / "text"), tokenizer="bytes",
+                         seq_length=spec.seq_length, workers=1, progress=False, overwrite=True, log=lambda *_: None)
+    splits = {k: v.get("samples") for k, v in summary["manifest"].get("splits", {}).items()}
+    log(f"text: corpus {corpus_dir} ({info.get('bytes', 0) / 2 ** 20:.1f} MB), samples per split {splits}")
+    return {"manifest_path": summary["manifest_path"], "corpus": info, "samples": splits}
+
+
+def run_text(study: Study, variant: str, manifest_path: str, log) -> dict:
+    from .data import ShardLoader, load_manifest
+    from .evaluate import bytes_per_token, evaluate, with_bytes
+
+    spec = study.text
+    manifest = load_manifest(manifest_path)
+    train = ShardLoader(manifest_path, "train", spec.train.batch_size, num_workers=0, seed=study.seed,
+                        shuffle=True, shuffle_buffer=256, policy="drop")
+    cfg = model_config(study, "text", variant, train.vocab_size)
+    torch.manual_seed(study.seed)
+    model = RoutingTransformerLM(cfg)
+    params = count_parameters(model)
+    bpt = bytes_per_token(manifest, "validation")
+    if spec.train.kmeans_init == "data":  # from the first training batch, read by a loader of its own
+        first = next(iter(ShardLoader(manifest_path, "train", spec.train.batch_size, num_workers=0, seed=study.seed,
+                                      shuffle=True, shuffle_buffer=256, policy="drop")))
+        init_centroids_from_data(model, first[:, :-1], torch.Generator().manual_seed(study.seed + 3))
+
+    def batches_forever():
+        while True:
+            yield from train
+
+    stream = batches_forever()
+
+    def next_batch(step):
+        return next(stream), None
+
+    def evaluate_fn():
+        val = ShardLoader(manifest_path, "validation", spec.eval.batch_size, num_workers=0, seed=study.seed,
+                          shuffle=False, policy="wrap")  # fresh each time: the same first batches
+        m = with_bytes(evaluate(model, val, max_batches=spec.eval.batches), bpt)
+        return {"val_loss": m["loss"], "val_bpb": m.get("bits_per_byte", m["bits_per_token"])}
+
+    out = train_loop(model, spec.train, next_batch, evaluate_fn, spec.eval.every, log, variant)
+    out["causal"] = is_causal(model, train.vocab_size, min(spec.seq_length, 512), study.seed)
+    out["sampled"] = text_sampled_bpb(model, manifest_path, spec, study.seed, bpt, prefix_only=not out["causal"])
+    return {"params": params, "model": asdict(cfg), **out}
+
+
+@torch.no_grad()
+def text_sampled_bpb(model, manifest_path: str, spec: TextSpec, seed: int, bpt: Optional[float],
+                     prefix_only: bool) -> dict:
+    """Validation bits/byte at ``spec.eval.sampled_positions`` positions per sample, spread over the sequence (the
+    same for every variant). With ``prefix_only`` each position's logits come from a forward over its prefix alone;
+    otherwise from the full-sequence forward, which is the same thing for a causal model."""
+    from .data import ShardLoader
+
+    n = spec.seq_length
+    k = spec.eval.sampled_positions
+    positions = sorted({int(round(x)) for x in torch.linspace(n / k, n - 1, k).tolist()})
+    val = ShardLoader(manifest_path, "validation", spec.eval.batch_size, num_workers=0, seed=seed, shuffle=False,
+                      policy="wrap")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    it = iter(val)
+    for _ in range(min(spec.eval.batches, len(val))):
+        batch = next(it)
+        inputs, targets = batch[:, :-1], batch[:, 1:][:, positions]
+        logits = prefix_logits(model, inputs, positions) if prefix_only else model(inputs)[0][:, positions]
+        total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 reduction="sum").item()
+        count += targets.numel()
+    model.train(was_training)
+    bits = total / count / math.log(2)
+    return {"positions_per_sample": len(positions), "tokens": count, "prefix_only": prefix_only,
+            "val_bpb": bits / bpt if bpt else bits}
+
+
+# ----------------------------------------------------------------------------------------------- reports
+
+
+def _load() -> Optional[list[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def write_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("retrieval", "answer_acc", "retrieval: answer accuracy"),
+              ("retrieval", "answer_loss", "retrieval: answer loss (nats)"),
+              ("text", "val_bpb", "text: validation bits/byte")]
+    panels = [p for p in panels if results["tasks"].get(p[0])]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
+    for ax, (task, key, title) in zip(axes[0], panels):
+        for name, r in results["tasks"][task].items():
+            ax.plot([e["step"] for e in r["eval"]], [e[key] for e in r["eval"]], marker="o", ms=3, label=name)
+        if key == "answer_acc":
+            chance = 1.0 / results["config"]["retrieval"]["task"]["num_values"]
+            ax.axhline(chance, color="gray", ls=":", lw=1, label="chance")
+        if task == "retrieval":
+            short = sum(p["steps"] for p in results["config"]["retrieval"]["train"]["curriculum"])
+            if short:
+                ax.axvline(short, color="gray", ls="--", lw=1, label="curriculum ends")
+        ax.set_title(title + (" (full-sequence eval)" if task == "retrieval" else ""), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _steps_text(tr: dict, full_length: Optional[int] = None) -> str:
+    phases = [f"{p['steps']} x {p['batch_size']} at {p['seq_length']}" for p in tr.get("curriculum") or []]
+    main = f"{tr['steps']} x {tr['batch_size']}" + (f" at {full_length}" if full_length else "")
+    return " then ".join(phases + [main]) + " (steps x sequences)"
+
+
+def markdown_report(results: dict) -> str:
+    cfg = results["config"]
+    env = results["environment"]
+    lines = ["# Routing vs local vs dense attention: small-scale study", "",
+             f"Finished {results['finished']}, {results['wall_s']:.0f} s in all (torch {env['torch']}, "
+             f"{cfg['threads']} threads on {env['cpus']} CPUs, load average at start {env['load_start']}, "
+             f"at end {env['load_end']}). Seed {cfg['seed']}.", ""]
+    notes = []
+    r = results["tasks"].get("retrieval")
+    if r:
+        t = cfg["retrieval"]["task"]
+        ev = cfg["retrieval"]["eval"]
+        lines += ["## Long-range retrieval", "",
+                  f"{t['num_pairs']} key/value definitions (`{t['order']}`) open each {t['seq_length']}-token "
+                  f"sequence, {t['num_filler']} filler symbols follow, {t['num_queries']} queries `key value` close "
+                  f"it: every answer is at least {results['retrieval_min_distance']} positions after its "
+                  f"definition; local attention reaches at most {results['local_reach']} back. Chance: accuracy "
+                  f"{1 / t['num_values']:.3f}, loss {math.log(t['num_values']):.3f}. Training: "
+                  f"{_steps_text(cfg['retrieval']['train'], t['seq_length'])}, answer tokens only. Evaluation: "
+                  f"{ev['batches'] * ev['batch_size'] * t['num_queries']} answers in "
+                  f"{ev['batches'] * ev['batch_size']} held-out {t['seq_length']}-token sequences.", "",
+                  "| variant | params | steps | causal | answer acc | answer loss | best acc (step) | "
+                  "acc, definitions re-drawn | train s |",
+                  "|---|---:|---:|:---:|---:|---:|---:|---:|---:|"]
+        for name, v in r.items():
+            fin = v.get("final_prefix_only", v["final"])
+            best = max(v["eval"], key=lambda e: e["answer_acc"])
+            mark = "" if v["causal"] else " *"
+            lines.append(f"| {name} | {v['params']:,} | {v['final']['step']} | {'yes' if v['causal'] else 'no'} | "
+                         f"{fin['answer_acc']:.3f}{mark} | {fin['answer_loss']:.3f}{mark} | "
+                         f"{best['answer_acc']:.3f} ({best['step']}) | {v['control']['answer_acc']:.3f} | "
+                         f"{v['wall_s']:.0f} |")
+            if not v["causal"]:
+                notes.append(f"\\* `{name}` is not causal (which earlier tokens a cluster keeps depends on later "
+                             f"tokens): its answers are scored from their prefix alone. With the full sequence "
+                             f"visible it scores acc {v['final']['answer_acc']:.3f}, loss "
+                             f"{v['final']['answer_loss']:.3f}; the curves show full-sequence numbers.")
+        notes.append("Control: *acc, definitions re-drawn* scores the same held-out sequences after drawing new values "
+                     "for their definitions (the queries keep the old answers): a model that reads its answers from "
+                     "the definitions falls to chance there.")
+        lines += [""] + notes + [""]
+    x = results["tasks"].get("text")
+    if x:
+        tr = cfg["text"]["train"]
+        ev = cfg["text"]["eval"]
+        corpus = results["text_data"]["corpus"]
+        k = next(iter(x.values()))["sampled"]["positions_per_sample"]
+        lines += ["## Real text (bytes tokenizer)", "",
+                  f"Corpus: {corpus.get('dir')} ({corpus.get('bytes', 0) / 2 ** 20:.1f} MB of this machine's Python "
+                  f"sources and docs), samples per split {results['text_data']['samples']}; "
+                  f"{cfg['text']['seq_length']}-byte samples; training {_steps_text(tr)}; validation on the first "
+                  f"{ev['batches'] * ev['batch_size']} validation samples.", "",
+                  f"| variant | params | steps | causal | val bits/byte | val bits/byte, {k} positions/sample, "
+                  f"prefix only | train s |", "|---|---:|---:|:---:|---:|---:|---:|"]
+        for name, v in x.items():
+            mark = "" if v["causal"] else " *"
+            lines.append(f"| {name} | {v['params']:,} | {v['final']['step']} | {'yes' if v['causal'] else 'no'} | "
+                         f"{v['final']['val_bpb']:.4f}{mark} | {v['sampled']['val_bpb']:.4f} | {v['wall_s']:.0f} |")
+        if any(not v["causal"] for v in x.values()):
+            lines += ["", "\\* not causal: the full-sequence number may use later bytes; compare the prefix-only "
+                      "column (for causal variants it is their full-sequence logits at the same positions)."]
+        lines.append("")
+    lines += ["## Variants", "", "Each task's `model` block (in `config` of results.json) plus:", ""]
+    for name, over in cfg["variants"].items():
+        lines.append(f"- `{name}`: `{json.dumps(over)}`")
+    lines += ["", "## Rerun", "", "```", results["command"], "```", "",
+              "Every key of the study is in results.json under `config`; the same YAML scales up, e.g. "
+              "`--set retrieval.task.seq_length=4096 --set retrieval.train.steps=2000 --set threads=16`.", ""]
+    return "\n".join(lines)
+
+
+def run_study(study: Study, out_dir, command: str = "", variants: Optional[list[str]] = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Train every variant on every task; write results.json, results.md and curves.png under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(study.threads)
+    names = list(variants or study.variants)
+    unknown = [v for v in names if v not in study.variants]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; the config defines {list(study.variants)}")
+    t0 = time.time()
+    results: dict[str, Any] = {
+        "command": command, "config": study.to_dict(), "variants": names,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                        "load_start": _load()},
+        "tasks": {}}
+    if "retrieval" in study.tasks:
+        task = study.retrieval.task
+        local_w = [model_config(study, "retrieval", v, task.vocab_size) for v in names]
+        reach = max(2 * (c.local_window_size or c.window_size) - 1 for c in local_w)
+        results["retrieval_min_distance"] = task.min_distance()
+        results["local_reach"] = reach
+        if task.min_distance() <= reach:
+            log(f"warning: queries are only {task.min_distance()} positions from their definitions, within the "
+                f"local reach ({reach}): local attention can answer them")
+        log(f"retrieval: {task.seq_length} tokens, vocab {task.vocab_size}, answers >= {task.min_distance()} "
+            f"positions back (local reach {reach})")
+        results["tasks"]["retrieval"] = {}
+        for v in names:
+            results["tasks"]["retrieval"][v] = run_retrieval(study, v, log)
+    if "text" in study.tasks:
+        data = prepare_text(study, out_dir, log)
+        results["text_data"] = data
+        results["tasks"]["text"] = {}
+        for v in names:
+            results["tasks"]["text"][v] = run_text(study, v, data["manifest_path"], log)
+    results["wall_s"] = round(time.time() - t0, 1)
+    results["environment"]["load_end"] = _load()
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    write_plot(results, out_dir / "curves.png")
+    (out_dir / "results.md").write_text(markdown_report(results))
+    return results
+
+
+def command_line(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + argv)

@@ -1,0 +1,140 @@
+"""The routing-vs-local study: task generator, study config, centroid seeding, causality probe, and the --quick
+pipeline end to end (it checks that every output is written for every variant, not what the numbers are)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rtdist.config import ConfigError, ModelConfig
+from rtdist.experiments import (RetrievalTask, init_centroids_from_data, is_causal, load_study, lr_at,
+                                retrieval_metrics, retrieval_prefix_metrics)
+from rtdist.model import RoutingTransformerLM
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "configs" / "experiments" / "default.yaml"
+
+
+@pytest.mark.parametrize("order", ["value_key", "key_value"])
+def test_retrieval_task_layout(order):
+    task = RetrievalTask(seq_length=256, num_pairs=6, num_keys=8, num_values=5, num_filler=10, num_queries=4,
+                         order=order)
+    tokens, answers = task.sample(3, torch.Generator().manual_seed(0))
+    assert tokens.shape == (3, 257) and answers.shape == (3, 256) and tokens.dtype == torch.int64
+    K0, V0 = task.num_filler, task.num_filler + task.num_keys
+    k_off, v_off = (1, 0) if order == "value_key" else (0, 1)
+    for b in range(3):
+        keys, values = tokens[b, k_off:12:2], tokens[b, v_off:12:2]
+        assert ((keys >= K0) & (keys < V0)).all() and len(set(keys.tolist())) == 6  # distinct keys
+        assert ((values >= V0) & (values < task.vocab_size)).all()
+        filler = tokens[b, 12: task.query_start()]
+        assert (filler < K0).all()
+        pos = answers[b].nonzero().squeeze(1).tolist()
+        assert len(pos) == 4 and pos[0] == task.query_start()
+        asked = set()
+        for p in pos:
+            key, answer = tokens[b, p].item(), tokens[b, p + 1].item()  # input at p, its target at p + 1
+            i = keys.tolist().index(key)
+            assert answer == values[i].item() and key not in asked  # right value; every key asked at most once
+            asked.add(key)
+        assert task.min_distance() == task.query_start() - 11
+    again = task.sample(3, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], tokens) and torch.equal(again[1], answers)  # a seed fixes the data
+    control = task.corrupt_definitions(tokens, torch.Generator().manual_seed(5))
+    changed = (control != tokens).nonzero()[:, 1]
+    assert set(changed.tolist()) <= set(range(v_off, 12, 2)) and len(changed) > 0  # only definition values move
+    assert ((control[:, v_off:12:2] >= V0) & (control[:, v_off:12:2] < task.vocab_size)).all()
+    short, short_answers = task.sample(2, torch.Generator().manual_seed(1), seq_length=64)
+    assert short.shape == (2, 65) and short_answers.sum() == 8
+
+
+def test_study_config_checks_name_the_key():
+    study = load_study(DEFAULT)
+    assert set(study.variants) == {"local", "routing_causal", "routing_topk", "dense"}
+    assert study.retrieval.task.min_distance() > 2 * study.retrieval.model["local_window_size"]
+    with pytest.raises(ConfigError, match="retrieval.model.*n_local_heads"):
+        load_study(DEFAULT, ["retrieval.model.n_local_heads=2"])
+    with pytest.raises(ConfigError, match="num_queries"):
+        load_study(DEFAULT, ["retrieval.task.num_queries=9"])
+    with pytest.raises(ConfigError, match=r"curriculum\[0\].*divisible"):
+        load_study(DEFAULT, ["retrieval.train.curriculum=[{steps: 1, seq_length: 200, batch_size: 1}]"])
+    with pytest.raises(ConfigError, match="tasks"):
+        load_study(DEFAULT, ["tasks=[retrieval, images]"])
+    with pytest.raises(ConfigError, match="vocab_size"):
+        load_study(DEFAULT, ["variants.local.vocab_size=100"])
+
+
+def test_lr_schedule_spans_curriculum_and_steps():
+    spec = load_study(DEFAULT).retrieval.train
+    total = spec.total_steps
+    assert total == sum(p.steps for p in spec.curriculum) + spec.steps
+    assert lr_at(0, spec) < lr_at(spec.warmup, spec) == pytest.approx(spec.lr, rel=1e-2)
+    assert lr_at(total - 1, spec) == pytest.approx(spec.min_lr, rel=1e-2)
+
+
+def _tiny(mode="causal", clusters=8):
+    torch.manual_seed(0)
+    return RoutingTransformerLM(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, n_local_attn_heads=1,
+                                            window_size=16, num_clusters=clusters, routing_mode=mode))
+
+
+def test_centroids_seeded_from_data_spread_the_tokens():
+    model = _tiny()
+    task = RetrievalTask(seq_length=128, num_keys=8, num_values=8, num_filler=24)
+    tokens = task.sample(4, torch.Generator().manual_seed(0))[0][:, :-1]
+    init_centroids_from_data(model, tokens, torch.Generator().manual_seed(0))
+    assert model.training  # restored
+    for km in model.kmeans_modules():
+        assert bool(km.initted) and torch.allclose(km.means.norm(dim=-1), torch.ones(km.means.shape[:2]))
+        assert torch.equal(km.ema_sums, km.means) and km.step_counts.sum() == 0  # no statistics left behind
+    seen = {}
+    km = model.kmeans_modules()[-1]
+    orig = km.assign
+    km.assign = lambda r, valid=None, sims=None: seen.setdefault("c", orig(r, valid, sims)) or seen["c"]
+    with torch.no_grad():
+        model.eval()
+        model(tokens)
+    del km.assign
+    clusters = seen["c"][0]  # [B, H, n]
+    biggest = torch.stack([torch.bincount(c, minlength=8).max() for c in clusters.reshape(-1, 128)]).float()
+    assert biggest.mean() < 0.5 * 128  # k-means++ seeds: no cluster swallows the sequence
+
+
+def test_causality_probe_and_prefix_scoring():
+    causal, topk = _tiny("causal"), _tiny("topk")
+    assert is_causal(causal, 40, 64) and not is_causal(topk, 40, 64)
+    task = RetrievalTask(seq_length=64, num_pairs=4, num_keys=8, num_values=8, num_filler=24, num_queries=4)
+    eval_set = [task.sample(2, torch.Generator().manual_seed(3))]
+    full, prefix = retrieval_metrics(causal, eval_set), retrieval_prefix_metrics(causal, eval_set)
+    assert full["answer_loss"] == pytest.approx(prefix["answer_loss"], abs=1e-4)  # causal: the same numbers
+    assert full["answer_acc"] == prefix["answer_acc"]
+
+
+def test_quick_study_writes_every_output(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import experiment
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    out = tmp_path / "study"
+    assert experiment.main(["--quick", "--out", str(out)]) == 0
+    for name in ("results.json", "results.md", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    variants = ["local", "routing_causal", "routing_topk", "dense"]
+    assert results["variants"] == variants
+    assert "--quick" in results["command"] and results["config"]["seed"] == 0
+    for task, metric in (("retrieval", "answer_acc"), ("text", "val_bpb")):
+        assert list(results["tasks"][task]) == variants
+        for v in variants:
+            r = results["tasks"][task][v]
+            assert r["params"] > 0 and r["final"]["step"] == r["train"][-1]["step"] and metric in r["final"]
+            assert task == "text" or "answer_acc" in r["control"]
+    assert results["tasks"]["retrieval"]["routing_topk"]["causal"] is False
+    assert "final_prefix_only" in results["tasks"]["retrieval"]["routing_topk"]
+    assert results["tasks"]["retrieval"]["routing_causal"]["causal"] is True
+    md = (out / "results.md").read_text()
+    assert "## Long-range retrieval" in md and "## Real text" in md and "python tools/experiment.py" in md
+    assert all(f"| {v} |" in md for v in variants)
