@@ -645,7 +645,8 @@ def markdown_report(results: dict) -> str:
         notes.append("Control: *acc, definitions re-drawn* scores the same held-out sequences after drawing new values "
                      "for their definitions (the queries keep the old answers): a model that reads its answers from "
                      "the definitions falls to chance there.")
-        lines += [""] + notes + [""]
+        for note in notes:
+            lines += [note, ""]
     x = results["tasks"].get("text")
     if x:
         tr = cfg["text"]["train"]
