@@ -90,6 +90,10 @@ class TrainConfig:
     zero_stage: int = 0
     max_nonfinite_steps: int = 5
     dist_timeout_s: int = 300
+    # Initial routing centroids: "random" unit vectors, or "data": k-means++ on the routing vectors of rank 0's
+    # first micro-batch, shared with every rank (not on resume: the checkpoint holds the centroids). The
+    # small-scale study (tools/experiment.py) needed "data" for routing to learn long-range retrieval.
+    kmeans_init: Literal["random", "data"] = "random"
 
 
 @dataclass

@@ -198,6 +198,13 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     return t
 
 
+def broadcast(t: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
+    """In place: every rank gets rank ``src``'s ``t``; a no-op in a single process."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.broadcast(t, src=src, group=group)
+    return t
+
+
 def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)

@@ -277,65 +277,6 @@ def lr_at(step: int, spec: TrainSpec) -> float:
     return spec.min_lr + 0.5 * (spec.lr - spec.min_lr) * (1 + math.cos(math.pi * t))
 
 
-def _kmeans_pp(x: torch.Tensor, k: int, g: torch.Generator, iters: int = 10) -> torch.Tensor:
-    """Spherical k-means on unit rows ``x`` [N, d]: k-means++ seeds, then ``iters`` Lloyd steps -> [k, d]."""
-    N = x.shape[0]
-    first = int(torch.randint(N, (1,), generator=g))
-    idx = [first]
-    dist = (2 - 2 * x @ x[first]).clamp(min=0)
-    for _ in range(1, k):
-        total = dist.sum()
-        p = dist / total if total > 0 else torch.full_like(dist, 1.0 / N)
-        i = int(torch.multinomial(p, 1, generator=g))
-        idx.append(i)
-        dist = torch.minimum(dist, (2 - 2 * x @ x[i]).clamp(min=0))
-    c = x[idx].clone()
-    for _ in range(iters):
-        a = (x @ c.T).argmax(dim=1)
-        s = torch.zeros_like(c).index_add_(0, a, x)
-        norm = s.norm(dim=1, keepdim=True)
-        c = torch.where(norm > 1e-6, s / norm.clamp(min=1e-6), c)
-    return c
-
-
-@torch.no_grad()
-def init_centroids_from_data(model: RoutingTransformerLM, tokens: torch.Tensor, generator: torch.Generator,
-                             max_vectors: int = 8192) -> None:
-    """Seed every routing layer's centroids from the routing vectors of ``tokens`` [B, n].
-
-    Layer by layer (a layer's routing vectors depend on the centroids below it): one forward in eval mode (so no
-    k-means statistics accumulate) records the layer's routing vectors; k-means++ seeding and Lloyd steps on them
-    give the centroids, which become the k-means state as if it had already been initialised."""
-    kms = model.kmeans_modules()
-    if not kms:
-        return
-    was_training = model.training
-    model.eval()
-    try:
-        for km in kms:
-            seen = {}
-
-            def recording(r, _orig=km.similarities, _seen=seen):
-                _seen.setdefault("r", r)
-                return _orig(r)
-
-            km.similarities = recording  # instance attribute shadows the method for this forward only
-            try:
-                model(tokens)
-            finally:
-                del km.similarities
-            r = seen["r"]  # [B, H, n, d]
-            for h in range(r.shape[1]):
-                x = F.normalize(r[:, h].reshape(-1, r.shape[-1]).float(), dim=-1)
-                x = x[torch.randperm(x.shape[0], generator=generator)[:max_vectors]]
-                km.means[h] = _kmeans_pp(x, km.num_clusters, generator)
-            km.ema_sums.copy_(km.means)
-            km.ema_counts.zero_()
-            km.initted.fill_(True)
-    finally:
-        model.train(was_training)
-
-
 def make_optimizer(model, spec: TrainSpec):
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
 
@@ -449,7 +390,7 @@ def run_retrieval(study: Study, variant: str, log) -> dict:
     eval_set = [task.sample(spec.eval.batch_size, g_eval) for _ in range(spec.eval.batches)]
     if spec.train.kmeans_init == "data":
         g_init = torch.Generator().manual_seed(study.seed + 3)
-        init_centroids_from_data(model, task.sample(spec.train.batch_size, g_init)[0][:, :-1], g_init)
+        model.init_kmeans_from_data(task.sample(spec.train.batch_size, g_init)[0][:, :-1], generator=g_init)
 
     schedule = [(p.steps, p.seq_length, p.batch_size) for p in spec.train.curriculum]
     schedule.append((spec.train.steps, task.seq_length, spec.train.batch_size))
@@ -506,7 +447,7 @@ def run_text(study: Study, variant: str, manifest_path: str, log) -> dict:
     if spec.train.kmeans_init == "data":  # from the first training batch, read by a loader of its own
         first = next(iter(ShardLoader(manifest_path, "train", spec.train.batch_size, num_workers=0, seed=study.seed,
                                       shuffle=True, shuffle_buffer=256, policy="drop")))
-        init_centroids_from_data(model, first[:, :-1], torch.Generator().manual_seed(study.seed + 3))
+        model.init_kmeans_from_data(first[:, :-1], generator=torch.Generator().manual_seed(study.seed + 3))
 
     def batches_forever():
         while True:

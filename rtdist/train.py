@@ -142,6 +142,22 @@ def drop_step(engine, model) -> None:
         engine._micro = 0
 
 
+def init_kmeans_from_first_batch(model, cfg: Config, dp_rank: int, dp_size: int, device, world_size: int) -> None:
+    """Seed the centroids from the first training micro-batch (read by a loader of its own, so the training
+    stream is unchanged) on the whole sequence, before sequence parallelism splits it; rank 0's centroids then go
+    to every rank, so all replicas start from the same ones."""
+    first = next(iter(build_loader(cfg, cfg.data.train_split, dp_rank, dp_size, train=True)))
+    model.init_kmeans_from_data(first[:, : cfg.train.seq_length].to(device),
+                                generator=torch.Generator().manual_seed(cfg.train.seed))
+    if world_size > 1:  # one flat fp32 tensor: gloo does not broadcast bool
+        bufs = [b for km in model.kmeans_modules() for b in (km.means, km.ema_sums, km.ema_counts, km.initted)]
+        flat = rdist.broadcast(torch.cat([b.detach().float().reshape(-1) for b in bufs]), src=0)
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset: offset + b.numel()].view_as(b).to(b.dtype))
+            offset += b.numel()
+
+
 def forever(loader):
     while True:
         yield from loader
@@ -164,9 +180,12 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
     seed_all(t.seed)  # same initial weights and centroids on every rank
     model = RoutingTransformerLM(cfg.model, checkpoint_every=t.checkpoint_num_layers if t.checkpoint_activations else 0,
                                  checkpoint_offload=t.checkpoint_offload).to(device)
+    loader = build_loader(cfg, cfg.data.train_split, dp_rank, dp_size, train=True)
+    resume_from = ckpt.resolve_resume(ckpt_dir, resume)
+    if t.kmeans_init == "data" and resume_from is None:
+        init_kmeans_from_first_batch(model, cfg, dp_rank, dp_size, device, info.world_size)
     if groups is not None:
         apply_sequence_parallel(model, groups)
-    loader = build_loader(cfg, cfg.data.train_split, dp_rank, dp_size, train=True)
     optim = OptimConfig(t.lr, t.min_lr, t.warmup_iters, t.train_iters, t.weight_decay, (t.adam_beta1, t.adam_beta2),
                         t.gradient_clipping)
     # Engines average gradients over the whole world (SP ranks included, see train_step), so to DeepSpeed's batch
@@ -177,7 +196,6 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
 
     step = 0
     skipped_total = 0
-    resume_from = ckpt.resolve_resume(ckpt_dir, resume)
     if resume_from is not None:
         engine.load(resume_from)
         state = ckpt.load_rank_state(resume_from)

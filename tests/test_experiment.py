@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rtdist.config import ConfigError, ModelConfig
-from rtdist.experiments import (RetrievalTask, init_centroids_from_data, is_causal, load_study, lr_at,
+from rtdist.experiments import (RetrievalTask, is_causal, load_study, lr_at,
                                 retrieval_metrics, retrieval_prefix_metrics)
 from rtdist.model import RoutingTransformerLM
 
@@ -83,7 +83,7 @@ def test_centroids_seeded_from_data_spread_the_tokens():
     model = _tiny()
     task = RetrievalTask(seq_length=128, num_keys=8, num_values=8, num_filler=24)
     tokens = task.sample(4, torch.Generator().manual_seed(0))[0][:, :-1]
-    init_centroids_from_data(model, tokens, torch.Generator().manual_seed(0))
+    model.init_kmeans_from_data(tokens, generator=torch.Generator().manual_seed(0))
     assert model.training  # restored
     for km in model.kmeans_modules():
         assert bool(km.initted) and torch.allclose(km.means.norm(dim=-1), torch.ones(km.means.shape[:2]))

@@ -190,3 +190,38 @@ def test_routing_layers_select_which_layers_route():
     model = make(tiny(n_layers=3, routing_layers=[-1]))
     assert [layer.attn.n_routing for layer in model.layers] == [0, 0, 2]
     assert len(model.kmeans_modules()) == 1
+
+
+def test_data_init_finds_the_clusters_the_vectors_form_and_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1)
+    far = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=-1)
+    r = centers[torch.arange(60) % 3] + 0.05 * torch.randn(60, 16, generator=g)
+    r = torch.cat([r, far + 0.05 * torch.randn(40, 16, generator=g)])  # 40 padding vectors elsewhere
+    valid = torch.arange(100) < 60
+    km = SphericalKMeans(num_heads=1, num_clusters=3, dim=16)
+    km.init_from_vectors(r[None, None], valid[None], generator=torch.Generator().manual_seed(1))
+    cos = km.means[0] @ centers.T  # [cluster, true center]
+    assert sorted(cos.argmax(dim=1).tolist()) == [0, 1, 2]  # one centroid per true cluster, none on the padding
+    assert bool((cos.amax(dim=1) > 0.99).all())
+    assert bool(km.initted) and torch.equal(km.ema_sums, km.means) and km.ema_counts.sum() == 0
+
+
+def test_model_data_init_seeds_each_layer_from_vectors_routed_by_the_seeded_layers_below():
+    cfg = tiny(num_clusters=4)
+    x = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3))
+    model = make(cfg).train()
+    model.init_kmeans_from_data(x, generator=torch.Generator().manual_seed(9))
+    assert model.training  # mode restored
+    kms = model.kmeans_modules()
+    assert all(bool(km.initted) and km.step_counts.sum() == 0 for km in kms)  # no statistics from the seeding pass
+    # Reference: one layer per forward, each after the layers below were seeded, one generator throughout.
+    ref = make(cfg)
+    g = torch.Generator().manual_seed(9)
+    for km in ref.kmeans_modules():
+        km.request_data_init(g)
+        with torch.no_grad():
+            ref.eval()(x)
+    for a, b in zip(kms, ref.kmeans_modules()):
+        torch.testing.assert_close(a.means, b.means, rtol=0, atol=1e-6)
+    assert not torch.allclose(kms[0].means, make(cfg).kmeans_modules()[0].means)  # moved off the random init

@@ -35,7 +35,18 @@ def init(rank, world, port):
 
 
 def spawn(fn, world, *args):
-    mp.start_processes(fn, args=(world, free_port()) + args, nprocs=world, start_method="spawn", join=True)
+    mp.start_processes(run_and_shut_down, args=(fn, world, free_port()) + args, nprocs=world, start_method="spawn",
+                       join=True)
+
+
+def run_and_shut_down(rank, fn, world, port, *args):
+    fn(rank, world, port, *args)
+    # An orderly teardown: a process that exits with gloo's threads still running can abort in C++ ("terminate
+    # called without an active exception"), which the parent sees as a failed rank.
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def trained_model(cfg, seed=0):

@@ -52,13 +52,16 @@ def losses(run_dir):
 
 
 def test_resume_mid_run_gives_the_losses_of_an_uninterrupted_run(manifest, tmp_path):
-    straight = run(train_cmd(2, manifest, tmp_path / "a", "train.train_iters=12"))
+    # With data-seeded centroids: the resumed run continues from the checkpoint's centroids.
+    straight = run(train_cmd(2, manifest, tmp_path / "a", "train.train_iters=12", "train.kmeans_init=data"))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = run(train_cmd(2, manifest, tmp_path / "b", "train.train_iters=12", "train.save_interval=6"),
+    first = run(train_cmd(2, manifest, tmp_path / "b", "train.train_iters=12", "train.save_interval=6",
+                          "train.kmeans_init=data"),
                 RTDIST_FAULT="step:7")  # killed abruptly during step 7, after the step-6 checkpoint
     assert first.returncode != 0
     assert ckpt.resolve_resume(tmp_path / "b" / "checkpoints", "auto").name == "global_step6"
-    second = run(train_cmd(2, manifest, tmp_path / "b", "train.train_iters=12", resume="auto"))
+    second = run(train_cmd(2, manifest, tmp_path / "b", "train.train_iters=12", "train.kmeans_init=data",
+                           resume="auto"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
     a = losses(tmp_path / "a")
@@ -125,3 +128,49 @@ def test_impossible_configs_fail_before_training_with_the_key_named(manifest, tm
     r = run(train_cmd(2, manifest, tmp_path, *sets), timeout=120)
     assert r.returncode != 0
     assert message in r.stderr
+
+
+def seeding_worker(rank, world, port, manifest, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import torch
+    from rtdist import dist as rdist
+    from rtdist.config import load_config
+    from rtdist.model import RoutingTransformerLM
+    from rtdist.train import build_loader, init_kmeans_from_first_batch
+    torch.set_num_threads(1)
+    rdist.init(timeout_s=60)
+    cfg = load_config("configs/tiny.yaml", [f"data.manifest={manifest}", "train.seq_length=64", "model.window_size=16",
+                                            "train.train_micro_batch_size_per_gpu=2", "train.kmeans_init=data"])
+
+    def fresh():
+        torch.manual_seed(cfg.train.seed)
+        return RoutingTransformerLM(cfg.model)
+
+    shared = fresh()
+    init_kmeans_from_first_batch(shared, cfg, rank, world, torch.device("cpu"), world)
+    own = fresh()  # what this rank alone would seed from its own first batch
+    own.init_kmeans_from_data(next(iter(build_loader(cfg, "train", rank, world, train=True)))[:, :64],
+                              generator=torch.Generator().manual_seed(cfg.train.seed))
+    torch.save({"shared": [km.means for km in shared.kmeans_modules()],
+                "initted": [bool(km.initted) for km in shared.kmeans_modules()],
+                "own": [km.means for km in own.kmeans_modules()]}, f"{out}.{rank}")
+    rdist.barrier()
+    rdist.shutdown()
+
+
+def test_data_seeded_centroids_are_rank_zeros_on_every_rank(manifest, tmp_path):
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(seeding_worker, args=(2, port, manifest, str(tmp_path / "m")), nprocs=2, start_method="spawn",
+                       join=True)
+    r0, r1 = (torch.load(tmp_path / f"m.{r}") for r in range(2))
+    assert all(r0["initted"]) and all(r1["initted"])
+    for a, b, own0, own1 in zip(r0["shared"], r1["shared"], r0["own"], r1["own"]):
+        assert torch.equal(a, b) and torch.equal(a, own0)
+        assert not torch.allclose(own0, own1)  # the ranks' batches differ: without the broadcast they would disagree

@@ -82,6 +82,39 @@ class SphericalKMeans(nn.Module):
         self.ema_counts.zero_()
         self.initted.fill_(False)
 
+    @torch.no_grad()
+    def init_from_vectors(self, r: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                          generator: Optional[torch.Generator] = None, max_vectors: int = 8192,
+                          iters: int = 10) -> None:
+        """Centroids from data: per head, k-means++ seeds and ``iters`` Lloyd steps on (at most ``max_vectors``
+        randomly chosen) routing vectors ``r`` [B, H, n, d]; padding (``valid`` False) is left out. The result is
+        the k-means state as if it had already been initialised, so the EMA continues from it.
+
+        Random unit centroids in a d-dimensional space are all far from the data, so the first Lloyd step can put
+        most tokens in a few clusters; seeds drawn from the data spread the clusters over what the tokens occupy."""
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        for h in range(self.num_heads):
+            x = r[:, h].float()
+            x = x[valid] if valid is not None else x.reshape(-1, x.shape[-1])
+            if x.shape[0] == 0:
+                raise ValueError("init_from_vectors: no valid routing vectors to seed the centroids from")
+            x = F.normalize(x, dim=-1).cpu()
+            x = x[torch.randperm(x.shape[0], generator=g)[:max_vectors]]
+            self.means[h] = kmeans_plus_plus(x, self.num_clusters, g, iters).to(self.means.device)
+        self.ema_sums.copy_(self.means)
+        self.ema_counts.zero_()
+        self.initted.fill_(True)
+
+    def request_data_init(self, generator: Optional[torch.Generator] = None, max_vectors: int = 8192) -> None:
+        """Seed the centroids from the routing vectors of the next forward (:meth:`seed_if_requested`)."""
+        self._data_init = (generator, max_vectors)
+
+    def seed_if_requested(self, r: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
+        request = getattr(self, "_data_init", None)
+        if request is not None:
+            del self._data_init
+            self.init_from_vectors(r.detach(), valid, generator=request[0], max_vectors=request[1])
+
     def similarities(self, r: torch.Tensor) -> torch.Tensor:
         """``r`` [B, H, n, d] fp32 routing vectors -> cosine scores [B, H, n, C] (fp32, autocast off)."""
         with torch.autocast(device_type=r.device.type, enabled=False):
@@ -144,3 +177,27 @@ class SphericalKMeans(nn.Module):
         self.initted.fill_(True)
         counts.zero_()
         sums.zero_()
+
+
+@torch.no_grad()
+def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 10) -> torch.Tensor:
+    """Spherical k-means on unit rows ``x`` [N, d]: k-means++ seeds (each next seed drawn with probability
+    proportional to its squared distance from the nearest seed so far), then ``iters`` Lloyd steps -> [k, d].
+    A cluster left empty by a Lloyd step keeps its centroid."""
+    N = x.shape[0]
+    first = int(torch.randint(N, (1,), generator=generator))
+    idx = [first]
+    dist = (2 - 2 * x @ x[first]).clamp(min=0)
+    for _ in range(1, k):
+        total = dist.sum()
+        p = dist / total if total > 0 else torch.full_like(dist, 1.0 / N)
+        i = int(torch.multinomial(p, 1, generator=generator))
+        idx.append(i)
+        dist = torch.minimum(dist, (2 - 2 * x @ x[i]).clamp(min=0))
+    c = x[idx].clone()
+    for _ in range(iters):
+        a = (x @ c.T).argmax(dim=1)
+        s = torch.zeros_like(c).index_add_(0, a, x)
+        norm = s.norm(dim=1, keepdim=True)
+        c = torch.where(norm > 1e-6, s / norm.clamp(min=1e-6), c)
+    return c

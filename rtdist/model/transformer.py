@@ -104,6 +104,7 @@ class RoutingAttention(nn.Module):
             qr, vr = q[:, :, L:], v[:, :, L:]
             kr = F.normalize(qr, dim=-1) if self.shared_qk else k[:, :, L:]
             r = routing_vectors(qr.transpose(1, 2))  # [B, Hr, n, d] fp32, from content only (before rotary)
+            self.kmeans.seed_if_requested(r, valid)
             sims = self.kmeans.similarities(r)
             clusters, aux = self.kmeans.assign(r, valid, sims=sims)
             if rope is not None:
@@ -201,6 +202,34 @@ class RoutingTransformerLM(nn.Module):
 
     def kmeans_modules(self) -> list[SphericalKMeans]:
         return [m for m in self.modules() if isinstance(m, SphericalKMeans)]
+
+    @torch.no_grad()
+    def init_kmeans_from_data(self, tokens: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                              generator: Optional[torch.Generator] = None, max_vectors: int = 8192) -> None:
+        """Seed every routing layer's centroids from the routing vectors of ``tokens`` [B, n] (k-means++ and Lloyd
+        steps, :meth:`SphericalKMeans.init_from_vectors`) instead of random unit vectors.
+
+        One forward in eval mode (no k-means statistics accumulate): each layer seeds itself just before it
+        assigns, so deeper layers see vectors routed by the already seeded layers below. Call it on the plain
+        model (before sequence parallelism splits the sequence); replicas must then share the result (broadcast
+        the k-means buffers) or seed from the same tokens."""
+        kms = self.kmeans_modules()
+        if not kms:
+            return
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        for km in kms:
+            km.request_data_init(g, max_vectors)
+        was_training = self.training
+        self.eval()
+        try:
+            self(tokens, valid)
+        finally:
+            self.train(was_training)
+            pending = [km for km in kms if getattr(km, "_data_init", None) is not None]
+            for km in pending:
+                del km._data_init
+        if pending:
+            raise RuntimeError(f"{len(pending)} routing layer(s) never saw routing vectors during the seeding forward")
 
     def forward(self, tokens: torch.Tensor, valid: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None):
