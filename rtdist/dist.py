@@ -198,11 +198,17 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     return t
 
 
-def broadcast(t: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
-    """In place: every rank gets rank ``src``'s ``t``; a no-op in a single process."""
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.broadcast(t, src=src, group=group)
-    return t
+def broadcast_tensors(tensors, src: int = 0, group=None) -> None:
+    """In place: every rank gets rank ``src``'s ``tensors`` (any dtypes, bool included, which gloo cannot send),
+    in one collective through a flat fp32 copy; a no-op in a single process."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return
+    flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
+    dist.broadcast(flat, src=src, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t).to(t.dtype))
+        offset += t.numel()
 
 
 def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:

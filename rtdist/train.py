@@ -142,20 +142,15 @@ def drop_step(engine, model) -> None:
         engine._micro = 0
 
 
-def init_kmeans_from_first_batch(model, cfg: Config, dp_rank: int, dp_size: int, device, world_size: int) -> None:
+def init_kmeans_from_first_batch(model, cfg: Config, dp_rank: int, dp_size: int, device) -> None:
     """Seed the centroids from the first training micro-batch (read by a loader of its own, so the training
     stream is unchanged) on the whole sequence, before sequence parallelism splits it; rank 0's centroids then go
     to every rank, so all replicas start from the same ones."""
     first = next(iter(build_loader(cfg, cfg.data.train_split, dp_rank, dp_size, train=True)))
     model.init_kmeans_from_data(first[:, : cfg.train.seq_length].to(device),
                                 generator=torch.Generator().manual_seed(cfg.train.seed))
-    if world_size > 1:  # one flat fp32 tensor: gloo does not broadcast bool
-        bufs = [b for km in model.kmeans_modules() for b in (km.means, km.ema_sums, km.ema_counts, km.initted)]
-        flat = rdist.broadcast(torch.cat([b.detach().float().reshape(-1) for b in bufs]), src=0)
-        offset = 0
-        for b in bufs:
-            b.copy_(flat[offset: offset + b.numel()].view_as(b).to(b.dtype))
-            offset += b.numel()
+    rdist.broadcast_tensors([b for km in model.kmeans_modules()
+                             for b in (km.means, km.ema_sums, km.ema_counts, km.initted)], src=0)
 
 
 def forever(loader):
@@ -183,7 +178,7 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
     loader = build_loader(cfg, cfg.data.train_split, dp_rank, dp_size, train=True)
     resume_from = ckpt.resolve_resume(ckpt_dir, resume)
     if t.kmeans_init == "data" and resume_from is None:
-        init_kmeans_from_first_batch(model, cfg, dp_rank, dp_size, device, info.world_size)
+        init_kmeans_from_first_batch(model, cfg, dp_rank, dp_size, device)
     if groups is not None:
         apply_sequence_parallel(model, groups)
     optim = OptimConfig(t.lr, t.min_lr, t.warmup_iters, t.train_iters, t.weight_decay, (t.adam_beta1, t.adam_beta2),
