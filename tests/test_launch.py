@@ -65,15 +65,6 @@ def run(cmd, timeout=180, cwd=ROOT, **extra):
     return r
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    from rtdist.data import build_demo_corpus, preprocess
-    d = tmp_path_factory.mktemp("data")
-    build_demo_corpus(d / "corpus", max_bytes=1 << 20, book_bytes=64 << 10)
-    return preprocess([str(d / "corpus")], str(d / "shards" / "demo"), seq_length=64, progress=False,
-                      log=lambda *a, **k: None)["manifest_path"]
-
-
 def train_args(manifest, run_dir, iters=4):
     return ["-m", "rtdist.train", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
             "--set", f"data.manifest={manifest}", "--set", "train.seq_length=64", "--set", "model.window_size=16",

@@ -37,15 +37,6 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    from rtdist.data import build_demo_corpus, preprocess
-    d = tmp_path_factory.mktemp("data")
-    build_demo_corpus(d / "corpus", max_bytes=1 << 20, book_bytes=64 << 10)
-    return preprocess([str(d / "corpus")], str(d / "shards" / "demo"), seq_length=64, progress=False,
-                      log=lambda *a, **k: None)["manifest_path"]
-
-
 def job_env(run_dir, **extra):
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_"))
          and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}

@@ -13,16 +13,6 @@ from rtdist import checkpoint as ckpt
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    from rtdist.data import build_demo_corpus, preprocess
-    d = tmp_path_factory.mktemp("data")
-    build_demo_corpus(d / "corpus", max_bytes=1 << 20, book_bytes=64 << 10)
-    summary = preprocess([str(d / "corpus")], str(d / "shards" / "demo"), seq_length=64, progress=False,
-                         log=lambda *a, **k: None)
-    return summary["manifest_path"]
-
-
 def env(**extra):
     e = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
     e.update(extra)

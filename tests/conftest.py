@@ -1,0 +1,13 @@
+"""Fixtures shared by several test modules."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def manifest(tmp_path_factory):
+    """A 1 MB local corpus (build_demo_corpus) preprocessed into 64-token byte shards; the manifest's path.
+    Tests only read it."""
+    from rtdist.data import build_demo_corpus, preprocess
+    d = tmp_path_factory.mktemp("data")
+    build_demo_corpus(d / "corpus", max_bytes=1 << 20, book_bytes=64 << 10)
+    return preprocess([str(d / "corpus")], str(d / "shards" / "demo"), seq_length=64, progress=False,
+                      log=lambda *a, **k: None)["manifest_path"]
