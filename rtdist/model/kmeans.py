@@ -65,6 +65,8 @@ class SphericalKMeans(nn.Module):
         # Statistics of the current step; transient, so not part of checkpoints.
         self.register_buffer("step_sums", torch.zeros(num_heads, num_clusters, dim), persistent=False)
         self.register_buffer("step_counts", torch.zeros(num_heads, num_clusters), persistent=False)
+        # (generator, max_vectors) while a seeding from the next forward's routing vectors is pending
+        self._data_init: Optional[tuple] = None
 
     def _apply(self, fn, recurse=True):
         # Keep every k-means buffer fp32 whatever .half()/.bfloat16()/DeepSpeed does to the module.
@@ -110,9 +112,8 @@ class SphericalKMeans(nn.Module):
         self._data_init = (generator, max_vectors)
 
     def seed_if_requested(self, r: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
-        request = getattr(self, "_data_init", None)
+        request, self._data_init = self._data_init, None
         if request is not None:
-            del self._data_init
             self.init_from_vectors(r.detach(), valid, generator=request[0], max_vectors=request[1])
 
     def similarities(self, r: torch.Tensor) -> torch.Tensor:

@@ -225,9 +225,9 @@ class RoutingTransformerLM(nn.Module):
             self(tokens, valid)
         finally:
             self.train(was_training)
-            pending = [km for km in kms if getattr(km, "_data_init", None) is not None]
+            pending = [km for km in kms if km._data_init is not None]
             for km in pending:
-                del km._data_init
+                km._data_init = None
         if pending:
             raise RuntimeError(f"{len(pending)} routing layer(s) never saw routing vectors during the seeding forward")
 
