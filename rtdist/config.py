@@ -16,8 +16,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key."""
+from .errors import ConfigError  # noqa: F401  (re-exported: callers catch it from here)
 
 
 @dataclass

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .errors import LaunchError
+
 
 @dataclass
 class DistInfo:
@@ -65,7 +67,7 @@ def slurm_master_port(job_id: Optional[str] = None, base: int = 20000, span: int
     return base + int(job_id) % span if job_id.isdigit() else 29500
 
 
-class DiscoveryError(RuntimeError):
+class DiscoveryError(LaunchError):
     """Launch variables that contradict each other (a rank outside the world, ...)."""
 
 

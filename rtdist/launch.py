@@ -41,14 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
+from .errors import LaunchError
+
 DEFAULT_PORT = 29500
 DEFAULT_HOSTFILE = "/job/hostfile"  # DeepSpeed's default
 LAUNCHERS = ("auto", "local", "slurm", "pdsh", "openmpi", "mpich")
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "NODE_RANK")
-
-
-class LaunchError(RuntimeError):
-    """A mistake in the launch request or the environment, with a message that says how to fix it."""
 
 
 # ----------------------------------------------------------------------------------------------- hostfiles

@@ -25,14 +25,11 @@ import yaml
 from . import checkpoint as ckpt
 from . import dist as rdist
 from .config import Config, ConfigError, check_world, load_config
+from .errors import TrainingError
 from .evaluate import bytes_per_token, evaluate, with_bytes
 from .model import RoutingTransformerLM, count_parameters, lm_loss
 from .parallel.engines import OptimConfig, build_engine
 from .parallel.sequence import apply_sequence_parallel, build_groups, local_slice
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 class StopSignal:

@@ -19,20 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CorruptShardError, DataError  # noqa: F401  (re-exported)
+
 FORMAT = "rtdist-shards/1"
 MEMBER_SUFFIX = ".tokens.npy"
 FIXED_MTIME = 946684800  # 2000-01-01 UTC: same bytes on every run
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tar files are padded to whole records
 SHARD_RE = r"(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{6})\.tar"
-
-
-class DataError(Exception):
-    """Bad input, bad flags or bad shards: the message says what and where (no traceback needed)."""
-
-
-class CorruptShardError(DataError):
-    """A shard does not match its manifest (truncated, overwritten, not a tar of our layout)."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -1,0 +1,114 @@
+"""The errors a user can fix, and the one place that turns them into one line at every command-line entry point.
+
+Every class below carries a message that says what is wrong, where (the file, key or rank) and what would be
+right. ``cli_main`` prints it as ``error: <message>`` and exits 2; the OS errors users meet (a missing file, a full
+disk, no permission) get the same treatment with the path named. Anything else is a bug in rtdist and keeps its
+traceback. ``--debug`` (or ``RTDIST_DEBUG=1``) shows the traceback of every error.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import traceback
+from typing import Callable, Optional, Sequence
+
+
+class RtdistError(Exception):
+    """A mistake in the input, the configuration or the environment; the message names it and the fix."""
+
+
+class ConfigError(RtdistError, ValueError):
+    """A configuration value that cannot work; the message names the key (``model.window_size``)."""
+
+
+class DataError(RtdistError):
+    """Bad input, bad flags or bad shards: the message says what and where."""
+
+
+class CorruptShardError(DataError):
+    """A shard does not match its manifest (truncated, overwritten, not a tar of our layout)."""
+
+
+class CheckpointError(RtdistError):
+    """A checkpoint that is missing, incomplete, corrupt or written for another model or world."""
+
+
+class LaunchError(RtdistError):
+    """A mistake in the launch request or the launch environment (hostfile, SLURM variables, ports)."""
+
+
+class PeerTimeoutError(RtdistError):
+    """Another rank stopped answering: a collective or a step did not finish within ``train.dist_timeout_s``."""
+
+
+class TrainingError(RtdistError):
+    """Training cannot go on (non-finite losses in a row, ...)."""
+
+
+# OS errors whose cause is the user's environment, with what to do about each.
+_OS_FIXES = {
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "expected a file, got a folder",
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.ENOSPC: "no space left on the device: free space or write somewhere else",
+    errno.EDQUOT: "disk quota exceeded: free space or write somewhere else",
+    errno.EEXIST: "remove it or pick another name",
+}
+
+
+def describe_os_error(e: OSError) -> Optional[str]:
+    """One line for an OS error users meet (None for others): what, the path, and the fix."""
+    if e.errno not in _OS_FIXES:
+        return None
+    paths = [p for p in (e.filename, e.filename2) if p]
+    where = f" ({' -> '.join(map(str, paths))})" if paths else ""
+    return f"{e.strerror or os.strerror(e.errno)}{where}: {_OS_FIXES[e.errno]}"
+
+
+def user_error_message(e: BaseException) -> Optional[str]:
+    """The one-line message for an error the user can fix, else None (a bug: keep the traceback).
+
+    Looks through ``__cause__``/``__context__`` for OS errors that other libraries wrap (torch.save on a full disk
+    raises a RuntimeError from the C++ stream)."""
+    if isinstance(e, RtdistError):
+        return str(e)
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            msg = describe_os_error(e)
+            if msg:
+                return msg
+        if isinstance(e, RuntimeError) and any(s in str(e) for s in ("No space left", "iostream error",
+                                                                       "file write failed")):
+            return f"writing failed ({str(e).splitlines()[0][:200]}): the disk is probably full; free space"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get("RTDIST_DEBUG", "") not in ("", "0")
+
+
+def cli_main(main: Callable[[Optional[list]], int], argv: Optional[Sequence[str]] = None, prefix: str = "") -> int:
+    """Run ``main(argv)`` as a command: user errors become one ``error:`` line on stderr and exit status 2,
+    Ctrl-C exits 130, bugs keep their traceback (exit 1). ``prefix`` (e.g. ``[rank 1] ``) goes before the line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    try:
+        return main(argv) or 0
+    except KeyboardInterrupt:
+        print(f"{prefix}interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        msg = user_error_message(e)
+        if debug or msg is None:
+            traceback.print_exc()
+            if msg is None:
+                return 1
+        print(f"{prefix}error: {msg}", file=sys.stderr, flush=True)
+        return 2
