@@ -1,40 +1,75 @@
-"""Checkpoints in the DeepSpeed layout (``dir/global_step{N}/`` + ``dir/latest``), written so that a crash at any
-moment leaves the previous checkpoint loadable: a step directory counts only once its ``complete`` marker exists,
-and ``latest`` is replaced atomically after that. Per-rank state (data-loader position, RNG states) goes next to
-the engine's files as ``rtdist_rank{r}.pt``.
+"""Checkpoints in the DeepSpeed layout (``dir/global_step{N}/`` + ``dir/latest``) that cannot be lost or silently wrong.
+
+* A checkpoint is written under a staging name (``global_step{N}.tmp-<nonce>``) and renamed to ``global_step{N}``
+  only after every rank's files are written and its ``complete`` marker, which lists every file with its size and
+  sha256, is in place; ``latest`` is replaced atomically after that. A crash at any moment leaves the previous
+  checkpoint loadable and the staging folder unmistakably unfinished (it is removed by the next save).
+* A complete checkpoint is never deleted or rewritten: saving a step that already has one is a no-op (a finished
+  run that is resubmitted resumes at its last step, trains nothing and saves nothing).
+* Loading verifies the files against the marker, each rank the files it wrote (agreement all-reduced).
+  ``--resume auto`` skips a corrupt checkpoint for the previous complete one, with a line saying so.
+
+Per-rank state (data-loader position, RNG states) goes next to the engine's files as ``rtdist_rank{r}.pt``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from . import dist as rdist
+from .errors import CheckpointError
 
 MARKER = "complete"
 _STEP_RE = re.compile(r"^global_step(\d+)$")
+_STAGING_RE = re.compile(r"^global_step\d+\.(tmp|stale)-")
+_OWNER_RE = re.compile(r"(?:zero_pp_rank_|rtdist_rank)(\d+)")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp) as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fault_point(where: str, step: int) -> None:
@@ -65,8 +100,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ------------------------------------------------------------------------------------------------- finding
+
+
 def is_complete(step_dir: Path) -> bool:
     return (step_dir / MARKER).is_file()
+
+
+def read_marker(step_dir: Path) -> dict:
+    try:
+        return json.loads((step_dir / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: its '{MARKER}' marker cannot be read ({e})") from None
 
 
 def complete_steps(ckpt_dir: Path) -> list[int]:
@@ -80,52 +125,223 @@ def complete_steps(ckpt_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def resolve_resume(ckpt_dir: Path, resume: Optional[str]) -> Optional[Path]:
-    """``None``/"none": no resume. "auto": the step ``latest`` names if complete, else the newest complete step
-    (None when there is none). A path or a step directory name: that checkpoint, which must be complete."""
+def _latest_named(ckpt_dir: Path) -> Optional[Path]:
+    latest = ckpt_dir / "latest"
+    try:
+        return ckpt_dir / latest.read_text().strip() if latest.is_file() else None
+    except OSError:
+        return None
+
+
+def candidates(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first (the one ``latest`` names first when it is complete)."""
+    steps = [ckpt_dir / f"global_step{s}" for s in reversed(complete_steps(ckpt_dir))]
+    named = _latest_named(ckpt_dir)
+    if named is not None and named in steps:
+        steps.remove(named)
+        steps.insert(0, named)
+    return steps
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+
+
+def _owner(name: str, world: int) -> int:
+    """The rank that wrote (so hashes, from its page cache) a file: DeepSpeed's per-rank files and ours name it."""
+    m = _OWNER_RE.search(name)
+    return int(m.group(1)) % world if m else 0
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(step_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def checksum_files(step_dir: Path) -> dict:
+    """{relative path: {"bytes", "sha256"}} of every file of a checkpoint, each rank hashing its own (collective)."""
+    files = rdist.broadcast_object(_files(step_dir) if rdist.rank() == 0 else None)
+    world, me = rdist.world_size(), rdist.rank()
+    mine = {f: {"bytes": (step_dir / f).stat().st_size, "sha256": sha256_file(step_dir / f)}
+            for f in files if _owner(f, world) == me}
+    out = {}
+    for part in rdist.all_gather_object(mine):
+        out.update(part)
+    return out
+
+
+def verify(step_dir: Path) -> list[str]:
+    """Problems of a complete checkpoint's files against its marker (collective; the same list on every rank).
+    A marker without a file list (written before checksums existed) verifies trivially."""
+    files = read_marker(step_dir).get("files")
+    problems = []
+    if files:
+        world, me = rdist.world_size(), rdist.rank()
+        for name, want in files.items():
+            if _owner(name, world) != me:
+                continue
+            path = step_dir / name
+            try:
+                size = path.stat().st_size
+            except OSError as e:
+                problems.append(f"{name} is missing ({e.strerror})")
+                continue
+            if size != want["bytes"]:
+                problems.append(f"{name} has {size} bytes, the marker says {want['bytes']}")
+            elif sha256_file(path) != want["sha256"]:
+                problems.append(f"{name} does not match its sha256 in the marker (flipped or overwritten bytes)")
+    return sorted(p for part in rdist.all_gather_object(problems) for p in part)
+
+
+# ----------------------------------------------------------------------------------------------------- save
+
+
+def _clean_staging(ckpt_dir: Path) -> None:
+    """Remove what crashed saves left behind (rank 0, under the run directory's lock)."""
+    for p in ckpt_dir.iterdir():
+        if _STAGING_RE.match(p.name) or (p.name.startswith("latest.tmp")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        elif _STEP_RE.match(p.name) and p.is_dir() and not is_complete(p):
+            shutil.rmtree(p, ignore_errors=True)  # an unfinished save of an older rtdist (never complete)
+
+
+def save(engine, ckpt_dir: Path, step: int, rank_state: dict, meta: dict, log: Callable = print,
+         keep_existing: bool = False) -> Path:
+    """Collective: every rank calls it. Returns the step directory.
+
+    ``keep_existing``: when the step already has a complete checkpoint, write nothing (the trainer passes it when
+    nothing was trained since resuming from that very checkpoint). Otherwise an existing checkpoint of the step is
+    replaced by a switch of names once the new one is complete: nothing is deleted before its replacement is
+    whole, and no rank is reading it then (every rank finished loading before training began)."""
+    final = ckpt_dir / f"global_step{step}"
+    exists = rdist.broadcast_object(is_complete(final) if rdist.rank() == 0 else None)
+    if exists and keep_existing:
+        if rdist.rank() == 0:
+            log(f"checkpoint {final} already holds this state: kept as it is")
+        return final
+    nonce = rdist.broadcast_object(f"{os.getpid()}-{time.time_ns()}" if rdist.rank() == 0 else None)
+    staging = ckpt_dir / f"global_step{step}.tmp-{nonce}"
+    error = None
+    if rdist.rank() == 0:
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _clean_staging(ckpt_dir)
+            staging.mkdir()
+        except OSError as e:
+            error = e
+    if rdist.broadcast_object(error is not None):
+        raise CheckpointError(_save_failed(ckpt_dir, step, error))
+    try:
+        engine.save(staging)
+        atomic_torch_save(rank_state, staging / f"rtdist_rank{rdist.rank()}.pt")
+        error = None
+    except Exception as e:  # noqa: BLE001 - reported below, after every rank knows
+        error = e
+    fault_point("save", step)  # the crash tests kill a rank here: files written, no marker yet
+    failed = rdist.all_gather_object(None if error is None else _save_failed(ckpt_dir, step, error))
+    if any(failed):
+        if rdist.rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(next(f for f in failed if f))
+    files = checksum_files(staging)
+    if rdist.rank() == 0:
+        atomic_write_text(staging / MARKER, json.dumps({**meta, "files": files}, indent=1))
+        _fsync_dir(staging)
+        aside = None
+        if final.exists():
+            aside = ckpt_dir / f"global_step{step}.stale-{nonce}"
+            os.replace(final, aside)
+        os.replace(staging, final)
+        _fsync_dir(ckpt_dir)
+        atomic_write_text(ckpt_dir / "latest", final.name)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    rdist.barrier()
+    return final
+
+
+def _save_failed(ckpt_dir: Path, step: int, e: BaseException) -> str:
+    from .errors import user_error_message
+    what = user_error_message(e) or f"{type(e).__name__}: {e}"
+    try:
+        free = shutil.disk_usage(ckpt_dir).free / 2 ** 20
+        room = f"; {free:,.0f} MiB free there"
+    except OSError:
+        room = ""
+    prev = complete_steps(ckpt_dir)
+    keep = f"global_step{prev[-1]}" if prev else "none"
+    return (f"saving checkpoint step {step} in {ckpt_dir} failed ({what}{room}); nothing was replaced: the last "
+            f"complete checkpoint ({keep}) stays loadable")
+
+
+# ----------------------------------------------------------------------------------------------------- load
+
+
+def resolve_resume(ckpt_dir: Path, resume: Optional[str], log: Callable = print) -> Optional[Path]:
+    """The checkpoint to resume from (collective: it verifies checksums).
+
+    ``None``/"none": no resume. "auto": the newest complete checkpoint that verifies (``latest``'s first); a
+    corrupt one is skipped with a line saying so, and only when every one is corrupt it is an error. A path (a
+    step directory, or a run/checkpoints directory whose newest one is meant) or a bare step name
+    (``global_step6``, looked up in ``ckpt_dir``): that checkpoint, which must be complete and verify."""
     if resume in (None, "", "none"):
         return None
     if resume == "auto":
-        latest = ckpt_dir / "latest"
-        if latest.is_file():
-            cand = ckpt_dir / latest.read_text().strip()
-            if is_complete(cand):
-                return cand
-        steps = complete_steps(ckpt_dir)
-        return ckpt_dir / f"global_step{steps[-1]}" if steps else None
-    cand = Path(resume)
-    if not cand.is_absolute() and not cand.exists():
-        cand = ckpt_dir / resume
-    if not is_complete(cand):
-        raise FileNotFoundError(f"--resume {resume}: {cand} is not a complete checkpoint (no '{MARKER}' marker); "
-                                f"complete ones in {ckpt_dir}: {complete_steps(ckpt_dir) or 'none'}")
-    return cand
+        return _newest_good(ckpt_dir, "--resume auto", log, none_ok=True)
+    path = Path(resume)
+    if not path.exists() and os.sep not in resume and (ckpt_dir / resume).exists():
+        path = ckpt_dir / resume
+    if not path.exists():
+        have = complete_steps(ckpt_dir)
+        raise CheckpointError(f"--resume {resume}: no such checkpoint ({path.resolve()} does not exist); complete "
+                              f"ones in {ckpt_dir}: {', '.join(f'global_step{s}' for s in have) or 'none'} "
+                              f"(--resume auto takes the newest)")
+    if not _STEP_RE.match(path.name) and not is_complete(path):  # a run or checkpoints directory
+        inner = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        return _newest_good(inner, f"--resume {resume}", log, none_ok=False)
+    if not is_complete(path):
+        raise CheckpointError(f"--resume {resume}: {path} is not a complete checkpoint (no '{MARKER}' marker: its "
+                              f"save never finished); complete ones in {path.parent}: "
+                              f"{', '.join(f'global_step{s}' for s in complete_steps(path.parent)) or 'none'}")
+    problems = verify(path)
+    if problems:
+        raise CheckpointError(f"--resume {resume}: checkpoint {path} is corrupt: {'; '.join(problems[:3])}; "
+                              f"resume from an earlier one (--resume auto skips corrupt ones)")
+    return path
 
 
-def save(engine, ckpt_dir: Path, step: int, rank_state: dict, meta: dict) -> Path:
-    """Collective: every rank calls it. Returns the step directory."""
-    step_dir = ckpt_dir / f"global_step{step}"
-    if rdist.rank() == 0:
-        if step_dir.exists():  # a leftover from a crash mid-save: never looked complete, start it clean
-            shutil.rmtree(step_dir)
-        step_dir.mkdir(parents=True)
-    rdist.barrier()
-    engine.save(step_dir)
-    atomic_torch_save(rank_state, step_dir / f"rtdist_rank{rdist.rank()}.pt")
-    fault_point("save", step)  # the crash tests kill a rank here: files written, no marker yet
-    rdist.barrier()
-    if rdist.rank() == 0:
-        atomic_write_text(step_dir / MARKER, json.dumps(meta, indent=1))
-        atomic_write_text(ckpt_dir / "latest", step_dir.name)
-    rdist.barrier()
-    return step_dir
+def _newest_good(ckpt_dir: Path, what: str, log: Callable, none_ok: bool) -> Optional[Path]:
+    cands = candidates(ckpt_dir)
+    bad = []
+    for cand in cands:
+        problems = verify(cand)
+        if not problems:
+            if bad and rdist.rank() == 0:
+                log(f"{what}: resuming from {cand.name} instead")
+            return cand
+        bad.append(cand.name)
+        if rdist.rank() == 0:
+            log(f"warning: checkpoint {cand} is corrupt ({'; '.join(problems[:2])}): skipping it")
+    if bad:
+        raise CheckpointError(f"{what}: every complete checkpoint in {ckpt_dir} is corrupt ({', '.join(bad)}); "
+                              f"restore them from a copy, or start over with --resume none in a new --run-dir")
+    if not none_ok:
+        raise CheckpointError(f"{what}: no complete checkpoint in {ckpt_dir}")
+    return None
 
 
 def load_rank_state(step_dir: Path) -> dict:
     path = step_dir / f"rtdist_rank{rdist.rank()}.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: this checkpoint was written by fewer ranks than the "
-                                f"{rdist.world_size()} now running")
+        world = read_marker(step_dir).get("world_size", "?")
+        raise CheckpointError(f"{step_dir} was written by {world} ranks and has no state for rank {rdist.rank()} "
+                              f"of the {rdist.world_size()} now running: resume with {world} ranks")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -134,5 +350,9 @@ def export_safetensors(state: dict, path: Path, metadata: Optional[dict] = None)
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

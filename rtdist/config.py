@@ -60,6 +60,9 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 64
     skip_corrupt: bool = False
+    # Pre-flight check of every shard the manifest lists, before step 1: "quick" (sizes, first/last member
+    # headers), "full" (also every byte against the manifest's sha256) or "off".
+    verify: Literal["quick", "full", "off"] = "quick"
 
 
 @dataclass
@@ -268,9 +271,19 @@ def layer_head_split(m: ModelConfig) -> list[int]:
     return [m.n_local_attn_heads if i in routed else m.n_heads for i in range(m.n_layers)]
 
 
+def _positive(section: str, obj, *names: str, allow_zero: bool = False, what: str = "") -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is None:
+            continue
+        ok = v >= 0 if allow_zero else v > 0
+        _check(ok, f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}{what}, got {v}")
+
+
 def validate_model(m: ModelConfig, seq_length: Optional[int] = None) -> None:
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "window_size", "num_clusters"):
-        _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    _positive("model", m, "vocab_size", "d_model", "n_layers", "n_heads", "window_size", "num_clusters", "head_dim",
+              "emb_dim", "local_window_size", "ff_mult", "init_std")
+    _positive("model", m, "commitment_factor", allow_zero=True)
     head_dim = m.head_dim or m.d_model // m.n_heads
     _check(m.head_dim is not None or m.d_model % m.n_heads == 0,
            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or set model.head_dim")
@@ -295,15 +308,20 @@ def validate_model(m: ModelConfig, seq_length: Optional[int] = None) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that would otherwise fail deep inside a run (or hang a process group)."""
-    t = cfg.train
+    """Ranges of every numeric key, and cross-field checks that would otherwise fail deep inside a run (or hang a
+    process group)."""
+    t, d = cfg.train, cfg.data
+    _check(t.seq_length > 0, f"train.seq_length must be > 0, got {t.seq_length}")
     validate_model(cfg.model, t.seq_length)
-    _check(t.seq_length > 0, f"train.seq_length must be positive, got {t.seq_length}")
-    _check(t.train_micro_batch_size_per_gpu > 0, "train.train_micro_batch_size_per_gpu must be positive")
-    _check(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps must be positive")
-    _check(t.train_iters >= 0, "train.train_iters must be >= 0")
+    _positive("train", t, "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+              "lr", "log_interval", "eval_iters", "checkpoint_num_layers", "max_nonfinite_steps", "dist_timeout_s")
+    _positive("train", t, "train_iters", "min_lr", "warmup_iters", "weight_decay", "gradient_clipping",
+              allow_zero=True)
+    _positive("train", t, "eval_interval", "save_interval", allow_zero=True, what=" (0 = off)")
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0.0 <= getattr(t, name) < 1.0, f"train.{name} must be in [0, 1), got {getattr(t, name)}")
     _check(0 <= t.zero_stage <= 3, f"train.zero_stage must be 0..3, got {t.zero_stage}")
-    _check(t.checkpoint_num_layers >= 1, "train.checkpoint_num_layers must be >= 1")
+    _positive("data", d, "num_workers", "shuffle_buffer", allow_zero=True)
     _check(cfg.parallel.sequence_parallel_size >= 1, "parallel.sequence_parallel_size must be >= 1")
     sp = cfg.parallel.sequence_parallel_size
     if sp > 1:

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from .errors import LaunchError
 
@@ -166,17 +167,28 @@ def _mpi4py_info() -> Optional[DistInfo]:
 
 
 def init(timeout_s: int = 300, backend: Optional[str] = None, info: Optional[DistInfo] = None) -> DistInfo:
-    """Initialise the default process group (once) and return who we are."""
+    """Initialise the default process group (once) and return who we are.
+
+    A single process gets a group too, on an in-memory store: no port is bound (two runs side by side never
+    collide) and DeepSpeed, finding a group, never starts its own MPI discovery. ``timeout_s`` bounds every
+    collective, also those of the groups DeepSpeed and the device mesh create later without a timeout of their
+    own (they take torch's default, which is set here)."""
     info = info or discover()
-    if info.world_size > 1 and not dist.is_initialized():
-        os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
-                          MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+    if dist.is_initialized():
+        return info
+    timeout = datetime.timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = timeout  # read by new_group() for groups created without a timeout
+    # DeepSpeed reads the rank variables from the environment, whatever initialised the group.
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
+    if info.world_size == 1:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return info
+    os.environ.update(MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout)
     return info
 
 
@@ -217,6 +229,24 @@ def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
 
 
 def shutdown() -> None:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -25,28 +23,13 @@ import yaml
 from . import checkpoint as ckpt
 from . import dist as rdist
 from .config import Config, ConfigError, check_world, load_config
-from .errors import TrainingError
+from .errors import CheckpointError, PeerTimeoutError, RtdistError, TrainingError, cli_main
 from .evaluate import bytes_per_token, evaluate, with_bytes
 from .model import RoutingTransformerLM, count_parameters, lm_loss
 from .parallel.engines import OptimConfig, build_engine
 from .parallel.sequence import apply_sequence_parallel, build_groups, local_slice
-
-
-class StopSignal:
-    """SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (preemption) ask for a checkpoint and a clean
-    exit at the next step boundary; ranks agree through an all-reduce so none is left in a collective."""
-
-    def __init__(self):
-        self.received: Optional[str] = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        return bool(rdist.all_reduce_max(flag).item())
+from .run_dir import RunDir, RunLock
+from .watchdog import StopRequest, Watchdog
 
 
 def parse_args(argv=None):
@@ -57,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint, if any), or a checkpoint")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar on rank 0 (default: when stderr is a terminal)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of every error")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     return p.parse_args(argv)
 
@@ -155,25 +139,87 @@ def forever(loader):
         yield from loader
 
 
+MODEL_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "emb_dim", "attention_type",
+                    "n_local_attn_heads", "routing_layers", "num_clusters", "shared_qk", "ff_mult", "ff_glu",
+                    "pos_emb", "tie_embedding")
+
+
+def check_resumable(step_dir: Path, cfg: Config, world_size: int) -> None:
+    """Refuse to resume a checkpoint written for another model shape (listing the keys that differ) or world."""
+    marker = ckpt.read_marker(step_dir)
+    if marker.get("world_size", world_size) != world_size:
+        raise CheckpointError(f"checkpoint {step_dir} was written by {marker['world_size']} ranks and this run has "
+                              f"{world_size}: resume with {marker['world_size']} ranks")
+    saved = (marker.get("config") or {}).get("model")
+    if not saved:
+        return
+    now = cfg.to_dict()["model"]
+    diff = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in MODEL_SHAPE_KEYS
+            if k in saved and saved.get(k) != now.get(k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {step_dir} was written for another model ({'; '.join(diff)}): resume with "
+                              f"the checkpoint's values, or train the new shape in a new --run-dir")
+
+
+def _collective_failed(e: BaseException) -> bool:
+    """A collective that ended because a peer died or timed out (gloo/NCCL raise these as RuntimeErrors)."""
+    text = f"{type(e).__name__}: {e}"
+    return isinstance(e, RuntimeError) and not isinstance(e, RtdistError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
+                            "DistBackendError", "Broken pipe", "NCCL error", "Socket Timeout"))
+
+
 def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Optional[bool] = None) -> dict:
+    """Train as ``cfg`` says, in ``run_dir``. Bounded everywhere: a stuck peer or a stop signal ends every rank
+    within about ``train.dist_timeout_s`` (:mod:`rtdist.watchdog`)."""
     t = cfg.train
     check_engine(cfg)
-    info = rdist.init(timeout_s=t.dist_timeout_s)
+    stop = StopRequest()
+    info = rdist.discover()
+    watchdog = Watchdog(t.dist_timeout_s, info.rank, info.world_size, (info.master_addr, info.master_port)).start()
+    lock = None
+    try:
+        rdist.init(timeout_s=t.dist_timeout_s, info=info)
+        rd = RunDir(run_dir)
+        lock = RunLock(rd)
+        busy = None
+        if info.is_main:
+            rd.create()
+            busy = lock.acquire()
+        busy = rdist.broadcast_object(busy)
+        if busy:
+            raise RtdistError(f"--run-dir {run_dir} is in use by another job ({busy}): wait for it to finish, or "
+                              f"use another --run-dir")
+        return _train(cfg, rd, resume, progress, info, stop, watchdog)
+    except Exception as e:
+        if _collective_failed(e):
+            raise PeerTimeoutError(f"rank {info.rank}: a collective failed ({str(e).splitlines()[0][:160]})"
+                                   f"{watchdog._peers_suffix()}") from e
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+        watchdog.close()
+        stop.restore()
+
+
+def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bool], info, stop: StopRequest,
+           watchdog: Watchdog) -> dict:
+    t = cfg.train
     dp_size = check_world(cfg, info.world_size)
     sp = cfg.parallel.sequence_parallel_size
     dp_rank = info.rank // sp
     groups = build_groups(sp) if sp > 1 else None
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = run_dir / "checkpoints"
-    if info.is_main:
-        ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log = print if info.is_main else (lambda *a, **k: None)
 
     seed_all(t.seed)  # same initial weights and centroids on every rank
     model = RoutingTransformerLM(cfg.model, checkpoint_every=t.checkpoint_num_layers if t.checkpoint_activations else 0,
                                  checkpoint_offload=t.checkpoint_offload).to(device)
     loader = build_loader(cfg, cfg.data.train_split, dp_rank, dp_size, train=True)
-    resume_from = ckpt.resolve_resume(ckpt_dir, resume)
+    resume_from = ckpt.resolve_resume(rd.checkpoints, resume, log=log)
+    if resume_from is not None:
+        check_resumable(resume_from, cfg, info.world_size)
     if t.kmeans_init == "data" and resume_from is None:
         init_kmeans_from_first_batch(model, cfg, dp_rank, dp_size, device)
     if groups is not None:
@@ -189,20 +235,30 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
     step = 0
     skipped_total = 0
     if resume_from is not None:
-        engine.load(resume_from)
-        state = ckpt.load_rank_state(resume_from)
-        loader.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
-        step, skipped_total = state["step"], state.get("skipped_steps", 0)
-        if info.is_main:
-            print(f"resumed from {resume_from} at step {step}", flush=True)
-    if resume_from is None:
+        with watchdog.phase("resume", 0):
+            state = ckpt.load_rank_state(resume_from)
+            engine.load(resume_from)
+            loader.load_state_dict(state["loader"])
+            ckpt.set_rng_state(state["rng"])
+            step, skipped_total = state["step"], state.get("skipped_steps", 0)
+            rdist.barrier()  # every rank has read the checkpoint before any rank may write the next one
+        log(f"resumed from {resume_from} at step {step}", flush=True)
+    else:
         seed_all(t.seed + 1000 * info.rank)  # after the shared init: dropout streams differ per rank
+    if info.is_main:  # only now: a resume that fails leaves the run's config as it was
+        ckpt.atomic_write_text(rd.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    meta = {"world_size": info.world_size, "dp_size": dp_size, "sp_size": sp, "engine": t.engine,
+            "zero_stage": t.zero_stage, "config": cfg.to_dict()}
+
+    resumed_at = step if resume_from is not None else None
 
     def save(at_step: int) -> Path:
         rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "step": at_step,
                       "skipped_steps": skipped_total}
-        return ckpt.save(engine, ckpt_dir, at_step, rank_state, {"step": at_step, "world_size": info.world_size})
+        with watchdog.phase("save", at_step):
+            return ckpt.save(engine, rd.checkpoints, at_step, rank_state, {"step": at_step, **meta}, log=log,
+                             keep_existing=at_step == resumed_at)
 
     eval_loader = None
     bpt = None
@@ -210,21 +266,19 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
         eval_loader = build_loader(cfg, cfg.data.eval_split, dp_rank, dp_size, train=False)
         bpt = bytes_per_token(loader.manifest, cfg.data.eval_split)
 
-    def run_eval() -> dict:
-        return with_bytes(evaluate(engine.model, eval_loader, t.eval_iters, seq_length=t.seq_length,
-                                   autocast=engine.autocast(), device=str(device), sp=groups), bpt)
+    def run_eval(at_step: int) -> dict:
+        with watchdog.phase("eval", at_step):
+            return with_bytes(evaluate(engine.model, eval_loader, t.eval_iters, seq_length=t.seq_length,
+                                       autocast=engine.autocast(), device=str(device), sp=groups), bpt)
 
     reduce_fn = rdist.all_reduce_sum if info.world_size > 1 else None
-    stop = StopSignal()
-    log_file = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    log_file = open(rd.metrics, "a") if info.is_main else None
     bar = None
     if info.is_main and (progress if progress is not None else sys.stderr.isatty()):
         from tqdm import tqdm
         bar = tqdm(total=t.train_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    if info.is_main:
-        print(f"rtdist: {count_parameters(model) / 1e6:.2f}M parameters, world {info.world_size} "
-              f"({info.source}), engine {engine.name}, zero {t.zero_stage}, {len(loader)} batches/epoch/rank",
-              flush=True)
+    log(f"rtdist: {count_parameters(model) / 1e6:.2f}M parameters, world {info.world_size} ({info.source}), engine "
+        f"{engine.name}, zero {t.zero_stage}, {len(loader)} batches/epoch/rank", flush=True)
 
     tokens_per_step = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp_size * t.seq_length
     batches = forever(loader)
@@ -234,94 +288,100 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
     t_log = time.perf_counter()
     steps_since_log = 0
     status = "completed"
-    while step < t.train_iters:
-        micro = [next(batches)[:, : t.seq_length + 1].to(device) for _ in range(t.gradient_accumulation_steps)]
-        positions = None
-        if groups is not None:
-            parts = [local_slice(b, groups.sp_rank, groups.sp_size) for b in micro]
-            micro, positions = [p[0] for p in parts], parts[0][1]
-        loss_avg = train_step(engine, model, micro, reduce_fn, info.world_size, positions)
-        if loss_avg is None:
-            skipped_total += 1
-            nonfinite_in_a_row += 1
-            if nonfinite_in_a_row >= t.max_nonfinite_steps:
-                raise TrainingError(f"{nonfinite_in_a_row} steps in a row had a non-finite loss (last at step "
-                                    f"{step + 1}); lower train.lr or check the data. Last good checkpoint: "
-                                    f"{ckpt.resolve_resume(ckpt_dir, 'auto')}")
-            continue
-        ckpt.fault_point("step", step + 1)
-        nonfinite_in_a_row = 0
-        step += 1
-        steps_since_log += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.3f}")
-        if step % t.log_interval == 0 or step == t.train_iters:
-            now = time.perf_counter()
-            last = {"step": step, "loss": round(loss_avg, 6), "lr": engine.lr(),
-                    "grad_norm": engine.grad_norm(), "tokens_per_s": round(tokens_per_step * steps_since_log /
-                                                                            (now - t_log), 1),
-                    "max_mem_mb": round(peak_memory_mb(), 1), "skipped_steps": skipped_total,
-                    "epoch": loader.epoch}
-            t_log, steps_since_log = now, 0
+    try:
+        while step < t.train_iters:
+            with watchdog.phase("step", step + 1):
+                micro = [next(batches)[:, : t.seq_length + 1].to(device) for _ in range(t.gradient_accumulation_steps)]
+                positions = None
+                if groups is not None:
+                    parts = [local_slice(b, groups.sp_rank, groups.sp_size) for b in micro]
+                    micro, positions = [p[0] for p in parts], parts[0][1]
+                loss_avg = train_step(engine, model, micro, reduce_fn, info.world_size, positions)
+            if loss_avg is None:
+                skipped_total += 1
+                nonfinite_in_a_row += 1
+                if nonfinite_in_a_row >= t.max_nonfinite_steps:
+                    have = ckpt.complete_steps(rd.checkpoints)
+                    raise TrainingError(f"{nonfinite_in_a_row} steps in a row had a non-finite loss (last at step "
+                                        f"{step + 1}); lower train.lr or check the data. Last complete checkpoint: "
+                                        f"{f'global_step{have[-1]}' if have else 'none'}")
+                continue
+            ckpt.fault_point("step", step + 1)
+            nonfinite_in_a_row = 0
+            step += 1
+            steps_since_log += 1
             if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-        else:
-            last = {"step": step, "loss": round(loss_avg, 6)}
-        if t.eval_interval and step % t.eval_interval == 0:
-            last.update({f"eval_{k}": v for k, v in run_eval().items()})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_avg:.3f}")
+            if step % t.log_interval == 0 or step == t.train_iters:
+                now = time.perf_counter()
+                last = {"step": step, "loss": round(loss_avg, 6), "lr": engine.lr(),
+                        "grad_norm": engine.grad_norm(), "tokens_per_s": round(tokens_per_step * steps_since_log /
+                                                                                (now - t_log), 1),
+                        "max_mem_mb": round(peak_memory_mb(), 1), "skipped_steps": skipped_total,
+                        "epoch": loader.epoch}
+                t_log, steps_since_log = now, 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            else:
+                last = {"step": step, "loss": round(loss_avg, 6)}
+            if t.eval_interval and step % t.eval_interval == 0:
+                last.update({f"eval_{k}": v for k, v in run_eval(step).items()})
+            if log_file:
+                log_file.write(json.dumps(last) + "\n")
+                log_file.flush()
+            if t.save_interval and step % t.save_interval == 0 and step < t.train_iters:
+                save(step)
+            if stop.agreed(rdist.all_reduce_max):
+                status = f"stopped by {stop.received or 'a signal on another rank'}"
+                break
+    finally:
+        if bar is not None:
+            bar.close()
         if log_file:
-            log_file.write(json.dumps(last) + "\n")
-            log_file.flush()
-        if t.save_interval and step % t.save_interval == 0 and step < t.train_iters:
-            save(step)
-        if stop.agreed():
-            status = f"stopped by {stop.received or 'a signal on another rank'}"
-            break
+            log_file.close()
 
-    if bar is not None:
-        bar.close()
     step_dir = save(step)
-    result = {"status": status, "step": step, "run_dir": str(run_dir), "checkpoint": str(step_dir),
+    result = {"status": status, "step": step, "run_dir": str(rd.path), "checkpoint": str(step_dir),
               "last": last, "skipped_steps": skipped_total}
     if status == "completed":
-        state = engine.consolidated_state_dict(step_dir)
-        if info.is_main:
-            ckpt.export_safetensors(state, run_dir / "model.safetensors", {"step": step})
-            result["export"] = str(run_dir / "model.safetensors")
+        with watchdog.phase("export", step):
+            state = engine.consolidated_state_dict(step_dir)
+            if info.is_main:
+                ckpt.export_safetensors(state, rd.export, {"step": step})
+                result["export"] = str(rd.export)
         if eval_loader is not None:
-            result["eval"] = run_eval()
-    if log_file:
-        log_file.close()
+            result["eval"] = run_eval(step)
     if info.is_main:
-        ckpt.atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1))
+        ckpt.atomic_write_text(rd.result, json.dumps(result, indent=1))
     return result
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        info = rdist.discover()
+        prefix = f"[rank {info.rank}] " if info.world_size > 1 else ""
+    except RtdistError:
+        prefix = ""  # cli_main reports the discovery error itself
+    try:
+        return cli_main(_main, argv, prefix=prefix)
+    finally:
+        rdist.shutdown()
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from .data import DataError
-    try:
-        result = train(cfg, args.run_dir, args.resume, args.progress)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.set)
+    r = train(cfg, args.run_dir, args.resume, args.progress)
     if rdist.rank() == 0:
-        r = result
-        print(f"\n{r['status']} at step {r['step']}: loss {r['last'].get('loss')}"
-              + (f", eval loss {r['eval']['loss']:.4f} ({r['eval'].get('bits_per_byte', r['eval']['bits_per_token']):.3f}"
-                 f" bits/{'byte' if 'bits_per_byte' in r['eval'] else 'token'})" if "eval" in r else "")
+        ev = r.get("eval")
+        loss = r["last"].get("loss")
+        print(f"\n{r['status']} at step {r['step']}: " + (f"loss {loss}" if loss is not None else "nothing left to train")
+              + (f", eval loss {ev['loss']:.4f} ({ev.get('bits_per_byte', ev['bits_per_token']):.3f}"
+                 f" bits/{'byte' if 'bits_per_byte' in ev else 'token'})" if ev else "")
               + f"\n  metrics:    {Path(r['run_dir']) / 'metrics.jsonl'}\n  checkpoint: {r['checkpoint']}"
               + (f"\n  model:      {r['export']}" if "export" in r else ""), flush=True)
-    rdist.shutdown()
     return 0
 
 

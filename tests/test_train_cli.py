@@ -65,14 +65,16 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(manifest, t
     r = run(train_cmd(2, manifest, tmp_path, "train.train_iters=6", "train.save_interval=2"),
             RTDIST_FAULT="save:4:1")  # rank 1 dies after writing its files for step 4, before the marker
     assert r.returncode != 0
-    step4 = tmp_path / "checkpoints" / "global_step4"
-    assert step4.is_dir() and not ckpt.is_complete(step4)  # half written, and not taken for whole
+    staging = list((tmp_path / "checkpoints").glob("global_step4.tmp-*"))
+    assert len(staging) == 1 and not ckpt.is_complete(staging[0])  # half written, under a name never taken for whole
+    assert not (tmp_path / "checkpoints" / "global_step4").exists()
     assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step2"
     assert ckpt.resolve_resume(tmp_path / "checkpoints", "auto").name == "global_step2"
     resumed = run(train_cmd(2, manifest, tmp_path, "train.train_iters=6", "train.save_interval=2", resume="auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "global_step2" in resumed.stdout
     assert ckpt.complete_steps(tmp_path / "checkpoints") == [2, 4, 6]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))  # the next save cleaned up the crashed one
 
 
 def test_the_export_loads_for_evaluation(manifest, tmp_path):
@@ -164,3 +166,135 @@ def test_data_seeded_centroids_are_rank_zeros_on_every_rank(manifest, tmp_path):
     for a, b, own0, own1 in zip(r0["shared"], r1["shared"], r0["own"], r1["own"]):
         assert torch.equal(a, b) and torch.equal(a, own0)
         assert not torch.allclose(own0, own1)  # the ranks' batches differ: without the broadcast they would disagree
+
+
+# ------------------------------------------------------------------------------------ trust under faults
+
+
+def start_ranks(manifest, run_dir, *sets, world=2):
+    """Plain processes (no launcher agent to clean up after them), one per rank."""
+    port = str(29700 + (os.getpid() + hash(str(run_dir))) % 250)
+    return [subprocess.Popen(train_cmd(1, manifest, run_dir, *sets), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                     MASTER_PORT=port)) for r in range(world)]
+
+
+def wait_for_steps(run_dir, n, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        f = Path(run_dir) / "metrics.jsonl"
+        if f.is_file() and len(f.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{n} steps not reached in {timeout} s")
+
+
+def test_a_stopped_rank_makes_the_other_exit_within_the_timeout_naming_it(manifest, tmp_path):
+    import signal
+    procs = start_ranks(manifest, tmp_path, "train.train_iters=100000", "train.dist_timeout_s=10")
+    try:
+        wait_for_steps(tmp_path, 3)
+        procs[1].send_signal(signal.SIGSTOP)  # alive but frozen: a stuck GPU, an NFS stall
+        t0 = time.time()
+        rc = procs[0].wait(timeout=90)
+        took = time.time() - t0
+        err = procs[0].stderr.read()
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert rc not in (0, None) and took < 10 + 20
+    line = [ln for ln in err.splitlines() if "error:" in ln][-1]
+    assert "rank 1" in line and "stopped answering" in line
+
+
+def test_sigterm_ends_a_rank_whose_peer_is_stopped_within_seconds(manifest, tmp_path):
+    import signal
+    procs = start_ranks(manifest, tmp_path, "train.train_iters=100000", "train.dist_timeout_s=300")
+    try:
+        wait_for_steps(tmp_path, 3)
+        procs[1].send_signal(signal.SIGSTOP)
+        time.sleep(1)
+        procs[0].send_signal(signal.SIGTERM)  # blocked in a collective: Python handlers cannot run there
+        t0 = time.time()
+        rc = procs[0].wait(timeout=60)
+        took = time.time() - t0
+        err = procs[0].stderr.read()
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert rc == 143 and took < 25
+    assert "SIGTERM" in err and "rank 1" in err
+
+
+def test_resubmitting_a_finished_run_never_loses_its_checkpoint(manifest, tmp_path):
+    for attempt in range(3):  # what a resubmission or a SLURM requeue of a finished job does
+        r = run(train_cmd(2, manifest, tmp_path, "train.train_iters=4", resume="auto"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ckpt.complete_steps(tmp_path / "checkpoints") == [4]
+        assert not ckpt.verify(tmp_path / "checkpoints" / "global_step4")
+        if attempt:
+            assert "resumed from" in r.stdout and "nothing left to train" in r.stdout
+    assert len(losses(tmp_path)) == 4  # trained once
+
+
+def flip_byte(path: Path, offset: int = 2000) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_corrupt_checkpoint_is_named_and_skipped_for_the_previous_one(manifest, tmp_path):
+    r = run(train_cmd(2, manifest, tmp_path, "train.train_iters=4", "train.save_interval=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    flip_byte(tmp_path / "checkpoints" / "global_step4" / "rtdist_rank1.pt")
+    r = run(train_cmd(2, manifest, tmp_path, "train.train_iters=6", "train.save_interval=2", resume="auto"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "global_step4 is corrupt (rtdist_rank1.pt does not match its sha256" in r.stdout
+    assert "resumed from" in r.stdout and "global_step2 at step 2" in r.stdout
+    assert ckpt.complete_steps(tmp_path / "checkpoints") == [2, 4, 6]
+    assert not ckpt.verify(tmp_path / "checkpoints" / "global_step4")  # rewritten whole by the resumed run
+    explicit = run(train_cmd(1, manifest, tmp_path / "other", resume=str(tmp_path / "checkpoints" / "nope")))
+    assert explicit.returncode == 2 and "error: --resume" in explicit.stderr and "no such checkpoint" in explicit.stderr
+
+
+def test_a_failed_resume_names_the_model_keys_and_leaves_the_run_as_it_was(manifest, tmp_path):
+    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = (tmp_path / "config.yaml").read_text()
+    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=4", "model.d_model=64", resume="auto"))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln and "return func" not in ln]
+    assert lines[-1].startswith("error: checkpoint") and "model.d_model: 128 in the checkpoint, 64 now" in lines[-1]
+    assert "Traceback" not in r.stderr
+    assert (tmp_path / "config.yaml").read_text() == before
+    ev = run([sys.executable, "-m", "rtdist.evaluate", "--checkpoint", str(tmp_path), "--max-batches", "1"])
+    assert ev.returncode == 0, ev.stderr[-2000:]
+
+
+def test_single_process_runs_need_no_port_and_no_mpi(manifest, tmp_path):
+    # Two runs side by side (each would bind 29500 if it used a TCP rendezvous), with mpi4py unimportable.
+    fake = tmp_path / "no_mpi"
+    fake.mkdir()
+    (fake / "mpi4py.py").write_text("raise ModuleNotFoundError(\"No module named 'mpi4py'\")\n")
+    procs = [subprocess.Popen(train_cmd(1, manifest, tmp_path / f"r{i}", "train.train_iters=3"), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env(PYTHONPATH=f"{fake}{os.pathsep}{ROOT}")) for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+
+
+def test_a_second_job_on_the_same_run_dir_is_refused(manifest, tmp_path):
+    first = subprocess.Popen(train_cmd(1, manifest, tmp_path, "train.train_iters=100000"), cwd=ROOT, env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_steps(tmp_path, 1)
+        second = run(train_cmd(1, manifest, tmp_path, "train.train_iters=3", resume="auto"))
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert f"error: --run-dir {tmp_path} is in use by another job" in second.stderr
+    assert f'"pid": {first.pid}' in second.stderr
