@@ -18,6 +18,10 @@ class RtdistError(Exception):
     """A mistake in the input, the configuration or the environment; the message names it and the fix."""
 
 
+class UsageError(RtdistError):
+    """A command-line flag whose value cannot work; the message names the flag."""
+
+
 class ConfigError(RtdistError, ValueError):
     """A configuration value that cannot work; the message names the key (``model.window_size``)."""
 

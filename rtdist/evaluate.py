@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dist as rdist
+from .errors import CheckpointError, ConfigError, UsageError, cli_main
 
 
 @torch.no_grad()
@@ -72,29 +73,46 @@ def bytes_per_token(manifest: dict, split: str) -> Optional[float]:
 
 def load_model_for_inference(checkpoint: Path, device: str = "cpu"):
     """(model, config) from a run directory's safetensors export and resolved config."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .config import load_config
     from .model import RoutingTransformerLM
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise CheckpointError(f"--checkpoint {checkpoint} does not exist: pass a run directory (what --run-dir named "
+                              f"in training) or its model.safetensors")
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
     cfg_path = run_dir / "config.yaml"
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} does not exist: pass a run directory whose training finished (it exports "
-                                f"model.safetensors) or the path of a .safetensors file next to a config.yaml")
+        hint = (f"; it has checkpoints but no export: its training did not finish (resume it with --resume auto)"
+                if (run_dir / "checkpoints").is_dir() else "")
+        raise CheckpointError(f"{weights} does not exist: pass a run directory whose training finished (it exports "
+                              f"model.safetensors) or the path of a .safetensors file next to a config.yaml{hint}")
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} does not exist: the run directory's resolved config is needed")
+        raise CheckpointError(f"{cfg_path} does not exist: the run directory's resolved config is needed next to "
+                              f"{weights.name}")
     cfg = load_config(str(cfg_path))
     model = RoutingTransformerLM(cfg.model)
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({e}): export it again by resuming the "
+                              f"run (--resume auto)") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [k for k in missing if not k.endswith(("step_sums", "step_counts", "inv_freq"))]
     if real_missing or unexpected:
-        raise ValueError(f"{weights} does not match the model of {cfg_path}: missing {real_missing}, "
-                         f"unexpected {unexpected}")
+        raise CheckpointError(f"{weights} does not match the model of {cfg_path}: missing {real_missing}, "
+                              f"unexpected {unexpected}")
     return model.to(device).eval(), cfg
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
+    return cli_main(_main, argv)
+
+
+def _main(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="run directory or model.safetensors")
     p.add_argument("--split", default="validation")
@@ -102,24 +120,33 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help="show the traceback of every error")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for flag, value, ok, want in (("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+                                  ("--num-workers", args.num_workers, args.num_workers >= 0, ">= 0"),
+                                  ("--max-batches", args.max_batches, args.max_batches is None or args.max_batches >= 1,
+                                   ">= 1")):
+        if not ok:
+            raise UsageError(f"{flag} {value}: must be {want}")
     from .data import ShardLoader, load_manifest
     info = rdist.init()
-    model, cfg = load_model_for_inference(args.checkpoint)
-    manifest_path = args.manifest or cfg.data.manifest
-    if not manifest_path:
-        raise SystemExit("no manifest: pass --manifest or train with data.manifest set")
-    loader = ShardLoader(manifest_path, args.split, args.batch_size, info.rank, info.world_size,
-                         num_workers=args.num_workers, shuffle=False, policy="wrap")
-    metrics = evaluate(model, loader, args.max_batches, seq_length=cfg.train.seq_length)
-    metrics = with_bytes(metrics, bytes_per_token(load_manifest(manifest_path), args.split))
-    metrics["split"] = args.split
-    if info.is_main:
-        print(json.dumps(metrics, indent=1))
-    rdist.shutdown()
-    return metrics
+    try:
+        model, cfg = load_model_for_inference(args.checkpoint)
+        manifest_path = args.manifest or cfg.data.manifest
+        if not manifest_path:
+            raise ConfigError("no manifest to evaluate on: pass --manifest (the run config has no data.manifest)")
+        loader = ShardLoader(manifest_path, args.split, args.batch_size, info.rank, info.world_size,
+                             num_workers=args.num_workers, shuffle=False, policy="wrap")
+        metrics = evaluate(model, loader, args.max_batches, seq_length=cfg.train.seq_length)
+        metrics = with_bytes(metrics, bytes_per_token(load_manifest(manifest_path), args.split))
+        metrics["split"] = args.split
+        if info.is_main:
+            print(json.dumps(metrics, indent=1))
+    finally:
+        rdist.shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

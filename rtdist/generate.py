@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError, DataError, UsageError, cli_main
 from .model.cache import decode_step, prefill
 
 
@@ -104,17 +105,21 @@ def _tokenizer(cfg, manifest_arg: Optional[str], checkpoint: Path):
     from .data import build_tokenizer, load_manifest
     path = manifest_arg or cfg.data.manifest
     if not path:
-        raise SystemExit("the run config has no data.manifest: pass --manifest (the manifest the model was trained "
-                         "on, for its tokenizer)")
+        raise ConfigError("the run config has no data.manifest: pass --manifest (the manifest the model was trained "
+                          "on, for its tokenizer)")
     candidates = [Path(path)] if manifest_arg or Path(path).is_absolute() else [Path(path), checkpoint / path]
     for p in candidates:
         if p.exists() or p.with_name(p.name + "-manifest.json").exists():
             return build_tokenizer(load_manifest(p))
-    raise SystemExit(f"manifest {path} not found" + ("" if manifest_arg else " (the run config's data.manifest): "
-                                                     "pass --manifest"))
+    raise DataError(f"manifest {path} not found" + ("" if manifest_arg else " (the run config's data.manifest): "
+                                                    "pass --manifest, the manifest the model was trained on"))
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
+    return cli_main(_main, argv)
+
+
+def _main(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="run directory or model.safetensors")
     src = p.add_mutually_exclusive_group()
@@ -132,16 +137,24 @@ def main(argv=None) -> dict:
     p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
     p.add_argument("--echo-prompt", action="store_true", help="print the prompt before the completion")
     p.add_argument("--json", action="store_true", help="print one JSON object (samples, ids, stats) instead of text")
+    p.add_argument("--debug", action="store_true", help="show the traceback of every error")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 0 or args.num_samples < 1 or not 0.0 < args.top_p <= 1.0 or args.top_k < 0:
-        p.error("need --max-new-tokens >= 0, --num-samples >= 1, 0 < --top-p <= 1, --top-k >= 0")
+    for flag, value, ok, want in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, ">= 0"),
+                                  ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
+                                  ("--top-p", args.top_p, 0.0 < args.top_p <= 1.0, "in (0, 1]"),
+                                  ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)")):
+        if not ok:
+            raise UsageError(f"{flag} {value}: must be {want}")
 
     from .evaluate import load_model_for_inference
     model, cfg = load_model_for_inference(args.checkpoint, args.device)
     run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     tok = _tokenizer(cfg, args.manifest, run_dir)
     if tok.vocab_size > cfg.model.vocab_size:
-        raise SystemExit(f"tokenizer has {tok.vocab_size} ids, the model only {cfg.model.vocab_size}: wrong manifest?")
+        raise DataError(f"the tokenizer of {args.manifest or cfg.data.manifest} has {tok.vocab_size} ids, the model "
+                        f"only {cfg.model.vocab_size}: pass --manifest, the manifest the model was trained on")
+    if args.prompt_file and not args.prompt_file.is_file():
+        raise DataError(f"--prompt-file {args.prompt_file} does not exist (or is not a file)")
     text = args.prompt_file.read_bytes() if args.prompt_file else (args.prompt or "").encode("utf-8")
     ids = [int(i) for i in tok.encode(text)] if text else []
     if not ids:
@@ -166,8 +179,8 @@ def main(argv=None) -> dict:
             sys.stdout.write(prefix + s + "\n")
         sys.stdout.flush()
     print(json.dumps(stats), file=sys.stderr)
-    return {"samples": samples, "stats": stats}
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())
