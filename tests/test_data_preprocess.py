@@ -260,13 +260,13 @@ def test_empty_and_unreadable_files_are_counted_and_the_rest_processed(tmp_path)
 @pytest.mark.parametrize("tail", ["pack", "drop"])  # pack: workers write shards from the files; drop: streaming
 def test_a_file_failing_during_the_run_is_named_never_silently_lost(tmp_path, monkeypatch, tail):
     root = pg19(tmp_path / "pg19", {"train": [500, 500, 500]}, splits=("train",))
-    real = sources._read_bytes
+    real = sources.read_bytes
 
     def failing(item):
         if item.path.endswith("101.txt"):
             raise PermissionError(13, "Permission denied")
         return real(item)
-    monkeypatch.setattr(sources, "_read_bytes", failing)
+    monkeypatch.setattr(sources, "read_bytes", failing)
     if tail == "pack":
         with pytest.raises(DataError, match=r"101\.txt: became unreadable while preprocessing"):
             run([root], tmp_path / "pg", seq_length=L, tail=tail)
@@ -300,7 +300,7 @@ def test_bad_inputs_get_clear_messages(tmp_path):
 @pytest.mark.parametrize("tail", ["pack", "drop"])
 def test_an_unexpected_error_in_a_worker_names_the_file(tmp_path, monkeypatch, tail):
     root = pg19(tmp_path / "pg19", {"train": [300, 300]}, splits=("train",))
-    monkeypatch.setattr(sources, "_read_bytes", lambda item: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(sources, "read_bytes", lambda item: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(DataError, match=r"100\.txt.*RuntimeError: boom"):
         run([root], tmp_path / "pg", seq_length=L, tail=tail, workers=2)
 

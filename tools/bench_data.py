@@ -15,9 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
-
-from rtdist.data import build_demo_corpus, preprocess  # noqa: E402
+from rtdist.data import build_demo_corpus, preprocess
 
 
 def peak_rss_mb() -> tuple[float, float]:

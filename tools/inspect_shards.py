@@ -8,12 +8,9 @@
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
-
-from rtdist.data import DataError, build_tokenizer, load_manifest, verify_shards  # noqa: E402
-from rtdist.data.shards import read_sample  # noqa: E402
+from rtdist.data import DataError, build_tokenizer, load_manifest, verify_shards
+from rtdist.data.shards import read_sample
 
 
 def main(argv=None) -> int:

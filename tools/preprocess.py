@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize a corpus into webdataset tar shards + ``{prefix}-manifest.json`` (logic: ``rtdist.data.preprocess``).
+"""Tokenize a corpus into webdataset tar shards + ``{prefix}-manifest.json`` (logic: ``rtdist.data.pipeline``).
 
 Examples:
   python tools/preprocess.py --input data/pg19 --output-prefix data/shards/pg19 --workers 8 --append-eod
@@ -12,11 +12,8 @@ Examples:
 import argparse
 import re
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
-
-from rtdist.data import DataError, preprocess  # noqa: E402
+from rtdist.data import DataError, preprocess
 
 
 def parse_size(text: str) -> int:

@@ -4,8 +4,9 @@
 """
 
 from .demo import build_demo_corpus
-from .preprocess import preprocess
-from .shards import CorruptShardError, DataError, ShardReader, ShardWriter, load_manifest, verify_shards
+from ..errors import CorruptShardError, DataError
+from .pipeline import preprocess
+from .shards import ShardReader, ShardWriter, load_manifest, verify_shards
 from .tokenizers import BytesTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer, train_sentencepiece
 
 __all__ = ["BytesTokenizer", "CorruptShardError", "DataError", "SentencePieceTokenizer", "ShardLoader",

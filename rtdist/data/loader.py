@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import CorruptShardError, DataError, ShardReader, load_manifest, split_info
+from ..errors import CorruptShardError, DataError
+from .shards import ShardReader, load_manifest, split_info
 from .tokenizers import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CorruptShardError, DataError  # noqa: F401  (re-exported)
+from ..errors import CorruptShardError, DataError
 
 FORMAT = "rtdist-shards/1"
 MEMBER_SUFFIX = ".tokens.npy"

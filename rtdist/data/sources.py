@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import DataError
+from ..errors import DataError
 from .tokenizers import Tokenizer, build_tokenizer, decode_text
 
 SPLITS = ("train", "validation", "test")
@@ -282,6 +282,11 @@ def init_reader(cfg: ReadConfig) -> None:
     _worker["tok"] = build_tokenizer(cfg.tokenizer, cfg.tokenizer_dir)
 
 
+def current_reader() -> tuple[ReadConfig, Tokenizer]:
+    """The (read config, tokenizer) that ``init_reader`` set up in this process."""
+    return _worker["cfg"], _worker["tok"]
+
+
 def read_task(items: list[Item]):
     """Tokenize a task. Returns (docs, events, bytes_read): docs are (doc_id, tokens, first) in input order,
     events are (category, path, n, detail) warnings. Unexpected errors name the file."""
@@ -296,7 +301,7 @@ def read_task(items: list[Item]):
     return docs, events, nbytes
 
 
-def _read_bytes(item: Item) -> bytes:
+def read_bytes(item: Item) -> bytes:
     with open(item.path, "rb") as f:
         f.seek(item.start)
         return f.read() if item.end is None else f.read(item.end - item.start)
@@ -333,11 +338,11 @@ def _with_eod(tokens: np.ndarray, tok: Tokenizer) -> np.ndarray:
 
 
 def _read_item(item: Item, docs: list, events: list) -> int:
-    cfg, tok = _worker["cfg"], _worker["tok"]
+    cfg, tok = current_reader()
     try:
         if item.kind == "image":
             return _read_image(item, cfg, tok, docs, events)
-        data = _read_bytes(item)
+        data = read_bytes(item)
     except OSError as e:
         events.append(("unreadable_files", item.path, 1, e.strerror or str(e)))
         return 0

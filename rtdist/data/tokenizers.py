@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import DataError, manifest_dir, token_dtype
+from ..errors import DataError
+from .shards import manifest_dir, token_dtype
 
 # Text tokenizers read bytes with errors="replace"; this handler also counts the replacements (per process).
 _replaced = [0]

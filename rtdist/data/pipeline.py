@@ -27,7 +27,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import sources
-from .shards import (DataError, SampleLayout, ShardWriter, build_manifest, find_shard_files, manifest_path_for,
+from ..errors import DataError
+from .shards import (SampleLayout, ShardWriter, build_manifest, find_shard_files, manifest_path_for,
                      shard_capacity, write_json_atomic)
 from .sources import (SPLITS, Item, ReadConfig, Report, discover, group_items, init_reader, iter_texts, plan_items,
                       read_task, utf8_error)
@@ -145,7 +146,7 @@ def _gather(task: DirectShard, t0: int, t1: int, append_eod: bool, eod: int, eve
         if end > lo:
             context = min(lo, 3)  # bytes before the range, so a character cut by it is not an error
             try:
-                data = sources._read_bytes(Item("text", path, doc, lo - context, end))
+                data = sources.read_bytes(Item("text", path, doc, lo - context, end))
             except OSError as e:
                 raise DataError(f"{path}: became unreadable while preprocessing ({e.strerror or e}); "
                                 "fix it and run again") from None
@@ -165,7 +166,7 @@ def _gather(task: DirectShard, t0: int, t1: int, append_eod: bool, eod: int, eve
 
 def write_direct_shard(task: DirectShard):
     """Worker: write one shard of the direct path. Returns (shard entry, warning events)."""
-    cfg, tok = sources._worker["cfg"], sources._worker["tok"]
+    cfg, tok = sources.current_reader()
     L, events = task.seq_length, []
     writer = ShardWriter(task.prefix, task.split, SampleLayout(tok.dtype, L + 1), L, maxcount=task.count,
                          maxsize=1 << 62, first_index=task.index)
