@@ -211,6 +211,8 @@ ROWS = [
         type="sentencepiece", file="pg-tokenizer.model", sha256=None))), I, ["out/pg", "--verify", "off",
                                                                             "--decode", "0"],
      "pg-tokenizer.model (named in the manifest) is missing"),
+    ("manifest-unknown-tokenizer", lambda t: (shards(t), edit_manifest(t, lambda m: m["tokenizer"].update(
+        type="wordpiece"))), I, ["out/pg", "--verify", "off", "--decode", "0"], "unknown tokenizer type 'wordpiece'"),
     ("decode-out-of-range", shards, I, ["out/pg", "--verify", "off", "--decode", "9999"], "index 9999"),
     ("decode-negative", shards, I, ["out/pg", "--verify", "off", "--decode", "-1"], "--decode -1: "),
     ("key-not-found", shards, I, ["out/pg", "--verify", "off", "--key", "nosuch_000000"], "'nosuch_000000'"),

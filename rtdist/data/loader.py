@@ -198,8 +198,9 @@ class ShardLoader:
             raise DataError(f"split {split!r} of {self.manifest['manifest_path']} has no samples")
         self.batches = self.samples // per_step if policy == "drop" else math.ceil(self.samples / per_step)
         if not self.batches:
-            raise DataError(f"split {split!r} has {self.samples} samples, fewer than micro_batch_size x "
-                            f"dp_world_size = {per_step}: use policy='wrap' or a smaller batch")
+            raise DataError(f"split {split!r} of {self.manifest['manifest_path']} has {self.samples} samples, "
+                            f"fewer than micro_batch_size x dp_world_size = {per_step}: use policy='wrap' or a "
+                            "smaller batch")
         self.micro_batch_size, self.dp_rank, self.dp_world_size = micro_batch_size, dp_rank, dp_world_size
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self.shuffle_buffer, self.policy, self.skip_corrupt = shuffle_buffer, policy, skip_corrupt

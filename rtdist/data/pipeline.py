@@ -31,9 +31,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from . import sources
 from ..errors import DataError
 from .shards import (BLOCK, SampleLayout, ShardWriter, build_manifest, find_shard_files, manifest_path_for,
-                     os_error_at, shard_capacity, token_dtype, write_json_atomic)
-from .sources import (SPLITS, Item, ReadConfig, Report, discover, group_items, init_reader, iter_texts, plan_items,
-                      read_task, utf8_error)
+                     os_error_at, shard_capacity, shard_name, token_dtype, write_json_atomic)
+from .sources import (SPLITS, Item, ReadConfig, Report, discover, group_items, init_reader, iter_texts, one_line,
+                      plan_items, read_task, utf8_error)
 from .tokenizers import BytesTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 
@@ -153,7 +153,7 @@ def _gather(task: DirectShard, t0: int, t1: int, append_eod: bool, eod: int, eve
                 raise DataError(f"{path}: became unreadable while preprocessing ({e.strerror or e}); "
                                 "fix it and run again") from None
             except Exception as e:
-                raise DataError(f"{path} (bytes {lo}..{end}): {type(e).__name__}: {e}") from None
+                raise DataError(f"{path} (bytes {lo}..{end}): {one_line(e)}") from None
             if len(data) != end - lo + context:
                 raise DataError(f"{path}: changed while preprocessing ({len(data) - context} bytes at {lo}, "
                                 f"expected {end - lo}); run again")
@@ -190,7 +190,8 @@ def write_direct_shard(task: DirectShard):
     except BaseException as e:
         writer.abort()
         if isinstance(e, Exception) and not isinstance(e, (DataError, OSError)):  # OS errors name their file
-            raise DataError(f"shard {task.split} {task.index}: {type(e).__name__}: {e}") from None
+            path = Path(task.prefix).parent / shard_name(Path(task.prefix).name, task.split, task.index)
+            raise DataError(f"writing {path}: {one_line(e)}") from None
         raise
 
 

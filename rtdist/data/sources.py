@@ -332,8 +332,13 @@ def read_task(items: list[Item]):
         except DataError:
             raise
         except Exception as e:  # a clear message in the main process, never a bare worker traceback
-            raise DataError(f"{item.path} (bytes {item.start}..{item.end}): {type(e).__name__}: {e}") from None
+            raise DataError(f"{item.path} (bytes {item.start}..{item.end}): {one_line(e)}") from None
     return docs, events, nbytes
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An unexpected error as one short line (a message may span lines or hold a whole file's worth of text)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
 
 
 def read_bytes(item: Item) -> bytes:

@@ -178,11 +178,15 @@ def build_tokenizer(manifest_or_spec: dict, base_dir: str | os.PathLike | None =
     """The tokenizer a manifest (or a ``spec()`` dict) describes. Model files are looked up next to the manifest
     (or in ``base_dir``) and must match the recorded sha256."""
     spec = manifest_or_spec.get("tokenizer", manifest_or_spec)
+    where = manifest_or_spec.get("manifest_path", "the manifest")
     if spec["type"] == "bytes":
         return BytesTokenizer()
     if spec["type"] == "sentencepiece":
         if base_dir is None:
             base_dir = manifest_dir(manifest_or_spec) if "manifest_path" in manifest_or_spec else "."
+        if not isinstance(spec.get("file"), str) or Path(spec["file"]).name != spec["file"]:
+            raise DataError(f"{where}: tokenizer.file {spec.get('file')!r} does not name a model file next to it; "
+                            "re-run tools/preprocess.py")
         path = Path(base_dir) / spec["file"]
         if not path.exists():
             raise DataError(f"tokenizer model {path} (named in the manifest) is missing")
@@ -190,4 +194,4 @@ def build_tokenizer(manifest_or_spec: dict, base_dir: str | os.PathLike | None =
             raise DataError(f"tokenizer model {path} does not match the manifest's sha256 "
                             f"{spec['sha256'][:12]}..: the shards were written with another model")
         return SentencePieceTokenizer(path)
-    raise DataError(f"unknown tokenizer type {spec['type']!r} (known: bytes, sentencepiece)")
+    raise DataError(f"{where}: unknown tokenizer type {spec['type']!r} (known: bytes, sentencepiece)")
