@@ -287,7 +287,9 @@ def test_a_disk_filling_up_while_preprocessing_leaves_only_whole_shards(tmp_path
             before = files_state(tmp_path)
             code = cli_main(entry_point(P), ["--input", "in", "--output-prefix", f"small/w{workers}",
                                              "--seq-length", "1024", "--maxcount", "100", "--workers", workers])
-            assert_one_clean_error(tmp_path, before, code, capsys.readouterr().err, "No space left on device")
+            err = capsys.readouterr().err
+            assert_one_clean_error(tmp_path, before, code, err, "No space left on device")
+            assert f"small/w{workers}-train-" in err  # the file that did not fit
             assert list(small.glob(f"w{workers}-train-*.tar")), "the disk filled before the first shard"
             for p in small.glob("*"):
                 p.unlink()

@@ -317,6 +317,13 @@ def test_a_run_that_failed_before_writing_a_shard_does_not_block_a_retry_with_ot
     assert run([root], tmp_path / "pg", seq_length=L)["shards"] == 3
 
 
+def test_an_output_prefix_under_a_file_is_named_before_any_work(tmp_path):
+    root = pg19(tmp_path / "pg19")
+    write_files(tmp_path, {"some_file.txt": "x"})
+    with pytest.raises(DataError, match=r"--output-prefix .*some_file\.txt/sub/pg: .*some_file\.txt is a file, not a"):
+        run([root], tmp_path / "some_file.txt" / "sub" / "pg")
+
+
 @pytest.mark.parametrize("tail", ["pack", "drop"])
 def test_an_unexpected_error_in_a_worker_names_the_file(tmp_path, monkeypatch, tail):
     root = pg19(tmp_path / "pg19", {"train": [300, 300]}, splits=("train",))
