@@ -7,6 +7,7 @@ traceback. ``--debug`` (or ``RTDIST_DEBUG=1``) shows the traceback of every erro
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import sys
@@ -32,6 +33,10 @@ class DataError(RtdistError):
 
 class CorruptShardError(DataError):
     """A shard does not match its manifest (truncated, overwritten, not a tar of our layout)."""
+
+
+class UsageError(RtdistError):
+    """A command line that cannot be parsed (an unknown flag, a value of the wrong type, a missing argument)."""
 
 
 class CheckpointError(RtdistError):
@@ -92,6 +97,14 @@ def user_error_message(e: BaseException) -> Optional[str]:
             return f"writing failed ({str(e).splitlines()[0][:200]}): the disk is probably full; free space"
         e = e.__cause__ or e.__context__
     return None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` whose errors are raised as ``UsageError`` instead of printing the usage and exiting, so that
+    ``cli_main`` prints them as the one ``error:`` line every other mistake gets."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def debug_requested(argv: Sequence[str]) -> bool:

@@ -2,11 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from data_helpers import pg19, run, uneven_shards
 
-from rtdist.data import CorruptShardError, DataError, ShardLoader
+from rtdist.data import CorruptShardError, DataError, ShardLoader, check_shards, load_manifest, manifest_shards
 
 COUNTS = [5, 1, 11, 3, 2, 14]  # 36 samples in uneven shards: 36 = 2 ranks x 9 x 2 = 3 ranks x 6 x 2
 ALL = {f"shard{s}_{i:06d}" for s, n in enumerate(COUNTS) for i in range(n)}
@@ -140,3 +141,73 @@ def test_a_corrupt_shard_is_named_or_skipped_and_counted(tmp_path):
     shard.write_bytes(bytes(damaged))
     with pytest.raises(CorruptShardError, match=r"u-train-000002\.tar: sample 3 at byte 3072"):
         list(ShardLoader(path, "train", 2, 0, 1, num_workers=0, shuffle=False))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_shard_met_in_a_worker_is_raised_as_itself_in_one_line_without_its_bytes(tmp_path, workers):
+    path = uneven_shards(tmp_path, COUNTS)
+    shard = tmp_path / "u-train-000002.tar"
+    shard.write_bytes(np.random.default_rng(0).bytes(shard.stat().st_size))  # same size: found at the first read
+    with pytest.raises(CorruptShardError) as caught:
+        list(ShardLoader(path, "train", 2, 0, 1, num_workers=workers, shuffle=False))
+    message = str(caught.value)
+    assert "u-train-000002.tar: sample 0 at byte 0: member name" in message
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message
+    assert len(message) < 400  # a short repr of the name field, never the random bytes themselves
+
+
+# ------------------------------------------------------------------------------------------ pre-flight check
+
+def test_preflight_check_names_every_bad_shard_before_any_is_read(tmp_path):
+    path = uneven_shards(tmp_path, COUNTS)
+    manifest = load_manifest(path)
+    for mode in ("quick", "full", "off"):
+        check_shards(manifest, ["train"], mode)  # good shards pass every mode
+    (tmp_path / "u-train-000003.tar").write_bytes((tmp_path / "u-train-000003.tar").read_bytes()[:2048])
+    (tmp_path / "u-train-000005.tar").unlink()
+    with pytest.raises(CorruptShardError) as caught:
+        check_shards(manifest, ["train"], "quick")
+    message = str(caught.value)
+    assert "2 of 6 shards" in message and "\n" not in message
+    assert f"{tmp_path / 'u-train-000003.tar'}: 2048 bytes but the manifest says" in message
+    assert f"{tmp_path / 'u-train-000005.tar'}: missing" in message
+    assert "re-run tools/preprocess.py" in message.lower() and "data.skip_corrupt: true" in message
+    check_shards(manifest, ["train"], "off")
+
+
+def test_full_check_reads_every_member_where_quick_reads_the_first_and_last(tmp_path):
+    path = uneven_shards(tmp_path, COUNTS)
+    manifest = load_manifest(path)
+    shard = tmp_path / "u-train-000002.tar"  # 11 samples of 1 KiB
+    data = bytearray(shard.read_bytes())
+    data[5 * 1024 + 644] ^= 1  # a token of sample 5 (tokens start at 640): still valid, only the sha256 can tell
+    shard.write_bytes(bytes(data))
+    check_shards(manifest, ["train"], "quick")
+    with pytest.raises(CorruptShardError, match=r"u-train-000002\.tar: sha256 .* is not the manifest's"):
+        check_shards(manifest, ["train"], "full")
+    data[5 * 1024 + 10] ^= 1  # inside sample 5's tar header: the member check names the sample
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=r"u-train-000002\.tar: sample 5 at byte 5120: tar header checksum"):
+        check_shards(manifest, ["train"], "full")
+    last = bytearray(data)
+    last[10 * 1024 + 640] = 0xFF  # the last sample's first token: 0x??FF >= vocab_size 257
+    last[10 * 1024 + 641] = 0xFF
+    shard.write_bytes(bytes(last))
+    with pytest.raises(CorruptShardError, match=r"sample 10 at byte 10240: a token >= vocab_size 257"):
+        check_shards(manifest, ["train"], "quick")
+
+
+def test_preflight_check_of_a_slice_checks_only_those_shards(tmp_path):
+    path = uneven_shards(tmp_path, COUNTS)
+    manifest = load_manifest(path)
+    (tmp_path / "u-train-000003.tar").unlink()
+    shards = manifest_shards(manifest, ["train"])
+    check_shards(manifest, ["train"], "quick", shards=shards[0::2])  # rank 0 of 2: shards 0, 2, 4
+    with pytest.raises(CorruptShardError, match=r"1 of 3 shards .*u-train-000003\.tar: missing"):
+        check_shards(manifest, ["train"], "quick", shards=shards[1::2])  # rank 1 of 2: shards 1, 3, 5
+    with pytest.raises(CorruptShardError, match="1 of 1 shards"):
+        check_shards(manifest, ["train"], "quick", shards=["u-train-000003.tar"])
+    with pytest.raises(DataError, match="not in splits"):
+        check_shards(manifest, ["train"], "quick", shards=["u-validation-000000.tar"])
+    with pytest.raises(DataError, match="verify mode 'fast'"):
+        check_shards(manifest, ["train"], "fast")

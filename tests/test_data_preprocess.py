@@ -260,13 +260,13 @@ def test_empty_and_unreadable_files_are_counted_and_the_rest_processed(tmp_path)
 @pytest.mark.parametrize("tail", ["pack", "drop"])  # pack: workers write shards from the files; drop: streaming
 def test_a_file_failing_during_the_run_is_named_never_silently_lost(tmp_path, monkeypatch, tail):
     root = pg19(tmp_path / "pg19", {"train": [500, 500, 500]}, splits=("train",))
-    real = sources._read_bytes
+    real = sources.read_bytes
 
     def failing(item):
         if item.path.endswith("101.txt"):
             raise PermissionError(13, "Permission denied")
         return real(item)
-    monkeypatch.setattr(sources, "_read_bytes", failing)
+    monkeypatch.setattr(sources, "read_bytes", failing)
     if tail == "pack":
         with pytest.raises(DataError, match=r"101\.txt: became unreadable while preprocessing"):
             run([root], tmp_path / "pg", seq_length=L, tail=tail)
@@ -290,17 +290,44 @@ def test_bad_inputs_get_clear_messages(tmp_path):
     with pytest.raises(DataError, match="matches no file"):
         run([str(tmp_path / "*.txt")], tmp_path / "x")
     write_files(tmp_path / "in", {"a.txt": b""})
-    with pytest.raises(DataError, match="no readable input"):
+    with pytest.raises(DataError, match="no usable input"):
         run([tmp_path / "in"], tmp_path / "x")
     write_files(tmp_path / "in", {"a.txt": b"text"})
     with pytest.raises(DataError, match="--vocab-size"):
         run([tmp_path / "in"], tmp_path / "x", tokenizer="sentencepiece", train_tokenizer=True)
 
 
+def test_binary_files_are_skipped_and_counted_unless_text_is_forced(tmp_path):
+    root = pg19(tmp_path / "pg19", {"train": [3000]}, splits=("train",))
+    write_files(root, {"train/libx.so": b"\x7fELF, no NUL byte in it", "train/blob.txt": b"ab\0cd" * 50})
+    m = run([root], tmp_path / "a" / "pg", seq_length=L)["manifest"]
+    assert m["warnings"]["binary_files_skipped"] == {
+        "count": 2, "files": 2, "examples": [f"{root / 'train' / 'blob.txt'}: binary (a NUL byte at 2)",
+                                             f"{root / 'train' / 'libx.so'}: binary file type .so"]}
+    assert [f["path"] for f in m["splits"]["train"]["files"]] == [str(root / "train" / "100.txt")]
+    forced = run([root], tmp_path / "b" / "pg", seq_length=L, input_type="text")["manifest"]
+    assert "binary_files_skipped" not in forced["warnings"] and len(forced["splits"]["train"]["files"]) == 3
+
+
+def test_a_run_that_failed_before_writing_a_shard_does_not_block_a_retry_with_other_flags(tmp_path):
+    root = pg19(tmp_path / "pg19")
+    with pytest.raises(DataError, match="--vocab-size 260 is too small for this corpus: .* needs at least"):
+        run([root], tmp_path / "pg", seq_length=L, tokenizer="sentencepiece", train_tokenizer=True, vocab_size=260)
+    assert not list(tmp_path.glob("pg-*"))  # no marker, no half-written model
+    assert run([root], tmp_path / "pg", seq_length=L)["shards"] == 3
+
+
+def test_an_output_prefix_under_a_file_is_named_before_any_work(tmp_path):
+    root = pg19(tmp_path / "pg19")
+    write_files(tmp_path, {"some_file.txt": "x"})
+    with pytest.raises(DataError, match=r"--output-prefix .*some_file\.txt/sub/pg: .*some_file\.txt is a file, not a"):
+        run([root], tmp_path / "some_file.txt" / "sub" / "pg")
+
+
 @pytest.mark.parametrize("tail", ["pack", "drop"])
 def test_an_unexpected_error_in_a_worker_names_the_file(tmp_path, monkeypatch, tail):
     root = pg19(tmp_path / "pg19", {"train": [300, 300]}, splits=("train",))
-    monkeypatch.setattr(sources, "_read_bytes", lambda item: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(sources, "read_bytes", lambda item: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(DataError, match=r"100\.txt.*RuntimeError: boom"):
         run([root], tmp_path / "pg", seq_length=L, tail=tail, workers=2)
 

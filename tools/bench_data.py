@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Benchmark the data path on a local corpus: preprocessing MB/s (bytes tokenizer, 1 and N workers) and the
-loader's tokens/s into [micro_batch, seq_length + 1] batches, against the tokens/s one training step consumes.
+"""Benchmark the data path on a local corpus: preprocessing MB/s (bytes tokenizer, 1 and N workers), the pre-flight
+shard check (``check_shards`` quick and full, MB/s of shards) and the loader's tokens/s into
+[micro_batch, seq_length + 1] batches, against the tokens/s one training step consumes.
 
   python tools/bench_data.py                       # 256 MB corpus from this Python installation's sources
   python tools/bench_data.py --corpus data/pg19 --workers 1 2 4 --json bench.json
@@ -15,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
-
-from rtdist.data import build_demo_corpus, preprocess  # noqa: E402
+from rtdist.data import build_demo_corpus, check_shards, load_manifest, preprocess
 
 
 def peak_rss_mb() -> tuple[float, float]:
@@ -41,6 +40,20 @@ def bench_loader(manifest, seq_length, micro_batch, workers, max_batches):
     seconds = time.time() - t0
     return {"batches": n, "tokens_per_s": n * micro_batch * seq_length / seconds, "seconds": seconds,
             "first_batch_s": first, "workers": workers, "micro_batch": micro_batch}
+
+
+def bench_verify(manifest_path) -> dict:
+    """Seconds and MB/s of ``check_shards`` over every split, per mode (the page cache is as preprocessing left it:
+    warm for a corpus that fits in memory)."""
+    manifest = load_manifest(manifest_path)
+    mb = sum(s["bytes"] for split in manifest["splits"].values() for s in split["shards"]) / 1e6
+    out = {}
+    for mode in ("quick", "full"):
+        t0 = time.time()
+        check_shards(manifest, None, mode)
+        seconds = time.time() - t0
+        out[mode] = {"seconds": seconds, "mb": mb, "mb_per_s": mb / max(seconds, 1e-9)}
+    return out
 
 
 def bench_training(seq_length, model_config, steps):
@@ -144,6 +157,7 @@ def main(argv=None) -> int:
     results["peak_rss_mb"] = dict(zip(("main", "largest_worker"), peak_rss_mb()))
 
     manifest = results["preprocess"][0]["manifest"]
+    results["verify"] = bench_verify(manifest)
     results["loader"] = max((bench_loader(manifest, args.seq_length, args.micro_batch, args.loader_workers,
                                           args.loader_batches) for _ in range(args.repeat)),
                             key=lambda r: r["tokens_per_s"])
@@ -159,6 +173,9 @@ def main(argv=None) -> int:
     print(f"            identical shards for every worker count: {results['same_shards_for_all_worker_counts']}; "
           f"peak RSS main {results['peak_rss_mb']['main']:.0f} MB, "
           f"largest worker {results['peak_rss_mb']['largest_worker']:.0f} MB")
+    for mode, v in results["verify"].items():
+        print(f"verify      {mode:<5} {v['mb_per_s']:9.0f} MB/s of shards ({v['seconds']:.2f} s for {v['mb']:.0f} MB; "
+              f"check_shards, the pre-flight check of data.verify)")
     lo, tr = results["loader"], results["training"]
     print(f"loader      {lo['tokens_per_s'] / 1e6:7.2f} M tokens/s ({lo['batches']} batches of {args.micro_batch} x "
           f"{args.seq_length}, {lo['workers']} workers, first batch after {lo['first_batch_s']:.2f} s)")

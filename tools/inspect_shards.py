@@ -2,68 +2,83 @@
 """Validate shards against their manifest and decode samples back to text.
 
   python tools/inspect_shards.py out/pg19                     # check every shard (sha256, tar, members, tokens)
+  python tools/inspect_shards.py out/pg19 --verify quick      # the check training runs before step 1 (data.verify)
   python tools/inspect_shards.py out/pg19 --split test --decode 0 --chars 2000
-  python tools/inspect_shards.py out/pg19-manifest.json --key 10002_000003 --no-verify
+  python tools/inspect_shards.py out/pg19-manifest.json --key 10002_000003 --verify off
+
+Problems are listed one per line on stdout ("PROBLEM ..."); any problem ends the run with one "error:" line on
+stderr and exit status 2.
 """
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
-
-from rtdist.data import DataError, build_tokenizer, load_manifest, verify_shards  # noqa: E402
-from rtdist.data.shards import read_sample  # noqa: E402
+from rtdist.data import build_tokenizer, load_manifest, manifest_shards, shard_problem, verify_shards
+from rtdist.data.shards import manifest_dir, read_sample, split_info
+from rtdist.errors import ArgumentParser, CorruptShardError, DataError, cli_main
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", help="{prefix}-manifest.json or the prefix")
     p.add_argument("--split", nargs="+", help="splits to check / decode from (default: all; decode: first)")
     p.add_argument("--decode", type=int, metavar="N", help="decode sample N of the split (shard order)")
     p.add_argument("--key", help="decode the sample with this key ({book}_{chunk:06d})")
     p.add_argument("--chars", type=int, default=1000, help="print at most this many characters (1000)")
-    p.add_argument("--no-verify", action="store_true", help="skip the full check")
+    p.add_argument("--verify", choices=["full", "quick", "off"], default="full",
+                   help="full: every byte (sha256, tar, members, tokens; default); quick: sizes and the first and "
+                        "last member of each shard; off: no check")
+    p.add_argument("--no-verify", dest="verify", action="store_const", const="off", help="same as --verify off")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     args = p.parse_args(argv)
-    try:
-        m = load_manifest(args.manifest)
-        splits = args.split or list(m["splits"])
-        tok = m["tokenizer"]
-        print(f"{m['manifest_path']}: seq_length {m['seq_length']} (samples of {m['sample_tokens']} {m['dtype']}), "
-              f"tokenizer {tok['type']} vocab {tok['vocab_size']} eod {tok['eod_id']}")
-        for s in splits:
-            info = m["splits"].get(s)
-            if info is None:
-                raise DataError(f"split {s!r} not in the manifest (it has {list(m['splits'])})")
-            print(f"  {s:<12} {len(info['shards']):>6} shards {info['samples']:>10,} samples "
-                  f"{info['tokens']:>14,} tokens  {info['documents']:,} documents, "
-                  f"{info['dropped_tokens']:,} tokens dropped")
-        for c, w in m.get("warnings", {}).items():
-            print(f"  warning {c}: {w['count']} (e.g. {w['examples'][0]})")
-        status = 0
-        if not args.no_verify:
-            from tqdm import tqdm
+    for flag, value in (("--decode", args.decode), ("--chars", args.chars)):
+        if value is not None and value < 0:
+            raise DataError(f"{flag} {value}: must be >= 0")
+    m = load_manifest(args.manifest)
+    splits = args.split or list(m["splits"])
+    for s in splits:
+        split_info(m, s)  # an unknown split is named before anything is printed
+    tok = m["tokenizer"]
+    print(f"{m['manifest_path']}: seq_length {m['seq_length']} (samples of {m['sample_tokens']} {m['dtype']}), "
+          f"tokenizer {tok['type']} vocab {tok['vocab_size']} eod {tok['eod_id']}")
+    for s in splits:
+        info = m["splits"][s]
+        print(f"  {s:<12} {len(info['shards']):>6} shards {info['samples']:>10,} samples "
+              f"{info.get('tokens', 0):>14,} tokens  {info.get('documents', 0):,} documents, "
+              f"{info.get('dropped_tokens', 0):,} tokens dropped")
+    for c, w in m.get("warnings", {}).items():
+        print(f"  warning {c}: {w.get('count')} (e.g. {(w.get('examples') or ['?'])[0]})")
+    if args.verify != "off":
+        from tqdm import tqdm
 
-            total = sum(sh["bytes"] for s in splits for sh in m["splits"][s]["shards"])
-            with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=args.no_progress) as bar:
+        shards = manifest_shards(m, splits)
+        with tqdm(total=sum(s["bytes"] for s in shards), unit="B", unit_scale=True, desc="verify",
+                  disable=True if args.no_progress else None) as bar:
+            if args.verify == "full":
                 problems = verify_shards(m, splits, bar)
-            for line in problems:
-                print(f"PROBLEM {line}")
-            nshards = sum(len(m["splits"][s]["shards"]) for s in splits)
-            print(f"verified {nshards} shards: " + (f"{len(problems)} problems" if problems else "all good"))
-            status = 1 if problems else 0
-        if args.decode is not None or args.key:
-            shard, key, tokens = read_sample(m, splits[0], args.decode, args.key)
-            eod = "<|eod|>"
-            text = build_tokenizer(m).decode(tokens, eod_text=eod)
-            print(f"--- {shard} {key}: {len(tokens)} tokens, ids {tokens[:8].tolist()}...")
-            print(text[:args.chars] + ("..." if len(text) > args.chars else ""))
-        return status
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            else:
+                problems = []
+                for shard in shards:
+                    problem = shard_problem(m, shard, full=False)
+                    if problem:
+                        problems.append(f"{manifest_dir(m) / shard['name']}: {problem}")
+                    bar.update(shard["bytes"])
+        for line in problems:
+            print(f"PROBLEM {line}")
+        if problems:
+            raise CorruptShardError(f"{len(problems)} problem(s) in {len(shards)} shards ({args.verify} check, "
+                                    f"listed above), the first: {problems[0]}. Re-run tools/preprocess.py with the "
+                                    "same flags to rewrite the shards")
+        print(f"verified {len(shards)} shards ({args.verify} check): all good")
+    if args.decode is not None or args.key:
+        shard, key, tokens = read_sample(m, splits[0], args.decode, args.key)
+        eod = "<|eod|>"
+        text = build_tokenizer(m).decode(tokens, eod_text=eod)
+        print(f"--- {shard} {key}: {len(tokens)} tokens, ids {tokens[:8].tolist()}...")
+        print(text[:args.chars] + ("..." if len(text) > args.chars else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -4,13 +4,15 @@
 """
 
 from .demo import build_demo_corpus
-from .preprocess import preprocess
-from .shards import CorruptShardError, DataError, ShardReader, ShardWriter, load_manifest, verify_shards
+from ..errors import CorruptShardError, DataError
+from .pipeline import preprocess
+from .shards import (ShardReader, ShardWriter, check_shards, load_manifest, manifest_shards, shard_problem,
+                     verify_shards)
 from .tokenizers import BytesTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer, train_sentencepiece
 
 __all__ = ["BytesTokenizer", "CorruptShardError", "DataError", "SentencePieceTokenizer", "ShardLoader",
-           "ShardReader", "ShardWriter", "Tokenizer", "build_demo_corpus", "build_tokenizer", "load_manifest",
-           "preprocess", "train_sentencepiece", "verify_shards"]
+           "ShardReader", "ShardWriter", "Tokenizer", "build_demo_corpus", "build_tokenizer", "check_shards",
+           "load_manifest", "manifest_shards", "preprocess", "shard_problem", "train_sentencepiece", "verify_shards"]
 
 
 def __getattr__(name):

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import CorruptShardError, DataError, ShardReader, load_manifest, split_info
+from ..errors import CorruptShardError, DataError, RtdistError
+from .shards import ShardReader, load_manifest, split_info
 from .tokenizers import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,14 @@ def buffer_shuffle_order(n: int, size: int, rng: np.random.Generator) -> np.ndar
         buf[slot] = i
     out += [buf[k] for k in rng.permutation(size)]
     return np.asarray(out)
+
+
+class _WorkerFailed:
+    """What a DataLoader worker yields instead of raising a user error: the error itself, re-raised by
+    ``ShardLoader`` in the main process as it is (a worker's raise would arrive wrapped in its traceback text)."""
+
+    def __init__(self, error: RtdistError):
+        self.error = error
 
 
 class _EpochStream(IterableDataset):
@@ -82,6 +91,14 @@ class _EpochStream(IterableDataset):
         return locate
 
     def __iter__(self):
+        try:
+            yield from self._batches()
+        except RtdistError as e:
+            if get_worker_info() is None:
+                raise
+            yield _WorkerFailed(e)
+
+    def _batches(self):
         info = get_worker_info()
         v = ((info.id if info else 0) + self.start) % self.W  # rotate so DataLoader worker 0 yields batch `start`
         counts = [len(range(u, self.nb, self.W)) for u in range(self.W)]
@@ -181,8 +198,9 @@ class ShardLoader:
             raise DataError(f"split {split!r} of {self.manifest['manifest_path']} has no samples")
         self.batches = self.samples // per_step if policy == "drop" else math.ceil(self.samples / per_step)
         if not self.batches:
-            raise DataError(f"split {split!r} has {self.samples} samples, fewer than micro_batch_size x "
-                            f"dp_world_size = {per_step}: use policy='wrap' or a smaller batch")
+            raise DataError(f"split {split!r} of {self.manifest['manifest_path']} has {self.samples} samples, "
+                            f"fewer than micro_batch_size x dp_world_size = {per_step}: use policy='wrap' or a "
+                            "smaller batch")
         self.micro_batch_size, self.dp_rank, self.dp_world_size = micro_batch_size, dp_rank, dp_world_size
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self.shuffle_buffer, self.policy, self.skip_corrupt = shuffle_buffer, policy, skip_corrupt
@@ -266,7 +284,10 @@ class ShardLoader:
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor, multiprocessing_context=self.multiprocessing_context)
         expected = start
-        for j, tokens, keys, info in batches:
+        for item in batches:
+            if isinstance(item, _WorkerFailed):
+                raise item.error
+            j, tokens, keys, info = item
             if j != expected:  # the order guarantee rests on the DataLoader's in-order round robin
                 raise RuntimeError(f"loader got batch {j} of epoch {epoch} while batch {expected} was due")
             self._batch = expected = j + 1

@@ -19,15 +19,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import DataError
+from ..errors import DataError
 from .tokenizers import Tokenizer, build_tokenizer, decode_text
 
 SPLITS = ("train", "validation", "test")
 KINDS = ("text", "jsonl", "image")
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 IMAGE_SUFFIXES = {".png", ".npz"}
+# Files of these types are never text, NUL bytes or not (auto input type only; --input-type text reads anything)
+BINARY_SUFFIXES = frozenset(
+    ".so .o .a .lib .dll .dylib .exe .bin .obj .pyc .pyo .pyd .class .jar .whl .egg .zip .gz .tgz .bz2 .xz .zst "
+    ".lz4 .7z .rar .tar .pdf .jpg .jpeg .gif .bmp .tif .tiff .webp .ico .mp3 .mp4 .wav .flac .ogg .avi .mov .mkv "
+    ".webm .woff .woff2 .ttf .otf .eot .npy .pt .pth .ckpt .safetensors .pkl .pickle .db .sqlite .parquet .arrow "
+    ".h5 .onnx .iso .dmg .deb .rpm".split())
+SNIFF_BYTES = 8000  # like git: a NUL byte in the first 8000 bytes makes a file binary
 NEWLINE_SEARCH = 1 << 20  # how far past a block boundary we look for a newline before cutting mid-line
 PER_FILE = {"unreadable_files", "empty_files", "non_utf8_kept_as_bytes"}  # counted once per file
+HINTS = {"binary_files_skipped": "--input-type text reads them as text",
+         "bad_images": "images must be PNG, or NPZ arrays, of --image-size pixels square"}
 
 
 @dataclass(frozen=True)
@@ -77,11 +86,22 @@ class Report:
         return {c: {"count": self.counts[c], "files": len(self.files[c]), "examples": self.examples[c]}
                 for c in sorted(self.counts)}
 
+    def summary(self, exclude=(), per_category: int = 3) -> str:
+        """One line: each category's count, its first few examples (file: why) and what to do about it."""
+        parts = []
+        for c, v in self.to_dict().items():
+            if c not in exclude:
+                more = ", ..." if v["files"] > per_category else ""
+                hint = f" [{HINTS[c]}]" if c in HINTS else ""
+                parts.append(f"{c}: {v['count']} ({', '.join(v['examples'][:per_category])}{more}){hint}")
+        return "; ".join(parts)
+
     def lines(self) -> list[str]:
         out = []
         for c, v in self.to_dict().items():
             what = f"{v['count']}" + (f" in {v['files']} files" if v["files"] != v["count"] else "")
-            out.append(f"  {c}: {what} (e.g. {v['examples'][0]})")
+            hint = f" [{HINTS[c]}]" if c in HINTS else ""
+            out.append(f"  {c}: {what} (e.g. {v['examples'][0]}){hint}")
         return out
 
 
@@ -100,6 +120,15 @@ def _kind(path: Path, input_type: str) -> str:
         return input_type
     suffix = path.suffix.lower()
     return "jsonl" if suffix in JSONL_SUFFIXES else "image" if suffix in IMAGE_SUFFIXES else "text"
+
+
+def binary_reason(path: Path, head: bytes) -> str | None:
+    """Why a file is binary (its suffix, or a NUL byte in ``head``, its first ``SNIFF_BYTES``), else None."""
+    suffix = path.suffix.lower()
+    if suffix in BINARY_SUFFIXES:
+        return f"binary file type {suffix}"
+    nul = head.find(b"\0")
+    return f"binary (a NUL byte at {nul})" if nul >= 0 else None
 
 
 def _walk(root: Path, report: Report) -> list[Path]:
@@ -160,14 +189,20 @@ def discover(inputs, split: str = "train", splits=None, input_type: str = "auto"
         used: set[str] = set()
         entries[s] = []
         for f, root in files:
+            kind = _kind(f, input_type)
             try:
                 size = f.stat().st_size
-                open(f, "rb").close()  # unreadable files are reported here, before any work is planned on them
+                with open(f, "rb") as fh:  # unreadable files are reported here, before any work is planned on them
+                    head = fh.read(SNIFF_BYTES) if input_type == "auto" and kind != "image" else b""
             except OSError as e:
                 report.add("unreadable_files", f, detail=e.strerror or str(e))
                 continue
             if size == 0:
                 report.add("empty_files", f, detail="skipped")
+                continue
+            binary = binary_reason(f, head) if input_type == "auto" and kind != "image" else None
+            if binary:
+                report.add("binary_files_skipped", f, detail=binary)
                 continue
             ident = base = doc_id(str(f.relative_to(root).with_suffix("")))
             n = 1
@@ -175,7 +210,7 @@ def discover(inputs, split: str = "train", splits=None, input_type: str = "auto"
                 n += 1
                 ident = f"{base}-{n}"
             used.add(ident)
-            entries[s].append(Entry(str(f), size, _kind(f, input_type), ident))
+            entries[s].append(Entry(str(f), size, kind, ident))
     for s in [s for s, e in entries.items() if not e]:
         report.add("empty_splits", s, detail="no readable, non-empty input file")
         del entries[s]
@@ -282,6 +317,11 @@ def init_reader(cfg: ReadConfig) -> None:
     _worker["tok"] = build_tokenizer(cfg.tokenizer, cfg.tokenizer_dir)
 
 
+def current_reader() -> tuple[ReadConfig, Tokenizer]:
+    """The (read config, tokenizer) that ``init_reader`` set up in this process."""
+    return _worker["cfg"], _worker["tok"]
+
+
 def read_task(items: list[Item]):
     """Tokenize a task. Returns (docs, events, bytes_read): docs are (doc_id, tokens, first) in input order,
     events are (category, path, n, detail) warnings. Unexpected errors name the file."""
@@ -292,11 +332,16 @@ def read_task(items: list[Item]):
         except DataError:
             raise
         except Exception as e:  # a clear message in the main process, never a bare worker traceback
-            raise DataError(f"{item.path} (bytes {item.start}..{item.end}): {type(e).__name__}: {e}") from None
+            raise DataError(f"{item.path} (bytes {item.start}..{item.end}): {one_line(e)}") from None
     return docs, events, nbytes
 
 
-def _read_bytes(item: Item) -> bytes:
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An unexpected error as one short line (a message may span lines or hold a whole file's worth of text)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
+
+
+def read_bytes(item: Item) -> bytes:
     with open(item.path, "rb") as f:
         f.seek(item.start)
         return f.read() if item.end is None else f.read(item.end - item.start)
@@ -333,11 +378,11 @@ def _with_eod(tokens: np.ndarray, tok: Tokenizer) -> np.ndarray:
 
 
 def _read_item(item: Item, docs: list, events: list) -> int:
-    cfg, tok = _worker["cfg"], _worker["tok"]
+    cfg, tok = current_reader()
     try:
         if item.kind == "image":
             return _read_image(item, cfg, tok, docs, events)
-        data = _read_bytes(item)
+        data = read_bytes(item)
     except OSError as e:
         events.append(("unreadable_files", item.path, 1, e.strerror or str(e)))
         return 0
@@ -415,8 +460,10 @@ def _read_image(item: Item, cfg: ReadConfig, tok: Tokenizer, docs: list, events:
             return 0
         names = [item.doc]
     if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
-        events.append(("bad_images", item.path, 1, f"{images.dtype}{list(images.shape)}: expected uint8 RGB "
-                                                    f"{size}x{size}x3 (set --image-size)"))
+        shape = list(images.shape[1:] if len(names) == 1 and images.ndim == 4 else images.shape)  # one PNG: HWC
+        side = images.shape[1] if images.ndim == 4 and images.shape[1:] == (images.shape[1],) * 2 + (3,) else None
+        hint = f" (--image-size {side} if all images are {side}x{side}x3)" if side and images.dtype == np.uint8 else ""
+        events.append(("bad_images", item.path, 1, f"{images.dtype}{shape}: expected uint8 RGB {size}x{size}x3{hint}"))
         return 0
     start = np.array([tok.eod_id], np.uint16)
     for name, image in zip(names, images):

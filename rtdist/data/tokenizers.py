@@ -10,11 +10,13 @@ import codecs
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
-from .shards import DataError, manifest_dir, token_dtype
+from ..errors import DataError
+from .shards import manifest_dir, os_error_at, token_dtype
 
 # Text tokenizers read bytes with errors="replace"; this handler also counts the replacements (per process).
 _replaced = [0]
@@ -96,7 +98,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError) as e:
-            raise DataError(f"cannot load sentencepiece model {self.path}: {e}")
+            raise DataError(f"cannot load sentencepiece model {self.path}: {' '.join(str(e).split())[:200]}") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eod_id = self.sp.eos_id()
         if self.eod_id < 0:
@@ -149,22 +151,42 @@ def train_sentencepiece(texts, model_path: str | os.PathLike, vocab_size: int, m
             unk_id=0, eos_id=1, bos_id=-1, pad_id=-1, hard_vocab_limit=False, max_sentence_length=1 << 16,
             num_threads=num_threads, minloglevel=2)
     except RuntimeError as e:
-        raise DataError(f"sentencepiece training (vocab_size={vocab_size}, {model_type}) failed: {e}")
+        raise DataError(_training_failure(str(e), vocab_size, model_type)) from None
     tmp = Path(f"{model_path}.tmp")
-    tmp.write_bytes(model.getvalue())
+    try:
+        tmp.write_bytes(model.getvalue())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise os_error_at(e, tmp) from None
     os.replace(tmp, model_path)
     return SentencePieceTokenizer(model_path)
+
+
+def _training_failure(message: str, vocab_size: int, model_type: str) -> str:
+    """sentencepiece's error (a C++ assertion) as one line that says what to change."""
+    small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if small:
+        return (f"--vocab-size {vocab_size} is too small for this corpus: sentencepiece needs at least "
+                f"{small.group(2)} (256 byte pieces, 3 special pieces and one per distinct character)")
+    if "sentences_.empty()" in message:
+        return "sentencepiece found no text to train on: the training split's files hold no non-blank line"
+    detail = " ".join(message.split())[:300]
+    return f"sentencepiece training (--vocab-size {vocab_size}, --sp-model-type {model_type}) failed: {detail}"
 
 
 def build_tokenizer(manifest_or_spec: dict, base_dir: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer a manifest (or a ``spec()`` dict) describes. Model files are looked up next to the manifest
     (or in ``base_dir``) and must match the recorded sha256."""
     spec = manifest_or_spec.get("tokenizer", manifest_or_spec)
+    where = manifest_or_spec.get("manifest_path", "the manifest")
     if spec["type"] == "bytes":
         return BytesTokenizer()
     if spec["type"] == "sentencepiece":
         if base_dir is None:
             base_dir = manifest_dir(manifest_or_spec) if "manifest_path" in manifest_or_spec else "."
+        if not isinstance(spec.get("file"), str) or Path(spec["file"]).name != spec["file"]:
+            raise DataError(f"{where}: tokenizer.file {spec.get('file')!r} does not name a model file next to it; "
+                            "re-run tools/preprocess.py")
         path = Path(base_dir) / spec["file"]
         if not path.exists():
             raise DataError(f"tokenizer model {path} (named in the manifest) is missing")
@@ -172,4 +194,4 @@ def build_tokenizer(manifest_or_spec: dict, base_dir: str | os.PathLike | None =
             raise DataError(f"tokenizer model {path} does not match the manifest's sha256 "
                             f"{spec['sha256'][:12]}..: the shards were written with another model")
         return SentencePieceTokenizer(path)
-    raise DataError(f"unknown tokenizer type {spec['type']!r} (known: bytes, sentencepiece)")
+    raise DataError(f"{where}: unknown tokenizer type {spec['type']!r} (known: bytes, sentencepiece)")

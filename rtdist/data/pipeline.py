@@ -15,9 +15,11 @@ of a stream share one token, so every token but the first of a stream is a targe
 from __future__ import annotations
 
 import bisect
+import glob
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -27,10 +29,11 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import sources
-from .shards import (DataError, SampleLayout, ShardWriter, build_manifest, find_shard_files, manifest_path_for,
-                     shard_capacity, write_json_atomic)
-from .sources import (SPLITS, Item, ReadConfig, Report, discover, group_items, init_reader, iter_texts, plan_items,
-                      read_task, utf8_error)
+from ..errors import DataError
+from .shards import (BLOCK, SampleLayout, ShardWriter, build_manifest, find_shard_files, manifest_path_for,
+                     os_error_at, shard_capacity, shard_name, token_dtype, write_json_atomic)
+from .sources import (SPLITS, Item, ReadConfig, Report, discover, group_items, init_reader, iter_texts, one_line,
+                      plan_items, read_task, utf8_error)
 from .tokenizers import BytesTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 
@@ -145,12 +148,12 @@ def _gather(task: DirectShard, t0: int, t1: int, append_eod: bool, eod: int, eve
         if end > lo:
             context = min(lo, 3)  # bytes before the range, so a character cut by it is not an error
             try:
-                data = sources._read_bytes(Item("text", path, doc, lo - context, end))
+                data = sources.read_bytes(Item("text", path, doc, lo - context, end))
             except OSError as e:
                 raise DataError(f"{path}: became unreadable while preprocessing ({e.strerror or e}); "
                                 "fix it and run again") from None
             except Exception as e:
-                raise DataError(f"{path} (bytes {lo}..{end}): {type(e).__name__}: {e}") from None
+                raise DataError(f"{path} (bytes {lo}..{end}): {one_line(e)}") from None
             if len(data) != end - lo + context:
                 raise DataError(f"{path}: changed while preprocessing ({len(data) - context} bytes at {lo}, "
                                 f"expected {end - lo}); run again")
@@ -165,7 +168,7 @@ def _gather(task: DirectShard, t0: int, t1: int, append_eod: bool, eod: int, eve
 
 def write_direct_shard(task: DirectShard):
     """Worker: write one shard of the direct path. Returns (shard entry, warning events)."""
-    cfg, tok = sources._worker["cfg"], sources._worker["tok"]
+    cfg, tok = sources.current_reader()
     L, events = task.seq_length, []
     writer = ShardWriter(task.prefix, task.split, SampleLayout(tok.dtype, L + 1), L, maxcount=task.count,
                          maxsize=1 << 62, first_index=task.index)
@@ -186,35 +189,110 @@ def write_direct_shard(task: DirectShard):
         return writer.close()[0], events
     except BaseException as e:
         writer.abort()
-        if isinstance(e, Exception) and not isinstance(e, DataError):
-            raise DataError(f"shard {task.split} {task.index}: {type(e).__name__}: {e}") from None
+        if isinstance(e, Exception) and not isinstance(e, (DataError, OSError)):  # OS errors name their file
+            path = Path(task.prefix).parent / shard_name(Path(task.prefix).name, task.split, task.index)
+            raise DataError(f"writing {path}: {one_line(e)}") from None
         raise
 
 
+def _check_flags(seq_length, maxcount, maxsize, image_size, workers, block_bytes, tokenizer, tokenizer_model,
+                 train_tokenizer, vocab_size, sp_model_type, tokenizer_train_bytes, tail, json_keys) -> None:
+    """Every flag that cannot work, named before any work is done: ``--flag value: what would be right``."""
+    def need(ok: bool, flag: str, value, right: str) -> None:
+        if not ok:
+            raise DataError(f"{flag} {value}: {right}")
+
+    need(seq_length is None or seq_length >= 1, "--seq-length", seq_length, "must be >= 1 (tokens per sample)")
+    need(maxcount >= 1, "--maxcount", maxcount, "must be >= 1 (samples per shard)")
+    need(maxsize >= 1, "--maxsize", maxsize, "must be at least one sample's bytes (e.g. 1G)")
+    need(image_size >= 1, "--image-size", image_size, "must be >= 1 (the side of an image in pixels)")
+    need(workers >= 1, "--workers", workers, "must be >= 1 (tokenizing processes)")
+    need(block_bytes >= 1, "--block-size", block_bytes, "must be > 0 bytes (e.g. 8M)")
+    need(tail in (None, "pack", "drop"), "--tail", tail, "expected pack or drop")
+    need(bool(json_keys) and all(isinstance(k, str) and k for k in json_keys), "--json-keys", list(json_keys),
+         "expected one or more non-empty key names")
+    need(tokenizer in ("bytes", "sentencepiece"), "--tokenizer-type", tokenizer, "expected bytes or sentencepiece")
+    if tokenizer == "bytes":
+        for flag, value in (("--tokenizer-model", tokenizer_model), ("--vocab-size", vocab_size)):
+            need(value is None, flag, value, "only --tokenizer-type sentencepiece uses it")
+        need(not train_tokenizer, "--train-tokenizer", "", "only --tokenizer-type sentencepiece trains a tokenizer")
+        return
+    if train_tokenizer == bool(tokenizer_model):
+        raise DataError("sentencepiece needs exactly one of --tokenizer-model FILE or --train-tokenizer")
+    if tokenizer_model:
+        need(vocab_size is None, "--vocab-size", vocab_size, "only --train-tokenizer uses it (the model fixes it)")
+        return
+    if vocab_size is None:
+        raise DataError("--train-tokenizer needs --vocab-size N")
+    need(vocab_size >= SP_MIN_VOCAB, "--vocab-size", vocab_size,
+         f"must be >= {SP_MIN_VOCAB}: a sentencepiece model here holds 256 byte pieces, unk, eos and newline, plus "
+         "one piece per distinct character of the corpus")
+    need(sp_model_type in ("unigram", "bpe"), "--sp-model-type", sp_model_type, "expected unigram or bpe")
+    need(tokenizer_train_bytes >= 1, "--tokenizer-train-bytes", tokenizer_train_bytes, "must be > 0 bytes (e.g. 256M)")
+
+
+SP_MIN_VOCAB = 259  # 256 byte-fallback pieces + unk, eos and "\n" (see train_sentencepiece)
+
+
+def _check_prefix(output_prefix) -> Path:
+    """``--output-prefix`` names a file prefix in a folder that exists or can be created, and can be written."""
+    text, prefix = str(output_prefix), Path(output_prefix)
+    if not prefix.name or prefix.name != prefix.name.strip(".") or text.endswith(("/", os.sep)):
+        raise DataError(f"--output-prefix {text!r} must end in a file name prefix, e.g. out/pg19")
+    existing = prefix.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"--output-prefix {text}: {existing} is a file, not a folder: pick a prefix in a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"--output-prefix {text}: cannot write in {existing} (permissions or a read-only file "
+                        "system): pick another folder")
+    return prefix
+
+
+def _names(paths, n: int = 3) -> str:
+    paths = list(paths)
+    return ", ".join(map(str, paths[:n])) + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
 def _check_output(prefix: Path, config: dict, overwrite: bool) -> None:
-    """Refuse to mix with shards written under other flags; otherwise clear the prefix for a clean start."""
+    """Refuse to mix with shards written under other flags; otherwise clear the prefix for a clean start.
+    A run that stopped before writing any shard (a failed tokenizer training, say) leaves nothing to protect."""
     marker, manifest = Path(f"{prefix}-incomplete.json"), manifest_path_for(prefix)
+    shards = find_shard_files(prefix)
     for path in (marker, manifest):
-        if not path.exists() or overwrite:
+        if not path.exists() or overwrite or (path == marker and not shards):
             continue
         try:
             old = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
-        except (OSError, ValueError):
-            old = {"config": "unreadable"}
+        except (OSError, ValueError, AttributeError):
+            raise DataError(f"output prefix {prefix}: {path.name} is unreadable, so the shards there cannot be "
+                            "matched to these flags: pass --overwrite to replace them, or pick another --output-prefix")
         diff = [f"{k}: {old.get(k)!r} (there) vs {config.get(k)!r} (now)"
                 for k in sorted(set(config) | set(old)) if old.get(k) != config.get(k)]
         if diff:
             raise DataError(f"output prefix {prefix} already holds shards from different flags ({path.name}): "
                             f"{'; '.join(diff)}. Pass --overwrite to replace them, or pick another --output-prefix")
-    shards = find_shard_files(prefix)
     if shards and not marker.exists() and not manifest.exists() and not overwrite:
         raise DataError(f"output prefix {prefix} holds {len(shards)} shards ({shards[0].name}, ...) that no "
                         f"manifest describes: remove them or pass --overwrite")
     # clean start: a rerun (same flags) rewrites everything; nothing of an interrupted run survives
-    stale = shards + sorted(prefix.parent.glob(f"{prefix.name}-*.tmp"))
-    for path in stale + [manifest, prefix.parent / f"{prefix.name}-tokenizer.model"]:
+    for path in shards + _tmp_files(prefix) + [manifest, prefix.parent / f"{prefix.name}-tokenizer.model"]:
         path.unlink(missing_ok=True)
     write_json_atomic(marker, {"config": config, "note": "preprocessing in progress or interrupted"})
+
+
+def _tmp_files(prefix: Path) -> list[Path]:
+    return sorted(prefix.parent.glob(f"{glob.escape(prefix.name)}-*.tmp"))
+
+
+def _after_failure(prefix: Path) -> None:
+    """Tidy up after a failed or interrupted run: half-written files go; so does the in-progress marker when no
+    shard was written (then a retry with other flags is not refused)."""
+    for path in _tmp_files(prefix):
+        path.unlink(missing_ok=True)
+    if not find_shard_files(prefix):
+        Path(f"{prefix}-incomplete.json").unlink(missing_ok=True)
 
 
 def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_model=None,
@@ -229,71 +307,109 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
     ``seq_length`` defaults to 8192 (text) or the pixels of one image (images); ``tail`` to ``pack`` (text) or
     ``drop`` (images: one image per sample). ``direct=False`` streams even where workers could write shards
     straight from the files (same bytes, slower). Returns a summary dict (with the manifest under ``manifest``).
-    Bad input is counted in ``manifest['warnings']`` and printed; bad flags raise ``DataError``."""
+    Bad input files are skipped, counted in ``manifest['warnings']`` and printed; bad flags, and input of which
+    nothing usable is left, raise ``DataError``. ``progress`` shows a bar when stderr is a terminal."""
     t0 = time.time()
-    prefix = Path(output_prefix)
-    if not prefix.name or prefix.name != prefix.name.strip("."):
-        raise DataError(f"--output-prefix {output_prefix!r} must end in a file name prefix, e.g. out/pg19")
     json_keys, splits = tuple(json_keys), tuple(splits) if splits else None
+    _check_flags(seq_length, maxcount, maxsize, image_size, workers, block_bytes, tokenizer, tokenizer_model,
+                 train_tokenizer, vocab_size, sp_model_type, tokenizer_train_bytes, tail, json_keys)
+    prefix = _check_prefix(output_prefix)
     report = Report()
     entries = discover(inputs, split, splits, input_type, report)
     if not entries:
-        raise DataError(f"no readable input in {', '.join(map(str, inputs))}:\n" + "\n".join(report.lines()))
-    kinds = {e.kind for files in entries.values() for e in files}
-    images = "image" in kinds
-    if images and len(kinds) > 1:
-        raise DataError(f"inputs mix images with {sorted(kinds - {'image'})}: preprocess them separately")
+        skipped = report.summary(exclude=("empty_splits",))
+        raise DataError(f"no usable input in {', '.join(map(str, inputs))}: "
+                        f"{skipped or 'no file found (hidden files are ignored)'}")
+    files = {}  # kind -> paths
+    for e in (e for split_entries in entries.values() for e in split_entries):
+        files.setdefault(e.kind, []).append(e.path)
+    images = "image" in files
+    if images and len(files) > 1:
+        others = "; ".join(f"{kind} ({_names(paths)})" for kind, paths in files.items() if kind != "image")
+        raise DataError(f"inputs mix images ({_names(files['image'])}) with {others}: preprocess them separately "
+                        "(or force one kind with --input-type)")
     pixels = 3 * image_size * image_size
-    seq_length = seq_length or (pixels if images else 8192)
+    if images and (seq_length not in (None, pixels) or tail == "pack"):
+        given = f"--seq-length {seq_length}" if seq_length not in (None, pixels) else "--tail pack"
+        raise DataError(f"image inputs ({_names(files['image'])}) make one sample per image of --image-size "
+                        f"{image_size} ({image_size}x{image_size}x3 = {pixels} tokens), so --seq-length is implied "
+                        f"and --tail is drop: drop {given}, or set --image-size to the size of the images")
+    seq_length = seq_length if seq_length is not None else pixels if images else 8192
     tail = tail or ("drop" if images else "pack")
-    if tail not in ("pack", "drop"):
-        raise DataError(f"--tail {tail!r}: expected pack or drop")
-    if seq_length < 1:
-        raise DataError(f"--seq-length must be >= 1, got {seq_length}")
-    if images:
-        if tokenizer != "bytes":
-            raise DataError(f"image inputs are pixel bytes: use --tokenizer-type bytes, not {tokenizer}")
-        if seq_length != pixels or tail != "drop":
-            raise DataError(f"image inputs give one sample per image: --seq-length must be {pixels} "
-                            f"({image_size}x{image_size}x3) with --tail drop; got {seq_length}, {tail}")
+    if images and tokenizer != "bytes":
+        raise DataError(f"image inputs ({_names(files['image'])}) are pixel bytes: use --tokenizer-type bytes, "
+                        f"not {tokenizer}")
 
     # flags that decide the output bytes (workers and progress do not)
-    tok_flags = {"type": tokenizer}
-    if tokenizer == "sentencepiece":
-        if train_tokenizer == bool(tokenizer_model):
-            raise DataError("sentencepiece needs exactly one of --tokenizer-model FILE or --train-tokenizer")
-        if train_tokenizer:
-            if not vocab_size:
-                raise DataError("--train-tokenizer needs --vocab-size N")
-            tok_flags.update(train=True, vocab_size=vocab_size, model_type=sp_model_type,
-                             train_bytes=tokenizer_train_bytes)
-        else:
-            if not Path(tokenizer_model).is_file():
-                raise DataError(f"--tokenizer-model {tokenizer_model} does not exist")
-            model_bytes = Path(tokenizer_model).read_bytes()  # (it may live at the prefix we are about to clear)
-            tok_flags.update(model_sha256=hashlib.sha256(model_bytes).hexdigest())
-    elif tokenizer != "bytes":
-        raise DataError(f"--tokenizer-type {tokenizer!r}: expected bytes or sentencepiece")
+    tok_flags, model_bytes = {"type": tokenizer}, None
+    vocab_bound = BytesTokenizer.vocab_size
+    if train_tokenizer:
+        tok_flags.update(train=True, vocab_size=vocab_size, model_type=sp_model_type, train_bytes=tokenizer_train_bytes)
+        vocab_bound = vocab_size  # at most: a small corpus may give fewer
+    elif tokenizer_model:
+        if not Path(tokenizer_model).is_file():
+            raise DataError(f"--tokenizer-model {tokenizer_model} does not exist")
+        vocab_bound = SentencePieceTokenizer(tokenizer_model).vocab_size  # a file that is no model fails here
+        model_bytes = Path(tokenizer_model).read_bytes()  # (it may live at the prefix we are about to clear)
+        tok_flags.update(model_sha256=hashlib.sha256(model_bytes).hexdigest())
+    smallest = SampleLayout(token_dtype(vocab_bound), seq_length + 1).member_bytes + 2 * BLOCK
+    if maxsize < smallest:
+        raise DataError(f"--maxsize {maxsize}: a shard must hold at least one sample of {seq_length + 1} "
+                        f"{token_dtype(vocab_bound).name} tokens: {smallest} bytes with its tar header and end; use "
+                        f"--maxsize {smallest} or more (or a smaller --seq-length)")
     config = {"inputs": [str(i) for i in inputs], "input_type": input_type, "split": split,
               "splits": list(splits) if splits else None, "json_keys": list(json_keys), "tokenizer": tok_flags,
               "seq_length": seq_length, "append_eod": append_eod, "tail": tail, "maxcount": maxcount,
               "maxsize": maxsize, "image_size": image_size, "block_bytes": block_bytes}
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--output-prefix {output_prefix}: cannot create the folder {prefix.parent} "
+                        f"({e.strerror or e})") from None
     _check_output(prefix, config, overwrite)
+    try:
+        summary = _run(prefix, entries, report, config, model_bytes, workers, progress, direct, log)
+    except BaseException:
+        _after_failure(prefix)
+        raise
+    summary["seconds"] = seconds = time.time() - t0
+    summary["mb_per_s"] = summary["input_bytes"] / 1e6 / max(seconds, 1e-9)
+    per_split = ", ".join(f"{s} {len(v['shards'])} shards/{v['samples']} samples"
+                          for s, v in summary["manifest"]["splits"].items())
+    log(f"preprocess: {summary['documents']:,} documents, {summary['input_bytes'] / 1e6:,.1f} MB in, "
+        f"{summary['tokens']:,} tokens in {summary['shards']} shards ({per_split}) in {seconds:.1f} s = "
+        f"{summary['mb_per_s']:.1f} MB/s with {workers} worker(s)")
+    if report.counts:
+        log(f"warnings ({sum(report.counts.values())}):\n" + "\n".join(report.lines()))
+    log(f"manifest: {summary['manifest_path']}")
+    return summary
 
+
+def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes, workers: int, progress: bool,
+         direct: bool, log) -> dict:
+    """Tokenize and write the shards and the manifest of checked flags (``config``); the summary of ``preprocess``."""
+    seq_length, tail, append_eod = config["seq_length"], config["tail"], config["append_eod"]
+    json_keys, block_bytes = tuple(config["json_keys"]), config["block_bytes"]
+    tok_flags = config["tokenizer"]
     model_path = prefix.parent / f"{prefix.name}-tokenizer.model"
-    if tokenizer == "bytes":
+    if tok_flags["type"] == "bytes":
         tok = BytesTokenizer()
-    elif train_tokenizer:
+    elif tok_flags.get("train"):
         train_split = "train" if "train" in entries else next(iter(entries))
-        log(f"training sentencepiece (vocab {vocab_size}, {sp_model_type}) on split {train_split} ...")
-        tok = train_sentencepiece(iter_texts(entries[train_split], json_keys, tokenizer_train_bytes),
-                                  model_path, vocab_size, sp_model_type, num_threads=max(1, workers))
+        log(f"training sentencepiece (vocab {tok_flags['vocab_size']}, {tok_flags['model_type']}) on split "
+            f"{train_split} ...")
+        tok = train_sentencepiece(iter_texts(entries[train_split], json_keys, tok_flags["train_bytes"]),
+                                  model_path, tok_flags["vocab_size"], tok_flags["model_type"],
+                                  num_threads=max(1, workers))
     else:
-        model_path.write_bytes(model_bytes)  # shards travel with their tokenizer
+        try:
+            model_path.write_bytes(model_bytes)  # shards travel with their tokenizer
+        except OSError as e:
+            raise os_error_at(e, model_path) from None
         tok = SentencePieceTokenizer(model_path)
     spec = tok.spec()
     layout = SampleLayout(tok.dtype, seq_length + 1)
+    maxcount, maxsize = config["maxcount"], config["maxsize"]
 
     order = [s for s in SPLITS if s in entries] + sorted(s for s in entries if s not in SPLITS)
     direct = {s: direct and tok.takes_bytes and tail == "pack" and all(e.kind == "text" for e in entries[s])
@@ -306,7 +422,7 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
             direct[s] = False
     items = {s: None if direct[s] else plan_items(entries[s], block_bytes, report) for s in order}
     total_bytes = sum(plans[s][1]["input_bytes"] if direct[s] else sum(i.nbytes for i in items[s]) for s in order)
-    read_cfg = ReadConfig(spec, str(model_path.parent), append_eod, json_keys, image_size)
+    read_cfg = ReadConfig(spec, str(model_path.parent), append_eod, json_keys, config["image_size"])
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = context.Pool(workers, init_reader, (read_cfg,)) if workers > 1 else None
     if pool is None:
@@ -350,37 +466,48 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
         if writer is not None:
             writer.abort()
         if pool is not None:
-            pool.terminate()  # a worker killed mid-shard leaves only a .tmp file, removed by the next run
+            pool.terminate()  # workers killed mid-shard leave .tmp files: removed once they are gone
+            pool.join()
         raise
     finally:
         bar.close()
     if pool is not None:
         pool.close()
         pool.join()
+    if not any(v["samples"] for v in split_out.values()):
+        raise DataError(_nothing_usable(config, split_out, report))
 
     manifest = build_manifest(prefix.name, seq_length, spec, split_out, warnings=report.to_dict(), config=config)
     path = manifest_path_for(prefix)
     write_json_atomic(path, manifest)
     Path(f"{prefix}-incomplete.json").unlink(missing_ok=True)
+    return {"manifest_path": str(path), "manifest": {**manifest, "manifest_path": str(path.resolve())},
+            "input_bytes": sum(v["input_bytes"] for v in split_out.values()),
+            "documents": sum(v["documents"] for v in split_out.values()),
+            "tokens": manifest["total_tokens"], "samples": manifest["total_samples"],
+            "shards": sum(len(v["shards"]) for v in split_out.values()), "warnings": report.to_dict()}
 
-    seconds = time.time() - t0
-    read = sum(v["input_bytes"] for v in split_out.values())
-    summary = {"manifest_path": str(path), "manifest": {**manifest, "manifest_path": str(path.resolve())},
-               "seconds": seconds, "input_bytes": read, "mb_per_s": read / 1e6 / max(seconds, 1e-9),
-               "documents": sum(v["documents"] for v in split_out.values()),
-               "tokens": manifest["total_tokens"], "samples": manifest["total_samples"],
-               "shards": sum(len(v["shards"]) for v in split_out.values()), "warnings": report.to_dict()}
-    per_split = ", ".join(f"{s} {len(v['shards'])} shards/{v['samples']} samples" for s, v in split_out.items())
-    log(f"preprocess: {summary['documents']:,} documents, {read / 1e6:,.1f} MB in, {summary['tokens']:,} tokens "
-        f"in {summary['shards']} shards ({per_split}) in {seconds:.1f} s = {summary['mb_per_s']:.1f} MB/s "
-        f"with {workers} worker(s)")
-    if report.counts:
-        log(f"warnings ({sum(report.counts.values())}):\n" + "\n".join(report.lines()))
-    log(f"manifest: {path}")
-    return summary
+
+def _nothing_usable(config: dict, split_out: dict, report: Report) -> str:
+    """Why no sample came out of the input: too little of it, or all of it skipped (with examples)."""
+    tokens = sum(v["corpus_tokens"] for v in split_out.values())
+    why = []
+    need = config["seq_length"] + 1
+    if tokens and config["tail"] == "drop":
+        why.append(f"{tokens} tokens read, but no document reaches --seq-length + 1 = {need} tokens (--tail drop "
+                   "cuts each document alone): lower --seq-length, or --tail pack")
+    elif tokens:
+        why.append(f"{tokens} tokens read in all, fewer than --seq-length + 1 = {need} for one sample: lower "
+                   "--seq-length or add input")
+    skipped = report.summary(exclude=("empty_splits",))
+    if skipped:
+        why.append(f"skipped: {skipped}")
+    return f"no sample from {', '.join(config['inputs'])}: " + "; ".join(why or ["no token read"])
 
 
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not enabled, smoothing=0.1)
+    # disable=None: only on a terminal (a bar in a log file or a captured stderr is noise)
+    return tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=None if enabled else True,
+                smoothing=0.1)

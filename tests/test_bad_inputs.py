@@ -1,0 +1,303 @@
+"""Bad input at every command-line entry point ends in one clear line: a table of cases.
+
+Each row of ``ROWS`` is ``(id, make, entry, args, expected)``:
+
+- ``id``: a short name for the case (the pytest id);
+- ``make(tmp)``: builds the bad input under the empty folder ``tmp`` (a ``Path``; the command runs with ``tmp`` as
+  its working directory, so ``args`` use paths relative to it); ``None`` when nothing is needed;
+- ``entry``: a key of ``ENTRY_POINTS``: a file under the repository (``tools/x.py``) or ``module:function``, whose
+  ``main(argv)`` is run in-process through ``rtdist.errors.cli_main``;
+- ``args``: the argv list given to ``main``;
+- ``expected``: a substring of the error line (without the leading ``error: ``).
+
+Every row must end with exit status 2 and exactly one non-empty stderr line starting with ``error: ``, no
+traceback, the expected substring, and nothing half-written left under a final name: no new or changed manifest,
+no leftover ``.tmp`` file, and every new or changed ``.tar`` a whole tar.
+"""
+
+import importlib.util
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import book, pg19, run, write_files
+
+from rtdist.errors import cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = {"preprocess": "tools/preprocess.py", "inspect": "tools/inspect_shards.py"}
+_loaded = {}
+
+
+def entry_point(name: str):
+    """The ``main`` function an ``ENTRY_POINTS`` value names (loaded once)."""
+    if name not in _loaded:
+        target = ENTRY_POINTS[name]
+        if target.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(f"_entry_{name}", REPO / target)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _loaded[name] = module.main
+        else:
+            module, _, function = target.partition(":")
+            _loaded[name] = getattr(importlib.import_module(module), function)
+    return _loaded[name]
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+def text(tmp: Path, rel: str = "in/a.txt", nbytes: int = 2000) -> None:
+    write_files(tmp, {rel: book(1, nbytes)})
+
+
+def png(path: Path, size: int = 8) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), 7, np.uint8)).save(path)
+
+
+def fake_images(tmp: Path) -> None:
+    write_files(tmp, {"img/a.png": b"not a png at all", "img/b.png": b"\x89PNG\r\n\x1a\n truncated"})
+
+
+def binaries(tmp: Path) -> None:
+    write_files(tmp, {"in/libfoo.so": b"\x7fELF" + bytes(range(256)) * 40, "in/blob.dat": b"abc\0def" * 100})
+
+
+def shards(tmp: Path) -> dict:
+    """Good shards at out/pg: 64-token samples, 5 per shard (several shards per split)."""
+    return run([pg19(tmp / "pg19")], tmp / "out" / "pg", seq_length=64, maxcount=5)["manifest"]
+
+
+def shard_path(tmp: Path, index: int = 1, split: str = "train") -> Path:
+    return tmp / "out" / f"pg-{split}-{index:06d}.tar"
+
+
+def edit_manifest(tmp: Path, edit) -> None:
+    path = tmp / "out" / "pg-manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+
+
+def damaged(tmp: Path, damage) -> None:
+    """Good shards, then ``damage(bytes) -> bytes`` applied to the second train shard."""
+    shards(tmp)
+    path = shard_path(tmp)
+    path.write_bytes(damage(path.read_bytes()))
+
+
+def replaced_by(tmp: Path, dtype, seq_length: int) -> None:
+    """Good shards, then the second train shard rewritten with samples of another dtype or length."""
+    from rtdist.data.shards import SampleLayout, ShardWriter
+
+    m = shards(tmp)
+    entry = m["splits"]["train"]["shards"][1]
+    writer = ShardWriter(tmp / "out" / "new", "train", SampleLayout(np.dtype(dtype), seq_length + 1), seq_length)
+    for i in range(entry["samples"]):
+        writer.write(f"x_{i:06d}", np.arange(seq_length + 1) % 200)
+    writer.close()
+    (tmp / "out" / "new-train-000000.tar").replace(shard_path(tmp))
+
+
+def sp_failed_once(tmp: Path) -> None:
+    """A first sentencepiece run that failed (vocabulary too small for the corpus) before writing any shard."""
+    from rtdist.errors import DataError
+
+    text(tmp)
+    with pytest.raises(DataError, match="vocab"):
+        run([tmp / "in"], tmp / "out" / "sp", tokenizer="sentencepiece", train_tokenizer=True, vocab_size=260)
+
+
+def flip_token(data: bytes) -> bytes:
+    out = bytearray(data)
+    out[512 + 200] ^= 1
+    return bytes(out)
+
+
+P, I = "preprocess", "inspect"
+OUT = ["--output-prefix", "out/x"]
+ROWS = [
+    # --- preprocess: flags checked before any work
+    ("seq-length-0", text, P, ["--input", "in", *OUT, "--seq-length", "0"], "--seq-length 0: "),
+    ("seq-length-negative", text, P, ["--input", "in", *OUT, "--seq-length", "-5"], "--seq-length -5: "),
+    ("seq-length-not-int", text, P, ["--input", "in", *OUT, "--seq-length", "1.5"], "--seq-length: invalid int"),
+    ("maxcount-0", text, P, ["--input", "in", *OUT, "--maxcount", "0"], "--maxcount 0: "),
+    ("maxsize-0", text, P, ["--input", "in", *OUT, "--maxsize", "0"], "--maxsize 0: "),
+    ("maxsize-below-one-sample", text, P, ["--input", "in", *OUT, "--seq-length", "4096", "--maxsize", "4k"],
+     "--maxsize 4096: "),
+    ("maxsize-not-a-size", text, P, ["--input", "in", *OUT, "--maxsize", "lots"], "not a size: 'lots'"),
+    ("workers-0", text, P, ["--input", "in", *OUT, "--workers", "0"], "--workers 0: "),
+    ("image-size-0", text, P, ["--input", "in", *OUT, "--image-size", "0"], "--image-size 0: "),
+    ("vocab-size-1", text, P, ["--input", "in", *OUT, "--tokenizer-type", "sentencepiece", "--train-tokenizer",
+                               "--vocab-size", "1"], "--vocab-size 1: "),
+    ("vocab-size-with-bytes", text, P, ["--input", "in", *OUT, "--vocab-size", "1000"],
+     "--vocab-size 1000: only --tokenizer-type sentencepiece"),
+    ("block-size-0", text, P, ["--input", "in", *OUT, "--block-size", "0"], "--block-size 0: "),
+    ("tokenizer-train-bytes-0", text, P, ["--input", "in", *OUT, "--tokenizer-type", "sentencepiece",
+                                          "--train-tokenizer", "--vocab-size", "400", "--tokenizer-train-bytes", "0"],
+     "--tokenizer-train-bytes 0: "),
+    ("unknown-flag", text, P, ["--input", "in", *OUT, "--seq-lenght", "64"], "unrecognized arguments: --seq-lenght"),
+    ("missing-required", None, P, ["--input", "in"], "required: --output-prefix"),
+    ("unknown-tokenizer-type", text, P, ["--input", "in", *OUT, "--tokenizer-type", "wordpiece"],
+     "invalid choice: 'wordpiece'"),
+    ("sentencepiece-without-model", text, P, ["--input", "in", *OUT, "--tokenizer-type", "sentencepiece"],
+     "--tokenizer-model FILE or --train-tokenizer"),
+    ("tokenizer-model-missing", text, P, ["--input", "in", *OUT, "--tokenizer-type", "sentencepiece",
+                                          "--tokenizer-model", "nope.model"], "--tokenizer-model nope.model"),
+    ("tokenizer-model-not-a-model", lambda t: (text(t), write_files(t, {"bad.model": b"junk"})), P,
+     ["--input", "in", *OUT, "--tokenizer-type", "sentencepiece", "--tokenizer-model", "bad.model"], "bad.model"),
+    ("train-tokenizer-without-vocab", text, P, ["--input", "in", *OUT, "--tokenizer-type", "sentencepiece",
+                                                "--train-tokenizer"], "--vocab-size"),
+    ("sentencepiece-vocab-too-small", text, P, ["--input", "in", *OUT, "--tokenizer-type", "sentencepiece",
+                                                "--train-tokenizer", "--vocab-size", "260"], "--vocab-size 260"),
+    ("sentencepiece-retry-other-flags", sp_failed_once, P,  # the failed run wrote no shard: it blocks nothing
+     ["--input", "in", "--output-prefix", "out/sp", "--tokenizer-type", "sentencepiece", "--train-tokenizer",
+      "--vocab-size", "265"], "--vocab-size 265"),
+    ("split-name", text, P, ["--input", "in", *OUT, "--split", "my split"], "split name 'my split'"),
+    ("splits-missing-folder", lambda t: pg19(t / "pg19", splits=("train",)), P,
+     ["--input", "pg19", *OUT, "--splits", "train", "test"], "no test/ folder"),
+    # --- preprocess: inputs
+    ("missing-input", None, P, ["--input", "nope", *OUT], "--input nope does not exist"),
+    ("glob-matches-nothing", None, P, ["--input", "in/*.txt", *OUT], "matches no file"),
+    ("empty-input-folder", lambda t: (t / "in").mkdir(), P, ["--input", "in", *OUT], "no usable input in in"),
+    ("only-empty-files", lambda t: write_files(t, {"in/empty.txt": b""}), P, ["--input", "in", *OUT],
+     "empty.txt"),
+    ("all-images-bad", fake_images, P, ["--input", "img", *OUT], "a.png"),
+    ("binary-only", binaries, P, ["--input", "in", *OUT], "libfoo.so"),
+    ("binary-by-content", lambda t: write_files(t, {"in/notes.txt": b"abc\0def" * 100}), P,
+     ["--input", "in", *OUT], "notes.txt: binary"),
+    ("mixed-fake-image-and-binary", lambda t: (fake_images(t), binaries(t)), P, ["--input", "img", "in", *OUT],
+     "a.png"),
+    ("mixed-image-and-text", lambda t: (png(t / "in" / "p.png"), text(t)), P, ["--input", "in", *OUT],
+     "p.png"),
+    ("image-seq-length", lambda t: png(t / "img" / "p.png"), P,
+     ["--input", "img", *OUT, "--image-size", "8", "--seq-length", "256"], "--seq-length is implied"),
+    ("image-tail-pack", lambda t: png(t / "img" / "p.png"), P,
+     ["--input", "img", *OUT, "--image-size", "8", "--tail", "pack"], "--tail pack"),
+    ("images-of-another-size", lambda t: png(t / "img" / "p.png", 8), P, ["--input", "img", *OUT],
+     "p.png: uint8[8, 8, 3]: expected uint8 RGB 64x64x3 (--image-size 8 if all images are 8x8x3)"),
+    ("text-shorter-than-a-sample", lambda t: text(t, nbytes=50), P, ["--input", "in", *OUT, "--seq-length", "64"],
+     "fewer than --seq-length + 1"),
+    ("jsonl-without-the-key", lambda t: write_files(t, {"in/d.jsonl": '{"body": "x"}\n' * 50}), P,
+     ["--input", "in", *OUT], "d.jsonl"),
+    # --- preprocess: output
+    ("output-prefix-under-a-file", lambda t: (text(t), write_files(t, {"some_file.txt": "x"})), P,
+     ["--input", "in", "--output-prefix", "some_file.txt/x"], "some_file.txt"),
+    ("output-prefix-is-a-folder", lambda t: (text(t), (t / "out").mkdir()), P,
+     ["--input", "in", "--output-prefix", "out/"], "must end in a file name prefix"),
+    ("output-holds-other-flags", lambda t: (text(t), run([t / "in"], t / "out" / "x", seq_length=64)), P,
+     ["--input", "in", *OUT, "--seq-length", "32"], "already holds shards from different flags"),
+    ("output-holds-unlisted-shards", lambda t: (text(t), write_files(t, {"out/x-train-000000.tar": b""})), P,
+     ["--input", "in", *OUT], "no manifest describes"),
+    # --- inspect_shards: manifests
+    ("manifest-missing", None, I, ["out/pg"], "no manifest at out/pg-manifest.json"),
+    ("manifest-not-json", lambda t: write_files(t, {"out/pg-manifest.json": "{not json"}), I, ["out/pg"],
+     "cannot read manifest out/pg-manifest.json"),
+    ("manifest-not-ours", lambda t: write_files(t, {"out/pg-manifest.json": '{"format": "other/1"}'}), I,
+     ["out/pg"], "not an rtdist shard manifest"),
+    ("manifest-without-splits", lambda t: (shards(t), edit_manifest(t, lambda m: m.pop("splits"))), I,
+     ["out/pg"], "pg-manifest.json: 'splits' is missing"),
+    ("manifest-shard-outside", lambda t: (shards(t), edit_manifest(
+        t, lambda m: m["splits"]["train"]["shards"][0].update(name="../../etc/passwd"))), I, ["out/pg"],
+     "'../../etc/passwd' is not a file name"),
+    ("manifest-dtype-int32", lambda t: (shards(t), edit_manifest(t, lambda m: m.update(dtype="int32"))), I,
+     ["out/pg"], "dtype 'int32'"),
+    ("split-missing", shards, I, ["out/pg", "--split", "tset"], "split 'tset' not in"),
+    ("tokenizer-model-gone", lambda t: (shards(t), edit_manifest(t, lambda m: m["tokenizer"].update(
+        type="sentencepiece", file="pg-tokenizer.model", sha256=None))), I, ["out/pg", "--verify", "off",
+                                                                            "--decode", "0"],
+     "pg-tokenizer.model (named in the manifest) is missing"),
+    ("manifest-unknown-tokenizer", lambda t: (shards(t), edit_manifest(t, lambda m: m["tokenizer"].update(
+        type="wordpiece"))), I, ["out/pg", "--verify", "off", "--decode", "0"], "unknown tokenizer type 'wordpiece'"),
+    ("decode-out-of-range", shards, I, ["out/pg", "--verify", "off", "--decode", "9999"], "index 9999"),
+    ("decode-negative", shards, I, ["out/pg", "--verify", "off", "--decode", "-1"], "--decode -1: "),
+    ("key-not-found", shards, I, ["out/pg", "--verify", "off", "--key", "nosuch_000000"], "'nosuch_000000'"),
+    ("chars-negative", shards, I, ["out/pg", "--chars", "-1"], "--chars -1: "),
+    # --- inspect_shards: shards
+    ("shard-missing", lambda t: (shards(t), shard_path(t).unlink()), I, ["out/pg"], "pg-train-000001.tar: missing"),
+    ("shard-truncated", lambda t: damaged(t, lambda b: b[:3000]), I, ["out/pg"],
+     "pg-train-000001.tar: 3000 bytes but the manifest says"),
+    ("shard-truncated-quick", lambda t: damaged(t, lambda b: b[:3000]), I, ["out/pg", "--verify", "quick"],
+     "pg-train-000001.tar: 3000 bytes but the manifest says"),
+    ("shard-random-bytes", lambda t: damaged(t, lambda b: np.random.default_rng(0).bytes(len(b))), I,
+     ["out/pg"], "pg-train-000001.tar: sample 0"),
+    ("shard-random-bytes-decode", lambda t: damaged(t, lambda b: np.random.default_rng(0).bytes(len(b))), I,
+     ["out/pg", "--verify", "off", "--decode", "5"], "pg-train-000001.tar: sample 0"),
+    ("shard-one-token-flipped", lambda t: damaged(t, flip_token), I, ["out/pg"], "pg-train-000001.tar: sha256"),
+    ("shard-int32", lambda t: replaced_by(t, np.int32, 64), I, ["out/pg"], "pg-train-000001.tar: "),
+    ("shard-wrong-length", lambda t: replaced_by(t, np.uint16, 32), I, ["out/pg", "--verify", "quick"],
+     "pg-train-000001.tar: sample 0 at byte 0: member size is not 258 bytes"),
+    ("shard-token-out-of-range", lambda t: damaged(t, lambda b: b[:700] + b"\xff\xff" + b[702:]), I,
+     ["out/pg", "--verify", "off", "--decode", "5"], "token 65535 >= vocab_size 257"),
+]
+
+
+def files_state(root: Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def whole_tar(path: Path) -> bool:
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if len(tar.extractfile(member).read()) != member.size:
+                    return False
+        return True
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+
+
+def assert_one_clean_error(tmp: Path, before: dict, code: int, err: str, expected: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and expected in lines[0], err
+    changed = [p for p, state in files_state(tmp).items() if before.get(p) != state]
+    assert not [p for p in changed if p.name.endswith((".tmp", "-manifest.json"))], changed
+    assert all(whole_tar(p) for p in changed if p.suffix == ".tar"), changed
+
+
+@pytest.mark.parametrize("make, entry, args, expected", [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
+def test_bad_input_ends_in_one_clear_error_line(tmp_path, monkeypatch, capsys, make, entry, args, expected):
+    monkeypatch.chdir(tmp_path)
+    if make is not None:
+        make(tmp_path)
+    before = files_state(tmp_path)
+    capsys.readouterr()
+    code = cli_main(entry_point(entry), args)
+    assert_one_clean_error(tmp_path, before, code, capsys.readouterr().err, expected)
+
+
+def test_a_disk_filling_up_while_preprocessing_leaves_only_whole_shards(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
+                      capture_output=True).returncode:
+        pytest.skip("needs root to mount a 2 MB tmpfs")
+    try:
+        write_files(tmp_path, {f"in/{i}.txt": book(i, 400_000) for i in range(8)})  # 3.2 MB into 2 MB
+        for workers in ("1", "2"):  # 1: the main process writes; 2: workers write shards straight from the files
+            before = files_state(tmp_path)
+            code = cli_main(entry_point(P), ["--input", "in", "--output-prefix", f"small/w{workers}",
+                                             "--seq-length", "1024", "--maxcount", "100", "--workers", workers])
+            err = capsys.readouterr().err
+            assert_one_clean_error(tmp_path, before, code, err, "No space left on device")
+            assert f"small/w{workers}-train-" in err  # the file that did not fit
+            assert list(small.glob(f"w{workers}-train-*.tar")), "the disk filled before the first shard"
+            for p in small.glob("*"):
+                p.unlink()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_help_says_that_input_type_text_forces_binary_files_through(capsys):
+    with pytest.raises(SystemExit):
+        entry_point(P)(["--help"])
+    assert "binary" in capsys.readouterr().out
