@@ -166,6 +166,16 @@ def _mpi4py_info() -> Optional[DistInfo]:
     return DistInfo(comm.Get_rank(), comm.Get_size(), local, addr, port, "mpi4py")
 
 
+_env_before: dict = {}
+
+
+def _set_env(**values: str) -> None:
+    """Set variables, remembering what was there so that :func:`shutdown` can put it back."""
+    for k, v in values.items():
+        _env_before.setdefault(k, os.environ.get(k))
+        os.environ[k] = v
+
+
 def init(timeout_s: int = 300, backend: Optional[str] = None, info: Optional[DistInfo] = None) -> DistInfo:
     """Initialise the default process group (once) and return who we are.
 
@@ -179,11 +189,11 @@ def init(timeout_s: int = 300, backend: Optional[str] = None, info: Optional[Dis
     timeout = datetime.timedelta(seconds=timeout_s)
     c10d.default_pg_timeout = timeout  # read by new_group() for groups created without a timeout
     # DeepSpeed reads the rank variables from the environment, whatever initialised the group.
-    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
+    _set_env(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
     if info.world_size == 1:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return info
-    os.environ.update(MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+    _set_env(MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -250,5 +260,12 @@ def broadcast_object(obj, src: int = 0, group=None):
 
 
 def shutdown() -> None:
+    """Destroy the default group and undo :func:`init`'s environment variables."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    for k, v in _env_before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _env_before.clear()

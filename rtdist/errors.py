@@ -19,10 +19,6 @@ class RtdistError(Exception):
     """A mistake in the input, the configuration or the environment; the message names it and the fix."""
 
 
-class UsageError(RtdistError):
-    """A command-line flag whose value cannot work; the message names the flag."""
-
-
 class ConfigError(RtdistError, ValueError):
     """A configuration value that cannot work; the message names the key (``model.window_size``)."""
 
@@ -36,7 +32,7 @@ class CorruptShardError(DataError):
 
 
 class UsageError(RtdistError):
-    """A command line that cannot be parsed (an unknown flag, a value of the wrong type, a missing argument)."""
+    """A command line that cannot work: an unknown flag, a value of the wrong type or range, a missing argument."""
 
 
 class CheckpointError(RtdistError):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dist as rdist
-from .errors import CheckpointError, ConfigError, UsageError, cli_main
+from .errors import ArgumentParser, CheckpointError, ConfigError, UsageError, cli_main
 
 
 @torch.no_grad()
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="run directory or model.safetensors")
     p.add_argument("--split", default="validation")
     p.add_argument("--manifest", default=None, help="default: the run config's data.manifest")

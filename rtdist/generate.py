@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, DataError, UsageError, cli_main
+from .errors import ArgumentParser, ConfigError, DataError, UsageError, cli_main
 from .model.cache import decode_step, prefill
 
 
@@ -103,16 +103,17 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
 
 def _tokenizer(cfg, manifest_arg: Optional[str], checkpoint: Path):
     from .data import build_tokenizer, load_manifest
-    path = manifest_arg or cfg.data.manifest
+    if manifest_arg:
+        return build_tokenizer(load_manifest(manifest_arg))
+    path = cfg.data.manifest
     if not path:
         raise ConfigError("the run config has no data.manifest: pass --manifest (the manifest the model was trained "
                           "on, for its tokenizer)")
-    candidates = [Path(path)] if manifest_arg or Path(path).is_absolute() else [Path(path), checkpoint / path]
-    for p in candidates:
+    for p in [Path(path)] if Path(path).is_absolute() else [Path(path), checkpoint / path]:
         if p.exists() or p.with_name(p.name + "-manifest.json").exists():
             return build_tokenizer(load_manifest(p))
-    raise DataError(f"manifest {path} not found" + ("" if manifest_arg else " (the run config's data.manifest): "
-                                                    "pass --manifest, the manifest the model was trained on"))
+    raise DataError(f"no manifest at {path} (the run config's data.manifest): pass --manifest, the manifest the "
+                    f"model was trained on")
 
 
 def main(argv=None) -> int:
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="run directory or model.safetensors")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt-file", type=Path, help="prompt text (read as bytes; default: empty prompt)")

@@ -23,7 +23,7 @@ import yaml
 from . import checkpoint as ckpt
 from . import dist as rdist
 from .config import Config, ConfigError, check_world, load_config
-from .errors import CheckpointError, PeerTimeoutError, RtdistError, TrainingError, cli_main
+from .errors import ArgumentParser, CheckpointError, PeerTimeoutError, RtdistError, TrainingError, cli_main
 from .evaluate import bytes_per_token, evaluate, with_bytes
 from .model import RoutingTransformerLM, count_parameters, lm_loss
 from .parallel.engines import OptimConfig, build_engine
@@ -33,7 +33,7 @@ from .watchdog import StopRequest, Watchdog
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", required=True, help="YAML file; repeat to merge, later wins")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
     p.add_argument("--run-dir", type=Path, default=Path("runs/default"))
@@ -77,6 +77,27 @@ def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int, train: boo
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
                           f"({loader.vocab_size}) in {cfg.data.manifest}")
     return loader
+
+
+def preflight_shards(cfg: Config, manifest: dict, splits: list[str], log) -> None:
+    """Check the shards training will read before step 1 (``data.verify``), each rank a slice of them; every rank
+    raises the same error naming every bad shard (or, with ``data.skip_corrupt``, logs one warning)."""
+    from .data.shards import CorruptShardError, manifest_dir, manifest_shards, shard_problem
+    if cfg.data.verify == "off":
+        return
+    t0 = time.perf_counter()
+    shards = manifest_shards(manifest, splits)
+    mine = [f"{manifest_dir(manifest) / s['name']}: {problem}" for s in shards[rdist.rank()::rdist.world_size()]
+            if (problem := shard_problem(manifest, s, full=cfg.data.verify == "full"))]
+    bad = [line for part in rdist.all_gather_object(mine) for line in part]
+    if bad:
+        what = (f"{len(bad)} of {len(shards)} shards of {manifest['manifest_path']} failed the data.verify "
+                f"{cfg.data.verify} check: {'; '.join(bad[:10])}{'; ...' if len(bad) > 10 else ''}")
+        if not cfg.data.skip_corrupt:
+            raise CorruptShardError(f"{what}. Re-run tools/preprocess.py with the same flags to rewrite them, or set "
+                                    f"data.skip_corrupt: true to train without them")
+        log(f"warning: {what} (data.skip_corrupt: true: their samples are replaced by others)")
+    log(f"data.verify {cfg.data.verify}: {len(shards)} shards checked in {time.perf_counter() - t0:.2f} s", flush=True)
 
 
 def check_engine(cfg: Config) -> None:
@@ -217,6 +238,9 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     model = RoutingTransformerLM(cfg.model, checkpoint_every=t.checkpoint_num_layers if t.checkpoint_activations else 0,
                                  checkpoint_offload=t.checkpoint_offload).to(device)
     loader = build_loader(cfg, cfg.data.train_split, dp_rank, dp_size, train=True)
+    with watchdog.phase("data check", 0):
+        preflight_shards(cfg, loader.manifest, [cfg.data.train_split] + ([cfg.data.eval_split] if t.eval_interval
+                                                                           else []), log)
     resume_from = ckpt.resolve_resume(rd.checkpoints, resume, log=log)
     if resume_from is not None:
         check_resumable(resume_from, cfg, info.world_size)

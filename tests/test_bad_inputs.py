@@ -27,7 +27,8 @@ from data_helpers import book, pg19, run, write_files
 from rtdist.errors import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = {"preprocess": "tools/preprocess.py", "inspect": "tools/inspect_shards.py"}
+ENTRY_POINTS = {"preprocess": "tools/preprocess.py", "inspect": "tools/inspect_shards.py",
+                "train": "rtdist.train:main", "evaluate": "rtdist.evaluate:main", "generate": "rtdist.generate:main"}
 _loaded = {}
 
 
@@ -234,6 +235,113 @@ ROWS = [
     ("shard-token-out-of-range", lambda t: damaged(t, lambda b: b[:700] + b"\xff\xff" + b[702:]), I,
      ["out/pg", "--verify", "off", "--decode", "5"], "token 65535 >= vocab_size 257"),
 ]
+
+
+# --- training, evaluation, generation
+_RUN_CACHE: dict = {}
+
+
+def finished_run(tmp: Path) -> Path:
+    """A finished 2-step tiny run (checkpoint every step, export) copied to tmp/run, with its shards at tmp/out/pg.
+    Trained once per session, in a subprocess (as users run it)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    if "dir" not in _RUN_CACHE:
+        cache = Path(tempfile.mkdtemp(prefix="rtdist-bad-inputs-"))
+        shards(cache)
+        r = subprocess.run([sys.executable, "-m", "rtdist.train", *TINY, "--set", "data.manifest=out/pg-manifest.json",
+                            "--set", "train.train_iters=2", "--set", "train.save_interval=1", "--run-dir", "run"],
+                           cwd=cache, capture_output=True, text=True, timeout=300,
+                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        _RUN_CACHE["dir"] = cache
+    for name in ("out", "run"):
+        shutil.copytree(_RUN_CACHE["dir"] / name, tmp / name)
+    return tmp / "run"
+
+
+def unexported_run(tmp: Path) -> None:
+    finished_run(tmp)
+    (tmp / "run" / "model.safetensors").unlink()
+
+
+TINY = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", "train.seq_length=64", "--set",
+        "model.window_size=16", "--set", "train.train_micro_batch_size_per_gpu=2", "--set", "data.num_workers=0"]
+TR, EV, GE = "train", "evaluate", "generate"
+DATA = ["--set", "data.manifest=out/pg-manifest.json"]
+RUN = ["--run-dir", "run"]
+ROWS += [
+    ("train-config-missing", None, TR, ["--config", "nope.yaml", *RUN], "config file 'nope.yaml' does not exist"),
+    ("train-config-not-yaml", lambda t: write_files(t, {"c.yaml": "model: [unclosed"}), TR,
+     ["--config", "c.yaml", *RUN], "is not valid YAML"),
+    ("train-unknown-key", None, TR, [*TINY, "--set", "train.lr_max=1", *RUN], "unknown key 'train.lr_max'"),
+    ("train-key-typo-hint", None, TR, [*TINY, "--set", "model.windw_size=8", *RUN], "did you mean 'model.window_size'"),
+    ("train-wrong-type", None, TR, [*TINY, "--set", "train.train_iters=many", *RUN],
+     "train.train_iters: expected an integer"),
+    ("train-log-interval-0", None, TR, [*TINY, "--set", "train.log_interval=0", *RUN], "train.log_interval must be > 0"),
+    ("train-save-interval-negative", None, TR, [*TINY, "--set", "train.save_interval=-1", *RUN],
+     "train.save_interval must be >= 0 (0 = off)"),
+    ("train-num-workers-negative", None, TR, [*TINY, "--set", "data.num_workers=-1", *RUN],
+     "data.num_workers must be >= 0"),
+    ("train-lr-negative", None, TR, [*TINY, "--set", "train.lr=-1e-3", *RUN], "train.lr must be > 0"),
+    ("train-dist-timeout-0", None, TR, [*TINY, "--set", "train.dist_timeout_s=0", *RUN],
+     "train.dist_timeout_s must be > 0"),
+    ("train-verify-typo", None, TR, [*TINY, "--set", "data.verify=fast", *RUN], "data.verify: 'fast' is not one of"),
+    ("train-seq-not-divisible", None, TR, [*TINY, "--set", "train.seq_length=100", *RUN],
+     "must be divisible by the local window"),
+    ("train-sp-not-dividing", None, TR, [*TINY, "--set", "train.seq_length=96", "--set", "parallel.sequence_parallel_size=3", *RUN],
+     "world size 1 is not divisible by parallel.sequence_parallel_size (3)"),
+    ("train-torch-with-zero", None, TR, [*TINY, "--set", "train.engine=torch", "--set", "train.zero_stage=2", *RUN],
+     "needs engine deepspeed or fairscale"),
+    ("train-no-manifest", None, TR, [*TINY, *RUN], "data.manifest is not set"),
+    ("train-manifest-missing", None, TR, [*TINY, "--set", "data.manifest=nope-manifest.json", *RUN],
+     "no manifest at nope-manifest.json"),
+    ("train-split-typo", shards, TR, [*TINY, *DATA, "--set", "data.train_split=trian", *RUN], "split 'trian' not in"),
+    ("train-seq-longer-than-shards", shards, TR, [*TINY, *DATA, "--set", "train.seq_length=128", *RUN],
+     "exceeds the shards' seq_length (64)"),
+    ("train-vocab-too-small", shards, TR, [*TINY, *DATA, "--set", "model.vocab_size=100", *RUN],
+     "model.vocab_size (100) is smaller than the tokenizer's vocabulary (257)"),
+    ("train-truncated-second-shard", lambda t: damaged(t, lambda b: b[:3000]), TR, [*TINY, *DATA, *RUN],
+     "pg-train-000001.tar: 3000 bytes but the manifest says"),
+    ("train-run-dir-under-a-file", lambda t: (shards(t), write_files(t, {"f.txt": "x"})), TR,
+     [*TINY, *DATA, "--run-dir", "f.txt/run"], "--run-dir f.txt/run"),
+    ("train-resume-missing", shards, TR, [*TINY, *DATA, *RUN, "--resume", "runs/old/checkpoints/global_step3"],
+     "--resume runs/old/checkpoints/global_step3: no such checkpoint"),
+    ("train-resume-other-model", finished_run, TR, [*TINY, *DATA, "--set", "model.d_model=64", *RUN, "--resume",
+                                                   "auto"], "model.d_model: 128 in the checkpoint, 64 now"),
+    ("train-resume-incomplete", lambda t: (finished_run(t), (t / "run/checkpoints/global_step2/complete").unlink()),
+     TR, [*TINY, *DATA, *RUN, "--resume", "run/checkpoints/global_step2"], "is not a complete checkpoint"),
+    ("train-resume-corrupt", lambda t: (finished_run(t), flip(t / "run/checkpoints/global_step2/rtdist_rank0.pt")),
+     TR, [*TINY, *DATA, *RUN, "--resume", "run/checkpoints/global_step2"], "rtdist_rank0.pt does not match its sha256"),
+    ("train-every-checkpoint-corrupt", lambda t: (finished_run(t), [flip(p) for p in t.glob(
+        "run/checkpoints/global_step*/rtdist_rank0.pt")]), TR, [*TINY, *DATA, *RUN, "--resume", "auto"],
+     "every complete checkpoint in run/checkpoints is corrupt"),
+    ("evaluate-missing-run", None, EV, ["--checkpoint", "nope"], "--checkpoint nope does not exist"),
+    ("evaluate-not-exported", unexported_run, EV, ["--checkpoint", "run"],
+     "its training did not finish (resume it with --resume auto)"),
+    ("evaluate-split-typo", finished_run, EV, ["--checkpoint", "run", "--split", "tset"], "split 'tset' not in"),
+    ("evaluate-export-corrupt", lambda t: (finished_run(t), write_files(t, {"run/model.safetensors": b"junk"})),
+     EV, ["--checkpoint", "run"], "is not a readable safetensors file"),
+    ("evaluate-batch-size-0", finished_run, EV, ["--checkpoint", "run", "--batch-size", "0"],
+     "--batch-size 0: must be >= 1"),
+    ("generate-missing-run", None, GE, ["--checkpoint", "nope", "--prompt", "x"], "--checkpoint nope does not exist"),
+    ("generate-missing-prompt-file", finished_run, GE, ["--checkpoint", "run", "--prompt-file", "p.txt"],
+     "--prompt-file p.txt does not exist"),
+    ("generate-top-p", finished_run, GE, ["--checkpoint", "run", "--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
+    ("generate-manifest-missing", finished_run, GE, ["--checkpoint", "run", "--manifest", "nope.json"],
+     "no manifest at nope.json"),
+    ("generate-sentencepiece-model-missing", lambda t: (finished_run(t), edit_manifest(
+        t, lambda m: m["tokenizer"].update(type="sentencepiece", file="pg-tokenizer.model", sha256=None))), GE,
+     ["--checkpoint", "run", "--prompt", "x"], "pg-tokenizer.model (named in the manifest) is missing"),
+]
+
+
+def flip(path: Path, offset: int = 600) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def files_state(root: Path) -> dict:
