@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import dist as rdist
-from .errors import CheckpointError
+from .errors import CheckpointError, is_peer_failure, user_error_message
 
 MARKER = "complete"
 _STEP_RE = re.compile(r"^global_step(\d+)$")
@@ -240,15 +240,15 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict, meta: dict, log: C
     try:
         engine.save(staging)
         atomic_torch_save(rank_state, staging / f"rtdist_rank{rdist.rank()}.pt")
-        error = None
-    except Exception as e:  # noqa: BLE001 - reported below, after every rank knows
-        error = e
-    fault_point("save", step)  # the crash tests kill a rank here: files written, no marker yet
-    failed = rdist.all_gather_object(None if error is None else _save_failed(ckpt_dir, step, error))
-    if any(failed):
+    except Exception as e:
+        # Raise at once: the engine's save has collectives of its own, so this rank cannot join a common one now;
+        # the other ranks stop at their next collective, and the staging folder is never taken for a checkpoint.
         if rdist.rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(next(f for f in failed if f))
+        if is_peer_failure(e):
+            raise  # another rank failed first: the trainer names it
+        raise CheckpointError(_save_failed(ckpt_dir, step, e)) from e
+    fault_point("save", step)  # the crash tests kill a rank here: files written, no marker yet
     files = checksum_files(staging)
     if rdist.rank() == 0:
         atomic_write_text(staging / MARKER, json.dumps({**meta, "files": files}, indent=1))
@@ -267,17 +267,17 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict, meta: dict, log: C
 
 
 def _save_failed(ckpt_dir: Path, step: int, e: BaseException) -> str:
-    from .errors import user_error_message
     what = user_error_message(e) or f"{type(e).__name__}: {e}"
     try:
-        free = shutil.disk_usage(ckpt_dir).free / 2 ** 20
-        room = f"; {free:,.0f} MiB free there"
+        free = shutil.disk_usage(ckpt_dir).free
+        if free < 64 << 20:
+            what = f"no space left on the device ({free / 2 ** 20:.0f} MiB free there): free space or save elsewhere"
     except OSError:
-        room = ""
+        pass
     prev = complete_steps(ckpt_dir)
     keep = f"global_step{prev[-1]}" if prev else "none"
-    return (f"saving checkpoint step {step} in {ckpt_dir} failed ({what}{room}); nothing was replaced: the last "
-            f"complete checkpoint ({keep}) stays loadable")
+    return (f"saving checkpoint step {step} in {ckpt_dir} failed: {what}; nothing was replaced: the last complete "
+            f"checkpoint ({keep}) stays loadable")
 
 
 # ----------------------------------------------------------------------------------------------------- load

@@ -74,23 +74,34 @@ def describe_os_error(e: OSError) -> Optional[str]:
     return f"{e.strerror or os.strerror(e.errno)}{where}: {_OS_FIXES[e.errno]}"
 
 
+def is_peer_failure(e: BaseException) -> bool:
+    """A collective that ended because another rank died, hung or was killed (gloo/NCCL raise RuntimeErrors)."""
+    text = f"{type(e).__name__}: {e}"
+    return isinstance(e, RuntimeError) and not isinstance(e, RtdistError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
+                            "DistBackendError", "Broken pipe", "NCCL error", "Socket Timeout"))
+
+
 def user_error_message(e: BaseException) -> Optional[str]:
     """The one-line message for an error the user can fix, else None (a bug: keep the traceback).
 
     Looks through ``__cause__``/``__context__`` for OS errors that other libraries wrap (torch.save on a full disk
-    raises a RuntimeError from the C++ stream)."""
+    raises a RuntimeError from the C++ stream), and for a user error that a second error interrupted while it was
+    being handled (a rank being stopped by its launcher during the clean-up)."""
     if isinstance(e, RtdistError):
         return str(e)
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        if isinstance(e, RtdistError):
+            return str(e)
         if isinstance(e, OSError):
             msg = describe_os_error(e)
             if msg:
                 return msg
         if isinstance(e, RuntimeError) and any(s in str(e) for s in ("No space left", "iostream error",
                                                                        "file write failed")):
-            return f"writing failed ({str(e).splitlines()[0][:200]}): the disk is probably full; free space"
+            return f"writing a file failed ({str(e).splitlines()[0][:120]}): is the disk full?"
         e = e.__cause__ or e.__context__
     return None
 

@@ -23,7 +23,8 @@ import yaml
 from . import checkpoint as ckpt
 from . import dist as rdist
 from .config import Config, ConfigError, check_world, load_config
-from .errors import ArgumentParser, CheckpointError, PeerTimeoutError, RtdistError, TrainingError, cli_main
+from .errors import (ArgumentParser, CheckpointError, PeerTimeoutError, RtdistError, TrainingError, cli_main,
+                     is_peer_failure)
 from .evaluate import bytes_per_token, evaluate, with_bytes
 from .model import RoutingTransformerLM, count_parameters, lm_loss
 from .parallel.engines import OptimConfig, build_engine
@@ -182,14 +183,6 @@ def check_resumable(step_dir: Path, cfg: Config, world_size: int) -> None:
                               f"the checkpoint's values, or train the new shape in a new --run-dir")
 
 
-def _collective_failed(e: BaseException) -> bool:
-    """A collective that ended because a peer died or timed out (gloo/NCCL raise these as RuntimeErrors)."""
-    text = f"{type(e).__name__}: {e}"
-    return isinstance(e, RuntimeError) and not isinstance(e, RtdistError) and any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
-                            "DistBackendError", "Broken pipe", "NCCL error", "Socket Timeout"))
-
-
 def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Optional[bool] = None) -> dict:
     """Train as ``cfg`` says, in ``run_dir``. Bounded everywhere: a stuck peer or a stop signal ends every rank
     within about ``train.dist_timeout_s`` (:mod:`rtdist.watchdog`)."""
@@ -213,7 +206,7 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
                               f"use another --run-dir")
         return _train(cfg, rd, resume, progress, info, stop, watchdog)
     except Exception as e:
-        if _collective_failed(e):
+        if is_peer_failure(e):
             raise PeerTimeoutError(f"rank {info.rank}: a collective failed ({str(e).splitlines()[0][:160]})"
                                    f"{watchdog._peers_suffix()}") from e
         raise

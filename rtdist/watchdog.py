@@ -104,11 +104,10 @@ class Watchdog:
         self._threads.append(t)
 
     def close(self) -> None:
+        """Stop watching (the threads are daemons and end at their next tick; nothing waits for them)."""
         self._stop.set()
         if self._rfd is not None:
             signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
-            for t in self._threads:
-                t.join(timeout=5)
             self._rfd.close()
             self._wfd.close()
             self._rfd = None
@@ -141,10 +140,11 @@ class Watchdog:
 
     # ------------------------------------------------------------------------------------------------ threads
     def _watch(self) -> None:
+        rfd = self._rfd
+        rfd.settimeout(0.25)
         while not self._stop.is_set():
             try:
-                self._rfd.settimeout(0.25)
-                data = self._rfd.recv(64)
+                data = rfd.recv(64)
             except (socket.timeout, BlockingIOError):
                 data = b""
             except OSError:
