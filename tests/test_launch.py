@@ -1,8 +1,10 @@
-"""The launcher (rtdist.launch, launch/launch.py) and rank discovery (rtdist.dist.discover).
+"""The launcher (rtdist.launcher, launch/launch.py), SLURM host lists (rtdist.slurm) and rank discovery
+(rtdist.dist.discover).
 
 Parsing and planning are checked on text and fake environments; the launch paths that need no cluster run for real
-on this machine: mpirun (mpich) with discovery through mpi4py, the launcher's mpich path, its local spawner and
-DeepSpeed's runner with a localhost hostfile. SLURM runs in tests/test_slurm.py."""
+on this machine: mpirun (mpich) with discovery through mpi4py, the launcher's mpich path, its torchrun path (one
+machine, and two nodes' shares started with --no_ssh --node_rank) and DeepSpeed's runner with a localhost hostfile.
+SLURM runs in tests/test_slurm.py."""
 import json
 import os
 import re
@@ -18,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from rtdist import dist
-from rtdist import launch as L
+from rtdist import launcher as L
+from rtdist import slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, str(ROOT / "launch" / "launch.py")]
@@ -176,10 +179,10 @@ def slurm_env(**kw):
 
 
 def test_slurm_hostlist_expansion_without_scontrol():
-    assert L.expand_hostlist("gpu[01-03,7],login,n[8-10]x") == [
+    assert slurm.expand_hostlist("gpu[01-03,7],login,n[8-10]x") == [
         "gpu01", "gpu02", "gpu03", "gpu7", "login", "n8x", "n9x", "n10x"]
     with pytest.raises(L.LaunchError, match="bad SLURM host list"):
-        L.expand_hostlist("gpu[a-b]")
+        slurm.expand_hostlist("gpu[a-b]")
 
 
 def test_slurm_plan_one_task_per_gpu_or_per_cpu_slot():
