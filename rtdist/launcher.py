@@ -386,19 +386,20 @@ def deepspeed_command(args, plan: Plan, cmd: List[str], hostfile: Path) -> List[
         raise LaunchError("a hostfile with other hosts needs pdsh (not on PATH): apt-get install pdsh and set up "
                           "passwordless ssh; inside SLURM use --launcher slurm, or use --launcher openmpi/mpich")
     hostfile.write_text(format_hostfile(read_hostfile(args.hostfile or DEFAULT_HOSTFILE)))
-    ds = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile)]
-    if local_only:  # DeepSpeed's runner then starts deepspeed.launcher.launch here, without ssh
+    ds = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--master_port",
+          str(plan.master_port)]
+    if local_only:  # the runner then starts deepspeed.launcher.launch here, without ssh
         ds += ["--no_ssh_check", "--master_addr", args.master_addr or "127.0.0.1"]
-    for flag in ("master_addr", "master_port", "include", "exclude", "num_nodes", "num_gpus", "node_rank",
-                 "ssh_port", "launcher_args", "no_ssh_check", "no_local_rank", "no_ssh", "force_multi"):
-        value = plan.master_port if flag == "master_port" else getattr(args, flag)
-        if value not in ("", -1, None, False) and not (local_only and flag in ("master_addr", "no_ssh_check")):
+    for flag in ["include", "exclude", "num_nodes", "num_gpus", "node_rank", "ssh_port", "launcher_args",
+                 "no_local_rank", "no_ssh", "force_multi"] + ([] if local_only else ["master_addr", "no_ssh_check"]):
+        value = getattr(args, flag)  # the runner's own flags, passed on as given
+        if value not in ("", -1, None, False):
             ds += [f"--{flag}"] + ([] if value is True else [str(value)])
     # the runner puts its interpreter, and --local_rank, after the script: give it the script or module alone
     rest = cmd[2:] if cmd[1:2] == ["-u"] else cmd[1:]
-    if cmd[0] == sys.executable and rest and rest[0] == "-m":
-        return ds + ["--module", *rest[1:]]
-    return ds + (rest if cmd[0] == sys.executable and rest and rest[0].endswith(".py") else ["--no_python", *cmd])
+    if cmd[0] != sys.executable or not rest or not (rest[0] == "-m" or rest[0].endswith(".py")):
+        return ds + ["--no_python", *cmd]
+    return ds + (["--module", *rest[1:]] if rest[0] == "-m" else rest)
 
 
 # ---------------------------------------------------------------------------------------------- running
