@@ -231,15 +231,16 @@ def slurm_plan(env: Mapping[str, str], num_nodes: int = -1, num_gpus: int = -1, 
                 f"SLURM_NNODES={nnodes} but the node list has {len(hosts)} host(s)")
         raise LaunchError(f"{what} (SLURM_JOB_NODELIST={nodelist}: {', '.join(hosts)}): the environment is from "
                           f"another job or was edited")
-    ntasks = int(env["SLURM_NTASKS"]) if env.get("SLURM_NTASKS", "").isdigit() else None
-    per_host = slurm.counts(env.get("SLURM_TASKS_PER_NODE"))
+    # one launcher per node: the step's tasks are the launchers, so its task counts say nothing about the workers
+    ntasks = int(env["SLURM_NTASKS"]) if env.get("SLURM_NTASKS", "").isdigit() and not per_node_launch else None
+    per_host = [] if per_node_launch else slurm.counts(env.get("SLURM_TASKS_PER_NODE"))
     gpus = local_gpu_count(env) if gpus is None else gpus
     job_cpus, node_cpus = ((slurm.counts(env.get(k)) or [0])[0]
                            for k in ("SLURM_JOB_CPUS_PER_NODE", "SLURM_CPUS_ON_NODE"))
     if num_gpus > 0 or gpus > 0:
         per, why = (num_gpus, "--num_gpus") if num_gpus > 0 else (gpus, f"{gpus} GPU(s) per node")
     elif per_node_launch:  # the launcher's task stands for the whole node: every CPU the job has there
-        per, ntasks, per_host = job_cpus or node_cpus or 1, None, []
+        per = job_cpus or node_cpus or 1
         why = f"{per} CPU(s) of the job per node"
     elif env.get("SLURM_NTASKS_PER_NODE", "").isdigit():
         per, why = int(env["SLURM_NTASKS_PER_NODE"]), "--ntasks-per-node"

@@ -206,6 +206,13 @@ def test_slurm_plan_one_task_per_gpu_or_per_cpu_slot():
                        "--kill-on-bad-exit=1"]
 
 
+def test_slurm_plan_for_one_launcher_per_node_counts_gpus_not_the_launcher_tasks():
+    """srun --ntasks-per-node=1 launch.py on GPU nodes: the step's 2 tasks are the launchers, each starts 4 ranks."""
+    step = slurm_env(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_TASKS_PER_NODE="1(x2)", SLURM_STEP_ID="0")
+    plan = L.slurm_plan(step, gpus=4, per_node_launch=True)
+    assert (plan.world_size, plan.per_node) == (8, 4)
+
+
 @pytest.mark.parametrize("kw, flags, message", [
     (dict(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_TASKS_PER_NODE="1(x2)"), dict(num_gpus=2),
      "SLURM_NTASKS=2 .* asks for 4 processes .*--ntasks-per-node=2"),
