@@ -544,8 +544,9 @@ def launch(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
             full = srun_command(plan, ucmd, args.launcher_args)
         else:  # openmpi, mpich
             (Path(tmp) / "machinefile").write_text("".join(f"{h}:{len(s)}\n" for h, s in plan.hosts.items()))
-            full = mpirun_command(plan.launcher, plan, ucmd, {**extra_env, "MASTER_ADDR": plan.master_addr,
-                                  "MASTER_PORT": str(plan.master_port)}, args.launcher_args, f"{tmp}/machinefile")
+            master = {"MASTER_ADDR": plan.master_addr, "MASTER_PORT": str(plan.master_port)}
+            full = mpirun_command(plan.launcher, plan, ucmd, {**extra_env, **master}, args.launcher_args,
+                                  f"{tmp}/machinefile")
         _log("command: " + shlex.join(full))
         if args.dry_run:
             return 0
