@@ -21,6 +21,11 @@ setup(
         "sentencepiece",
         "pillow",
     ],
+    entry_points={
+        "console_scripts": [
+            "rtdist-launch = rtdist.launcher:cli",
+        ],
+    },
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout", "matplotlib"],
         "mpi": ["mpi4py", "mpich"],

@@ -44,28 +44,15 @@ def _env_int(*names: str) -> Optional[int]:
 
 def slurm_master_addr(nodelist: Optional[str] = None) -> str:
     """First host of the SLURM node list (``scontrol show hostnames``), or 127.0.0.1 when there is none."""
+    from .slurm import hostnames
     nodelist = nodelist or os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
-    if not nodelist:
-        return "127.0.0.1"
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=30).stdout.split()
-        if out:
-            return out[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    # Simple fallback for "node[1-3],other" without scontrol: the first name, bracket range expanded.
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rng = head.split("[", 1)
-        return prefix + rng.rstrip("]").split(",")[0].split("-")[0]
-    return head
+    return hostnames(nodelist)[0] if nodelist else "127.0.0.1"
 
 
 def slurm_master_port(job_id: Optional[str] = None, base: int = 20000, span: int = 20000) -> int:
     """A port derived from the job id, so concurrent jobs on one node do not collide."""
-    job_id = job_id or os.environ.get("SLURM_JOB_ID", "0")
-    return base + int(job_id) % span if job_id.isdigit() else 29500
+    from .slurm import master_port
+    return master_port(job_id or os.environ.get("SLURM_JOB_ID", "0"), base, span)
 
 
 class DiscoveryError(LaunchError):

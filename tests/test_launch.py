@@ -1,8 +1,10 @@
-"""The launcher (rtdist.launch, launch/launch.py) and rank discovery (rtdist.dist.discover).
+"""The launcher (rtdist.launcher, launch/launch.py), SLURM host lists (rtdist.slurm) and rank discovery
+(rtdist.dist.discover).
 
 Parsing and planning are checked on text and fake environments; the launch paths that need no cluster run for real
-on this machine: mpirun (mpich) with discovery through mpi4py, the launcher's mpich path, its local spawner and
-DeepSpeed's runner with a localhost hostfile. SLURM runs in tests/test_slurm.py."""
+on this machine: mpirun (mpich) with discovery through mpi4py, the launcher's mpich path, its torchrun path (one
+machine, and two nodes' shares started with --no_ssh --node_rank) and DeepSpeed's runner with a localhost hostfile.
+SLURM runs in tests/test_slurm.py."""
 import json
 import os
 import re
@@ -18,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from rtdist import dist
-from rtdist import launch as L
+from rtdist import launcher as L
+from rtdist import slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, str(ROOT / "launch" / "launch.py")]
@@ -176,10 +179,17 @@ def slurm_env(**kw):
 
 
 def test_slurm_hostlist_expansion_without_scontrol():
-    assert L.expand_hostlist("gpu[01-03,7],login,n[8-10]x") == [
+    assert slurm.expand_hostlist("gpu[01-03,7],login,n[8-10]x") == [
         "gpu01", "gpu02", "gpu03", "gpu7", "login", "n8x", "n9x", "n10x"]
     with pytest.raises(L.LaunchError, match="bad SLURM host list"):
-        L.expand_hostlist("gpu[a-b]")
+        slurm.expand_hostlist("gpu[a-b]")
+
+
+def test_rank_discovery_reads_slurm_host_lists_like_the_launcher(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: rtdist.slurm's expander, as in the launcher
+    assert dist.slurm_master_addr("n[8-10]x,login") == "n8x"
+    assert dist.slurm_master_addr("gpu[07-09]") == "gpu07"
+    assert dist.slurm_master_port("4242") == slurm.master_port("4242") == 24242
 
 
 def test_slurm_plan_one_task_per_gpu_or_per_cpu_slot():
@@ -194,6 +204,13 @@ def test_slurm_plan_one_task_per_gpu_or_per_cpu_slot():
     cmd = L.srun_command(gpu, ["python", "-m", "rtdist.train"])
     assert cmd[:6] == ["srun", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--nodelist=gpu01,gpu02",
                        "--kill-on-bad-exit=1"]
+
+
+def test_slurm_plan_for_one_launcher_per_node_counts_gpus_not_the_launcher_tasks():
+    """srun --ntasks-per-node=1 launch.py on GPU nodes: the step's 2 tasks are the launchers, each starts 4 ranks."""
+    step = slurm_env(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_TASKS_PER_NODE="1(x2)", SLURM_STEP_ID="0")
+    plan = L.slurm_plan(step, gpus=4, per_node_launch=True)
+    assert (plan.world_size, plan.per_node) == (8, 4)
 
 
 @pytest.mark.parametrize("kw, flags, message", [
@@ -244,18 +261,30 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "already in use" in r.stderr
 
 
+def error_line(r):
+    """The launcher's one-line error: 'error: <what> (<where>): <what to do>'."""
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.match(r"^error: [^(]+ \(.+\): .+", last), r.stderr
+    return last
+
+
 def test_cli_errors_exit_2_with_the_message(tmp_path):
     hf = tmp_path / "hostfile"
     hf.write_text("localhost slots=2\nlocalhost slots=1\n")
     r = run(LAUNCH + ["-H", str(hf), "--", "python", "-c", "pass"], timeout=60)
     assert r.returncode == 2 and "duplicate host 'localhost'" in r.stderr
+    assert error_line(r) == (f"error: bad hostfile line ({hf}:2: 'localhost slots=1'): duplicate host 'localhost' "
+                             f"(first on line 1); list each host once with its slots")
     hf.write_text("localhost slots=2\n")
     r = run(LAUNCH + ["-H", str(hf), "--include", "localhots", "--", "python", "-c", "pass"], timeout=60)
     assert r.returncode == 2 and "did you mean 'localhost'" in r.stderr
+    assert error_line(r).startswith("error: host 'localhots' is not in hostfile")
     r = run(LAUNCH + ["--num_nodes", "2", "--", "python", "-c", "pass"], timeout=60)
     assert r.returncode == 2 and "needs a hostfile" in r.stderr
+    error_line(r)
     r = run(LAUNCH + ["--launcher", "slurm", "--", "python", "-c", "pass"], timeout=60)
     assert r.returncode == 2 and "needs a SLURM allocation" in r.stderr
+    error_line(r)
 
 
 def test_dry_run_shows_the_commands_for_each_launcher(tmp_path):
@@ -268,6 +297,11 @@ def test_dry_run_shows_the_commands_for_each_launcher(tmp_path):
     r = run(LAUNCH + ["--dry-run", "--launcher", "mpich", "--num_gpus", "3", "--master_port", "29555", "--",
                       "python", "-m", "rtdist.train"], timeout=60)
     assert "-n 3 -genv MASTER_ADDR 127.0.0.1 -genv MASTER_PORT 29555" in r.stderr, r.stderr
+    r = run([sys.executable, "-m", "rtdist.launcher", "--dry-run", "--num_gpus", "3", "--master_port", "29556", "--",
+             "python", "train.py", "--lr", "1"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (f"-m torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 3 --master_addr 127.0.0.1 "
+            f"--master_port 29556 --no-python {sys.executable} train.py --lr 1") in r.stderr, r.stderr
 
 
 def test_split_argv_accepts_deepspeed_style_without_double_dash():
@@ -338,10 +372,13 @@ def probe(tmp_path):
 
 
 def test_local_launcher_starts_ranks_propagates_env_file_and_forwards_sigusr1(tmp_path, probe):
+    """The local path runs torchrun; SIGUSR1, which would end torchrun itself, still reaches the workers."""
     (tmp_path / ".deepspeed_env").write_text("# from the env file\n\nRTDIST_TEST_VAR='hello world'\n")
     port = str(free_port())
     r = run(LAUNCH + ["--num_gpus", "2", "--master_port", port, "--", "python", probe], cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"-m torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 2 --master_addr 127.0.0.1 " \
+           f"--master_port {port}" in r.stderr
     rows = probes(r.stdout)
     assert [(x["rank"], x["world"], x["local"], x["source"], x["sum"]) for x in rows] == [
         ("0", "2", "0", "env", "3"), ("1", "2", "1", "env", "3")]
@@ -370,6 +407,23 @@ def test_local_launcher_starts_ranks_propagates_env_file_and_forwards_sigusr1(tm
                       "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(60)"],
             timeout=60)
     assert r.returncode == 3 and r.wall < 30
+
+
+def test_each_node_starts_its_share_with_no_ssh_and_node_rank(tmp_path, probe):
+    """Two 'nodes' of a hostfile on this machine, one launcher each (--no_ssh --node_rank R): torchrun on each
+    starts that node's processes, with global ranks in hostfile order."""
+    hf = tmp_path / "hostfile"
+    hf.write_text("localhost slots=2\n127.0.0.1 slots=1\n")
+    port = str(free_port())
+    nodes = [subprocess.Popen(LAUNCH + ["--launcher", "local", "-H", str(hf), "--no_ssh", "--node_rank", str(r),
+                                        "--master_port", port, "--", "python", probe], cwd=ROOT, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    outs = [p.communicate(timeout=120) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs
+    node1, node0 = ([(x["rank"], x["local"], x["world"], x["sum"]) for x in probes(out)] for out, _ in outs)
+    assert node0 == [("0", "0", "3", "6"), ("1", "1", "3", "6")] and node1 == [("2", "0", "3", "6")]
+    r = run(LAUNCH + ["--launcher", "local", "-H", str(hf), "--no_ssh", "--node_rank", "2", "--", "python", probe])
+    assert r.returncode == 2 and "--node_rank (got 2)" in error_line(r)
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install mpi4py mpich)")
