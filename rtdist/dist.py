@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from .errors import LaunchError
+from .slurm import hostnames, master_port
 
 
 @dataclass
@@ -44,14 +44,12 @@ def _env_int(*names: str) -> Optional[int]:
 
 def slurm_master_addr(nodelist: Optional[str] = None) -> str:
     """First host of the SLURM node list (``scontrol show hostnames``), or 127.0.0.1 when there is none."""
-    from .slurm import hostnames
     nodelist = nodelist or os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
     return hostnames(nodelist)[0] if nodelist else "127.0.0.1"
 
 
 def slurm_master_port(job_id: Optional[str] = None, base: int = 20000, span: int = 20000) -> int:
     """A port derived from the job id, so concurrent jobs on one node do not collide."""
-    from .slurm import master_port
     return master_port(job_id or os.environ.get("SLURM_JOB_ID", "0"), base, span)
 
 
