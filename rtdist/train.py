@@ -134,15 +134,9 @@ def train_step(engine, model, micro_batches, reduce_fn=None, world_size: int = 1
 
 
 def drop_step(engine, model) -> None:
-    """Forget a step's gradients and k-means statistics. A non-finite loss on the first micro-batch leaves nothing
-    to forget; later ones drop the micro-batches already accumulated (DeepSpeed keeps its own accumulation
-    counter, so with DeepSpeed and accumulation > 1 the remaining micro-batches of the step are still stepped)."""
-    model.zero_grad(set_to_none=True)
-    for km in model.kmeans_modules():
-        km.step_counts.zero_()
-        km.step_sums.zero_()
-    if hasattr(engine, "_micro"):
-        engine._micro = 0
+    """Forget a step's gradients and k-means statistics (a non-finite loss on some rank)."""
+    engine.discard_step()
+    model.discard_kmeans_stats()
 
 
 def init_kmeans_from_first_batch(model, cfg: Config, dp_rank: int, dp_size: int, device) -> None:
@@ -152,8 +146,7 @@ def init_kmeans_from_first_batch(model, cfg: Config, dp_rank: int, dp_size: int,
     first = next(iter(build_loader(cfg, cfg.data.train_split, dp_rank, dp_size, train=True)))
     model.init_kmeans_from_data(first[:, : cfg.train.seq_length].to(device),
                                 generator=torch.Generator().manual_seed(cfg.train.seed))
-    rdist.broadcast_tensors([b for km in model.kmeans_modules()
-                             for b in (km.means, km.ema_sums, km.ema_counts, km.initted)], src=0)
+    rdist.broadcast_tensors(model.kmeans_state(), src=0)
 
 
 def forever(loader):

@@ -160,6 +160,14 @@ class SphericalKMeans(nn.Module):
     def stats(self) -> list[torch.Tensor]:
         return [self.step_counts, self.step_sums]
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Centroids and EMA state: what every replica must hold identically."""
+        return [self.means, self.ema_sums, self.ema_counts, self.initted]
+
+    def discard_stats(self) -> None:
+        self.step_counts.zero_()
+        self.step_sums.zero_()
+
     @torch.no_grad()
     def apply_update(self) -> None:
         """EMA step from the (already reduced) statistics, then clear them."""

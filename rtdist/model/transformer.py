@@ -203,6 +203,17 @@ class RoutingTransformerLM(nn.Module):
     def kmeans_modules(self) -> list[SphericalKMeans]:
         return [m for m in self.modules() if isinstance(m, SphericalKMeans)]
 
+    def kmeans_state(self) -> list[torch.Tensor]:
+        """The k-means buffers that must be equal on every replica (centroids and their EMA state), in a fixed
+        order: what a trainer broadcasts to make replicas agree."""
+        return [b for km in self.kmeans_modules() for b in km.state_tensors()]
+
+    @torch.no_grad()
+    def discard_kmeans_stats(self) -> None:
+        """Forget the k-means statistics gathered since the last update (a dropped step, a measurement)."""
+        for km in self.kmeans_modules():
+            km.discard_stats()
+
     @torch.no_grad()
     def init_kmeans_from_data(self, tokens: torch.Tensor, valid: Optional[torch.Tensor] = None,
                               generator: Optional[torch.Generator] = None, max_vectors: int = 8192) -> None:

@@ -68,6 +68,12 @@ class Engine:
         """Called after every micro-batch's backward; returns True when the optimizer stepped."""
         raise NotImplementedError
 
+    def discard_step(self) -> None:
+        """Forget the gradients accumulated in this optimizer step (a non-finite loss on some rank). DeepSpeed keeps
+        its own accumulation counter: with DeepSpeed and accumulation > 1 the remaining micro-batches of the step
+        are still stepped."""
+        self.module.zero_grad(set_to_none=True)
+
     def grad_norm(self) -> Optional[float]:
         return self._grad_norm
 
@@ -176,6 +182,10 @@ class _LocalStepEngine(Engine):
         self.optim_cfg = optim
         self._micro = 0
         self._grad_norm = None
+
+    def discard_step(self) -> None:
+        self._zero_grad()
+        self._micro -= self._micro % self.accumulation  # back to the start of this optimizer step
 
     def _setup_scheduler(self):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.optim_cfg))
