@@ -165,7 +165,8 @@ def _files(step_dir: Path) -> list[str]:
 
 
 def checksum_files(step_dir: Path) -> dict:
-    """{relative path: {"bytes", "sha256"}} of every file of a checkpoint, each rank hashing its own (collective)."""
+    """{relative path: {"bytes", "sha256"}} of every file of a checkpoint, each rank hashing its own (collective;
+    every rank's files must be written before it is called)."""
     files = rdist.broadcast_object(_files(step_dir) if rdist.rank() == 0 else None)
     world, me = rdist.world_size(), rdist.rank()
     mine = {f: {"bytes": (step_dir / f).stat().st_size, "sha256": sha256_file(step_dir / f)}
@@ -249,6 +250,7 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict, meta: dict, log: C
             raise  # another rank failed first: the trainer names it
         raise CheckpointError(_save_failed(ckpt_dir, step, e)) from e
     fault_point("save", step)  # the crash tests kill a rank here: files written, no marker yet
+    rdist.barrier()  # every rank's files are written before rank 0 lists them
     files = checksum_files(staging)
     if rdist.rank() == 0:
         atomic_write_text(staging / MARKER, json.dumps({**meta, "files": files}, indent=1))
