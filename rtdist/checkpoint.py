@@ -345,16 +345,3 @@ def load_rank_state(step_dir: Path) -> dict:
         raise CheckpointError(f"{step_dir} was written by {world} ranks and has no state for rank {rdist.rank()} "
                               f"of the {rdist.world_size()} now running: resume with {world} ranks")
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def export_safetensors(state: dict, path: Path, metadata: Optional[dict] = None) -> None:
-    """One fp32 safetensors file for inference (rank 0)."""
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

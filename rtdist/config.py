@@ -255,6 +255,7 @@ def load_config(paths: list[str] | str = (), overrides: list[str] = (), validate
     cfg = build(Config, raw)
     if validate_config:
         validate(cfg)
+        cfg.model = resolved(cfg.model)
     return cfg
 
 
@@ -264,6 +265,13 @@ def load_config(paths: list[str] | str = (), overrides: list[str] = (), validate
 def _check(cond: bool, msg: str):
     if not cond:
         raise ConfigError(msg)
+
+
+def resolved(m: ModelConfig) -> ModelConfig:
+    """``m`` with its derived values filled in once (``head_dim``, ``local_window_size``, ``emb_dim``), so that
+    nothing below repeats the defaults."""
+    return dataclasses.replace(m, head_dim=m.head_dim or m.d_model // m.n_heads,
+                               local_window_size=m.local_window_size or m.window_size, emb_dim=m.emb_dim or m.d_model)
 
 
 def layer_head_split(m: ModelConfig) -> list[int]:
@@ -332,18 +340,3 @@ def validate(cfg: Config) -> None:
         _check(t.seq_length % (sp * w) == 0,
                f"train.seq_length ({t.seq_length}) must be divisible by parallel.sequence_parallel_size x window "
                f"({sp} x {w})")
-
-
-def check_world(cfg: Config, world_size: int) -> int:
-    """Check the batch triple against the world size; returns the data-parallel size."""
-    sp = cfg.parallel.sequence_parallel_size
-    _check(world_size % sp == 0,
-           f"world size {world_size} is not divisible by parallel.sequence_parallel_size ({sp})")
-    dp = world_size // sp
-    t = cfg.train
-    derived = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp
-    _check(t.train_batch_size is None or t.train_batch_size == derived,
-           f"train.train_batch_size ({t.train_batch_size}) must equal train_micro_batch_size_per_gpu "
-           f"({t.train_micro_batch_size_per_gpu}) x gradient_accumulation_steps ({t.gradient_accumulation_steps}) "
-           f"x data-parallel size ({dp}) = {derived}")
-    return dp

@@ -19,15 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from . import dist as rdist
-from .errors import ArgumentParser, CheckpointError, ConfigError, UsageError, cli_main
+from .errors import ArgumentParser, ConfigError, UsageError, cli_main
+from .export import load_model_for_inference
 
 
 @torch.no_grad()
 def evaluate(model, loader, max_batches: Optional[int] = None, seq_length: Optional[int] = None,
-             autocast=None, device: str = "cpu", group=None, sp=None) -> dict:
+             autocast=None, device: str = "cpu", group=None, dims=None) -> dict:
     """Sum of token losses and counts over ``loader`` (one pass, at most ``max_batches``), reduced over ``group``
-    (the world by default). ``sp``: the sequence-parallel groups when the model runs sequence-parallel; each
-    rank then scores its slice of every sample."""
+    (the world by default). ``dims``: the parallel layout when the model runs sequence-parallel; each rank then
+    scores its slice of every sample."""
     was_training = getattr(model, "training", False)
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
@@ -38,9 +39,8 @@ def evaluate(model, loader, max_batches: Optional[int] = None, seq_length: Optio
         if seq_length:
             batch = batch[:, : seq_length + 1]
         positions = None
-        if sp is not None:
-            from .parallel.sequence import local_slice
-            batch, positions = local_slice(batch, sp.sp_rank, sp.sp_size)
+        if dims is not None:
+            batch, positions = dims.local_slice(batch)
         with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
             logits, _ = model(batch[:, :-1], positions=positions)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
@@ -69,43 +69,6 @@ def bytes_per_token(manifest: dict, split: str) -> Optional[float]:
     if manifest.get("tokenizer", {}).get("type") == "bytes":
         return 1.0
     return None
-
-
-def load_model_for_inference(checkpoint: Path, device: str = "cpu"):
-    """(model, config) from a run directory's safetensors export and resolved config."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .config import load_config
-    from .model import RoutingTransformerLM
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise CheckpointError(f"--checkpoint {checkpoint} does not exist: pass a run directory (what --run-dir named "
-                              f"in training) or its model.safetensors")
-    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
-    cfg_path = run_dir / "config.yaml"
-    if not weights.is_file():
-        hint = (f"; it has checkpoints but no export: its training did not finish (resume it with --resume auto)"
-                if (run_dir / "checkpoints").is_dir() else "")
-        raise CheckpointError(f"{weights} does not exist: pass a run directory whose training finished (it exports "
-                              f"model.safetensors) or the path of a .safetensors file next to a config.yaml{hint}")
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{cfg_path} does not exist: the run directory's resolved config is needed next to "
-                              f"{weights.name}")
-    cfg = load_config(str(cfg_path))
-    model = RoutingTransformerLM(cfg.model)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights} is not a readable safetensors file ({e}): export it again by resuming the "
-                              f"run (--resume auto)") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    real_missing = [k for k in missing if not k.endswith(("step_sums", "step_counts", "inv_freq"))]
-    if real_missing or unexpected:
-        raise CheckpointError(f"{weights} does not match the model of {cfg_path}: missing {real_missing}, "
-                              f"unexpected {unexpected}")
-    return model.to(device).eval(), cfg
 
 
 def main(argv=None) -> int:

@@ -147,7 +147,7 @@ def _main(argv) -> int:
         if not ok:
             raise UsageError(f"{flag} {value}: must be {want}")
 
-    from .evaluate import load_model_for_inference
+    from .export import load_model_for_inference
     model, cfg = load_model_for_inference(args.checkpoint, args.device)
     run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     tok = _tokenizer(cfg, args.manifest, run_dir)

@@ -22,13 +22,13 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import dist as rdist
-from .config import Config, ConfigError, check_world, load_config
+from .config import Config, ConfigError, ModelConfig, build, load_config, resolved
 from .errors import (ArgumentParser, CheckpointError, PeerTimeoutError, RtdistError, TrainingError, cli_main,
                      is_peer_failure)
 from .evaluate import bytes_per_token, evaluate, with_bytes
+from .export import export_safetensors
 from .model import RoutingTransformerLM, count_parameters, lm_loss
-from .parallel.engines import OptimConfig, build_engine
-from .parallel.sequence import apply_sequence_parallel, build_groups, local_slice
+from .parallel import ParallelDims, check_engine, parallelize
 from .run_dir import RunDir, RunLock
 from .watchdog import StopRequest, Watchdog
 
@@ -101,15 +101,6 @@ def preflight_shards(cfg: Config, manifest: dict, splits: list[str], log) -> Non
     log(f"data.verify {cfg.data.verify}: {len(shards)} shards checked in {time.perf_counter() - t0:.2f} s", flush=True)
 
 
-def check_engine(cfg: Config) -> None:
-    t = cfg.train
-    if t.engine == "torch" and t.zero_stage:
-        raise ConfigError(f"train.zero_stage={t.zero_stage} needs engine deepspeed or fairscale, not torch")
-    if t.engine == "fairscale" and t.zero_stage == 3 and not torch.cuda.is_available():
-        raise ConfigError("train.zero_stage=3 with engine fairscale needs FullyShardedDataParallel, which needs CUDA; "
-                          "use engine deepspeed for ZeRO-3 on CPU")
-
-
 def train_step(engine, model, micro_batches, reduce_fn=None, world_size: int = 1, positions=None):
     """One optimizer step over the micro-batches ([mb, n + 1] token tensors of this rank; under sequence
     parallelism this rank's slice, at absolute ``positions``); returns the loss averaged over micro-batches and
@@ -139,11 +130,11 @@ def drop_step(engine, model) -> None:
     model.discard_kmeans_stats()
 
 
-def init_kmeans_from_first_batch(model, cfg: Config, dp_rank: int, dp_size: int, device) -> None:
+def init_kmeans_from_first_batch(model, cfg: Config, dims: ParallelDims, device) -> None:
     """Seed the centroids from the first training micro-batch (read by a loader of its own, so the training
     stream is unchanged) on the whole sequence, before sequence parallelism splits it; rank 0's centroids then go
     to every rank, so all replicas start from the same ones."""
-    first = next(iter(build_loader(cfg, cfg.data.train_split, dp_rank, dp_size, train=True)))
+    first = next(iter(build_loader(cfg, cfg.data.train_split, dims.dp_rank, dims.dp, train=True)))
     model.init_kmeans_from_data(first[:, : cfg.train.seq_length].to(device),
                                 generator=torch.Generator().manual_seed(cfg.train.seed))
     rdist.broadcast_tensors(model.kmeans_state(), src=0)
@@ -168,9 +159,10 @@ def check_resumable(step_dir: Path, cfg: Config, world_size: int) -> None:
     saved = (marker.get("config") or {}).get("model")
     if not saved:
         return
-    now = cfg.to_dict()["model"]
+    saved = vars(resolved(build(ModelConfig, saved, "model")))
+    now = vars(cfg.model)
     diff = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in MODEL_SHAPE_KEYS
-            if k in saved and saved.get(k) != now.get(k)]
+            if saved.get(k) != now.get(k)]
     if diff:
         raise CheckpointError(f"checkpoint {step_dir} was written for another model ({'; '.join(diff)}): resume with "
                               f"the checkpoint's values, or train the new shape in a new --run-dir")
@@ -180,7 +172,7 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
     """Train as ``cfg`` says, in ``run_dir``. Bounded everywhere: a stuck peer or a stop signal ends every rank
     within about ``train.dist_timeout_s`` (:mod:`rtdist.watchdog`)."""
     t = cfg.train
-    check_engine(cfg)
+    check_engine(t.engine, t.zero_stage)
     stop = StopRequest()
     info = rdist.discover()
     watchdog = Watchdog(t.dist_timeout_s, info.rank, info.world_size, (info.master_addr, info.master_port)).start()
@@ -213,17 +205,15 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
 def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bool], info, stop: StopRequest,
            watchdog: Watchdog) -> dict:
     t = cfg.train
-    dp_size = check_world(cfg, info.world_size)
-    sp = cfg.parallel.sequence_parallel_size
-    dp_rank = info.rank // sp
-    groups = build_groups(sp) if sp > 1 else None
+    dims = ParallelDims(cfg.parallel.sequence_parallel_size, info.world_size, info.rank)
+    dims.check_batch(t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps, t.train_batch_size)
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dims.build_mesh(device.type)
     log = print if info.is_main else (lambda *a, **k: None)
 
     seed_all(t.seed)  # same initial weights and centroids on every rank
-    model = RoutingTransformerLM(cfg.model, checkpoint_every=t.checkpoint_num_layers if t.checkpoint_activations else 0,
-                                 checkpoint_offload=t.checkpoint_offload).to(device)
-    loader = build_loader(cfg, cfg.data.train_split, dp_rank, dp_size, train=True)
+    model = RoutingTransformerLM(cfg.model).to(device)
+    loader = build_loader(cfg, cfg.data.train_split, dims.dp_rank, dims.dp, train=True)
     with watchdog.phase("data check", 0):
         preflight_shards(cfg, loader.manifest, [cfg.data.train_split] + ([cfg.data.eval_split] if t.eval_interval
                                                                            else []), log)
@@ -231,16 +221,8 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     if resume_from is not None:
         check_resumable(resume_from, cfg, info.world_size)
     if t.kmeans_init == "data" and resume_from is None:
-        init_kmeans_from_first_batch(model, cfg, dp_rank, dp_size, device)
-    if groups is not None:
-        apply_sequence_parallel(model, groups)
-    optim = OptimConfig(t.lr, t.min_lr, t.warmup_iters, t.train_iters, t.weight_decay, (t.adam_beta1, t.adam_beta2),
-                        t.gradient_clipping)
-    # Engines average gradients over the whole world (SP ranks included, see train_step), so to DeepSpeed's batch
-    # accounting every rank is a data-parallel replica.
-    engine = build_engine(t.engine, model, optim, micro_batch=t.train_micro_batch_size_per_gpu,
-                          accumulation=t.gradient_accumulation_steps, dp_size=info.world_size, zero_stage=t.zero_stage,
-                          precision=t.precision, deepspeed_overrides=cfg.deepspeed)
+        init_kmeans_from_first_batch(model, cfg, dims, device)
+    engine = parallelize(model, dims, cfg)
 
     step = 0
     skipped_total = 0
@@ -258,7 +240,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     if info.is_main:  # only now: a resume that fails leaves the run's config as it was
         ckpt.atomic_write_text(rd.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    meta = {"world_size": info.world_size, "dp_size": dp_size, "sp_size": sp, "engine": t.engine,
+    meta = {"world_size": info.world_size, "dp_size": dims.dp, "sp_size": dims.sp, "engine": t.engine,
             "zero_stage": t.zero_stage, "config": cfg.to_dict()}
 
     resumed_at = step if resume_from is not None else None
@@ -273,13 +255,14 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     eval_loader = None
     bpt = None
     if t.eval_interval:
-        eval_loader = build_loader(cfg, cfg.data.eval_split, dp_rank, dp_size, train=False)
+        eval_loader = build_loader(cfg, cfg.data.eval_split, dims.dp_rank, dims.dp, train=False)
         bpt = bytes_per_token(loader.manifest, cfg.data.eval_split)
 
     def run_eval(at_step: int) -> dict:
         with watchdog.phase("eval", at_step):
             return with_bytes(evaluate(engine.model, eval_loader, t.eval_iters, seq_length=t.seq_length,
-                                       autocast=engine.autocast(), device=str(device), sp=groups), bpt)
+                                       autocast=engine.autocast(), device=str(device),
+                                       dims=dims if dims.sp_enabled else None), bpt)
 
     reduce_fn = rdist.all_reduce_sum if info.world_size > 1 else None
     log_file = open(rd.metrics, "a") if info.is_main else None
@@ -290,7 +273,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     log(f"rtdist: {count_parameters(model) / 1e6:.2f}M parameters, world {info.world_size} ({info.source}), engine "
         f"{engine.name}, zero {t.zero_stage}, {len(loader)} batches/epoch/rank", flush=True)
 
-    tokens_per_step = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp_size * t.seq_length
+    tokens_per_step = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dims.dp * t.seq_length
     batches = forever(loader)
     nonfinite_in_a_row = 0
     last = {}
@@ -301,11 +284,9 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     try:
         while step < t.train_iters:
             with watchdog.phase("step", step + 1):
-                micro = [next(batches)[:, : t.seq_length + 1].to(device) for _ in range(t.gradient_accumulation_steps)]
-                positions = None
-                if groups is not None:
-                    parts = [local_slice(b, groups.sp_rank, groups.sp_size) for b in micro]
-                    micro, positions = [p[0] for p in parts], parts[0][1]
+                parts = [dims.local_slice(next(batches)[:, : t.seq_length + 1].to(device))
+                         for _ in range(t.gradient_accumulation_steps)]
+                micro, positions = [p[0] for p in parts], parts[0][1]
                 loss_avg = train_step(engine, model, micro, reduce_fn, info.world_size, positions)
             if loss_avg is None:
                 skipped_total += 1
@@ -358,7 +339,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
         with watchdog.phase("export", step):
             state = engine.consolidated_state_dict(step_dir)
             if info.is_main:
-                ckpt.export_safetensors(state, rd.export, {"step": step})
+                export_safetensors(state, rd.export, {"step": step})
                 result["export"] = str(rd.export)
         if eval_loader is not None:
             result["eval"] = run_eval(step)

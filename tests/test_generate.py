@@ -150,7 +150,7 @@ def test_cached_generation_equals_rerunning_the_model():
 def test_generation_stops_at_eod():
     model = trained_model(CONFIGS["routing"], steps=0)
     with torch.no_grad():
-        model.embed.weight[5] *= 50  # tied embedding: token 5 now predicts itself overwhelmingly
+        model.embedding.weight[5] *= 50  # tied embedding: token 5 now predicts itself overwhelmingly
     out, stats = generate(model, torch.tensor([[5, 5]]), 10, temperature=0, eod_id=5)
     assert out.tolist() == [[5]] and stats["new_tokens"] == 1
 
@@ -171,7 +171,7 @@ def test_top_k_and_top_p_filters():
 
 
 def write_run(tmp_path, tokenizer_spec, vocab_size, manifest_dir):
-    from rtdist.checkpoint import export_safetensors
+    from rtdist.export import export_safetensors
     from rtdist.data.shards import build_manifest
     manifest = build_manifest("toy", 64, tokenizer_spec, {})
     (manifest_dir / "toy-manifest.json").write_text(json.dumps(manifest))

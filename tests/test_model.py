@@ -13,9 +13,13 @@ def tiny(**kw):
     return ModelConfig(**base)
 
 
-def make(cfg, seed=0, **kw):
+def make(cfg, seed=0, checkpoint_every=0):
+    from rtdist.parallel.checkpointing import apply_activation_checkpointing
     torch.manual_seed(seed)
-    return RoutingTransformerLM(cfg, **kw)
+    model = RoutingTransformerLM(cfg)
+    if checkpoint_every:
+        apply_activation_checkpointing(model, checkpoint_every)
+    return model
 
 
 def step(model, tokens, valid=None):
@@ -159,7 +163,7 @@ def test_kmeans_state_stays_fp32_under_bf16_autocast_and_casts():
         for name, buf in km.named_buffers():
             if buf.is_floating_point():
                 assert buf.dtype == torch.float32, name
-    assert model.embed.weight.dtype == torch.bfloat16
+    assert model.embedding.weight.dtype == torch.bfloat16
 
 
 def test_update_kmeans_reduces_all_statistics_in_one_call():
@@ -215,13 +219,20 @@ def test_model_data_init_seeds_each_layer_from_vectors_routed_by_the_seeded_laye
     assert model.training  # mode restored
     kms = model.kmeans_modules()
     assert all(bool(km.initted) and km.step_counts.sum() == 0 for km in kms)  # no statistics from the seeding pass
-    # Reference: one layer per forward, each after the layers below were seeded, one generator throughout.
-    ref = make(cfg)
+    # Reference: one full forward per layer, each after the layers below were seeded, one generator throughout;
+    # the routing vectors recomputed here from the layer's input and its query weights.
+    from rtdist.model import routing_vectors
+    ref = make(cfg).eval()
     g = torch.Generator().manual_seed(9)
-    for km in ref.kmeans_modules():
-        km.request_data_init(g)
+    for layer in ref.layers:
+        attn = layer.attn
+        seen = []
+        hook = attn.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
         with torch.no_grad():
-            ref.eval()(x)
+            ref(x)
+        hook.remove()
+        q = attn.to_q(seen[0]).view(*x.shape, attn.n_heads, attn.head_dim)[:, :, attn.n_local:]
+        attn.kmeans.init_from_vectors(routing_vectors(q.transpose(1, 2)).detach(), generator=g)
     for a, b in zip(kms, ref.kmeans_modules()):
         torch.testing.assert_close(a.means, b.means, rtol=0, atol=1e-6)
     assert not torch.allclose(kms[0].means, make(cfg).kmeans_modules()[0].means)  # moved off the random init

@@ -69,7 +69,8 @@ def trained_model(cfg, seed=0):
 
 def model_worker(rank, world, port, cfg_kw, out):
     init(rank, world, port)
-    from rtdist.parallel.sequence import apply_sequence_parallel, build_groups, local_slice
+    from rtdist.parallel import ParallelDims
+    from rtdist.parallel.sequence import apply_sequence_parallel
     cfg = tiny_cfg(**cfg_kw)
     x = torch.randint(0, cfg.vocab_size, (2, N + 1), generator=torch.Generator().manual_seed(11))
     weights = torch.randn(2, N, cfg.vocab_size, generator=torch.Generator().manual_seed(12))
@@ -80,9 +81,9 @@ def model_worker(rank, world, port, cfg_kw, out):
     ref_stats = [t.clone() for km in ref.kmeans_modules() for t in km.stats()]
 
     model = trained_model(cfg)
-    groups = build_groups(world)
-    backend = apply_sequence_parallel(model, groups)
-    part, pos = local_slice(x, groups.sp_rank, world)
+    dims = ParallelDims(world, world, rank).build_mesh()
+    backend = apply_sequence_parallel(model, dims)
+    part, pos = dims.local_slice(x)
     m = N // world
     logits_sp, aux_sp = model(part[:, :-1], positions=pos)
     ((logits_sp * weights[:, pos]).sum() / N + aux_sp / world).backward()
@@ -95,7 +96,7 @@ def model_worker(rank, world, port, cfg_kw, out):
     y = x.clone()
     y[:, (world - 1) * m + 1:] = torch.randint(0, cfg.vocab_size, (2, N + 1 - (world - 1) * m - 1),
                                                generator=torch.Generator().manual_seed(13))
-    part_y, _ = local_slice(y, groups.sp_rank, world)
+    part_y, _ = dims.local_slice(y)
     with torch.no_grad():
         model.eval()
         logits_y, _ = model(part_y[:, :-1], positions=pos)
@@ -132,7 +133,8 @@ def test_sequence_parallel_equals_single_process(tmp_path, world, cfg_kw):
 def kernel_worker(rank, world, port, out):
     init(rank, world, port)
     from rtdist.model import block_attention, plan_causal_blocks
-    from rtdist.parallel.sequence import SequenceParallelAttention, build_groups
+    from rtdist.parallel import ParallelDims
+    from rtdist.parallel.sequence import SequenceParallelBackend
     g = torch.Generator().manual_seed(3)
     B, n, H, d, C, w = 2, 96, 3, 8, 4, 4
     q, k, v = (torch.randn(B, n, H, d, generator=g, dtype=torch.float64) for _ in range(3))
@@ -146,11 +148,11 @@ def kernel_worker(rank, world, port, out):
     m = n // world
     sl = slice(rank * m, (rank + 1) * m)
     mine = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
-    sp = SequenceParallelAttention(build_groups(world))
-    res = sp.routed_attention(*mine, clusters[:, sl], C, w, True)
+    sp = SequenceParallelBackend(ParallelDims(world, world, rank).build_mesh(), recompute=False)
+    res = sp.routed(*mine, clusters[:, sl], C, w, True, 0.0)
     res.backward(gout[:, sl])
     torch.save({"out": res.detach(), "ref": ref[:, sl].detach(), "grads": [t.grad for t in mine],
-                "ref_grads": [t.grad[:, sl] for t in ref_in], "bytes": (sp.bytes_sent, sp.bytes_min)},
+                "ref_grads": [t.grad[:, sl] for t in ref_in], "bytes": (sp.traffic.bytes_sent, sp.traffic.bytes_min)},
                f"{out}.{rank}")
 
 
@@ -173,16 +175,15 @@ def train_worker(rank, world, port, sp, zero, ckpt_layers, out):
     from rtdist import dist as rdist
     from rtdist.config import load_config
     from rtdist.model import RoutingTransformerLM
-    from rtdist.parallel import OptimConfig, build_engine
-    from rtdist.parallel.sequence import apply_sequence_parallel, build_groups, local_slice
+    from rtdist.parallel import OptimConfig, ParallelDims, build_engine, parallelize_model
     from rtdist.train import train_step
     cfg = load_config("configs/tiny.yaml", ["train.seq_length=64", "model.window_size=8", "model.local_window_size=16",
                                             f"parallel.sequence_parallel_size={sp}"])
     torch.manual_seed(cfg.train.seed)
-    model = RoutingTransformerLM(cfg.model, checkpoint_every=1 if ckpt_layers else 0)
-    groups = build_groups(sp) if sp > 1 else None
-    if groups:
-        apply_sequence_parallel(model, groups)
+    model = RoutingTransformerLM(cfg.model)
+    cfg.train.checkpoint_activations = bool(ckpt_layers)
+    dims = ParallelDims(sp, world, rank).build_mesh()
+    parallelize_model(model, dims, cfg)
     t = cfg.train
     optim = OptimConfig(t.lr, t.min_lr, 2, 20, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.gradient_clipping)
     eng = build_engine("deepspeed", model, optim, micro_batch=2, accumulation=1, dp_size=world, zero_stage=zero,
@@ -191,9 +192,7 @@ def train_worker(rank, world, port, sp, zero, ckpt_layers, out):
     losses = []
     for _ in range(20):
         b = torch.randint(0, 16, (2, 65), generator=g)
-        pos = None
-        if groups:
-            b, pos = local_slice(b, groups.sp_rank, sp)
+        b, pos = dims.local_slice(b)
         losses.append(train_step(eng, model, [b], rdist.all_reduce_sum if world > 1 else None, world, pos))
     torch.save(losses, f"{out}.{rank}")
 

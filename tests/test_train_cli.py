@@ -140,7 +140,8 @@ def seeding_worker(rank, world, port, manifest, out):
         return RoutingTransformerLM(cfg.model)
 
     shared = fresh()
-    init_kmeans_from_first_batch(shared, cfg, rank, world, torch.device("cpu"))
+    from rtdist.parallel import ParallelDims
+    init_kmeans_from_first_batch(shared, cfg, ParallelDims(1, world, rank), torch.device("cpu"))
     own = fresh()  # what this rank alone would seed from its own first batch
     own.init_kmeans_from_data(next(iter(build_loader(cfg, "train", rank, world, train=True)))[:, :64],
                               generator=torch.Generator().manual_seed(cfg.train.seed))

@@ -38,7 +38,10 @@ def worker(rank, world, port, engine, zero, accumulation, overrides, out):
     micro = GLOBAL_BATCH // world // accumulation
     cfg = load_config("configs/tiny.yaml", [f"train.seq_length={SEQ}", "model.window_size=16"] + overrides)
     torch.manual_seed(cfg.train.seed)
-    model = RoutingTransformerLM(cfg.model, checkpoint_every=1 if cfg.train.checkpoint_activations else 0)
+    model = RoutingTransformerLM(cfg.model)
+    if cfg.train.checkpoint_activations:
+        from rtdist.parallel.checkpointing import apply_activation_checkpointing
+        apply_activation_checkpointing(model, 1)
     t = cfg.train
     optim = OptimConfig(t.lr, t.min_lr, 2, STEPS, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.gradient_clipping)
     eng = build_engine(engine, model, optim, micro_batch=micro, accumulation=accumulation, dp_size=world,

@@ -20,20 +20,20 @@ What each head keeps (everything is a fixed-size ring; nothing grows with the co
 ``routing_mode: topk`` (the paper's routing) has no incremental form: a token's cluster membership depends on later
 tokens, so :func:`check_cacheable` raises; generate by re-running the model on the whole prefix instead.
 
-The model's modules and weights are used as they are; its own ``forward`` is untouched (the prefill calls it and
-reads the q/k/v projections with forward hooks, so the prompt's projections are computed once).
+The model's own pieces do the work, so the caches cannot drift from the training forward: ``embed``, each layer's
+``project`` (q/k/v, rotary, routing vectors) and ``route`` (nearest centroid), ``Block.mix`` and ``logits``; only the
+attention over cached keys is this module's own.
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .kmeans import routing_vectors
-from .transformer import RoutingAttention, RoutingTransformerLM, apply_rotary
+from .attention import AttentionBackend, Projections, RoutingAttention, Routes
+from .transformer import RoutingTransformerLM
 
 
 def check_cacheable(model: RoutingTransformerLM) -> None:
@@ -46,9 +46,9 @@ def check_cacheable(model: RoutingTransformerLM) -> None:
             "sequence, so a token's attention set depends on later tokens and there is no incremental (cached) "
             "decoding for it. Generate without the cache (re-run the model on the prefix for every token: "
             "`python -m rtdist.generate --no-cache`, or generate(..., use_cache=False)).")
-    if any(getattr(layer.attn, "seq_parallel", None) is not None for layer in model.layers):
+    if any(type(layer.attn.backend) is not AttentionBackend for layer in model.layers):
         raise NotImplementedError("decode with a single-process model: this one has sequence-parallel attention "
-                                  "kernels attached (load it with rtdist.evaluate.load_model_for_inference)")
+                                  "kernels attached (load it with rtdist.export.load_model_for_inference)")
     if model.training:
         raise RuntimeError("call model.eval() before decoding: the cache reproduces the inference forward "
                            "(no dropout, no k-means statistics)")
@@ -83,7 +83,6 @@ class DecodeCache:
     layers: list[LayerCache]
     batch_size: int
     position: int = 0  # position of the next token
-    meta: dict = field(default_factory=dict)
 
     def nbytes(self) -> int:
         return sum(lc.nbytes() for lc in self.layers)
@@ -125,40 +124,26 @@ def new_cache(model: RoutingTransformerLM, batch_size: int) -> DecodeCache:
 # ----------------------------------------------------------------------------------------------------- prefill
 
 
-def _fill_from_projections(a: RoutingAttention, lc: LayerCache, q, k, v, rope) -> None:
-    """Fill one layer's caches from the prompt's projections q, v [B, n, H, d], k [B, n, n_k, d] (or None), with
-    the same post-processing as :meth:`RoutingAttention.forward` (rotary, shared QK, routing vectors)."""
-    B, n = q.shape[:2]
-    L = a.n_local
-    if a.kind in ("full", "full_naive"):
-        kk, vv = k.transpose(1, 2), v.transpose(1, 2)
-        if rope is not None:
-            kk = apply_rotary(kk, *rope)
-        _full_append(lc, kk, vv)
+def _fill(a: RoutingAttention, lc: LayerCache, proj: Projections, routes: Optional[Routes]) -> None:
+    """Fill one layer's caches from the prompt's projections (already rotated, as the forward uses them)."""
+    if proj.dense is not None:
+        _full_append(lc, proj.dense[1], proj.dense[2])
         return
-    if L:
+    if proj.local is not None:
         wl = a.local_window
-        kl, vl = k[:, :, :L].transpose(1, 2), v[:, :, :L].transpose(1, 2)  # [B, L, n, d]
-        if rope is not None:
-            kl = apply_rotary(kl, *rope)
+        _, kl, vl = proj.local  # [B, L, n, d]
+        n = kl.shape[2]
         start = max(0, n - 2 * wl)  # the last 2*wl positions cover the current and previous block
-        pos = torch.arange(start, n, device=q.device)
+        pos = torch.arange(start, n, device=kl.device)
         slot = pos % (2 * wl)
         lc.local_k[:, :, slot] = kl[:, :, start:]
         lc.local_v[:, :, slot] = vl[:, :, start:]
         lc.local_pos[slot] = pos
-    if a.n_routing:
+    if proj.routed is not None:
         C, w = a.kmeans.num_clusters, a.window
-        qr, vr = q[:, :, L:], v[:, :, L:]
-        kr = F.normalize(qr, dim=-1) if a.shared_qk else k[:, :, L:]
-        r = routing_vectors(qr.transpose(1, 2))  # as the forward: from the un-rotated query, fp32
-        clusters = a.kmeans.similarities(r).argmax(dim=-1)  # [B, Hr, n]
-        if rope is not None:
-            cos, sin = (t[:, None, :] for t in rope)
-            kr = apply_rotary(kr, cos, sin)
-        kr, vr = kr.transpose(1, 2), vr.transpose(1, 2)  # [B, Hr, n, d]
-        onehot = F.one_hot(clusters, C)  # [B, Hr, n, C]
-        seen = onehot.cumsum(dim=2)
+        kr, vr = (t.transpose(1, 2) for t in proj.routed[1:])  # [B, Hr, n, d]
+        clusters = routes.clusters.transpose(1, 2)  # [B, Hr, n]
+        seen = F.one_hot(clusters, C).cumsum(dim=2)  # [B, Hr, n, C]
         rank = seen.gather(-1, clusters[..., None])[..., 0] - 1  # rank of each token in its cluster
         counts = seen[:, :, -1]  # [B, Hr, C]
         # Keep each cluster's last 2w ranks: they cover its current and previous block (one token per slot).
@@ -172,47 +157,13 @@ def _fill_from_projections(a: RoutingAttention, lc: LayerCache, q, k, v, rope) -
         lc.counts += counts
 
 
-@contextlib.contextmanager
-def _capture_projections(model: RoutingTransformerLM, cache: DecodeCache, rope):
-    """Forward hooks that read each layer's q/k/v projections during the model's own forward and fill the layer's
-    caches as soon as that layer's attention has run (so at most one layer's projections are held)."""
-    handles = []
-    for layer, lc in zip(model.layers, cache.layers):
-        a = layer.attn
-        store: dict = {}
-
-        def grab(name, store=store):
-            def hook(_mod, _inp, out):
-                store[name] = out
-            return hook
-
-        def done(mod, _inp, _out, store=store, lc=lc):
-            B, n = store["q"].shape[:2]
-            q = store["q"].view(B, n, mod.n_heads, mod.head_dim)
-            v = store["v"].view(B, n, mod.n_heads, mod.head_dim)
-            k = store["k"].view(B, n, -1, mod.head_dim) if "k" in store else None
-            _fill_from_projections(mod, lc, q, k, v, rope)
-            store.clear()
-
-        handles.append(a.to_q.register_forward_hook(grab("q")))
-        handles.append(a.to_v.register_forward_hook(grab("v")))
-        if a.to_k is not None:
-            handles.append(a.to_k.register_forward_hook(grab("k")))
-        handles.append(a.register_forward_hook(done))
-    try:
-        yield
-    finally:
-        for hd in handles:
-            hd.remove()
-
-
 @torch.no_grad()
 def prefill(model: RoutingTransformerLM, tokens: torch.Tensor,
             cache: Optional[DecodeCache] = None) -> tuple[torch.Tensor, DecodeCache]:
-    """One normal forward over ``tokens`` [B, n] (positions 0..n-1) -> (its logits [B, n, V], filled caches).
+    """One forward over ``tokens`` [B, n] (positions 0..n-1) -> (its logits [B, n, V], filled caches).
 
-    The caches come from that forward's own projections (read by hooks): nothing is computed twice except the
-    cheap per-token post-processing (normalise, rotary, routing vectors and their argmax, all as in the forward)."""
+    The forward is the model's own, layer by layer, and each layer's caches are filled from the projections it
+    just computed: nothing is computed twice."""
     if cache is None:
         cache = new_cache(model, tokens.shape[0])
     else:
@@ -221,12 +172,16 @@ def prefill(model: RoutingTransformerLM, tokens: torch.Tensor,
         raise ValueError("prefill starts a sequence: pass a new cache (continue a sequence with decode_step)")
     if tokens.shape[0] != cache.batch_size:
         raise ValueError(f"tokens have batch {tokens.shape[0]}, the cache {cache.batch_size}")
-    n = tokens.shape[1]
-    rope = model.rotary(torch.arange(n, device=tokens.device)) if model.rotary is not None else None
-    with _capture_projections(model, cache, rope):
-        logits, _ = model(tokens)
-    cache.position = n
-    return logits, cache
+    x = model.embed(tokens)
+    rope = model.rope(torch.arange(tokens.shape[1], device=tokens.device))
+    for layer, lc in zip(model.layers, cache.layers):
+        a = layer.attn
+        proj = a.project(layer.norm1(x), rope)
+        routes, _ = a.route(proj)  # eval mode: no k-means statistics
+        _fill(a, lc, proj, routes)
+        x = layer.mix(x, a.attend(proj, routes))
+    cache.position = tokens.shape[1]
+    return model.logits(x), cache
 
 
 # -------------------------------------------------------------------------------------------------- one token
@@ -245,49 +200,33 @@ def _full_append(lc: LayerCache, k, v) -> None:
     lc.full_len = need
 
 
-def _attend_one(a: RoutingAttention, lc: LayerCache, x: torch.Tensor, rope, t: int) -> torch.Tensor:
-    """Attention output [B, 1, d_model] of one new token at position ``t`` (x [B, 1, d_model], already normed);
-    updates the caches."""
-    B = x.shape[0]
-    H, L, hd = a.n_heads, a.n_local, a.head_dim
-    q = a.to_q(x).view(B, H, hd)
-    v = a.to_v(x).view(B, H, hd)
-    k = a.to_k(x).view(B, -1, hd) if a.to_k is not None else None
-
-    if a.kind in ("full", "full_naive"):
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        _full_append(lc, k[:, :, None], v[:, :, None])
-        out = F.scaled_dot_product_attention(q[:, :, None], lc.full_k[:, :, :lc.full_len],
-                                             lc.full_v[:, :, :lc.full_len])
-        return a.to_out(out.reshape(B, 1, H * hd))
-
+def _attend_one(a: RoutingAttention, lc: LayerCache, proj: Projections, routes: Optional[Routes],
+                t: int) -> torch.Tensor:
+    """Attention heads [B, 1, H, d] of one new token at position ``t`` over the caches, which it joins."""
+    if proj.dense is not None:
+        q, k, v = proj.dense  # [B, H, 1, d]
+        _full_append(lc, k, v)
+        return F.scaled_dot_product_attention(q, lc.full_k[:, :, :lc.full_len],
+                                              lc.full_v[:, :, :lc.full_len]).transpose(1, 2)
     outs = []
-    if L:
+    if proj.local is not None:
         wl = a.local_window
-        ql, kl, vl = q[:, :L], k[:, :L], v[:, :L]
-        if rope is not None:
-            ql, kl = apply_rotary(ql, *rope), apply_rotary(kl, *rope)
+        ql, kl, vl = proj.local  # [B, L, 1, d]
         slot = t % (2 * wl)
-        lc.local_k[:, :, slot] = kl
-        lc.local_v[:, :, slot] = vl
+        lc.local_k[:, :, slot] = kl[:, :, 0]
+        lc.local_v[:, :, slot] = vl[:, :, 0]
         lc.local_pos[slot] = t
         lo = max(0, (t // wl - 1) * wl)
         visible = (lc.local_pos >= lo) & (lc.local_pos <= t)  # [2wl]
-        outs.append(F.scaled_dot_product_attention(ql[:, :, None], lc.local_k, lc.local_v,
-                                                   attn_mask=visible[None, :]))  # [B, L, 1, d]
-
-    if a.n_routing:
+        outs.append(F.scaled_dot_product_attention(ql, lc.local_k, lc.local_v, attn_mask=visible[None, :])
+                    .transpose(1, 2))  # [B, 1, L, d]
+    if proj.routed is not None:
         w = a.window
-        Hr = a.n_routing
-        qr, vr = q[:, L:], v[:, L:]  # [B, Hr, d]
-        kr = F.normalize(qr, dim=-1) if a.shared_qk else k[:, L:]
-        r = routing_vectors(qr[:, :, None, :])  # [B, Hr, 1, d] fp32, from the un-rotated query
-        c = a.kmeans.similarities(r).argmax(dim=-1)[..., 0]  # [B, Hr]
-        if rope is not None:
-            qr, kr = apply_rotary(qr, *rope), apply_rotary(kr, *rope)
-        bi = torch.arange(B, device=x.device)[:, None]
-        hi = torch.arange(Hr, device=x.device)[None, :]
+        qr, kr, vr = (x[:, 0] for x in proj.routed)  # [B, Hr, d]
+        c = routes.clusters[:, 0]  # [B, Hr]
+        B, Hr = c.shape
+        bi = torch.arange(B, device=c.device)[:, None]
+        hi = torch.arange(Hr, device=c.device)[None, :]
         rank = lc.counts[bi, hi, c]  # [B, Hr]
         slot = rank % (2 * w)
         lc.route_k[bi, hi, c, slot] = kr
@@ -300,11 +239,9 @@ def _attend_one(a: RoutingAttention, lc: LayerCache, x: torch.Tensor, rope, t: i
         visible = (held >= lo) & (held < rk)  # the previous block and the own block before the token
         sees_self = (rank == 0)[..., None] if a.shared_qk else torch.ones_like(rk, dtype=torch.bool)
         visible |= (held == rk) & sees_self
-        outs.append(F.scaled_dot_product_attention(qr[:, :, None], keys, values,
-                                                   attn_mask=visible[:, :, None, :]))  # [B, Hr, 1, d]
-
-    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-    return a.to_out(out.reshape(B, 1, H * hd))
+        outs.append(F.scaled_dot_product_attention(qr[:, :, None], keys, values, attn_mask=visible[:, :, None, :])
+                    .transpose(1, 2))  # [B, 1, Hr, d]
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
 @torch.no_grad()
@@ -318,17 +255,11 @@ def decode_step(model: RoutingTransformerLM, cache: DecodeCache, tokens: torch.T
                          f"{tuple(tokens.shape)}")
     t = cache.position
     x = model.embed(tokens[:, None])
-    if model.emb_proj is not None:
-        x = model.emb_proj(x)
-    rope = None
-    if model.rotary is not None:
-        rope = model.rotary(torch.tensor([t], device=tokens.device))
+    rope = model.rope(torch.tensor([t], device=tokens.device))
     for layer, lc in zip(model.layers, cache.layers):
-        x = x + _attend_one(layer.attn, lc, layer.norm1(x), rope, t)
-        x = x + layer.ff(layer.norm2(x))
-    x = model.norm(x)
-    if model.out_proj is not None:
-        x = model.out_proj(x)
-    weight = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        a = layer.attn
+        proj = a.project(layer.norm1(x), rope)
+        routes, _ = a.route(proj)
+        x = layer.mix(x, a.output(_attend_one(a, lc, proj, routes, t)))
     cache.position = t + 1
-    return F.linear(x, weight)[:, 0]
+    return model.logits(x)[:, 0]

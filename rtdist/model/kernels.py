@@ -67,23 +67,75 @@ def local_attention(q, k, v, window: int, dropout_p: float = 0.0, prev_k=None, p
 # ------------------------------------------------------------------------------------------ causal routing
 
 
+def group_cluster_ids(clusters: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """``clusters`` [B, n] or [B, n, H] -> the group-cluster id of every token in flat (row-major) order, where a
+    group is a (batch element, head) pair: ``(b * H + h) * num_clusters + c``."""
+    if clusters.dim() == 2:
+        clusters = clusters.unsqueeze(-1)
+    B, _, H = clusters.shape
+    dev = clusters.device
+    group = torch.arange(B, device=dev)[:, None, None] * H + torch.arange(H, device=dev)[None, None, :]
+    return (group * num_clusters + clusters).reshape(-1)
+
+
+@dataclass
+class ClusterBlocks:
+    """Where tokens fall in their group-cluster's blocks of ``window`` slots. Entry i describes token ``order[i]``
+    (tokens sorted by group-cluster, then position)."""
+
+    order: torch.Tensor  # [T]
+    block: torch.Tensor  # [T] global block id
+    slot: torch.Tensor  # [T] slot in the block
+    block_base: torch.Tensor  # [G] first block of each group-cluster
+    blocks_of: torch.Tensor  # [G] number of blocks of each group-cluster
+    num_blocks: int
+
+    def first_block_mask(self) -> torch.Tensor:
+        """[num_blocks] bool: the block opens its group-cluster (it has no predecessor)."""
+        first = torch.zeros(self.num_blocks, dtype=torch.bool, device=self.block.device)
+        first[self.block_base[self.blocks_of > 0]] = True
+        return first
+
+
+def cluster_blocks(gc: torch.Tensor, num_groups: int, window: int, before: Optional[torch.Tensor] = None,
+                   total: Optional[torch.Tensor] = None) -> ClusterBlocks:
+    """Cut every group-cluster's tokens, in position order, into consecutive blocks of ``window``.
+
+    A token's rank in its group-cluster is its rank among these tokens plus ``before`` (the number of tokens of
+    the same group-cluster held elsewhere, e.g. by earlier sequence-parallel ranks); ``total`` (default: these
+    tokens' own counts) sizes each group-cluster's blocks. A token's block depends only on how many *earlier*
+    tokens share its cluster, so no token's routing depends on a later token."""
+    dev = gc.device
+    T = gc.numel()
+    order = torch.sort(gc, stable=True).indices  # by group-cluster; flat order keeps position order inside
+    counts = torch.bincount(gc, minlength=num_groups)
+    total = counts if total is None else total
+    blocks_of = (total + window - 1) // window
+    base = blocks_of.cumsum(0) - blocks_of
+    sorted_gc = gc[order]
+    rank = torch.arange(T, device=dev) - (counts.cumsum(0) - counts)[sorted_gc]
+    if before is not None:
+        rank = rank + before[sorted_gc]
+    return ClusterBlocks(order, base[sorted_gc] + rank // window, rank % window, base, blocks_of,
+                         int(blocks_of.sum()))
+
+
 @dataclass
 class BlockPlan:
-    """Where each routed token sits in the cluster blocks.
+    """Which row sits in which slot of the cluster blocks, for :func:`block_attention`.
 
-    Tokens of one group (a batch element x head) and cluster, in position order, fill consecutive blocks of w
-    slots. ``token_of_slot[b, i]`` is the flat token in slot i of block b; empty slots at the end of a cluster's
-    last block point at token 0: they are masked as keys (they come after every real query of their block) and
-    their query rows are never read back, so their values never matter and get zero gradient.
-    ``first_blocks`` have no predecessor in their cluster; each of ``later_blocks`` follows block ``b - 1`` of
-    the same cluster. ``out_index[t]`` is token t's row in ``cat(first-block outputs, all-block outputs)``: the
-    first-block call's rows for tokens of first blocks, the all-block call's rows for the others."""
+    ``token_of_slot[b, i]`` is the row in slot i of block b; empty slots at the end of a cluster's last block point
+    at row 0: they are masked as keys (they come after every real query of their block) and their query rows are
+    never read back, so their values never matter and get zero gradient. ``first_blocks`` have no predecessor in
+    their cluster; each of ``later_blocks`` follows block ``b - 1`` of the same cluster. ``out_index[t]`` is row t's
+    row in ``cat(first-block outputs, all-block outputs)``: the first-block call's rows for rows of first blocks,
+    the all-block call's rows for the others."""
 
     token_of_slot: torch.Tensor  # [num_blocks, w]
-    slot_filled: torch.Tensor  # [num_blocks, w] bool: the slot holds a real token (not an empty-slot filler)
+    slot_filled: torch.Tensor  # [num_blocks, w] bool: the slot holds a real row (not an empty-slot filler)
     first_blocks: torch.Tensor  # [num_first]
     later_blocks: torch.Tensor  # [num_later]
-    out_index: torch.Tensor  # [T]
+    out_index: torch.Tensor  # [rows]
 
     @property
     def num_blocks(self) -> int:
@@ -93,42 +145,35 @@ class BlockPlan:
     def window(self) -> int:
         return self.token_of_slot.shape[1]
 
+    @classmethod
+    def from_slots(cls, block: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor, num_rows: int, num_blocks: int,
+                   window: int, is_first: torch.Tensor) -> "BlockPlan":
+        """The plan that puts row ``rows[i]`` into slot ``slot[i]`` of block ``block[i]`` (blocks numbered from 0);
+        ``is_first`` [num_blocks] marks the blocks without a predecessor."""
+        dev, w = block.device, window
+        flat = block * w + slot
+        token_of_slot = torch.zeros(num_blocks * w, dtype=torch.long, device=dev)
+        token_of_slot[flat] = rows
+        slot_filled = torch.zeros(num_blocks * w, dtype=torch.bool, device=dev)
+        slot_filled[flat] = True
+        first_blocks = is_first.nonzero().squeeze(1)
+        later_blocks = (~is_first).nonzero().squeeze(1)
+        block_row = len(first_blocks) + torch.arange(num_blocks, device=dev)
+        block_row[first_blocks] = torch.arange(len(first_blocks), device=dev)
+        out_index = torch.empty(num_rows, dtype=torch.long, device=dev)
+        out_index[rows] = block_row[block] * w + slot
+        return cls(token_of_slot.view(num_blocks, w), slot_filled.view(num_blocks, w), first_blocks, later_blocks,
+                   out_index)
+
 
 def plan_causal_blocks(clusters: torch.Tensor, num_clusters: int, window: int) -> BlockPlan:
     """Plan the blocks for ``clusters`` [B, n] or [B, n, H], indexing tokens in that tensor's flat (row-major)
-    order. A token's block depends only on how many *earlier* tokens share its cluster, so no token's routing
-    depends on a later token."""
-    dev = clusters.device
-    if clusters.dim() == 2:
-        clusters = clusters.unsqueeze(-1)
-    B, n, H = clusters.shape
-    group = torch.arange(B, device=dev)[:, None, None] * H + torch.arange(H, device=dev)[None, None, :]
-    gc = (group * num_clusters + clusters).reshape(-1)  # group-cluster id of each flat token
-    T = gc.numel()
-    order = torch.sort(gc, stable=True).indices  # by (group, cluster), then position (flat order keeps it)
-    counts = torch.bincount(gc, minlength=B * H * num_clusters)
-    first = counts.cumsum(0) - counts  # sorted index where each group-cluster starts
-    nblk = (counts + window - 1) // window
-    blk_first = nblk.cumsum(0) - nblk
-    num_blocks = int(nblk.sum())
-    sorted_gc = gc[order]
-    rank = torch.arange(T, device=dev) - first[sorted_gc]  # rank of the token inside its cluster
-    slot_sorted = blk_first[sorted_gc] * window + rank
-    token_of_slot = torch.zeros(num_blocks * window, dtype=torch.long, device=dev)
-    token_of_slot[slot_sorted] = order
-    slot_filled = torch.zeros(num_blocks * window, dtype=torch.bool, device=dev)
-    slot_filled[slot_sorted] = True
-    owner = torch.repeat_interleave(torch.arange(B * H * num_clusters, device=dev), nblk, output_size=num_blocks)
-    is_first = torch.arange(num_blocks, device=dev) == blk_first[owner]
-    first_blocks = is_first.nonzero().squeeze(1)
-    later_blocks = (~is_first).nonzero().squeeze(1)
-    block_row = len(first_blocks) + torch.arange(num_blocks, device=dev)
-    block_row[first_blocks] = torch.arange(len(first_blocks), device=dev)
-    out_sorted = block_row[slot_sorted // window] * window + slot_sorted % window
-    out_index = torch.empty_like(out_sorted)
-    out_index[order] = out_sorted
-    return BlockPlan(token_of_slot.view(num_blocks, window), slot_filled.view(num_blocks, window), first_blocks,
-                     later_blocks, out_index)
+    order."""
+    gc = group_cluster_ids(clusters, num_clusters)
+    heads = clusters.shape[2] if clusters.dim() == 3 else 1
+    cb = cluster_blocks(gc, clusters.shape[0] * heads * num_clusters, window)
+    return BlockPlan.from_slots(cb.block, cb.slot, cb.order, gc.numel(), cb.num_blocks, window,
+                                cb.first_block_mask())
 
 
 class _GatherRows(torch.autograd.Function):

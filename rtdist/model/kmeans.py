@@ -65,8 +65,6 @@ class SphericalKMeans(nn.Module):
         # Statistics of the current step; transient, so not part of checkpoints.
         self.register_buffer("step_sums", torch.zeros(num_heads, num_clusters, dim), persistent=False)
         self.register_buffer("step_counts", torch.zeros(num_heads, num_clusters), persistent=False)
-        # (generator, max_vectors) while a seeding from the next forward's routing vectors is pending
-        self._data_init: Optional[tuple] = None
 
     def _apply(self, fn, recurse=True):
         # Keep every k-means buffer fp32 whatever .half()/.bfloat16()/DeepSpeed does to the module.
@@ -75,14 +73,6 @@ class SphericalKMeans(nn.Module):
             if buf.is_floating_point() and buf.dtype != torch.float32:
                 setattr(self, name, buf.float())
         return self
-
-    @torch.no_grad()
-    def reset_initial_means(self, generator: Optional[torch.Generator] = None) -> None:
-        means = F.normalize(torch.randn(self.means.shape, generator=generator), dim=-1).to(self.means.device)
-        self.means.copy_(means)
-        self.ema_sums.copy_(means)
-        self.ema_counts.zero_()
-        self.initted.fill_(False)
 
     @torch.no_grad()
     def init_from_vectors(self, r: torch.Tensor, valid: Optional[torch.Tensor] = None,
@@ -106,15 +96,6 @@ class SphericalKMeans(nn.Module):
         self.ema_sums.copy_(self.means)
         self.ema_counts.zero_()
         self.initted.fill_(True)
-
-    def request_data_init(self, generator: Optional[torch.Generator] = None, max_vectors: int = 8192) -> None:
-        """Seed the centroids from the routing vectors of the next forward (:meth:`seed_if_requested`)."""
-        self._data_init = (generator, max_vectors)
-
-    def seed_if_requested(self, r: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
-        request, self._data_init = self._data_init, None
-        if request is not None:
-            self.init_from_vectors(r.detach(), valid, generator=request[0], max_vectors=request[1])
 
     def similarities(self, r: torch.Tensor) -> torch.Tensor:
         """``r`` [B, H, n, d] fp32 routing vectors -> cosine scores [B, H, n, C] (fp32, autocast off)."""

@@ -1,4 +1,8 @@
-"""Everything that knows about processes: engines (DeepSpeed, fairscale, torch) and, later, sequence parallelism."""
-from .engines import DeepSpeedEngine, Engine, FairscaleEngine, OptimConfig, TorchEngine, build_engine
+"""Everything that knows about processes: the parallel layout (``ParallelDims``), sequence parallelism, activation
+checkpointing, the engines, and ``parallelize``, which applies them to a model in one fixed order."""
+from .dims import ParallelDims
+from .engines import DeepSpeedEngine, Engine, FairscaleEngine, OptimConfig, TorchEngine, build_engine, check_engine
+from .parallelize import optim_config, parallelize, parallelize_model
 
-__all__ = ["DeepSpeedEngine", "Engine", "FairscaleEngine", "OptimConfig", "TorchEngine", "build_engine"]
+__all__ = ["DeepSpeedEngine", "Engine", "FairscaleEngine", "OptimConfig", "ParallelDims", "TorchEngine",
+           "build_engine", "check_engine", "optim_config", "parallelize", "parallelize_model"]

@@ -125,7 +125,7 @@ class DeepSpeedEngine(Engine):
         self.config = config
         if zero.get("stage", 0) == 3 and getattr(module, "lm_head", None) is None:
             # The tied output projection reads embed.weight outside the embedding's own forward.
-            deepspeed.zero.register_external_parameter(module, module.embed.weight)
+            deepspeed.zero.register_external_parameter(module, module.embedding.weight)
         optimizer = make_optimizer(param_groups(module, optim.weight_decay), optim)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, config=config, mpu=mpu,
@@ -322,6 +322,16 @@ class FairscaleEngine(_LocalStepEngine):
             self.optimizer.load_state_dict(state["optimizer"])  # OSS keeps its own shard
         self.scheduler.load_state_dict(state["scheduler"])
         self._micro = state["micro"]
+
+
+def check_engine(kind: str, zero_stage: int) -> None:
+    """Engine and ZeRO stage combinations that cannot work, before any process group forms."""
+    from ..errors import ConfigError
+    if kind == "torch" and zero_stage:
+        raise ConfigError(f"train.zero_stage={zero_stage} needs engine deepspeed or fairscale, not torch")
+    if kind == "fairscale" and zero_stage == 3 and not torch.cuda.is_available():
+        raise ConfigError("train.zero_stage=3 with engine fairscale needs FullyShardedDataParallel, which needs CUDA; "
+                          "use engine deepspeed for ZeRO-3 on CPU")
 
 
 def build_engine(kind: str, module: nn.Module, optim: OptimConfig, *, micro_batch: int, accumulation: int,

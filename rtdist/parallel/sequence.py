@@ -2,63 +2,28 @@
 consecutive tokens, with the routing clusters partitioned across the ranks.
 
 - Local heads: each rank receives the previous rank's last window of keys/values (halo exchange) and attends
-  exactly as on one process.
-- Routing heads (``causal`` mode), :class:`ClusterParallelRouting`: every rank assigns its tokens to the
-  (replicated) centroids; an all-gather of per-rank cluster histograms gives each token its global rank inside its
-  cluster (exclusive prefix sum over earlier ranks), hence its global cluster block. The global blocks are split
-  into P contiguous ranges of equal size (+-1) and q/k/v travel by all-to-all to the owner of their block (keys and
-  values of the last block before an owner's range also go to that owner, as the predecessor its first block
-  needs). The owner runs the same block attention as one process, and outputs return by all-to-all. Every step is
-  differentiable, so gradients equal the single-process ones.
+  exactly as one process does.
+- Routing heads (``causal`` mode): every rank assigns its tokens to the (replicated) centroids; an all-gather of
+  per-rank cluster histograms gives each token its global rank inside its cluster (earlier ranks' counts come
+  first), hence its global cluster block (:func:`rtdist.model.cluster_blocks`). The global blocks are split into P
+  contiguous ranges of equal size (+-1) and q/k/v travel by all-to-all to the owner of their block (keys and values
+  of the last block before an owner's range also go to that owner, as the predecessor its first block needs). The
+  owner runs the same block attention as one process (:class:`rtdist.model.BlockPlan` from the rows it received),
+  and outputs return by all-to-all. Every step is differentiable, so gradients equal the single-process ones.
 
-The model knows nothing of this: :func:`apply_sequence_parallel` plugs a :class:`SequenceParallelAttention` into
-each ``RoutingAttention`` module, which then calls it instead of the single-process kernels.
+The model knows nothing of this: :func:`apply_sequence_parallel` gives each ``RoutingAttention`` a
+:class:`SequenceParallelBackend` in place of its single-process one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from ..model.attention import BlockPlan, block_attention, local_attention
-
-
-# ------------------------------------------------------------------------------------------------ groups
-
-
-@dataclass
-class ParallelGroups:
-    """world = DP x SP; the ranks of one SP group are consecutive (they read the same sample)."""
-
-    sp_size: int
-    sp_rank: int
-    dp_size: int
-    dp_rank: int
-    sp_group: Optional[object]
-    dp_group: Optional[object]
-    sp_ranks: list[int]
-
-
-def build_groups(sp_size: int) -> ParallelGroups:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if world % sp_size:
-        raise ValueError(f"world size {world} is not divisible by parallel.sequence_parallel_size ({sp_size})")
-    dp_size = world // sp_size
-    sp_group = dp_group = None
-    my_sp = list(range(rank // sp_size * sp_size, rank // sp_size * sp_size + sp_size))
-    if world > 1:
-        for i in range(dp_size):  # every rank must create every group, in the same order
-            g = dist.new_group(list(range(i * sp_size, (i + 1) * sp_size)))
-            if i == rank // sp_size:
-                sp_group = g
-        for j in range(sp_size):
-            g = dist.new_group(list(range(j, world, sp_size)))
-            if j == rank % sp_size:
-                dp_group = g
-    return ParallelGroups(sp_size, rank % sp_size, dp_size, rank // sp_size, sp_group, dp_group, my_sp)
+from ..model import AttentionBackend, BlockPlan, block_attention, cluster_blocks, group_cluster_ids, local_attention
+from .dims import ParallelDims
+from ..errors import ConfigError
 
 
 # ------------------------------------------------------------------------------------ differentiable comms
@@ -140,85 +105,86 @@ class _OrderedAfter(torch.autograd.Function):
 # --------------------------------------------------------------------------------------- the attention
 
 
-class SequenceParallelAttention:
-    """Drop-in for the single-process kernels of ``RoutingAttention`` on one rank of an SP group.
+@dataclass
+class Traffic:
+    """Bytes this rank sent for routed attention (``bytes_sent``) and the minimum it could send (``bytes_min``:
+    q, k, v and the output of the tokens it gives away), summed over layers: for the benchmark."""
 
-    Counts the bytes this rank sends per routed call (``bytes_sent``) and the minimum it could send
-    (``bytes_min``: q, k, v and the output of the tokens it gives away), for the benchmark."""
+    bytes_sent: int = 0
+    bytes_min: int = 0
 
-    def __init__(self, groups: ParallelGroups):
-        self.g = groups
-        self.bytes_sent = 0
-        self.bytes_min = 0
 
-    # ---- local heads: halo exchange of the previous rank's last window
-    def halo(self, k, v, window: int):
-        """(prev_k, prev_v, node): the previous rank's last ``window`` keys and values [B, H, w, d] (None on the
-        first rank), and the exchange's output, which the caller must keep in the graph on *every* rank (see
-        :meth:`ordered_after`) so that every rank runs the exchange's backward."""
-        g = self.g
-        if g.sp_size == 1:
-            return None, None, None
+class SequenceParallelBackend(AttentionBackend):
+    """A layer's kernels on one rank of a sequence-parallel group (one instance per layer)."""
+
+    def __init__(self, dims: ParallelDims, recompute: bool = True, traffic: Traffic | None = None):
+        super().__init__(recompute)
+        self.dims = dims
+        self.traffic = traffic if traffic is not None else Traffic()
+        self._halo = None  # this layer's halo exchange node, between local() and routed() of one forward
+
+    def local(self, q, k, v, window: int, dropout_p: float) -> torch.Tensor:
+        """Local heads [B, L, n_local, d] with the previous rank's last window in front of the first block. The
+        exchange runs outside the recomputed kernel (recomputation repeats no communication)."""
+        prev_k = prev_v = None
+        halo = self._exchange_halo(k, v, window)
+        if self.dims.sp_rank > 0:
+            prev_k, prev_v = halo.split(k.shape[-1], dim=-1)
+        out = self.run(local_attention, q, k, v, window, dropout_p, prev_k, prev_v)
+        self._halo = halo
+        return ordered_after(out, halo)  # keeps the exchange in the graph on every rank, the first one included
+
+    def _exchange_halo(self, k, v, window: int):
+        d = self.dims
         if k.shape[-2] % window:
-            raise ValueError(f"each sequence-parallel rank holds {k.shape[-2]} tokens, not a multiple of the local "
-                             f"window {window}")
+            raise ConfigError(f"each sequence-parallel rank holds {k.shape[-2]} tokens, not a multiple of the local "
+                              f"window {window}: make train.seq_length a multiple of sequence_parallel_size x window")
         kv = torch.cat([k, v], dim=-1)
-        halo = _HaloFromPrevious.apply(kv, window, g.sp_rank, g.sp_size, g.sp_ranks, g.sp_group)
-        if g.sp_rank + 1 < g.sp_size:
-            self.bytes_sent += halo.numel() * halo.element_size()
-        if g.sp_rank == 0:
-            return None, None, halo
-        return (*halo.split(k.shape[-1], dim=-1), halo)
+        halo = _HaloFromPrevious.apply(kv, window, d.sp_rank, d.sp, d.sp_ranks, d.sp_group)
+        if d.sp_rank + 1 < d.sp:
+            self.traffic.bytes_sent += halo.numel() * halo.element_size()
+        return halo
 
-    @staticmethod
-    def ordered_after(x, dep):
-        """``x`` unchanged, but its gradient must be complete before ``dep``'s producer runs backward.
+    def routed(self, q, k, v, clusters, num_clusters: int, window: int, exclude_self: bool,
+               dropout_p: float) -> torch.Tensor:
+        """This rank's routed tokens: q, k, v [B, n_local, Hr, d], clusters [B, n_local, Hr] -> [B, n_local, Hr, d]."""
+        halo, self._halo = self._halo, None
+        q = ordered_after(q, halo)  # the routing collectives' backward runs before the halo's, on every rank
+        return self.run(self._routed, q, k, v, clusters, num_clusters, window, exclude_self, dropout_p)
 
-        Backward runs independent branches in an order that may differ between ranks; two branches that both
-        communicate (the halo exchange and the routing all-to-alls) would then deadlock. This edge makes the
-        routing branch's backward collectives come first on every rank."""
-        return _OrderedAfter.apply(x, dep) if dep is not None else x
+    def topk(self, *args, **kwargs):
+        raise ConfigError("sequence parallelism supports model.routing_mode 'causal' only (topk routing looks at the "
+                          "whole sequence at once)")
 
-    # ---- routing heads: cluster blocks partitioned across ranks
-    def routed_attention(self, q, k, v, clusters, num_clusters: int, window: int, exclude_self: bool,
-                         dropout_p: float = 0.0):
-        """q, k, v [B, n_loc, H, d] and clusters [B, n_loc, H] of this rank's tokens -> outputs [B, n_loc, H, d]."""
-        g, w = self.g, window
-        P, me = g.sp_size, g.sp_rank
-        B, n, H, d = q.shape
+    def dense(self, *args, **kwargs):
+        raise ConfigError("sequence parallelism needs model.attention_type routing or local, not full")
+
+    def _routed(self, q, k, v, clusters, num_clusters: int, window: int, exclude_self: bool, dropout_p: float = 0.0):
+        d, w = self.dims, window
+        P, me, group = d.sp, d.sp_rank, d.sp_group
+        B, n, H, hd = q.shape
         dev = q.device
         G = B * H * num_clusters
-        gc = ((torch.arange(B, device=dev)[:, None, None] * H + torch.arange(H, device=dev)[None, None, :])
-              * num_clusters + clusters).reshape(-1)  # group-cluster id of each local token (flat [B, n, H] order)
+        gc = group_cluster_ids(clusters, num_clusters)
         T = gc.numel()
         counts = torch.bincount(gc, minlength=G)
         all_counts = [torch.empty_like(counts) for _ in range(P)]
-        dist.all_gather(all_counts, counts, group=g.sp_group) if P > 1 else all_counts.__setitem__(0, counts)
+        dist.all_gather(all_counts, counts, group=group)
         all_counts = torch.stack(all_counts)  # [P, G]
-        before = all_counts[:me].sum(0)  # tokens of each cluster on earlier ranks
-        total = all_counts.sum(0)
-        nblk = (total + w - 1) // w
-        blk_base = nblk.cumsum(0) - nblk
-        NB = int(nblk.sum())
-
-        order = torch.sort(gc, stable=True).indices  # local tokens by cluster, then position
-        sorted_gc = gc[order]
-        local_rank = torch.arange(T, device=dev) - (counts.cumsum(0) - counts)[sorted_gc]
-        grank = before[sorted_gc] + local_rank  # global rank inside the cluster
-        gblock = blk_base[sorted_gc] + grank // w
-        slot = grank % w
-        owner = gblock * P // NB  # contiguous, balanced ranges of blocks
+        blocks = cluster_blocks(gc, G, w, before=all_counts[:me].sum(0), total=all_counts.sum(0))
+        NB = blocks.num_blocks
+        owner = blocks.block * P // NB  # contiguous, balanced ranges of blocks
         first_of = [(o * NB + P - 1) // P for o in range(P + 1)]  # first block owned by rank o (ceil(o NB / P))
 
         # The last block before an owner's range is that owner's predecessor block (if it is the same cluster).
-        nxt = gblock + 1
-        nxt_in_cluster = nxt < blk_base[sorted_gc] + nblk[sorted_gc]
+        sorted_gc = gc[blocks.order]
+        nxt = blocks.block + 1
+        nxt_in_cluster = nxt < (blocks.block_base + blocks.blocks_of)[sorted_gc]
         nxt_owner = nxt * P // max(NB, 1)
-        pred_mask = nxt_in_cluster & (nxt_owner != owner)
+        pred_idx = (nxt_in_cluster & (nxt_owner != owner)).nonzero().squeeze(1)
 
-        # ---- send q, k, v (+ metadata) to block owners; k, v of predecessor blocks also to the next owner
-        qkv = torch.cat([q.reshape(T, d), k.reshape(T, d), v.reshape(T, d)], dim=-1).index_select(0, order)
-        pred_idx = pred_mask.nonzero().squeeze(1)
+        # ---- q, k, v (+ block, slot, is-predecessor) to the block owners, predecessors' k, v also to the next owner
+        qkv = torch.cat([q.reshape(T, hd), k.reshape(T, hd), v.reshape(T, hd)], dim=-1).index_select(0, blocks.order)
         src = torch.cat([torch.arange(T, device=dev), pred_idx])  # rows to send, as indices of sorted tokens
         dst = torch.cat([owner, nxt_owner[pred_idx]])
         is_pred = torch.cat([torch.zeros(T, dtype=torch.long, device=dev),
@@ -226,84 +192,64 @@ class SequenceParallelAttention:
         perm = torch.sort(dst, stable=True).indices  # by destination; per destination main rows first
         send_src, send_is_pred = src[perm], is_pred[perm]
         rows = qkv.index_select(0, send_src)
-        meta = torch.stack([gblock[send_src], slot[send_src], send_is_pred], dim=1)
+        meta = torch.stack([blocks.block[send_src], blocks.slot[send_src], send_is_pred], dim=1)
         send_counts = torch.bincount(dst, minlength=P).tolist()
         send_main = torch.bincount(owner, minlength=P).tolist()
-        if P > 1:
-            recv_counts = exchange_counts(torch.tensor(send_counts, dtype=torch.long), g.sp_group)
-            rows_in = all_to_all_rows(rows, send_counts, recv_counts, g.sp_group)
-            meta_in = all_to_all_rows(meta, send_counts, recv_counts, g.sp_group)
-        else:
-            recv_counts, rows_in, meta_in = send_counts, rows, meta
+        recv_counts = exchange_counts(torch.tensor(send_counts, dtype=torch.long), group)
+        rows_in = all_to_all_rows(rows, send_counts, recv_counts, group)
+        meta_in = all_to_all_rows(meta, send_counts, recv_counts, group)
 
         # ---- on the owner: the same block attention as one process, over its blocks (and one predecessor)
         lo, hi = first_of[me], first_of[me + 1]
         R = rows_in.shape[0]
-        out_rows = rows_in.new_zeros(R, d)
+        out_rows = rows_in.new_zeros(R, hd)
         if R:
-            blk_in, slot_in, is_pred = meta_in[:, 0], meta_in[:, 1], meta_in[:, 2].bool()
+            pred_in = meta_in[:, 2].bool()
             base = lo - 1  # local block 0 is the predecessor of my first block (possibly empty)
-            nb_local = hi - base
-            local_blk = blk_in - base
-            token_of_slot = torch.zeros(nb_local * w, dtype=torch.long, device=dev)
-            token_of_slot[local_blk * w + slot_in] = torch.arange(R, device=dev)
-            slot_filled = torch.zeros(nb_local * w, dtype=torch.bool, device=dev)
-            slot_filled[local_blk * w + slot_in] = True
-            cluster_first = torch.zeros(NB + 1, dtype=torch.bool, device=dev)
-            cluster_first[blk_base[nblk > 0]] = True
-            gblocks = torch.arange(base, hi, device=dev)
-            is_first = torch.where(gblocks >= 0, cluster_first[gblocks.clamp(min=0)], torch.ones_like(gblocks,
-                                                                                                   dtype=torch.bool))
-            first_blocks = is_first.nonzero().squeeze(1)
-            later_blocks = (~is_first).nonzero().squeeze(1)
-            block_row = len(first_blocks) + torch.arange(nb_local, device=dev)
-            block_row[first_blocks] = torch.arange(len(first_blocks), device=dev)
-            q_rows = torch.where(is_pred[:, None], torch.zeros_like(rows_in[:, :d]), rows_in[:, :d])
-            out_index = block_row[local_blk] * w + slot_in  # pred rows read some row; they are not sent back
-            plan = BlockPlan(token_of_slot.view(nb_local, w), slot_filled.view(nb_local, w), first_blocks,
-                             later_blocks, out_index)
-            out_rows = block_attention(q_rows, rows_in[:, d:2 * d], rows_in[:, 2 * d:], plan, exclude_self,
+            global_ids = torch.arange(base, hi, device=dev)
+            opens = blocks.first_block_mask()
+            is_first = torch.where(global_ids >= 0, opens[global_ids.clamp(min=0)], torch.ones_like(opens[:1]))
+            plan = BlockPlan.from_slots(meta_in[:, 0] - base, meta_in[:, 1], torch.arange(R, device=dev), R,
+                                        hi - base, w, is_first)
+            q_rows = torch.where(pred_in[:, None], torch.zeros_like(rows_in[:, :hd]), rows_in[:, :hd])
+            out_rows = block_attention(q_rows, rows_in[:, hd:2 * hd], rows_in[:, 2 * hd:], plan, exclude_self,
                                        dropout_p)
 
         # ---- outputs of main rows return to their tokens' ranks (predecessor rows send back nothing)
         keep = ~meta_in[:, 2].bool()
         bounds = [0] + torch.tensor(recv_counts).cumsum(0).tolist()
         back_counts = [int(keep[bounds[i]:bounds[i + 1]].sum()) for i in range(P)]
-        out_main = out_rows[keep]
-        got = all_to_all_rows(out_main, back_counts, send_main, g.sp_group) if P > 1 else out_main
-        if P > 1:  # traffic accounting: what left this rank vs the minimum (q, k, v out, outputs back, once)
-            esize = rows.element_size()
-            away = sum(send_counts) - send_counts[me]
-            away_main = sum(send_main) - send_main[me]
-            back = sum(back_counts) - back_counts[me]
-            self.bytes_sent += (away * 3 * d + back * d) * esize
-            self.bytes_min += (away_main * 3 * d + back * d) * esize
+        got = all_to_all_rows(out_rows[keep], back_counts, send_main, group)
+        esize = rows.element_size()  # what left this rank vs the minimum (q, k, v out, outputs back, once)
+        self.traffic.bytes_sent += ((sum(send_counts) - send_counts[me]) * 3 * hd
+                                    + (sum(back_counts) - back_counts[me]) * hd) * esize
+        self.traffic.bytes_min += ((sum(send_main) - send_main[me]) * 3 * hd
+                                   + (sum(back_counts) - back_counts[me]) * hd) * esize
         # got: my main rows in the order I sent them (by destination, stable) -> back to token order
         main_sent = send_src[send_is_pred == 0]
-        result = torch.zeros(T, d, dtype=got.dtype, device=dev).index_copy(0, order[main_sent], got)
-        return result.view(B, n, H, d)
+        result = torch.zeros(T, hd, dtype=got.dtype, device=dev).index_copy(0, blocks.order[main_sent], got)
+        return result.view(B, n, H, hd)
 
 
-def apply_sequence_parallel(model, groups: ParallelGroups) -> SequenceParallelAttention:
-    """Make every attention layer of ``model`` run sequence-parallel on this rank; returns the shared backend."""
-    backend = SequenceParallelAttention(groups)
-    for m in model.modules():
-        if hasattr(m, "seq_parallel"):
-            if getattr(m, "n_routing", 0) and m.cfg.routing_mode != "causal":
-                raise ValueError("sequence parallelism supports routing_mode 'causal' only (topk looks at the "
-                                 "whole sequence at once)")
-            if m.kind in ("full", "full_naive"):
-                raise ValueError(f"sequence parallelism does not support attention_type {m.kind!r}")
-            m.seq_parallel = backend
-    return backend
+def ordered_after(x, dep):
+    """``x`` unchanged, but its gradient must be complete before ``dep``'s producer runs backward.
+
+    Backward runs independent branches in an order that may differ between ranks; two branches that both
+    communicate (the halo exchange and the routing all-to-alls) would then deadlock. This edge makes the routing
+    branch's backward collectives come first on every rank."""
+    return _OrderedAfter.apply(x, dep) if dep is not None else x
 
 
-def local_slice(batch: torch.Tensor, sp_rank: int, sp_size: int):
-    """This rank's part of [B, n + 1] samples: tokens [B, n/P + 1] (inputs and the shifted targets) and their
-    absolute positions [n/P]."""
-    n = batch.shape[1] - 1
-    if n % sp_size:
-        raise ValueError(f"sequence length {n} is not divisible by the sequence-parallel size {sp_size}")
-    m = n // sp_size
-    lo = sp_rank * m
-    return batch[:, lo: lo + m + 1], torch.arange(lo, lo + m, device=batch.device)
+def apply_sequence_parallel(model, dims: ParallelDims) -> Traffic:
+    """Give every attention layer of ``model`` a sequence-parallel backend on this rank (``dims`` with its mesh);
+    returns the traffic counter the layers share."""
+    traffic = Traffic()
+    for layer in model.layers:
+        attn = layer.attn
+        if attn.n_routing and attn.cfg.routing_mode != "causal":
+            raise ConfigError("sequence parallelism supports model.routing_mode 'causal' only (topk routing looks "
+                              "at the whole sequence at once)")
+        if attn.kind in ("full", "full_naive"):
+            raise ConfigError(f"sequence parallelism does not support model.attention_type {attn.kind!r}")
+        attn.backend = SequenceParallelBackend(dims, attn.cfg.recompute_attention, traffic)
+    return traffic

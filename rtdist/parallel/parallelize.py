@@ -1,0 +1,47 @@
+"""Parallelism applied to a single-process model from outside, in one fixed order (torchtitan's ``parallelize``):
+
+1. **sequence parallelism**: each attention layer gets a sequence-parallel backend (``dims.sp > 1``);
+2. **activation checkpointing** (``train.checkpoint_activations``, every ``train.checkpoint_num_layers``-th block),
+   then CPU offload of the saved activations (``train.checkpoint_offload``, CUDA);
+3. **the engine** (DeepSpeed ZeRO 0-3, fairscale, torch DDP): data parallelism, sharding, the optimizer.
+
+The order matters: checkpointing wraps blocks whose attention already runs sequence-parallel (so recomputation
+replays the same kernels), and the engine wraps the finished module.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import Config
+from .checkpointing import apply_activation_checkpointing, apply_activation_offload
+from .dims import ParallelDims
+from .engines import Engine, OptimConfig, build_engine
+from .sequence import Traffic, apply_sequence_parallel
+
+
+def optim_config(cfg: Config) -> OptimConfig:
+    t = cfg.train
+    return OptimConfig(t.lr, t.min_lr, t.warmup_iters, t.train_iters, t.weight_decay, (t.adam_beta1, t.adam_beta2),
+                       t.gradient_clipping)
+
+
+def parallelize_model(model: nn.Module, dims: ParallelDims, cfg: Config) -> Traffic | None:
+    """Steps 1 and 2 on ``model`` in place; returns the sequence-parallel traffic counter (None without SP)."""
+    t = cfg.train
+    traffic = apply_sequence_parallel(model, dims) if dims.sp_enabled else None
+    if t.checkpoint_activations:
+        apply_activation_checkpointing(model, t.checkpoint_num_layers)
+    if t.checkpoint_offload:
+        apply_activation_offload(model)
+    return traffic
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config) -> Engine:
+    """All three steps; returns the engine that trains ``model``. Gradients are averaged over the whole world
+    (sequence-parallel ranks included: each rank's loss is the mean over its own tokens and every rank holds as
+    many tokens as every other), so to the engine's batch accounting every rank is a data-parallel replica."""
+    t = cfg.train
+    parallelize_model(model, dims, cfg)
+    return build_engine(t.engine, model, optim_config(cfg), micro_batch=t.train_micro_batch_size_per_gpu,
+                        accumulation=t.gradient_accumulation_steps, dp_size=dims.world_size,
+                        zero_stage=t.zero_stage, precision=t.precision, deepspeed_overrides=cfg.deepspeed)
