@@ -1,5 +1,19 @@
 """Fixtures shared by several test modules."""
+import importlib
+from pathlib import Path
+
 import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+@pytest.fixture
+def tool(monkeypatch):
+    """``tool("bench_memory")`` imports a module of tools/ with tools/ first on sys.path, as ``python tools/X.py``
+    has it, so that the tools' imports of their sibling modules (``benchlib``, ``study``) resolve; sys.path is
+    restored after the test."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    return importlib.import_module
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
 """tools/bench_memory.py: the pipeline (JSON/CSV/PNG, series stops, skipped sequence parallelism) and the analytic
-memory model (parameter count, ZeRO sharding, saved activations against autograd's saved-tensor hooks)."""
+memory model of tools/benchlib.py (parameter count, ZeRO sharding, saved activations against autograd's
+saved-tensor hooks)."""
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,22 +11,30 @@ from pathlib import Path
 import pytest
 import torch
 
+from rtdist.config import ModelConfig, layer_head_split
+from rtdist.model import RoutingTransformerLM, count_parameters, lm_loss
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import bench_memory  # noqa: E402
-
-from rtdist import bench  # noqa: E402
-from rtdist.config import ModelConfig, layer_head_split  # noqa: E402
-from rtdist.model import RoutingTransformerLM, count_parameters, lm_loss  # noqa: E402
 
 
-def run(tmp_path, *flags):
+@pytest.fixture
+def bench_memory(tool, monkeypatch):
+    # Its point processes run `python tools/bench_memory.py`: they import this checkout's rtdist, as the test does.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return tool("bench_memory")
+
+
+@pytest.fixture
+def bench(tool):
+    return tool("benchlib")
+
+
+def run(bench_memory, tmp_path, *flags):
     return bench_memory.main(["--quick", "--no-progress", "--out-dir", str(tmp_path), *flags])
 
 
-def test_quick_sweep_writes_json_csv_png_with_estimates(tmp_path):
-    data = run(tmp_path)
+def test_quick_sweep_writes_json_csv_png_with_estimates(tmp_path, bench_memory):
+    data = run(bench_memory, tmp_path)
     for name in ("bench_memory.json", "bench_memory.csv", "bench_memory.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "bench_memory.json").read_text())
@@ -43,8 +53,8 @@ def test_quick_sweep_writes_json_csv_png_with_estimates(tmp_path):
     assert data["targets"]  # evaluated on what was measured
 
 
-def test_max_mem_stops_series_before_starting_a_point(tmp_path):
-    data = run(tmp_path, "--max-mem-gb", "0.01", "--checkpointing", "none,full")
+def test_max_mem_stops_series_before_starting_a_point(tmp_path, bench_memory):
+    data = run(bench_memory, tmp_path, "--max-mem-gb", "0.01", "--checkpointing", "none,full")
     rows = data["results"]
     assert [(r["checkpointing"], r["seq_length"], r["status"]) for r in rows] == [("none", 256, "max-mem"),
                                                                                  ("full", 256, "max-mem")]
@@ -53,20 +63,20 @@ def test_max_mem_stops_series_before_starting_a_point(tmp_path):
     assert json.loads((tmp_path / "bench_memory.json").read_text())["results"][0]["status"] == "max-mem"
 
 
-def test_timeout_stops_series_and_records_where(tmp_path):
-    data = run(tmp_path, "--timeout", "0.3")
+def test_timeout_stops_series_and_records_where(tmp_path, bench_memory):
+    data = run(bench_memory, tmp_path, "--timeout", "0.3")
     assert [(r["seq_length"], r["status"]) for r in data["results"]] == [(256, "timeout")]
     assert data["fits"]["routing ckpt=none sp=1"]["stop_reason"].startswith("timeout")
 
 
-def test_sp_without_sequence_parallelism_is_skipped(tmp_path, monkeypatch):
+def test_sp_without_sequence_parallelism_is_skipped(tmp_path, monkeypatch, bench_memory):
     monkeypatch.setattr(bench_memory, "sp_available", lambda: False)
-    data = run(tmp_path, "--sp", "2", "--seq-lengths", "256")
+    data = run(bench_memory, tmp_path, "--sp", "2", "--seq-lengths", "256")
     (r,) = data["results"]
     assert (r["sp"], r["status"], r["reason"]) == (2, "skipped", "sequence parallelism not available")
 
 
-def test_estimate_only_prints_zero_stages(tmp_path, capsys):
+def test_estimate_only_prints_zero_stages(tmp_path, capsys, bench_memory):
     data = bench_memory.main(["--estimate-only", "--full-size", "--world-size", "8", "--attention", "routing",
                               "--checkpointing", "full", "--seq-lengths", "8k"])
     out = capsys.readouterr().out
@@ -74,12 +84,14 @@ def test_estimate_only_prints_zero_stages(tmp_path, capsys):
     assert not (tmp_path / "bench_memory.json").exists()
 
 
-def test_bench_attention_point_still_works():
-    """tools/bench_attention.py now takes its helpers from rtdist.bench; one point of its CLI (the sweep around it
+def test_bench_attention_point_still_works(bench):
+    """tools/bench_attention.py takes its helpers from tools/benchlib.py; one point of its CLI (the sweep around it
     also measures the matmul rate, seconds of CPU, so the point is run directly)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's rtdist, as the test imports it
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_attention.py"), "--point", "--attention",
                            "routing", "--seq-length", "128", "--d-model", "32", "--heads", "4", "--local-heads", "2",
-                           "--window", "32", "--repeats", "1"], check=True, capture_output=True, text=True, timeout=120)
+                           "--window", "32", "--repeats", "1"], check=True, capture_output=True, text=True, timeout=120,
+                          env=env)
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["time_s"] > 0 and r["flops"] == bench.model_flops(
         ModelConfig(vocab_size=256, d_model=32, n_heads=4, n_local_attn_heads=2, window_size=32, num_clusters=8), 128, 1)
@@ -96,7 +108,7 @@ VARIANTS = [dict(), dict(attention_type="local"), dict(attention_type="full"), d
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "routing")
-def test_param_count_and_saved_activations_match_the_model(kw):
+def test_param_count_and_saved_activations_match_the_model(bench, kw):
     cfg = ModelConfig(**{**BASE, **kw})
     torch.manual_seed(0)
     model = RoutingTransformerLM(cfg)
@@ -123,7 +135,7 @@ def test_param_count_and_saved_activations_match_the_model(kw):
     assert est.activations == pytest.approx(formula)
 
 
-def test_checkpointing_keeps_only_layer_inputs():
+def test_checkpointing_keeps_only_layer_inputs(bench):
     cfg = ModelConfig(**BASE)
     none, full = bench.estimate(cfg, 4096), bench.estimate(cfg, 4096, checkpointing="full")
     keep, head = bench.global_saved_floats_per_token(cfg)
@@ -132,7 +144,7 @@ def test_checkpointing_keeps_only_layer_inputs():
     assert bench.estimate(cfg, 8192, sp=2).activations == pytest.approx(bench.estimate(cfg, 4096).activations)
 
 
-def test_zero_stages_shard_states():
+def test_zero_stages_shard_states(bench):
     P, W = 1000, 4
     s = [bench.model_state_bytes(P, W, z) for z in range(4)]
     assert s[0] == {"params": 4000, "grads": 4000, "optim": 8000}
@@ -143,7 +155,7 @@ def test_zero_stages_shard_states():
         bench.model_state_bytes(P, W, 4)
 
 
-def test_memory_exponents_of_the_model():
+def test_memory_exponents_of_the_model(bench):
     """Linear in n for block attention, quadratic for the materialised scores."""
     def exp(kind):
         c = ModelConfig(**{**BASE, "attention_type": kind})

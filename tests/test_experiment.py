@@ -1,25 +1,28 @@
-"""The routing-vs-local study: task generator, study config, centroid seeding, causality probe, and the --quick
-pipeline end to end (it checks that every output is written for every variant, not what the numbers are)."""
+"""The routing-vs-local study (tools/study.py, tools/experiment.py): task generator, study config, centroid
+seeding, causality probe, and the --quick pipeline end to end (it checks that every output is written for every
+variant, not what the numbers are)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from rtdist.config import ConfigError, ModelConfig
-from rtdist.experiments import (RetrievalTask, is_causal, load_study, lr_at,
-                                retrieval_metrics, retrieval_prefix_metrics)
 from rtdist.model import RoutingTransformerLM
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "configs" / "experiments" / "default.yaml"
 
 
+@pytest.fixture
+def study(tool):
+    return tool("study")
+
+
 @pytest.mark.parametrize("order", ["value_key", "key_value"])
-def test_retrieval_task_layout(order):
-    task = RetrievalTask(seq_length=256, num_pairs=6, num_keys=8, num_values=5, num_filler=10, num_queries=4,
-                         order=order)
+def test_retrieval_task_layout(study, order):
+    task = study.RetrievalTask(seq_length=256, num_pairs=6, num_keys=8, num_values=5, num_filler=10, num_queries=4,
+                               order=order)
     tokens, answers = task.sample(3, torch.Generator().manual_seed(0))
     assert tokens.shape == (3, 257) and answers.shape == (3, 256) and tokens.dtype == torch.int64
     K0, V0 = task.num_filler, task.num_filler + task.num_keys
@@ -49,10 +52,11 @@ def test_retrieval_task_layout(order):
     assert short.shape == (2, 65) and short_answers.sum() == 8
 
 
-def test_study_config_checks_name_the_key():
-    study = load_study(DEFAULT)
-    assert set(study.variants) == {"local", "routing_causal", "routing_topk", "dense"}
-    assert study.retrieval.task.min_distance() > 2 * study.retrieval.model["local_window_size"]
+def test_study_config_checks_name_the_key(study):
+    load_study = study.load_study
+    loaded = load_study(DEFAULT)
+    assert set(loaded.variants) == {"local", "routing_causal", "routing_topk", "dense"}
+    assert loaded.retrieval.task.min_distance() > 2 * loaded.retrieval.model["local_window_size"]
     with pytest.raises(ConfigError, match="retrieval.model.*n_local_heads"):
         load_study(DEFAULT, ["retrieval.model.n_local_heads=2"])
     with pytest.raises(ConfigError, match="num_queries"):
@@ -65,8 +69,9 @@ def test_study_config_checks_name_the_key():
         load_study(DEFAULT, ["variants.local.vocab_size=100"])
 
 
-def test_lr_schedule_spans_curriculum_and_steps():
-    spec = load_study(DEFAULT).retrieval.train
+def test_lr_schedule_spans_curriculum_and_steps(study):
+    lr_at = study.lr_at
+    spec = study.load_study(DEFAULT).retrieval.train
     total = spec.total_steps
     assert total == sum(p.steps for p in spec.curriculum) + spec.steps
     assert lr_at(0, spec) < lr_at(spec.warmup, spec) == pytest.approx(spec.lr, rel=1e-2)
@@ -79,9 +84,9 @@ def _tiny(mode="causal", clusters=8):
                                             window_size=16, num_clusters=clusters, routing_mode=mode))
 
 
-def test_centroids_seeded_from_data_spread_the_tokens():
+def test_centroids_seeded_from_data_spread_the_tokens(study):
     model = _tiny()
-    task = RetrievalTask(seq_length=128, num_keys=8, num_values=8, num_filler=24)
+    task = study.RetrievalTask(seq_length=128, num_keys=8, num_values=8, num_filler=24)
     tokens = task.sample(4, torch.Generator().manual_seed(0))[0][:, :-1]
     model.init_kmeans_from_data(tokens, generator=torch.Generator().manual_seed(0))
     assert model.training  # restored
@@ -101,22 +106,18 @@ def test_centroids_seeded_from_data_spread_the_tokens():
     assert biggest.mean() < 0.5 * 128  # k-means++ seeds: no cluster swallows the sequence
 
 
-def test_causality_probe_and_prefix_scoring():
+def test_causality_probe_and_prefix_scoring(study):
     causal, topk = _tiny("causal"), _tiny("topk")
-    assert is_causal(causal, 40, 64) and not is_causal(topk, 40, 64)
-    task = RetrievalTask(seq_length=64, num_pairs=4, num_keys=8, num_values=8, num_filler=24, num_queries=4)
+    assert study.is_causal(causal, 40, 64) and not study.is_causal(topk, 40, 64)
+    task = study.RetrievalTask(seq_length=64, num_pairs=4, num_keys=8, num_values=8, num_filler=24, num_queries=4)
     eval_set = [task.sample(2, torch.Generator().manual_seed(3))]
-    full, prefix = retrieval_metrics(causal, eval_set), retrieval_prefix_metrics(causal, eval_set)
+    full, prefix = study.retrieval_metrics(causal, eval_set), study.retrieval_prefix_metrics(causal, eval_set)
     assert full["answer_loss"] == pytest.approx(prefix["answer_loss"], abs=1e-4)  # causal: the same numbers
     assert full["answer_acc"] == prefix["answer_acc"]
 
 
-def test_quick_study_writes_every_output(tmp_path):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import experiment
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+def test_quick_study_writes_every_output(tmp_path, tool):
+    experiment = tool("experiment")
     out = tmp_path / "study"
     assert experiment.main(["--quick", "--out", str(out)]) == 0
     for name in ("results.json", "results.md", "curves.png"):

@@ -18,9 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rtdist.bench import matmul_rate, model_flops, rss_bytes  # noqa: E402,F401 - shared with tools/bench_memory.py
+from benchlib import matmul_rate, model_flops, rss_bytes
 
 
 def run_point(args) -> dict:

@@ -26,17 +26,21 @@ def peak_rss_mb() -> tuple[float, float]:
 
 
 def bench_loader(manifest, seq_length, micro_batch, workers, max_batches):
+    from tqdm import tqdm
+
     from rtdist.data import ShardLoader
 
     loader = ShardLoader(manifest, "train", micro_batch, 0, 1, num_workers=workers, seed=0)
     n = min(len(loader), max_batches) if max_batches else len(loader)
     t0 = time.time()
     first = None
-    for i, batch in enumerate(loader):
-        if first is None:
-            first = time.time() - t0
-        if i + 1 == n:
-            break
+    with tqdm(total=n, desc="loader", unit="batch", leave=False, disable=None) as bar:  # a bar on a terminal only
+        for i, batch in enumerate(loader):
+            if first is None:
+                first = time.time() - t0
+            bar.update(1)
+            if i + 1 == n:
+                break
     seconds = time.time() - t0
     return {"batches": n, "tokens_per_s": n * micro_batch * seq_length / seconds, "seconds": seconds,
             "first_batch_s": first, "workers": workers, "micro_batch": micro_batch}

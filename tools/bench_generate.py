@@ -19,9 +19,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def sync(device):
@@ -48,6 +45,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     import torch
+    from tqdm import tqdm
 
     from rtdist.config import ModelConfig
     from rtdist.model import RoutingTransformerLM, lm_loss
@@ -78,14 +76,15 @@ def main(argv=None) -> dict:
         prefill_s = time.perf_counter() - t
         cached_logits = [logits[:, -1]]
         t = time.perf_counter()
-        for i in range(args.context, total - 1):
+        for i in tqdm(range(args.context, total - 1), desc="decode", unit="tok", leave=False, disable=None):
             cached_logits.append(decode_step(model, cache, seq[:, i]))
         sync(dev)
         decode_s = time.perf_counter() - t
         steps = total - 1 - args.context
 
         rerun_times, diffs = [], []
-        for j in range(args.rerun_tokens):  # re-run at contexts C, C+1, ...: logits for the same positions
+        # re-run at contexts C, C+1, ...: logits for the same positions
+        for j in tqdm(range(args.rerun_tokens), desc="re-run", unit="fwd", leave=False, disable=None):
             n = args.context + j
             t = time.perf_counter()
             out, _ = model(seq[:, :n])
@@ -109,6 +108,10 @@ def main(argv=None) -> dict:
         "max_abs_logit_diff_cached_vs_rerun": max(diffs),
     }
     print(json.dumps(result, indent=1))
+    print(f"cached decoding {result['cached']['tokens_per_s']} tokens/s vs re-running "
+          f"{result['rerun']['tokens_per_s']} tokens/s at context {args.context}: {result['speedup']}x; cached and "
+          f"re-run logits differ by at most "
+          f"{result['max_abs_logit_diff_cached_vs_rerun']:.2e}")
     return result
 
 

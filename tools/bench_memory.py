@@ -16,10 +16,10 @@ Both exclude the parameters and buffers (they are in the baseline) and include g
 activations and every temporary. ``saved_mb`` is what autograd kept outside checkpointed regions (unique storages,
 parameters excluded), counted with ``torch.autograd.graph.saved_tensors_hooks``.
 
-The estimate (``rtdist.bench.estimate``; ``--estimate`` prints it before running) counts per rank: fp32 parameters
-4 B, gradients 4 B, AdamW m and v 8 B per parameter, divided by the world size per ZeRO stage (1: optimizer states,
-2: + gradients, 3: + parameters); saved activations per token per layer derived from the model's ops (checked
-against saved-tensor hooks in tests/test_bench_memory.py); the attention working set (n x n tensors of
+The estimate (``estimate`` in tools/benchlib.py; ``--estimate`` prints it before running) counts per rank: fp32
+parameters 4 B, gradients 4 B, AdamW m and v 8 B per parameter, divided by the world size per ZeRO stage (1:
+optimizer states, 2: + gradients, 3: + parameters); saved activations per token per layer derived from the model's
+ops (checked against saved-tensor hooks in tests/test_bench_memory.py); the attention working set (n x n tensors of
 full-naive only; flash and block kernels keep per-block scratch); the largest backward transient (feed-forward or
 recomputed-attention gradients, or logits). ``est_mb`` is the same growth the measurement sees: estimated peak
 minus parameters and buffers.
@@ -30,8 +30,8 @@ crosses it), or runs past ``--timeout``; the stop is recorded with its length an
 
 ``--sp N`` > 1 runs a point under ``torch.distributed.run --nproc_per_node N``: each rank holds n/N tokens
 (``rtdist.parallel.sequence``: ``build_groups``, ``apply_sequence_parallel``, ``local_slice``); peak and time are
-the largest over the ranks, the estimate is per rank. Without that module, or for attention it does not support,
-the point is recorded as skipped.
+the largest over the ranks, the estimate is per rank. For attention that sequence parallelism does not support
+(dense), or a torch built without ``torch.distributed``, the point is recorded as skipped.
 
 Writes ``bench_memory.json``, ``bench_memory.csv`` and ``bench_memory.png`` (log-log memory and time per step, one
 line per variant, fitted exponent in the legend, estimate dotted) under ``--out-dir``, and prints a table.
@@ -45,8 +45,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import itertools
 import json
 import math
@@ -60,15 +58,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchlib import (MB, buffer_bytes, count_params, estimate, fit_exponent, model_state_bytes, peak_rss_bytes,
+                      process_tree, reset_peak_rss, rss_bytes, tree_rss_bytes, write_csv)
 
-from rtdist.bench import (MB, estimate, fit_exponent, model_state_bytes, peak_rss_bytes,  # noqa: E402
-                          process_tree, reset_peak_rss, rss_bytes, tree_rss_bytes, write_csv)
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULT_TAG = "BENCH_MEMORY_POINT "
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # >= 1 MiB allocations are mmapped and returned on free
-SP_API = ("build_groups", "apply_sequence_parallel", "local_slice")  # rtdist.parallel.sequence
 ATTENTION = {"routing": "routing", "local": "local", "full": "full", "full-naive": "full_naive"}
 # The PG-19 preset shrunk to fit a workstation (routing in every layer, so "routing" means routing throughout).
 SHRUNK = dict(d_model=512, n_layers=2, n_heads=8, head_dim=None, n_local_attn_heads=6, window_size=512,
@@ -119,10 +115,9 @@ def check_length(cfg, n: int, sp: int) -> str | None:
 
 
 def sp_available() -> bool:
-    try:
-        return importlib.util.find_spec("rtdist.parallel.sequence") is not None
-    except (ImportError, ValueError):
-        return False
+    """Sequence parallelism needs process groups: torch can be built without ``torch.distributed``."""
+    import torch.distributed
+    return torch.distributed.is_available()
 
 
 # ------------------------------------------------------------------------------------------- one point
@@ -143,18 +138,14 @@ def run_point(args) -> dict:
     threads = max(1, args.threads // sp)  # --threads is for the whole point: sp ranks share the machine's cores
     torch.set_num_threads(threads)
     cfg = model_config(args, args.attention)
-    rank, reduce_fn, seq, groups = 0, None, None, None
-    if sp > 1:
-        if not sp_available():
-            return {"status": "skipped", "reason": "sequence parallelism not available"}
-        seq = importlib.import_module("rtdist.parallel.sequence")
-        missing = [f for f in SP_API if not hasattr(seq, f)]
-        if missing:
-            return {"status": "skipped", "reason": f"sequence parallelism not available (no {', '.join(missing)})"}
+    rank, reduce_fn, groups = 0, None, None
+    if sp > 1:  # the sweep launches sp > 1 (under torch.distributed.run) only where sp_available()
         import torch.distributed as dist
+
+        from rtdist.parallel.sequence import apply_sequence_parallel, build_groups, local_slice
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank = dist.get_rank()
-        groups = seq.build_groups(sp)
+        groups = build_groups(sp)
         reduce_fn = lambda t: dist.all_reduce(t)  # noqa: E731 - k-means statistics over every rank
     dev = torch.device(args.device if args.device != "cuda" or sp == 1 else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if dev.type == "cuda":
@@ -164,14 +155,14 @@ def run_point(args) -> dict:
     model.train()
     if sp > 1:
         try:
-            seq.apply_sequence_parallel(model, groups)
+            apply_sequence_parallel(model, groups)
         except ValueError as e:  # e.g. dense attention: every rank raises alike, so none waits on a collective
             return {"status": "skipped", "reason": str(e)}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def shard(batch):
         """This rank's (tokens [B, n/sp + 1], positions or None)."""
-        return seq.local_slice(batch, groups.sp_rank, sp) if sp > 1 else (batch, None)
+        return local_slice(batch, groups.sp_rank, sp) if sp > 1 else (batch, None)
 
     def forward(batch):
         inp, pos = shard(batch)
@@ -185,9 +176,7 @@ def run_point(args) -> dict:
     loss.backward()
     del logits, loss
     model.zero_grad(set_to_none=True)
-    for km in model.kmeans_modules():
-        km.step_counts.zero_()
-        km.step_sums.zero_()
+    model.discard_kmeans_stats()
     gc.collect()
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -354,7 +343,6 @@ def variant_name(attention: str, ckpt: str, sp: int) -> str:
 
 
 def print_estimate(args, cfgs: dict, lengths: list[int]) -> None:
-    from rtdist.bench import buffer_bytes, count_params
     print(f"\nMemory model, world size {args.world_size} (per rank, MiB):")
     for attention, cfg in cfgs.items():
         P = count_params(cfg)

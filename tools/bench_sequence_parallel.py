@@ -21,14 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
+from benchlib import rss_bytes
 
 def run_point(args) -> None:
     import torch
@@ -99,7 +92,7 @@ def main():
                    "--point", "--seq-length", str(n), "--threads", str(threads), "--d-model", str(args.d_model),
                    "--depth", str(args.depth), "--heads", str(args.heads), "--local-heads", str(args.local_heads),
                    "--window", str(args.window), "--clusters", str(args.clusters)]
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
             except subprocess.TimeoutExpired:

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = {
     "tiny": [],
@@ -64,7 +63,7 @@ def main():
         cmd = launcher + ["-m", "rtdist.train", "--config", str(ROOT / "configs/tiny.yaml"), "--run-dir", str(run_dir)]
         for s in sets:
             cmd += ["--set", s]
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)), PYTHONPATH=str(ROOT))
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         row = {"model": model, "zero": zero, "checkpointing": ckpt, "nproc": nproc}
         if r.returncode:

@@ -28,7 +28,6 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
     from rtdist.data import build_demo_corpus, preprocess
 
     t0 = time.time()
@@ -44,7 +43,6 @@ def main() -> int:
 
     print(f"[3/4] train: {args.nproc} processes, DeepSpeed ZeRO-2 on CPU, {args.steps} steps", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.nproc)), DS_ACCELERATOR="cpu")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     run_dir = out / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "rtdist.train", "--config", args.config, "--run-dir", str(run_dir), "--progress",

@@ -7,7 +7,8 @@
         --set retrieval.task.seq_length=4096 --set retrieval.train.steps=2000 --out runs/exp-4k
 
 Writes OUT/results.json (every number, the resolved config, the command), OUT/results.md (the tables) and
-OUT/curves.png (learning curves), and prints the Markdown tables.
+OUT/curves.png (learning curves), and prints the Markdown tables. The study itself is tools/study.py (its report
+tools/study_report.py), on top of the installed rtdist package (make install).
 """
 from __future__ import annotations
 
@@ -16,19 +17,18 @@ import sys
 import time
 from pathlib import Path
 
+from rtdist.errors import ArgumentParser, cli_main
+
+from study import command_line, load_study, run_study
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from rtdist.config import ConfigError  # noqa: E402
-from rtdist.experiments import command_line, load_study, run_study  # noqa: E402
-
 DEFAULT = ROOT / "configs" / "experiments" / "default.yaml"
 QUICK = ROOT / "configs" / "experiments" / "quick.yaml"
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=None,
                    help=f"study YAML; repeat to merge, later wins (default {DEFAULT.relative_to(ROOT)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -37,20 +37,20 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=None, help="comma list of retrieval,text (default: the config's)")
     p.add_argument("--variants", default=None, help="comma list of variant names (default: all in the config)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/experiment[-quick])")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar over the training steps (default: when stderr is a terminal)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of every error")
     args = p.parse_args(argv)
     configs = [str(c) for c in (args.config or [DEFAULT])] + ([str(QUICK)] if args.quick else [])
     overrides = list(args.set)
     if args.tasks:
         overrides.append(f"tasks=[{args.tasks}]")
     out = args.out or ROOT / "runs" / ("experiment-quick" if args.quick else "experiment")
-    try:
-        study = load_study(configs, overrides)
-        variants = args.variants.split(",") if args.variants else None
-        t0 = time.time()
-        results = run_study(study, out, command=command_line(["tools/experiment.py"] + argv), variants=variants)
-    except ConfigError as e:
-        print(f"experiment: {e}", file=sys.stderr)
-        return 2
+    study = load_study(configs, overrides)
+    variants = args.variants.split(",") if args.variants else None
+    t0 = time.time()
+    run_study(study, out, command=command_line(["tools/experiment.py"] + argv), variants=variants,
+              progress=args.progress if args.progress is not None else sys.stderr.isatty())
     report = (out / "results.md").read_text()
     print("\n" + report)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'} in {time.time() - t0:.0f} s")
@@ -58,4 +58,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

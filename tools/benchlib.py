@@ -1,5 +1,6 @@
-"""Benchmark helpers shared by ``tools/bench_attention.py`` and ``tools/bench_memory.py``, and the analytic memory
-model of one training step.
+"""Benchmark helpers shared by the tools in this folder (``bench_attention.py``, ``bench_memory.py``,
+``bench_sequence_parallel.py``), and the analytic memory model of one training step. The tools import it as a
+sibling module (``python tools/bench_memory.py`` puts tools/ first on ``sys.path``).
 
 Process memory (Linux): ``rss_bytes`` is the resident set now; ``peak_rss_bytes`` is the kernel's high-water mark
 (VmHWM), which :func:`reset_peak_rss` lowers to the current RSS (``echo 5 > /proc/self/clear_refs``), so a peak can
@@ -33,11 +34,11 @@ import math
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .config import ModelConfig, layer_head_split
+from rtdist.config import ModelConfig, layer_head_split
 
 MB = 2 ** 20
 
@@ -307,11 +308,6 @@ class MemoryEstimate:
     growth: float  # peak minus what exists before the step (parameters, buffers): what the benchmark measures
     act_per_token_layer: float  # saved bytes per token per layer (mean over layers), without checkpointing
     phase: str  # where the peak is: head / ff / attn (backward of the last layer) or optimizer
-
-    def as_dict(self, unit: float = MB) -> dict:
-        out = {k: (v / unit if isinstance(v, float) else v) for k, v in asdict(self).items()}
-        out["act_per_token_layer"] = self.act_per_token_layer  # bytes, not scaled
-        return out
 
 
 def estimate(cfg: ModelConfig, seq_len: int, batch: int = 1, checkpointing: str = "none", world_size: int = 1,

@@ -12,7 +12,12 @@ mode, dense attention), equal steps and data for every variant:
 
 A study is described by YAML (``configs/experiments/*.yaml``) loaded into :class:`Study` with the same typed,
 key-naming validation as training configs. :func:`run_study` writes ``results.json``, ``results.md`` and
-``curves.png``. ``tools/experiment.py`` is the command line.
+``curves.png`` (the report: ``study_report.py``). ``tools/experiment.py`` is the command line.
+
+A recipe on top of the library, not part of it: the model, the shard pipeline, the optimizer, its learning-rate
+schedule and the training step are rtdist's own (:func:`rtdist.train.train_step` on a single-process
+:class:`TorchEngine`); what is the study's alone is the retrieval task, its answer-only loss and length curriculum,
+and the metrics.
 """
 from __future__ import annotations
 
@@ -29,9 +34,17 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from .config import ConfigError, ModelConfig, build, load_yaml, merge, parse_override, validate_model
-from .model import RoutingTransformerLM, count_parameters, lm_loss
+from rtdist.config import ModelConfig, build, load_yaml, merge, parse_override, validate_model
+from rtdist.data import ShardLoader, build_demo_corpus, load_manifest, preprocess
+from rtdist.errors import ConfigError, TrainingError
+from rtdist.evaluate import bytes_per_token, evaluate, with_bytes
+from rtdist.model import RoutingTransformerLM, count_parameters, lm_loss
+from rtdist.parallel.engines import OptimConfig, TorchEngine, lr_lambda
+from rtdist.train import drop_step, train_step
+
+from study_report import markdown_report, write_plot
 
 # ------------------------------------------------------------------------------------------------- the task
 
@@ -138,9 +151,9 @@ class TrainSpec:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup: int = 20
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # on matrices only, as in training (rtdist.parallel.engines.param_groups)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     # retrieval only: train on the answer tokens ("answers") or on every token ("all")
     loss: Literal["answers", "all"] = "answers"
     # "data": seed each routing layer's centroids from the first batch's routing vectors (k-means++ and a few
@@ -268,51 +281,73 @@ def model_config(study: Study, task: str, variant: str, vocab_size: int) -> Mode
 # ------------------------------------------------------------------------------------------ training bits
 
 
+def optim_config(spec: TrainSpec) -> OptimConfig:
+    """The training optimizer's settings for a study run: AdamW, warmup + cosine over curriculum + steps."""
+    return OptimConfig(lr=spec.lr, min_lr=spec.min_lr, warmup_iters=spec.warmup, train_iters=spec.total_steps,
+                       weight_decay=spec.weight_decay, betas=tuple(spec.betas), gradient_clipping=spec.grad_clip)
+
+
 def lr_at(step: int, spec: TrainSpec) -> float:
-    """Linear warmup to ``lr``, cosine to ``min_lr`` at the last step."""
-    if spec.warmup and step < spec.warmup:
-        return spec.lr * (step + 1) / spec.warmup
-    span = max(1, spec.total_steps - spec.warmup)
-    t = min(1.0, (step - spec.warmup) / span)
-    return spec.min_lr + 0.5 * (spec.lr - spec.min_lr) * (1 + math.cos(math.pi * t))
+    """Learning rate of ``step`` (0-based): the library's schedule (:func:`rtdist.parallel.engines.lr_lambda`)."""
+    return spec.lr * lr_lambda(optim_config(spec))(step)
 
 
-def make_optimizer(model, spec: TrainSpec):
-    return torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+def answers_step(engine, model, tokens: torch.Tensor, answers: torch.Tensor) -> Optional[float]:
+    """:func:`rtdist.train.train_step` for one micro-batch, with the loss on the answer targets only (``answers``
+    [B, n] marks them). The library's step scores every target; the retrieval task's ``train.loss: answers`` scores
+    only the query answers, the one part of a sequence that is not random filler or bookkeeping. Returns the loss,
+    or None when it was not finite (the step dropped)."""
+    with engine.autocast():
+        logits, aux = engine.model(tokens[:, :-1])
+        loss = lm_loss(logits, tokens[:, 1:], answers)
+    if not torch.isfinite(loss).item():
+        drop_step(engine, model)
+        return None
+    engine.backward(loss + aux)
+    engine.step()
+    model.update_kmeans()
+    return loss.item()
 
 
 def train_loop(model, spec: TrainSpec, next_batch: Callable[[int], tuple], evaluate_fn: Callable[[], dict],
-               every: int, log: Callable[[str], None], name: str) -> dict:
-    """AdamW, warmup + cosine, clipping, ``update_kmeans`` after every step. ``next_batch(step) -> (tokens,
-    weights)`` with ``weights`` [B, n] bool or None (every target). Returns the curve and the final evaluation."""
-    opt = make_optimizer(model, spec)
+               every: int, log: Callable[[str], None], name: str, bar=None) -> dict:
+    """Train ``model`` as rtdist does on one process (:class:`TorchEngine`: AdamW, warmup + cosine, clipping;
+    ``update_kmeans`` after every step), evaluating every ``every`` steps and after the last. ``next_batch(step)
+    -> (tokens, answers)``: ``answers`` [B, n] bool for an answer-only loss, or None (every target). ``bar``: a
+    tqdm bar advanced once per step. Returns the curve and the evaluations."""
+    engine = TorchEngine(model, optim_config(spec), accumulation=1, precision="fp32")
+    # train_step returns the LM loss only; the curve also records the k-means commitment loss, which is the
+    # model's second output.
+    last_aux = {}
+    hook = model.register_forward_hook(lambda module, inputs, out: last_aux.update(value=out[1].item()))
     curve, t0 = [], time.time()
     model.train()
     evals = []
     total = spec.total_steps
-    for step in range(total):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, spec)
-        tokens, weights = next_batch(step)
-        logits, aux = model(tokens[:, :-1])
-        loss = lm_loss(logits, tokens[:, 1:], weights)
-        (loss + aux).backward()
-        if spec.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_kmeans()
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"{name}: non-finite loss at step {step + 1}")
-        curve.append({"step": step + 1, "seq_length": tokens.shape[1] - 1, "train_loss": round(loss.item(), 5),
-                      "aux": round(aux.item(), 6)})
-        if (step + 1) % every == 0 or step + 1 == total:
-            m = evaluate_fn()
-            m.update(step=step + 1, wall_s=round(time.time() - t0, 2))
-            evals.append(m)
-            log(f"  {name:>16} step {step + 1:>5}/{total}  n {tokens.shape[1] - 1:>5}  train {loss.item():.4f}  "
-                + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("step", "wall_s") and isinstance(v, float))
-                + f"  ({time.time() - t0:.0f} s)")
+    try:
+        for step in range(total):
+            tokens, answers = next_batch(step)
+            if answers is None:
+                loss = train_step(engine, model, [tokens])
+            else:
+                loss = answers_step(engine, model, tokens, answers)
+            if loss is None:
+                raise TrainingError(f"variant {name}: non-finite training loss at step {step + 1}: lower the task's "
+                                    f"train.lr or raise its train.warmup")
+            curve.append({"step": step + 1, "seq_length": tokens.shape[1] - 1, "train_loss": round(loss, 5),
+                          "aux": round(last_aux["value"], 6)})
+            if bar is not None:
+                bar.update(1)
+            if (step + 1) % every == 0 or step + 1 == total:
+                m = evaluate_fn()
+                m.update(step=step + 1, wall_s=round(time.time() - t0, 2))
+                evals.append(m)
+                log(f"  {name:>16} step {step + 1:>5}/{total}  n {tokens.shape[1] - 1:>5}  train {loss:.4f}  "
+                    + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("step", "wall_s")
+                                and isinstance(v, float))
+                    + f"  ({time.time() - t0:.0f} s)")
+    finally:
+        hook.remove()
     return {"train": curve, "eval": evals, "final": evals[-1], "wall_s": round(time.time() - t0, 2)}
 
 
@@ -378,7 +413,7 @@ def retrieval_prefix_metrics(model, eval_set) -> dict:
     return {"answer_loss": loss_sum / count, "answer_acc": correct / count}
 
 
-def run_retrieval(study: Study, variant: str, log) -> dict:
+def run_retrieval(study: Study, variant: str, log, bar=None) -> dict:
     spec = study.retrieval
     task = spec.task
     cfg = model_config(study, "retrieval", variant, task.vocab_size)
@@ -402,7 +437,7 @@ def run_retrieval(study: Study, variant: str, log) -> dict:
         return tokens, (answers if spec.train.loss == "answers" else None)
 
     out = train_loop(model, spec.train, next_batch, lambda: retrieval_metrics(model, eval_set), spec.eval.every,
-                     log, variant)
+                     log, variant, bar)
     g_control = torch.Generator().manual_seed(study.seed + 4)
     control_set = [(task.corrupt_definitions(tokens, g_control), answers) for tokens, answers in eval_set]
     out["control"] = retrieval_metrics(model, control_set)
@@ -416,8 +451,6 @@ def run_retrieval(study: Study, variant: str, log) -> dict:
 
 def prepare_text(study: Study, out_dir: Path, log) -> dict:
     """Corpus -> bytes-tokenizer shards with a manifest (rebuilt each run; a few seconds for a few MB)."""
-    from .data import build_demo_corpus, preprocess
-
     spec = study.text
     if spec.corpus.dir:
         corpus_dir, info = Path(spec.corpus.dir), {"dir": spec.corpus.dir}
@@ -431,10 +464,7 @@ def prepare_text(study: Study, out_dir: Path, log) -> dict:
     return {"manifest_path": summary["manifest_path"], "corpus": info, "samples": splits}
 
 
-def run_text(study: Study, variant: str, manifest_path: str, log) -> dict:
-    from .data import ShardLoader, load_manifest
-    from .evaluate import bytes_per_token, evaluate, with_bytes
-
+def run_text(study: Study, variant: str, manifest_path: str, log, bar=None) -> dict:
     spec = study.text
     manifest = load_manifest(manifest_path)
     train = ShardLoader(manifest_path, "train", spec.train.batch_size, num_workers=0, seed=study.seed,
@@ -464,7 +494,7 @@ def run_text(study: Study, variant: str, manifest_path: str, log) -> dict:
         m = with_bytes(evaluate(model, val, max_batches=spec.eval.batches), bpt)
         return {"val_loss": m["loss"], "val_bpb": m.get("bits_per_byte", m["bits_per_token"])}
 
-    out = train_loop(model, spec.train, next_batch, evaluate_fn, spec.eval.every, log, variant)
+    out = train_loop(model, spec.train, next_batch, evaluate_fn, spec.eval.every, log, variant, bar)
     out["causal"] = is_causal(model, train.vocab_size, min(spec.seq_length, 512), study.seed)
     out["sampled"] = text_sampled_bpb(model, manifest_path, spec, study.seed, bpt, prefix_only=not out["causal"])
     return {"params": params, "model": asdict(cfg), **out}
@@ -476,8 +506,6 @@ def text_sampled_bpb(model, manifest_path: str, spec: TextSpec, seed: int, bpt: 
     """Validation bits/byte at ``spec.eval.sampled_positions`` positions per sample, spread over the sequence (the
     same for every variant). With ``prefix_only`` each position's logits come from a forward over its prefix alone;
     otherwise from the full-sequence forward, which is the same thing for a causal model."""
-    from .data import ShardLoader
-
     n = spec.seq_length
     k = spec.eval.sampled_positions
     positions = sorted({int(round(x)) for x in torch.linspace(n / k, n - 1, k).tolist()})
@@ -500,7 +528,7 @@ def text_sampled_bpb(model, manifest_path: str, spec: TextSpec, seed: int, bpt: 
             "val_bpb": bits / bpt if bpt else bits}
 
 
-# ----------------------------------------------------------------------------------------------- reports
+# --------------------------------------------------------------------------------------------- the study
 
 
 def _load() -> Optional[list[float]]:
@@ -510,150 +538,47 @@ def _load() -> Optional[list[float]]:
         return None
 
 
-def write_plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("retrieval", "answer_acc", "retrieval: answer accuracy"),
-              ("retrieval", "answer_loss", "retrieval: answer loss (nats)"),
-              ("text", "val_bpb", "text: validation bits/byte")]
-    panels = [p for p in panels if results["tasks"].get(p[0])]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
-    for ax, (task, key, title) in zip(axes[0], panels):
-        for name, r in results["tasks"][task].items():
-            ax.plot([e["step"] for e in r["eval"]], [e[key] for e in r["eval"]], marker="o", ms=3, label=name)
-        if key == "answer_acc":
-            chance = 1.0 / results["config"]["retrieval"]["task"]["num_values"]
-            ax.axhline(chance, color="gray", ls=":", lw=1, label="chance")
-        if task == "retrieval":
-            short = sum(p["steps"] for p in results["config"]["retrieval"]["train"]["curriculum"])
-            if short:
-                ax.axvline(short, color="gray", ls="--", lw=1, label="curriculum ends")
-        ax.set_title(title + (" (full-sequence eval)" if task == "retrieval" else ""), fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _steps_text(tr: dict, full_length: Optional[int] = None) -> str:
-    phases = [f"{p['steps']} x {p['batch_size']} at {p['seq_length']}" for p in tr.get("curriculum") or []]
-    main = f"{tr['steps']} x {tr['batch_size']}" + (f" at {full_length}" if full_length else "")
-    return " then ".join(phases + [main]) + " (steps x sequences)"
-
-
-def markdown_report(results: dict) -> str:
-    cfg = results["config"]
-    env = results["environment"]
-    lines = ["# Routing vs local vs dense attention: small-scale study", "",
-             f"Finished {results['finished']}, {results['wall_s']:.0f} s in all (torch {env['torch']}, "
-             f"{cfg['threads']} threads on {env['cpus']} CPUs, load average at start {env['load_start']}, "
-             f"at end {env['load_end']}). Seed {cfg['seed']}.", ""]
-    notes = []
-    r = results["tasks"].get("retrieval")
-    if r:
-        t = cfg["retrieval"]["task"]
-        ev = cfg["retrieval"]["eval"]
-        lines += ["## Long-range retrieval", "",
-                  f"{t['num_pairs']} key/value definitions (`{t['order']}`) open each {t['seq_length']}-token "
-                  f"sequence, {t['num_filler']} filler symbols follow, {t['num_queries']} queries `key value` close "
-                  f"it: every answer is at least {results['retrieval_min_distance']} positions after its "
-                  f"definition; local attention reaches at most {results['local_reach']} back. Chance: accuracy "
-                  f"{1 / t['num_values']:.3f}, loss {math.log(t['num_values']):.3f}. Training: "
-                  f"{_steps_text(cfg['retrieval']['train'], t['seq_length'])}, answer tokens only. Evaluation: "
-                  f"{ev['batches'] * ev['batch_size'] * t['num_queries']} answers in "
-                  f"{ev['batches'] * ev['batch_size']} held-out {t['seq_length']}-token sequences.", "",
-                  "| variant | params | steps | causal | answer acc | answer loss | best acc (step) | "
-                  "acc, definitions re-drawn | train s |",
-                  "|---|---:|---:|:---:|---:|---:|---:|---:|---:|"]
-        for name, v in r.items():
-            fin = v.get("final_prefix_only", v["final"])
-            best = max(v["eval"], key=lambda e: e["answer_acc"])
-            mark = "" if v["causal"] else " *"
-            lines.append(f"| {name} | {v['params']:,} | {v['final']['step']} | {'yes' if v['causal'] else 'no'} | "
-                         f"{fin['answer_acc']:.3f}{mark} | {fin['answer_loss']:.3f}{mark} | "
-                         f"{best['answer_acc']:.3f} ({best['step']}) | {v['control']['answer_acc']:.3f} | "
-                         f"{v['wall_s']:.0f} |")
-            if not v["causal"]:
-                notes.append(f"\\* `{name}` is not causal (which earlier tokens a cluster keeps depends on later "
-                             f"tokens): its answers are scored from their prefix alone. With the full sequence "
-                             f"visible it scores acc {v['final']['answer_acc']:.3f}, loss "
-                             f"{v['final']['answer_loss']:.3f}; the curves show full-sequence numbers.")
-        notes.append("Control: *acc, definitions re-drawn* scores the same held-out sequences after drawing new values "
-                     "for their definitions (the queries keep the old answers): a model that reads its answers from "
-                     "the definitions falls to chance there.")
-        for note in notes:
-            lines += [note, ""]
-    x = results["tasks"].get("text")
-    if x:
-        tr = cfg["text"]["train"]
-        ev = cfg["text"]["eval"]
-        corpus = results["text_data"]["corpus"]
-        k = next(iter(x.values()))["sampled"]["positions_per_sample"]
-        lines += ["## Real text (bytes tokenizer)", "",
-                  f"Corpus: {corpus.get('dir')} ({corpus.get('bytes', 0) / 2 ** 20:.1f} MB of this machine's Python "
-                  f"sources and docs), samples per split {results['text_data']['samples']}; "
-                  f"{cfg['text']['seq_length']}-byte samples; training {_steps_text(tr)}; validation on the first "
-                  f"{ev['batches'] * ev['batch_size']} validation samples.", "",
-                  f"| variant | params | steps | causal | val bits/byte | val bits/byte, {k} positions/sample, "
-                  f"prefix only | train s |", "|---|---:|---:|:---:|---:|---:|---:|"]
-        for name, v in x.items():
-            mark = "" if v["causal"] else " *"
-            lines.append(f"| {name} | {v['params']:,} | {v['final']['step']} | {'yes' if v['causal'] else 'no'} | "
-                         f"{v['final']['val_bpb']:.4f}{mark} | {v['sampled']['val_bpb']:.4f} | {v['wall_s']:.0f} |")
-        if any(not v["causal"] for v in x.values()):
-            lines += ["", "\\* not causal: the full-sequence number may use later bytes; compare the prefix-only "
-                      "column (for causal variants it is their full-sequence logits at the same positions)."]
-        lines.append("")
-    lines += ["## Variants", "", "Each task's `model` block (in `config` of results.json) plus:", ""]
-    for name, over in cfg["variants"].items():
-        lines.append(f"- `{name}`: `{json.dumps(over)}`")
-    lines += ["", "## Rerun", "", "```", results["command"], "```", "",
-              "Every key of the study is in results.json under `config`; the same YAML scales up, e.g. "
-              "`--set retrieval.task.seq_length=4096 --set retrieval.train.steps=2000 --set threads=16`.", ""]
-    return "\n".join(lines)
-
-
 def run_study(study: Study, out_dir, command: str = "", variants: Optional[list[str]] = None,
-              log: Callable[[str], None] = print) -> dict:
-    """Train every variant on every task; write results.json, results.md and curves.png under ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(study.threads)
+              log: Callable[[str], None] = tqdm.write, progress: bool = False) -> dict:
+    """Train every variant on every task; write results.json, results.md and curves.png under ``out_dir``.
+    ``progress``: a tqdm bar (on stderr) over the training steps of every task and variant."""
     names = list(variants or study.variants)
     unknown = [v for v in names if v not in study.variants]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; the config defines {list(study.variants)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(study.threads)
     t0 = time.time()
     results: dict[str, Any] = {
         "command": command, "config": study.to_dict(), "variants": names,
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
                         "load_start": _load()},
         "tasks": {}}
-    if "retrieval" in study.tasks:
-        task = study.retrieval.task
-        local_w = [model_config(study, "retrieval", v, task.vocab_size) for v in names]
-        reach = max(2 * (c.local_window_size or c.window_size) - 1 for c in local_w)
-        results["retrieval_min_distance"] = task.min_distance()
-        results["local_reach"] = reach
-        if task.min_distance() <= reach:
-            log(f"warning: queries are only {task.min_distance()} positions from their definitions, within the "
-                f"local reach ({reach}): local attention can answer them")
-        log(f"retrieval: {task.seq_length} tokens, vocab {task.vocab_size}, answers >= {task.min_distance()} "
-            f"positions back (local reach {reach})")
-        results["tasks"]["retrieval"] = {}
-        for v in names:
-            results["tasks"]["retrieval"][v] = run_retrieval(study, v, log)
-    if "text" in study.tasks:
-        data = prepare_text(study, out_dir, log)
-        results["text_data"] = data
-        results["tasks"]["text"] = {}
-        for v in names:
-            results["tasks"]["text"][v] = run_text(study, v, data["manifest_path"], log)
+    steps = len(names) * sum(getattr(study, task).train.total_steps for task in study.tasks)
+    with tqdm(total=steps, desc="study", unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        if "retrieval" in study.tasks:
+            task = study.retrieval.task
+            local_w = [model_config(study, "retrieval", v, task.vocab_size) for v in names]
+            reach = max(2 * (c.local_window_size or c.window_size) - 1 for c in local_w)
+            results["retrieval_min_distance"] = task.min_distance()
+            results["local_reach"] = reach
+            if task.min_distance() <= reach:
+                log(f"warning: queries are only {task.min_distance()} positions from their definitions, within the "
+                    f"local reach ({reach}): local attention can answer them")
+            log(f"retrieval: {task.seq_length} tokens, vocab {task.vocab_size}, answers >= {task.min_distance()} "
+                f"positions back (local reach {reach})")
+            results["tasks"]["retrieval"] = {}
+            for v in names:
+                bar.set_description(f"retrieval {v}")
+                results["tasks"]["retrieval"][v] = run_retrieval(study, v, log, bar)
+        if "text" in study.tasks:
+            data = prepare_text(study, out_dir, log)
+            results["text_data"] = data
+            results["tasks"]["text"] = {}
+            for v in names:
+                bar.set_description(f"text {v}")
+                results["tasks"]["text"][v] = run_text(study, v, data["manifest_path"], log, bar)
     results["wall_s"] = round(time.time() - t0, 1)
     results["environment"]["load_end"] = _load()
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
