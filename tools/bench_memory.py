@@ -29,7 +29,7 @@ A series (attention x checkpointing x sp) stops at its first point that runs out
 crosses it), or runs past ``--timeout``; the stop is recorded with its length and reason.
 
 ``--sp N`` > 1 runs a point under ``torch.distributed.run --nproc_per_node N``: each rank holds n/N tokens
-(``rtdist.parallel.sequence``: ``build_groups``, ``apply_sequence_parallel``, ``local_slice``); peak and time are
+(``rtdist.parallel``: ``ParallelDims``, ``apply_sequence_parallel``); peak and time are
 the largest over the ranks, the estimate is per rank. For attention that sequence parallelism does not support
 (dense), or a torch built without ``torch.distributed``, the point is recorded as skipped.
 
@@ -138,31 +138,35 @@ def run_point(args) -> dict:
     threads = max(1, args.threads // sp)  # --threads is for the whole point: sp ranks share the machine's cores
     torch.set_num_threads(threads)
     cfg = model_config(args, args.attention)
-    rank, reduce_fn, groups = 0, None, None
+    rank, reduce_fn, dims = 0, None, None
     if sp > 1:  # the sweep launches sp > 1 (under torch.distributed.run) only where sp_available()
         import torch.distributed as dist
 
-        from rtdist.parallel.sequence import apply_sequence_parallel, build_groups, local_slice
+        from rtdist.parallel import ParallelDims
+        from rtdist.parallel.sequence import apply_sequence_parallel
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank = dist.get_rank()
-        groups = build_groups(sp)
+        dims = ParallelDims(sp, sp, rank).build_mesh(args.device)
         reduce_fn = lambda t: dist.all_reduce(t)  # noqa: E731 - k-means statistics over every rank
     dev = torch.device(args.device if args.device != "cuda" or sp == 1 else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     torch.manual_seed(0)
-    model = RoutingTransformerLM(cfg, checkpoint_every=1 if args.checkpointing == "full" else 0).to(dev)
+    model = RoutingTransformerLM(cfg).to(dev)
     model.train()
     if sp > 1:
         try:
-            apply_sequence_parallel(model, groups)
+            apply_sequence_parallel(model, dims)
         except ValueError as e:  # e.g. dense attention: every rank raises alike, so none waits on a collective
             return {"status": "skipped", "reason": str(e)}
+    if args.checkpointing == "full":
+        from rtdist.parallel.checkpointing import apply_activation_checkpointing
+        apply_activation_checkpointing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def shard(batch):
         """This rank's (tokens [B, n/sp + 1], positions or None)."""
-        return local_slice(batch, groups.sp_rank, sp) if sp > 1 else (batch, None)
+        return dims.local_slice(batch) if sp > 1 else (batch, None)
 
     def forward(batch):
         inp, pos = shard(batch)

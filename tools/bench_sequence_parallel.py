@@ -29,7 +29,8 @@ def run_point(args) -> None:
     from rtdist import dist as rdist
     from rtdist.config import ModelConfig
     from rtdist.model import RoutingTransformerLM, lm_loss
-    from rtdist.parallel.sequence import apply_sequence_parallel, build_groups, local_slice
+    from rtdist.parallel import ParallelDims
+    from rtdist.parallel.sequence import apply_sequence_parallel
     info = rdist.init(timeout_s=1800)
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(vocab_size=256, d_model=args.d_model, n_layers=args.depth, n_heads=args.heads,
@@ -37,9 +38,11 @@ def run_point(args) -> None:
     torch.manual_seed(0)
     model = RoutingTransformerLM(cfg)
     sp = info.world_size
-    backend = apply_sequence_parallel(model, build_groups(sp)) if sp > 1 else None
+    dims = ParallelDims(sp, sp, info.rank).build_mesh()
+    backend = apply_sequence_parallel(model, dims) if sp > 1 else None
     x = torch.randint(0, 256, (1, args.seq_length + 1), generator=torch.Generator().manual_seed(1))
-    part, pos = local_slice(x, info.rank, sp)
+    part, pos = dims.local_slice(x)
+    pos = torch.arange(x.shape[1] - 1) if pos is None else pos
     base = rss_bytes()
     rdist.barrier()
     t0 = time.perf_counter()
