@@ -1,7 +1,8 @@
 """Config loading: merged files, overrides, and errors that name the key."""
 import pytest
 
-from rtdist.config import Config, ConfigError, check_world, load_config
+from rtdist.config import Config, ConfigError, load_config
+from rtdist.parallel import ParallelDims
 
 PRESETS = ["tiny", "pg19", "wikitext103", "enwik8", "imagenet64"]
 
@@ -63,9 +64,12 @@ def test_missing_and_malformed_files_are_named(tmp_path):
 
 def test_batch_triple_must_match_world():
     cfg = load_config("configs/tiny.yaml", ["train.train_batch_size=16", "train.train_micro_batch_size_per_gpu=4"])
-    assert check_world(cfg, 4) == 4
+    t = cfg.train
+    dims = ParallelDims(cfg.parallel.sequence_parallel_size, 4)
+    dims.check_batch(t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps, t.train_batch_size)
+    assert dims.dp == 4
     with pytest.raises(ConfigError, match=r"train.train_batch_size \(16\) must equal .* = 8"):
-        check_world(cfg, 2)
-    cfg = load_config("configs/tiny.yaml", ["parallel.sequence_parallel_size=2"])
+        ParallelDims(1, 2).check_batch(t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps,
+                                       t.train_batch_size)
     with pytest.raises(ConfigError, match="world size 3 is not divisible"):
-        check_world(cfg, 3)
+        ParallelDims(2, 3)

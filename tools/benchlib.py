@@ -216,7 +216,7 @@ def saved_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> floa
     (bool) for ``full_naive``. Local heads: rotated q and k 2*L*hd and the whole v H*hd (the kernel's input is a
     view of it). Routing heads: the whole q H*hd (normalize/layer_norm read a view of it), k = normalize(q) norms
     2R, routing vectors R*hd + LayerNorm stats 2R, centroid scores R*C, cluster ids 2R, rotated q and k 2*R*hd, v
-    R*hd (a copy when local heads share v, else the whole v), the block plan ~4R. Output projection input H*hd;
+    (a view of the whole v, kept once whether local heads read it too or not), the block plan ~4R. Output projection input H*hd;
     LayerNorm 2 input d + 2; feed-forward input d; GEGLU: w_in output 2F (gelu reads half, the product the other
     half), gelu output F, w_out input F (plain GELU: F + F).
     """
@@ -245,7 +245,7 @@ def saved_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> floa
             f += H * hd  # q, read through a view by normalize and layer_norm
         f += (2 * R if cfg.shared_qk else 0) + R * hd + 2 * R + R * cfg.num_clusters + 2 * R
         f += 2 * R * hd if rotary else (R * hd if cfg.shared_qk else 0)
-        f += R * hd if L else H * hd  # v of the routing heads: a copy next to local heads, else the whole v
+        f += 0 if L else H * hd  # v of the routing heads: a view of the whole v, which local heads keep already
         f += 4 * R  # block plan (int64 slot and output indices), not visible to saved-tensor hooks
     return f
 
