@@ -191,19 +191,27 @@ def wait_for_steps(run_dir, n, timeout=120):
     raise AssertionError(f"{n} steps not reached in {timeout} s")
 
 
-def test_a_stopped_rank_makes_the_other_exit_within_the_timeout_naming_it(manifest, tmp_path):
+def with_rank1_frozen(manifest, run_dir, timeout_s: int, then=None):
+    """Two ranks; after 3 steps rank 1 is frozen (SIGSTOP: alive but stuck, like a hung GPU or an NFS stall) and
+    ``then(rank0_process)`` runs. Returns (rank 0's exit status, seconds from then on, its stderr)."""
     import signal
-    procs = start_ranks(manifest, tmp_path, "train.train_iters=100000", "train.dist_timeout_s=10")
+    procs = start_ranks(manifest, run_dir, "train.train_iters=100000", f"train.dist_timeout_s={timeout_s}")
     try:
-        wait_for_steps(tmp_path, 3)
-        procs[1].send_signal(signal.SIGSTOP)  # alive but frozen: a stuck GPU, an NFS stall
+        wait_for_steps(run_dir, 3)
+        procs[1].send_signal(signal.SIGSTOP)
+        if then is not None:
+            time.sleep(1)
+            then(procs[0])
         t0 = time.time()
-        rc = procs[0].wait(timeout=90)
-        took = time.time() - t0
-        err = procs[0].stderr.read()
+        rc = procs[0].wait(timeout=timeout_s + 90)
+        return rc, time.time() - t0, procs[0].stderr.read()
     finally:
         procs[1].kill()
         procs[1].wait()
+
+
+def test_a_stopped_rank_makes_the_other_exit_within_the_timeout_naming_it(manifest, tmp_path):
+    rc, took, err = with_rank1_frozen(manifest, tmp_path, 10)
     assert rc not in (0, None) and took < 10 + 20
     line = [ln for ln in err.splitlines() if "error:" in ln][-1]
     assert "rank 1" in line and "stopped answering" in line
@@ -211,19 +219,8 @@ def test_a_stopped_rank_makes_the_other_exit_within_the_timeout_naming_it(manife
 
 def test_sigterm_ends_a_rank_whose_peer_is_stopped_within_seconds(manifest, tmp_path):
     import signal
-    procs = start_ranks(manifest, tmp_path, "train.train_iters=100000", "train.dist_timeout_s=300")
-    try:
-        wait_for_steps(tmp_path, 3)
-        procs[1].send_signal(signal.SIGSTOP)
-        time.sleep(1)
-        procs[0].send_signal(signal.SIGTERM)  # blocked in a collective: Python handlers cannot run there
-        t0 = time.time()
-        rc = procs[0].wait(timeout=60)
-        took = time.time() - t0
-        err = procs[0].stderr.read()
-    finally:
-        procs[1].kill()
-        procs[1].wait()
+    # Blocked in a collective, the main thread cannot run Python signal handlers.
+    rc, took, err = with_rank1_frozen(manifest, tmp_path, 300, then=lambda p: p.send_signal(signal.SIGTERM))
     assert rc == 143 and took < 25
     assert "SIGTERM" in err and "rank 1" in err
 
