@@ -39,6 +39,9 @@ class ModelConfig:
     shared_qk: bool = True  # routing heads use k = normalize(q)
     kmeans_ema_decay: float = 0.999
     commitment_factor: float = 1e-4
+    # Re-seed a cluster that received no token for this many steps from recent routing vectors (0 = never). The
+    # study saw routing vectors collapse onto one cluster, leaving the others dead.
+    kmeans_reseed_after: int = 0
     ff_mult: float = 4.0
     ff_glu: bool = True  # GEGLU feed-forward
     pos_emb: Literal["rotary", "none"] = "rotary"
@@ -294,7 +297,7 @@ def _positive(section: str, obj, *names: str, allow_zero: bool = False, what: st
 def validate_model(m: ModelConfig, seq_length: Optional[int] = None) -> None:
     _positive("model", m, "vocab_size", "d_model", "n_layers", "n_heads", "window_size", "num_clusters", "head_dim",
               "emb_dim", "local_window_size", "ff_mult", "init_std")
-    _positive("model", m, "commitment_factor", allow_zero=True)
+    _positive("model", m, "commitment_factor", "kmeans_reseed_after", allow_zero=True)
     head_dim = m.head_dim or m.d_model // m.n_heads
     _check(m.head_dim is not None or m.d_model % m.n_heads == 0,
            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or set model.head_dim")

@@ -119,7 +119,8 @@ def train_step(engine, model, micro_batches, reduce_fn=None, world_size: int = 1
         engine.backward(loss + aux)
         engine.step()
         losses.append(loss.item())
-    model.update_kmeans(reduce_fn)  # after the optimizer step, statistics summed over every replica
+    # After the optimizer step, statistics summed over every replica; re-seeding (if on) uses rank 0's candidates.
+    model.update_kmeans(reduce_fn, broadcast_fn=lambda t: rdist.broadcast_tensors([t], src=0))
     total = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64)
     return (rdist.all_reduce_sum(total) / world_size).item()
 
@@ -138,6 +139,33 @@ def init_kmeans_from_first_batch(model, cfg: Config, dims: ParallelDims, device)
     model.init_kmeans_from_data(first[:, : cfg.train.seq_length].to(device),
                                 generator=torch.Generator().manual_seed(cfg.train.seed))
     rdist.broadcast_tensors(model.kmeans_state(), src=0)
+
+
+class KMeansWatch:
+    """k-means health at each log step: per routing layer the largest cluster's share, the normalised entropy and
+    the empty clusters of the last update, as metrics; one warning when a layer's largest cluster has held more
+    than ``limit`` of the tokens for ``patience`` log steps in a row (routing collapsing onto one cluster)."""
+
+    def __init__(self, log, limit: float = 0.5, patience: int = 3):
+        self.log, self.limit, self.patience = log, limit, patience
+        self.crowded: dict[int, int] = {}
+        self.warned: set[int] = set()
+
+    def metrics(self, model) -> dict:
+        out = {}
+        for layer, h in model.kmeans_health().items():
+            out.update({f"kmeans_l{layer}_max_share": round(h["max_share"], 4),
+                        f"kmeans_l{layer}_entropy": round(h["entropy"], 4), f"kmeans_l{layer}_empty": h["empty"]})
+            if h["reseeded"]:
+                out[f"kmeans_l{layer}_reseeded"] = h["reseeded"]
+            self.crowded[layer] = self.crowded.get(layer, 0) + 1 if h["max_share"] > self.limit else 0
+            if self.crowded[layer] >= self.patience and layer not in self.warned:
+                self.warned.add(layer)
+                self.log(f"warning: routing layer {layer}: its largest k-means cluster has held "
+                         f"{h['max_share']:.0%} of the tokens for {self.patience} log steps ({h['empty']} clusters "
+                         f"empty): routing is collapsing. Try model.commitment_factor 1.0 (the study's value), "
+                         f"train.kmeans_init: data, or model.kmeans_reseed_after: 100", flush=True)
+        return out
 
 
 def forever(loader):
@@ -273,6 +301,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     log(f"rtdist: {count_parameters(model) / 1e6:.2f}M parameters, world {info.world_size} ({info.source}), engine "
         f"{engine.name}, zero {t.zero_stage}, {len(loader)} batches/epoch/rank", flush=True)
 
+    kmeans_watch = KMeansWatch(log)
     tokens_per_step = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dims.dp * t.seq_length
     batches = forever(loader)
     nonfinite_in_a_row = 0
@@ -310,7 +339,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
                         "grad_norm": engine.grad_norm(), "tokens_per_s": round(tokens_per_step * steps_since_log /
                                                                                 (now - t_log), 1),
                         "max_mem_mb": round(peak_memory_mb(), 1), "skipped_steps": skipped_total,
-                        "epoch": loader.epoch}
+                        "epoch": loader.epoch, **kmeans_watch.metrics(model)}
                 t_log, steps_since_log = now, 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")

@@ -236,3 +236,56 @@ def test_model_data_init_seeds_each_layer_from_vectors_routed_by_the_seeded_laye
     for a, b in zip(kms, ref.kmeans_modules()):
         torch.testing.assert_close(a.means, b.means, rtol=0, atol=1e-6)
     assert not torch.allclose(kms[0].means, make(cfg).kmeans_modules()[0].means)  # moved off the random init
+
+
+# ------------------------------------------------------------------------------------------- k-means health
+
+
+def two_blobs(n=200, dim=8, seed=0):
+    """Routing vectors around two directions, [1, 1, n, dim]."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.nn.functional.normalize(torch.randn(2, dim, generator=g), dim=-1)
+    r = centers[torch.arange(n) % 2] + 0.05 * torch.randn(n, dim, generator=g)
+    return torch.nn.functional.normalize(r, dim=-1)[None, None], centers
+
+
+def update_with(km, r):
+    km.train()
+    with torch.enable_grad():
+        km.assign(r.requires_grad_())
+    km.apply_update()
+
+
+@pytest.mark.parametrize("reseed_after", [0, 2])
+def test_a_dead_cluster_is_reseeded_from_recent_vectors_and_comes_back(reseed_after):
+    r, centers = two_blobs()
+    km = SphericalKMeans(num_heads=1, num_clusters=3, dim=8, decay=0.9, reseed_after=reseed_after, candidates=16)
+    with torch.no_grad():  # two centroids on the data, one pointing away from everything: it never wins a token
+        km.means[0] = torch.stack([centers[0], centers[1], -(centers[0] + centers[1]) / (centers[0] + centers[1]).norm()])
+        km.ema_sums.copy_(km.means)
+        km.initted.fill_(True)
+    for _ in range(3):
+        update_with(km, r)
+    if not reseed_after:
+        assert km.health()["empty"] == 1 and km.health()["idle_max"] == 3 and km.reseeded == 0
+        return
+    assert km.reseeded == 1
+    assert float((km.means[0, 2] @ centers.T).amax()) > 0.9  # now on the data
+    update_with(km, torch.cat([r, r[:, :, :1] * 0 + km.means[0, 2]], dim=2))  # a token right at the new centroid
+    assert km.last_counts[0, 2] > 0 and km.health()["empty"] == 0
+
+
+def test_kmeans_watch_reports_occupancy_and_warns_once_about_a_collapsing_layer():
+    from rtdist.train import KMeansWatch
+    model = make(tiny(n_layers=2))
+    for km in model.kmeans_modules():
+        km.last_counts.zero_()
+        km.last_counts[:, 0] = 100.0  # every token in cluster 0
+    lines = []
+    watch = KMeansWatch(lambda line, **kw: lines.append(line), limit=0.5, patience=3)
+    for _ in range(5):
+        metrics = watch.metrics(model)
+    assert metrics["kmeans_l0_max_share"] == 1.0 and metrics["kmeans_l0_entropy"] == 0.0
+    assert metrics["kmeans_l1_empty"] == 2 * 2  # 2 heads x 2 empty clusters
+    assert len(lines) == 2 and "routing layer 0" in lines[0] and "routing layer 1" in lines[1]
+    assert "model.commitment_factor" in lines[0] and "train.kmeans_init: data" in lines[0]

@@ -52,7 +52,8 @@ def worker(rank, world, port, engine, zero, accumulation, overrides, out):
         losses.append(train_step(eng, model, list(mine.split(micro)), rdist.all_reduce_sum if world > 1 else None,
                                  world))
     means = [km.means.clone() for km in model.kmeans_modules()]
-    torch.save({"losses": losses, "means": means}, f"{out}.{rank}")
+    torch.save({"losses": losses, "means": means, "reseeded": sum(km.reseeded for km in model.kmeans_modules())},
+               f"{out}.{rank}")
     rdist.barrier()
     rdist.shutdown()
 
@@ -91,3 +92,12 @@ def test_activation_checkpointing_keeps_losses_and_centroids(tmp_path, reference
                                torch.tensor(reference["losses"], dtype=torch.float64), rtol=0, atol=2e-5)
     for a, c in zip(ranks[0]["means"], reference["means"]):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
+
+
+def test_reseeded_clusters_are_identical_on_every_rank(tmp_path):
+    # 16 clusters for 32 tokens a step per rank: some are empty every step, so re-seeding happens on each update,
+    # from rank 0's candidate vectors (the ranks' batches differ).
+    ranks = run(tmp_path, 2, "torch", 0, overrides=["model.num_clusters=16", "model.kmeans_reseed_after=1"])
+    assert ranks[0]["reseeded"] > 0 and ranks[0]["reseeded"] == ranks[1]["reseeded"]
+    for a, b in zip(ranks[0]["means"], ranks[1]["means"]):
+        assert torch.equal(a, b)

@@ -113,7 +113,7 @@ class RoutingAttention(nn.Module):
         self.to_v = nn.Linear(cfg.d_model, inner, bias=False)
         self.to_out = nn.Linear(inner, cfg.d_model, bias=False)
         self.kmeans = (SphericalKMeans(self.n_routing, cfg.num_clusters, self.head_dim, cfg.kmeans_ema_decay,
-                                       cfg.commitment_factor) if self.n_routing else None)
+                                       cfg.commitment_factor, cfg.kmeans_reseed_after) if self.n_routing else None)
         self.backend = AttentionBackend(cfg.recompute_attention)
 
     @property

@@ -52,19 +52,28 @@ class SphericalKMeans(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_clusters: int, dim: int, decay: float = 0.999,
-                 commitment_factor: float = 1e-4):
+                 commitment_factor: float = 1e-4, reseed_after: int = 0, candidates: int = 64):
         super().__init__()
         self.num_heads, self.num_clusters, self.dim = num_heads, num_clusters, dim
         self.decay = decay
         self.commitment_factor = commitment_factor
+        self.reseed_after = reseed_after  # re-seed a cluster idle for this many updates (0: never)
+        self.num_candidates = candidates
         means = F.normalize(torch.randn(num_heads, num_clusters, dim), dim=-1)
         self.register_buffer("means", means)
         self.register_buffer("ema_sums", means.clone())
         self.register_buffer("ema_counts", torch.zeros(num_heads, num_clusters))
         self.register_buffer("initted", torch.tensor(False))
+        # updates since each cluster last received a token (checkpointed: re-seeding resumes exactly)
+        self.register_buffer("idle_steps", torch.zeros(num_heads, num_clusters))
         # Statistics of the current step; transient, so not part of checkpoints.
         self.register_buffer("step_sums", torch.zeros(num_heads, num_clusters, dim), persistent=False)
         self.register_buffer("step_counts", torch.zeros(num_heads, num_clusters), persistent=False)
+        self.register_buffer("last_counts", torch.zeros(num_heads, num_clusters), persistent=False)  # last update's
+        # evenly spaced routing vectors of the last training forward: what a dead cluster is re-seeded from
+        self.register_buffer("candidates", torch.zeros(num_heads, candidates, dim), persistent=False)
+        self.reseeded = 0  # clusters re-seeded so far (this process)
+        self._register_load_state_dict_pre_hook(_missing_idle_steps)
 
     def _apply(self, fn, recurse=True):
         # Keep every k-means buffer fp32 whatever .half()/.bfloat16()/DeepSpeed does to the module.
@@ -137,6 +146,12 @@ class SphericalKMeans(nn.Module):
         idx, vecs = idx.reshape(-1), vecs.reshape(-1, d)
         self.step_sums.view(-1, d).index_add_(0, idx, vecs)
         self.step_counts.view(-1).add_(torch.bincount(idx, minlength=H * self.num_clusters).to(self.step_counts))
+        if self.reseed_after:
+            tokens = r.transpose(1, 2)  # [B, n, H, d]
+            tokens = tokens[valid] if valid is not None else tokens.reshape(-1, H, d)
+            if len(tokens):  # evenly spaced, no random draw: the training RNG stays untouched
+                pick = torch.linspace(0, len(tokens) - 1, self.num_candidates, device=r.device).long()
+                self.candidates.copy_(tokens[pick].transpose(0, 1))
 
     def stats(self) -> list[torch.Tensor]:
         return [self.step_counts, self.step_sums]
@@ -150,11 +165,15 @@ class SphericalKMeans(nn.Module):
         self.step_sums.zero_()
 
     @torch.no_grad()
-    def apply_update(self) -> None:
-        """EMA step from the (already reduced) statistics, then clear them."""
+    def apply_update(self, broadcast_fn=None) -> None:
+        """EMA step from the (already reduced) statistics, then clear them. With ``reseed_after``, clusters that
+        received no token for that many updates are re-seeded (:meth:`_reseed`); ``broadcast_fn`` makes every
+        replica use rank 0's candidate vectors, so the centroids stay identical."""
         counts, sums = self.step_counts, self.step_sums
         if counts.sum() == 0:  # nothing was routed this step (e.g. only evaluation ran)
             return
+        self.last_counts.copy_(counts)
+        self.idle_steps.copy_(torch.where(counts > 0, torch.zeros_like(self.idle_steps), self.idle_steps + 1))
         decay = self.decay if bool(self.initted) else 0.0
         seen = counts > 0
         new_sums = decay * self.ema_sums + (1 - decay) * sums
@@ -167,6 +186,49 @@ class SphericalKMeans(nn.Module):
         self.initted.fill_(True)
         counts.zero_()
         sums.zero_()
+        if self.reseed_after:
+            dead = self.idle_steps >= self.reseed_after  # the same on every replica: from reduced counts
+            if bool(dead.any()):
+                if broadcast_fn is not None:
+                    broadcast_fn(self.candidates)
+                self._reseed(dead)
+
+    @torch.no_grad()
+    def _reseed(self, dead: torch.Tensor) -> None:
+        """Give each dead cluster one of the candidate routing vectors, those farthest from every centroid first,
+        with the head's mean count so that it is not judged dead again at once."""
+        cand = F.normalize(self.candidates, dim=-1)  # [H, K, d]
+        for h in range(self.num_heads):
+            clusters = dead[h].nonzero().squeeze(1)
+            if not len(clusters):
+                continue
+            nearest = (cand[h] @ self.means[h].T).amax(dim=1)  # [K]
+            chosen = cand[h][nearest.argsort()[:len(clusters)]]
+            count = self.ema_counts[h].mean()
+            self.means[h, clusters[:len(chosen)]] = chosen
+            self.ema_sums[h, clusters[:len(chosen)]] = chosen * count.clamp(min=1e-6)
+            self.ema_counts[h, clusters[:len(chosen)]] = count
+            self.idle_steps[h, clusters] = 0
+            self.reseeded += len(chosen)
+
+    def health(self) -> dict:
+        """Occupancy of the last update (summed over replicas), worst head: the largest cluster's share of the
+        tokens, the smallest, the normalised entropy (1 = even), clusters that got no token, and the longest idle
+        stretch (updates)."""
+        counts = self.last_counts
+        total = counts.sum(-1, keepdim=True).clamp(min=1)
+        share = counts / total
+        entropy = -(share * share.clamp(min=1e-12).log()).sum(-1) / math.log(max(self.num_clusters, 2))
+        return {"max_share": float(share.amax()), "min_share": float(share.amin()),
+                "entropy": float(entropy.amin()), "empty": int((counts == 0).sum()),
+                "idle_max": int(self.idle_steps.amax()), "reseeded": self.reseeded}
+
+
+def _missing_idle_steps(state_dict, prefix, *args):
+    """Checkpoints written before ``idle_steps`` existed load with every cluster counted as just seen."""
+    key = prefix + "idle_steps"
+    if key not in state_dict and prefix + "ema_counts" in state_dict:
+        state_dict[key] = torch.zeros_like(state_dict[prefix + "ema_counts"])
 
 
 @torch.no_grad()

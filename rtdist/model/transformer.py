@@ -158,12 +158,20 @@ class RoutingTransformerLM(nn.Module):
         finally:
             self.train(was_training)
 
+    def kmeans_health(self) -> dict[int, dict]:
+        """Per routing layer (block index): the occupancy of its last k-means update
+        (:meth:`SphericalKMeans.health`)."""
+        return {i: layer.attn.kmeans.health() for i, layer in enumerate(self.layers) if layer.attn.kmeans is not None}
+
     @torch.no_grad()
-    def update_kmeans(self, reduce_fn: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+    def update_kmeans(self, reduce_fn: Optional[Callable[[torch.Tensor], None]] = None,
+                      broadcast_fn: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """Apply the step's EMA k-means update to every routing layer.
 
         ``reduce_fn`` receives one flat fp32 tensor holding every layer's statistics and must sum it in place over
-        all replicas (e.g. ``torch.distributed.all_reduce``): one collective per step, whatever the depth."""
+        all replicas (e.g. ``torch.distributed.all_reduce``): one collective per step, whatever the depth.
+        ``broadcast_fn`` (in place, from rank 0) is called only when a layer re-seeds dead clusters
+        (``model.kmeans_reseed_after``), on every replica alike."""
         kms = self.kmeans_modules()
         if not kms:
             return
@@ -176,7 +184,7 @@ class RoutingTransformerLM(nn.Module):
                 t.copy_(flat[offset: offset + t.numel()].view_as(t))
                 offset += t.numel()
         for km in kms:
-            km.apply_update()
+            km.apply_update(broadcast_fn)
 
 
 def _renamed_keys(state_dict, prefix, *args):
