@@ -254,6 +254,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
 
     step = 0
     skipped_total = 0
+    tokens_seen, elapsed_before = 0, 0.0  # over all segments of the run (a resume continues them)
     if resume_from is not None:
         with watchdog.phase("resume", 0):
             state = ckpt.load_rank_state(resume_from)
@@ -261,6 +262,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
             loader.load_state_dict(state["loader"])
             ckpt.set_rng_state(state["rng"])
             step, skipped_total = state["step"], state.get("skipped_steps", 0)
+            tokens_seen, elapsed_before = state.get("tokens", 0), state.get("elapsed_s", 0.0)
             rdist.barrier()  # every rank has read the checkpoint before any rank may write the next one
         log(f"resumed from {resume_from} at step {step}", flush=True)
     else:
@@ -275,7 +277,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
 
     def save(at_step: int) -> Path:
         rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "step": at_step,
-                      "skipped_steps": skipped_total}
+                      "skipped_steps": skipped_total, "tokens": tokens_seen, "elapsed_s": elapsed()}
         with watchdog.phase("save", at_step):
             return ckpt.save(engine, rd.checkpoints, at_step, rank_state, {"step": at_step, **meta}, log=log,
                              keep_existing=at_step == resumed_at)
@@ -306,6 +308,11 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     batches = forever(loader)
     nonfinite_in_a_row = 0
     last = {}
+    t_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_start
+
     model.train()
     t_log = time.perf_counter()
     steps_since_log = 0
@@ -329,6 +336,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
             ckpt.fault_point("step", step + 1)
             nonfinite_in_a_row = 0
             step += 1
+            tokens_seen += tokens_per_step
             steps_since_log += 1
             if bar is not None:
                 bar.update(1)
@@ -345,6 +353,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             else:
                 last = {"step": step, "loss": round(loss_avg, 6)}
+            last.update(time_s=round(elapsed(), 3), tokens=tokens_seen)
             if t.eval_interval and step % t.eval_interval == 0:
                 last.update({f"eval_{k}": v for k, v in run_eval(step).items()})
             if log_file:
