@@ -221,7 +221,7 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
     except Exception as e:
         if is_peer_failure(e):
             raise PeerTimeoutError(f"rank {info.rank}: a collective failed ({str(e).splitlines()[0][:160]})"
-                                   f"{watchdog._peers_suffix()}") from e
+                                   f"{watchdog.peers_suffix()}") from e
         raise
     finally:
         if lock is not None:

@@ -156,12 +156,12 @@ class Watchdog:
                 phase, step, deadline, term = self._phase, self._step, self._deadline, self._sigterm_at
             if term is not None and phase != "save" and now > term + self.grace():
                 _say(f"rank {self.rank}: SIGTERM, and no step boundary came within {self.grace():.0f} s "
-                     f"({_where(phase, step)}){self._peers_suffix()}: exiting without a checkpoint; the last "
+                     f"({_where(phase, step)}){self.peers_suffix()}: exiting without a checkpoint; the last "
                      f"complete checkpoint stays loadable")
                 os._exit(EXIT_SIGTERM)
             if deadline is not None and now > deadline:
                 _say(f"error: rank {self.rank}: {_where(phase, step)} did not finish within train.dist_timeout_s = "
-                     f"{self.timeout_s:g} s{self._peers_suffix()}: exiting (the last complete checkpoint "
+                     f"{self.timeout_s:g} s{self.peers_suffix()}: exiting (the last complete checkpoint "
                      f"stays loadable; raise train.dist_timeout_s if a step really takes this long)")
                 os._exit(EXIT_PEER_TIMEOUT)
 
@@ -263,7 +263,7 @@ class Watchdog:
                     f"the launcher) or its host stopped")
         return result[0]
 
-    def _peers_suffix(self) -> str:
+    def peers_suffix(self) -> str:
         if self.store_addr is None:
             return ""
         try:
