@@ -264,6 +264,7 @@ class Watchdog:
         return result[0]
 
     def peers_suffix(self) -> str:
+        """``": <which peers stopped answering>"`` for an error line ("" in a single process)."""
         if self.store_addr is None:
             return ""
         try:
