@@ -87,6 +87,13 @@ def test_a_sink_section_that_cannot_work_names_the_key(tmp_path, section, words)
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+def test_a_typo_in_a_sink_fails_when_the_config_loads():
+    from rtdist.config import load_config
+    with pytest.raises(ConfigError, match=r"unknown key 'deepspeed.csv_monitor.jobname' \(did you mean "
+                                          r"'deepspeed.csv_monitor.job_name'\?\)"):
+        load_config("configs/tiny.yaml", ["deepspeed.csv_monitor.jobname=run7"])
+
+
 def test_deepspeed_gets_the_config_without_the_sinks():
     ds = {"tensorboard": {"enabled": True}, "wandb": {"enabled": True}, "csv_monitor": {},
           "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}

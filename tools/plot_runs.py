@@ -76,11 +76,10 @@ def tokens_per_step(run_dir: Path) -> tuple[Optional[int], str]:
     if t.get("train_batch_size"):
         return t["train_batch_size"] * seq, "config.yaml"
     per_rank = t.get("train_micro_batch_size_per_gpu", 1) * t.get("gradient_accumulation_steps", 1) * seq
-    steps = sorted(int(m.parent.name[len("global_step"):]) for m in (run_dir / "checkpoints").glob("global_step*/complete")
-                   if m.parent.name[len("global_step"):].isdigit())
-    for step in reversed(steps):
+    markers = {m.parent.name[len("global_step"):]: m for m in (run_dir / "checkpoints").glob("global_step*/complete")}
+    for step in sorted((s for s in markers if s.isdigit()), key=int, reverse=True):  # the newest that says
         try:
-            dp = json.loads((run_dir / "checkpoints" / f"global_step{step}" / "complete").read_text()).get("dp_size")
+            dp = json.loads(markers[step].read_text()).get("dp_size")
         except (OSError, json.JSONDecodeError):
             continue
         if isinstance(dp, int) and dp > 0:
@@ -154,7 +153,8 @@ def table(rows: list[dict]) -> str:
     widths = [max(len(str(c[i])) for c in cells) for i in range(len(cols))]
     lines = []
     for j, c in enumerate(cells):
-        lines.append("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(c, widths))))
+        lines.append("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
+                               for i, (x, w) in enumerate(zip(c, widths))))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -179,6 +179,7 @@ def plot(runs: list[Run], out: Path, smooth: float = 0.6):
         raise DataError("plotting needs matplotlib: pip install matplotlib (or pip install -e '.[dev]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker as mticker
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     panels = [("step", "step", "linear"), ("tokens", "tokens trained", "log"), ("time_s", "wall time (s)", "linear")]
@@ -211,8 +212,10 @@ def plot(runs: list[Run], out: Path, smooth: float = 0.6):
             ax.set_yticks([])
             continue
         ax.set_xscale(xscale)
-        if log_y:
+        if log_y:  # plain numbers at 2, 3, 4, ... rather than 3 x 10^0
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(mticker.FormatStrFormatter("%g"))
     axes[0].set_ylabel("loss (nats/token)")
     axes[0].legend(fontsize=8)
     axes[0].set_title("loss vs step")
