@@ -494,10 +494,12 @@ def main(argv=None) -> int:
     for r in results:
         print(line(r))
     mode = "GPU" if cuda else "dry (CPU)"
-    print(f"{mode}: {len(results) - len(failed)} ok, {len(failed)} failed in {total:.0f} s; work folder {work}")
+    keep = failed or args.work is not None  # a temporary folder goes once everything passed
+    print(f"{mode}: {len(results) - len(failed)} ok, {len(failed)} failed in {total:.0f} s; "
+          + (f"runs and logs in {work}" if keep else "temporary work folder removed"))
     if args.json:
         args.json.write_text(json.dumps({"mode": mode, "results": results, "seconds": round(total, 1)}, indent=1))
-    if not failed and args.work is None:
+    if not keep:
         import shutil
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
