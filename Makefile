@@ -14,6 +14,10 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e '.[dev,mpi]'
+	@# DeepSpeed compiles a small CPU communication op on first use (~30-75 s on 2 cores): here, once, rather than
+	@# inside the first demo or test run. Without a compiler DeepSpeed runs without it.
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+		|| echo "note: DeepSpeed's CPU communication op did not build; training runs without it"
 	touch $(STAMP)
 
 install: $(STAMP)

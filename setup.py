@@ -20,6 +20,7 @@ setup(
         "safetensors",
         "sentencepiece",
         "pillow",
+        "tensorboard",  # event files of every run (rtdist.monitor)
     ],
     entry_points={
         "console_scripts": [

@@ -343,3 +343,5 @@ def validate(cfg: Config) -> None:
         _check(t.seq_length % (sp * w) == 0,
                f"train.seq_length ({t.seq_length}) must be divisible by parallel.sequence_parallel_size x window "
                f"({sp} x {w})")
+    from .monitor import sink_settings
+    sink_settings(cfg.deepspeed)  # deepspeed.tensorboard / csv_monitor / wandb: DeepSpeed's keys only

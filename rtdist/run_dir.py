@@ -5,6 +5,7 @@
     RUN_DIR/checkpoints/       DeepSpeed layout (rtdist.checkpoint)
     RUN_DIR/model.safetensors  fp32 export at the end
     RUN_DIR/result.json        how the run ended
+    RUN_DIR/tensorboard/       event files of every logged step (rtdist.monitor; the default place)
     RUN_DIR/.lock              held (flock) by rank 0 while a job runs here
 """
 from __future__ import annotations
