@@ -204,3 +204,30 @@ class Monitor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class KMeansWatch:
+    """k-means health at each log step: per routing layer the largest cluster's share, the normalised entropy and
+    the empty clusters of the last update, as metrics; one warning when a layer's largest cluster has held more
+    than ``limit`` of the tokens for ``patience`` log steps in a row (routing collapsing onto one cluster)."""
+
+    def __init__(self, log, limit: float = 0.5, patience: int = 3):
+        self.log, self.limit, self.patience = log, limit, patience
+        self.crowded: dict[int, int] = {}
+        self.warned: set[int] = set()
+
+    def metrics(self, model) -> dict:
+        out = {}
+        for layer, h in model.kmeans_health().items():
+            out.update({f"kmeans_l{layer}_max_share": round(h["max_share"], 4),
+                        f"kmeans_l{layer}_entropy": round(h["entropy"], 4), f"kmeans_l{layer}_empty": h["empty"]})
+            if h["reseeded"]:
+                out[f"kmeans_l{layer}_reseeded"] = h["reseeded"]
+            self.crowded[layer] = self.crowded.get(layer, 0) + 1 if h["max_share"] > self.limit else 0
+            if self.crowded[layer] >= self.patience and layer not in self.warned:
+                self.warned.add(layer)
+                self.log(f"warning: routing layer {layer}: its largest k-means cluster has held "
+                         f"{h['max_share']:.0%} of the tokens for {self.patience} log steps ({h['empty']} clusters "
+                         f"empty): routing is collapsing. Try model.commitment_factor 1.0 (the study's value), "
+                         f"train.kmeans_init: data, or model.kmeans_reseed_after: 100", flush=True)
+        return out

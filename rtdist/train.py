@@ -28,6 +28,7 @@ from .errors import (ArgumentParser, CheckpointError, PeerTimeoutError, RtdistEr
 from .evaluate import bytes_per_token, evaluate, with_bytes
 from .export import export_safetensors
 from .model import RoutingTransformerLM, count_parameters, lm_loss
+from .monitor import KMeansWatch, Monitor
 from .parallel import ParallelDims, check_engine, parallelize
 from .run_dir import RunDir, RunLock
 from .watchdog import StopRequest, Watchdog
@@ -139,33 +140,6 @@ def init_kmeans_from_first_batch(model, cfg: Config, dims: ParallelDims, device)
     model.init_kmeans_from_data(first[:, : cfg.train.seq_length].to(device),
                                 generator=torch.Generator().manual_seed(cfg.train.seed))
     rdist.broadcast_tensors(model.kmeans_state(), src=0)
-
-
-class KMeansWatch:
-    """k-means health at each log step: per routing layer the largest cluster's share, the normalised entropy and
-    the empty clusters of the last update, as metrics; one warning when a layer's largest cluster has held more
-    than ``limit`` of the tokens for ``patience`` log steps in a row (routing collapsing onto one cluster)."""
-
-    def __init__(self, log, limit: float = 0.5, patience: int = 3):
-        self.log, self.limit, self.patience = log, limit, patience
-        self.crowded: dict[int, int] = {}
-        self.warned: set[int] = set()
-
-    def metrics(self, model) -> dict:
-        out = {}
-        for layer, h in model.kmeans_health().items():
-            out.update({f"kmeans_l{layer}_max_share": round(h["max_share"], 4),
-                        f"kmeans_l{layer}_entropy": round(h["entropy"], 4), f"kmeans_l{layer}_empty": h["empty"]})
-            if h["reseeded"]:
-                out[f"kmeans_l{layer}_reseeded"] = h["reseeded"]
-            self.crowded[layer] = self.crowded.get(layer, 0) + 1 if h["max_share"] > self.limit else 0
-            if self.crowded[layer] >= self.patience and layer not in self.warned:
-                self.warned.add(layer)
-                self.log(f"warning: routing layer {layer}: its largest k-means cluster has held "
-                         f"{h['max_share']:.0%} of the tokens for {self.patience} log steps ({h['empty']} clusters "
-                         f"empty): routing is collapsing. Try model.commitment_factor 1.0 (the study's value), "
-                         f"train.kmeans_init: data, or model.kmeans_reseed_after: 100", flush=True)
-        return out
 
 
 def forever(loader):
@@ -296,6 +270,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
 
     reduce_fn = rdist.all_reduce_sum if info.world_size > 1 else None
     log_file = open(rd.metrics, "a") if info.is_main else None
+    monitor = Monitor(rd.path, cfg.deepspeed, enabled=info.is_main, start_step=step, warn=log)
     bar = None
     if info.is_main and (progress if progress is not None else sys.stderr.isatty()):
         from tqdm import tqdm
@@ -359,6 +334,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
             if log_file:
                 log_file.write(json.dumps(last) + "\n")
                 log_file.flush()
+            monitor.log(step, last)
             if t.save_interval and step % t.save_interval == 0 and step < t.train_iters:
                 save(step)
             if stop.agreed(rdist.all_reduce_max):
@@ -369,6 +345,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
             bar.close()
         if log_file:
             log_file.close()
+        monitor.close()
 
     step_dir = save(step)
     result = {"status": status, "step": step, "run_dir": str(rd.path), "checkpoint": str(step_dir),

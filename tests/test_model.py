@@ -276,7 +276,7 @@ def test_a_dead_cluster_is_reseeded_from_recent_vectors_and_comes_back(reseed_af
 
 
 def test_kmeans_watch_reports_occupancy_and_warns_once_about_a_collapsing_layer():
-    from rtdist.train import KMeansWatch
+    from rtdist.monitor import KMeansWatch
     model = make(tiny(n_layers=2))
     for km in model.kmeans_modules():
         km.last_counts.zero_()

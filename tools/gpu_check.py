@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from rtdist.errors import ArgumentParser, UsageError, cli_main  # noqa: E402
 
@@ -102,7 +101,7 @@ def run_training(ctx: dict, name: str, *sets: str, timeout: float = 300) -> dict
         resolve_gpu_command(ctx, name, *sets)
     argv = train_argv(ctx, name, *sets, dry=ctx["dry"])
     command = "python -m rtdist.train " + " ".join(shlex.quote(a) for a in argv)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)
     p = subprocess.run([sys.executable, "-m", "rtdist.train", *argv], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=timeout)
     write_log(ctx, name, f"$ {command}\n{p.stdout}{p.stderr}")
@@ -198,7 +197,9 @@ def model_case(device, dtype, n: int):
     from rtdist.model import RoutingTransformerLM, lm_loss
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"train.seq_length={n}"])
     torch.manual_seed(0)
-    model = RoutingTransformerLM(cfg.model, checkpoint_every=1).to(device).train()
+    from rtdist.parallel.checkpointing import apply_activation_checkpointing
+    model = RoutingTransformerLM(cfg.model).to(device).train()
+    apply_activation_checkpointing(model)
     x = torch.randint(0, cfg.model.vocab_size, (1, n + 1), device=device)
 
     def run():
@@ -320,7 +321,7 @@ def matmul_rate_bf16(device) -> float:
 def check_throughput(n_gpu: int):
     def run(ctx: dict) -> dict:
         import torch
-        from rtdist.bench import model_flops
+        from benchlib import model_flops
         from rtdist.model import RoutingTransformerLM, lm_loss
         device = torch.device(ctx["device"])
         n = 256 if ctx["dry"] else n_gpu
@@ -405,7 +406,7 @@ def run_child(check: Check, ctx: dict, timeout: float) -> dict:
     """Run a check in a process of its own (CUDA state, ZeRO-3 hooks and hangs stay there)."""
     cmd = [sys.executable, __file__, "--child", check.name, "--work", ctx["work"], "--manifest", ctx["manifest"]]
     t = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:

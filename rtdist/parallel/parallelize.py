@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import Config
+from ..monitor import without_sinks
 from .checkpointing import apply_activation_checkpointing, apply_activation_offload
 from .dims import ParallelDims
 from .engines import Engine, OptimConfig, build_engine
@@ -44,4 +45,5 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config) -> Engine:
     parallelize_model(model, dims, cfg)
     return build_engine(t.engine, model, optim_config(cfg), micro_batch=t.train_micro_batch_size_per_gpu,
                         accumulation=t.gradient_accumulation_steps, dp_size=dims.world_size,
-                        zero_stage=t.zero_stage, precision=t.precision, deepspeed_overrides=cfg.deepspeed)
+                        zero_stage=t.zero_stage, precision=t.precision,
+                        deepspeed_overrides=without_sinks(cfg.deepspeed))
