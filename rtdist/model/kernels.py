@@ -73,6 +73,17 @@ def _self_rule_mask(w: int, dtype, device) -> torch.Tensor:
     return torch.zeros(w, w, dtype=dtype, device=device).masked_fill(~first, float("-inf"))
 
 
+def _merge(o1, l1, o2, l2):
+    """Attention over two key sets from its two parts (outputs [.., w, d], log-sum-exps [.., w]). Written with
+    exp/log rather than ``logaddexp``, whose CPU kernel rounds an element differently depending on where it sits
+    in the tensor: a block's output must not depend on how many other blocks there are (causality is bitwise)."""
+    m = torch.maximum(l1, l2)
+    a, b = (l1 - m).exp(), (l2 - m).exp()
+    s = a + b
+    out = o1 * (a / s).unsqueeze(-1) + o2 * (b / s).unsqueeze(-1)  # in the log-sum-exp's (fp32) precision
+    return out.to(o1.dtype), m + s.log()
+
+
 def _add_at(t: torch.Tensor, index: Index, x: torch.Tensor) -> None:
     """``t[index] += x`` along dim 0 (indices within one call are distinct)."""
     if isinstance(index, slice):
@@ -98,10 +109,7 @@ class _MergedBlockAttention(torch.autograd.Function):
             if exclude_self:  # row 0 saw itself in the own part: only a block without a predecessor may
                 lse[qi, :, 0] = float("-inf")
                 out[qi, :, 0] = 0
-            lo = lse[qi]
-            merged = torch.logaddexp(lo, l)
-            out[qi] = out[qi] * (lo - merged).exp().unsqueeze(-1) + o * (l - merged).exp().unsqueeze(-1)
-            lse[qi] = merged
+            out[qi], lse[qi] = _merge(out[qi], lse[qi], o, l)
         ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
         ctx.preds, ctx.exclude_self = preds, exclude_self
         return out
