@@ -49,6 +49,9 @@ class ModelConfig:
     # time for several activations fewer per head; numerically identical.
     recompute_attention: bool = True
     init_std: float = 0.02
+    # Regional torch.compile of each block's position-wise part (residuals, LayerNorm, feed-forward), applied by
+    # rtdist.parallel.parallelize: true, false, or "auto" (CUDA only: on CPU it measured no faster than eager).
+    compile: Literal["auto", True, False] = "auto"
 
 
 @dataclass
