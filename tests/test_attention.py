@@ -119,14 +119,15 @@ def test_local_attention_equals_banded_dense(n):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("w", [4, 5])  # even blocks run the own block in halves, odd ones whole
 @pytest.mark.parametrize("exclude_self", [True, False])
-def test_masked_block_path_equals_merged_path(exclude_self):
+def test_masked_block_path_equals_merged_path(exclude_self, w):
     """Other devices and attention dropout run the blocks through SDPA with shared masks: the same attention, and
     the same gradients, as the merged CPU path (including a predecessor from extra keys, the SP halo)."""
     from rtdist.model.kernels import _masked_block_attention, attend_blocks
     g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(6, 2, 4, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
-    ek, ev = (torch.randn(1, 2, 4, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    q, k, v = (torch.randn(6, 2, w, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    ek, ev = (torch.randn(1, 2, w, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
     preds = [(torch.tensor([2, 3, 5]), 0, torch.tensor([1, 2, 4])), (slice(0, 1), 1, slice(None))]
     out = attend_blocks(q, k, v, preds, exclude_self, 0.0, ek, ev)
     ref = _masked_block_attention(q, k, v, preds, exclude_self, 0.0, ek, ev)

@@ -58,6 +58,7 @@ def attend_blocks(q, k, v, preds: Predecessors, exclude_self: bool, dropout_p: f
 
 
 def _flash(q, k, v, causal: bool, mask=None):
+    """(output, log-sum-exp) of the fused CPU kernel; a row whose keys are all masked gets zeros."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask)
 
 
@@ -66,11 +67,28 @@ def _flash_backward(g, q, k, v, out, lse, causal: bool, mask=None):
                                                                                 attn_mask=mask)
 
 
-def _self_rule_mask(w: int, dtype, device) -> torch.Tensor:
-    """Additive own-block mask of the shared-QK rule: keys strictly before the query, and row 0 sees itself (a
-    first block's first token has no other key; blocks with a predecessor drop that row-0 term afterwards)."""
-    first, _ = block_masks(w, exclude_self=True, device=device)
-    return torch.zeros(w, w, dtype=dtype, device=device).masked_fill(~first, float("-inf"))
+def _own_parts(w: int, exclude_self: bool, dtype, device) -> list[tuple[slice, slice, bool, Optional[torch.Tensor]]]:
+    """The own-block attention as flash calls (query rows, key rows, causal, additive mask). The CPU kernel skips
+    no masked work inside a block this small, so an even block is cut in halves: the two diagonal halves causally
+    and the second half's queries over the first half's keys, a quarter less work than the whole block causally.
+
+    With ``exclude_self`` a query sees only earlier keys, except row 0, which sees itself (a first block's first
+    token has no other key; blocks with a predecessor drop that row-0 term afterwards). Row 0 of the second half
+    then sees nothing in its diagonal part: the caller drops that part of the row (the kernel returns zeros)."""
+    def mask(m: int, row0_sees_itself: bool):
+        i = torch.arange(m, device=device)
+        visible = i[None, :] < i[:, None]
+        visible[0, 0] = row0_sees_itself
+        return torch.zeros(m, m, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
+
+    causal = not exclude_self
+    if w % 2:
+        return [(slice(None), slice(None), causal, mask(w, True) if exclude_self else None)]
+    h = w // 2
+    first, second = slice(0, h), slice(h, w)
+    return [(first, first, causal, mask(h, True) if exclude_self else None),
+            (second, second, causal, mask(h, False) if exclude_self else None),
+            (second, first, False, None)]
 
 
 def _merge(o1, l1, o2, l2):
@@ -100,12 +118,22 @@ class _MergedBlockAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, extra_k, extra_v, preds, exclude_self):
-        mask = _self_rule_mask(q.shape[2], q.dtype, q.device) if exclude_self else None
-        out, lse = _flash(q, k, v, causal=not exclude_self, mask=mask)
+        w = q.shape[2]
+        out = lse = None
+        for rows, keys, causal, mask in _own_parts(w, exclude_self, q.dtype, q.device):
+            o, l = _flash(q[:, :, rows], k[:, :, keys], v[:, :, keys], causal, mask)
+            if out is None:
+                out, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=l.dtype)
+            if exclude_self and rows.start and keys.start:  # the second diagonal half: its row 0 saw no key
+                l[:, :, 0] = float("-inf")
+            if keys.start == 0 and rows.start:  # second-half queries over first-half keys: merge into the row
+                out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], o, l)
+            else:
+                out[:, :, rows], lse[:, :, rows] = o, l
         sources = ((k, v), (extra_k, extra_v))
         for qi, src, ki in preds:
             sk, sv = sources[src]
-            o, l = _flash(q[qi], sk[ki], sv[ki], causal=False)
+            o, l = _flash(q[qi], sk[ki], sv[ki], False)
             if exclude_self:  # row 0 saw itself in the own part: only a block without a predecessor may
                 lse[qi, :, 0] = float("-inf")
                 out[qi, :, 0] = 0
@@ -124,13 +152,18 @@ class _MergedBlockAttention(torch.autograd.Function):
             g_own = g.clone()
             for qi, _, _ in preds:
                 g_own[qi, :, 0] = 0
-        mask = _self_rule_mask(q.shape[2], q.dtype, q.device) if exclude_self else None
-        dq, dk, dv = _flash_backward(g_own, q, k, v, out, lse, causal=not exclude_self, mask=mask)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for rows, keys, causal, mask in _own_parts(q.shape[2], exclude_self, q.dtype, q.device):
+            gq, gk, gv = _flash_backward(g_own[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys],
+                                         out[:, :, rows], lse[:, :, rows], causal, mask)
+            dq[:, :, rows] += gq
+            dk[:, :, keys] += gk
+            dv[:, :, keys] += gv
         d_extra = [torch.zeros_like(extra_k), torch.zeros_like(extra_v)] if extra_k is not None else [None, None]
         sources, grads = ((k, v), (extra_k, extra_v)), ((dk, dv), d_extra)
         for qi, src, ki in preds:
             sk, sv = sources[src]
-            gq, gk, gv = _flash_backward(g[qi], q[qi], sk[ki], sv[ki], out[qi], lse[qi], causal=False)
+            gq, gk, gv = _flash_backward(g[qi], q[qi], sk[ki], sv[ki], out[qi], lse[qi], False)
             _add_at(dq, qi, gq)
             _add_at(grads[src][0], ki, gk)
             _add_at(grads[src][1], ki, gv)
