@@ -152,13 +152,16 @@ class _MergedBlockAttention(torch.autograd.Function):
             g_own = g.clone()
             for qi, _, _ in preds:
                 g_own[qi, :, 0] = 0
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for rows, keys, causal, mask in _own_parts(q.shape[2], exclude_self, q.dtype, q.device):
             gq, gk, gv = _flash_backward(g_own[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys],
                                          out[:, :, rows], lse[:, :, rows], causal, mask)
-            dq[:, :, rows] += gq
-            dk[:, :, keys] += gk
-            dv[:, :, keys] += gv
+            if rows == keys:  # the diagonal parts come first and cover every row once
+                dq[:, :, rows], dk[:, :, keys], dv[:, :, keys] = gq, gk, gv
+            else:
+                dq[:, :, rows] += gq
+                dk[:, :, keys] += gk
+                dv[:, :, keys] += gv
         d_extra = [torch.zeros_like(extra_k), torch.zeros_like(extra_v)] if extra_k is not None else [None, None]
         sources, grads = ((k, v), (extra_k, extra_v)), ((dk, dv), d_extra)
         for qi, src, ki in preds:
@@ -344,7 +347,8 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return torch.cat([grad, grad.new_zeros((1,) + grad.shape[1:])]).index_select(0, inverse), None, None
+        out = grad.index_select(0, inverse.clamp(max=len(grad) - 1))
+        return out.index_fill_(0, (inverse == len(grad)).nonzero().squeeze(1), 0), None, None
 
 
 def block_attention(q, k, v, plan: BlockPlan, exclude_self: bool, dropout_p: float = 0.0) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 def compile_enabled(setting: Union[bool, str], device: torch.device) -> bool:
     """``model.compile``: true / false, or "auto": on CUDA only (on CPU, inductor's fused position-wise kernels
-    measured no faster than eager for this model, and compiling costs a minute of a short run)."""
+    made a 16k step of the d512 model 1-3% faster than eager, and compiling costs about a minute)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
