@@ -4,12 +4,13 @@ None of them builds an n x n matrix (except :func:`naive_full_attention`, the qu
 
 Local and causal routing attention share one shape of work (:func:`attend_blocks`): queries in blocks of ``w``,
 each block seeing its own keys causally and, when it has one, every key of one earlier block (its predecessor: the
-previous window, or the cluster's previous block). On CPU without dropout the two parts run as separate fused
-(flash) calls, own block causal and predecessor unmasked, merged by their log-sum-exp in one autograd function
-(:class:`_MergedBlockAttention`; the CPU flash op's log-sum-exp has no gradient, so its backward calls the fused
-backward op itself, with the merged output and log-sum-exp, as torch's context-parallel ring attention does). So
-no masked-away predecessor half is computed, blocks without a predecessor run once, and nothing is copied to lay a
-predecessor next to its block. Elsewhere (other devices, attention dropout) the same blocks run through
+previous window, or the cluster's previous block). On CPU without dropout the parts run as separate fused
+(flash) calls, own block causal (in halves, :func:`_own_parts`) and predecessor unmasked, merged by their
+log-sum-exp in one autograd function (:class:`_MergedBlockAttention`; the CPU flash op's log-sum-exp has no
+gradient, so its backward calls the fused backward op itself, with the merged output and log-sum-exp, as torch's
+context-parallel ring attention does). So no masked-away predecessor half is computed, blocks without a
+predecessor run once, and no key is copied next to its block's keys (local blocks read their predecessor as a
+view, routed blocks gather theirs block-wise). Elsewhere (other devices, attention dropout) the same blocks run through
 :func:`torch.nn.functional.scaled_dot_product_attention` with a small 2-D mask shared by all blocks
 (:func:`_masked_block_attention`): a per-block mask would be converted to float and saved for backward by the fused
 kernels, costing 8w bytes per query.
@@ -111,9 +112,9 @@ def _add_at(t: torch.Tensor, index: Index, x: torch.Tensor) -> None:
 
 
 class _MergedBlockAttention(torch.autograd.Function):
-    """:func:`attend_blocks` on CPU: the own-block part over all blocks in one causal flash call, each predecessor
+    """:func:`attend_blocks` on CPU: the own-block parts over all blocks (:func:`_own_parts`), each predecessor
     relation in one unmasked flash call, merged by log-sum-exp: out = sum_i exp(lse_i - lse) out_i with
-    lse = logaddexp(lse_i). Backward runs the fused backward of each part with the merged output and log-sum-exp,
+    lse = log sum_i exp(lse_i). Backward runs the fused backward of each part with the merged output and log-sum-exp,
     which gives each part's exact share of the gradient (softmax probabilities against the merged normaliser)."""
 
     @staticmethod
