@@ -147,8 +147,7 @@ class _MergedBlockAttention(torch.autograd.Function):
     def backward(ctx, g):
         q, k, v, extra_k, extra_v, out, lse = ctx.saved_tensors
         preds, exclude_self = ctx.preds, ctx.exclude_self
-        g = g.contiguous()
-        g_own = g
+        g_own = g  # any strides: the fused backward reads them
         if exclude_self and preds:  # rows dropped from the own part get no gradient through it
             g_own = g.clone()
             for qi, _, _ in preds:
