@@ -135,14 +135,15 @@ def profile(args) -> None:
         print(f"FLOP time {flop_s:.2f} s at {rate / 1e9:.1f} GFLOP/s: this step took {secs / flop_s:.2f}x")
 
 
-def run_series(args, todo: list[tuple[str, str, int]]) -> list[dict]:
-    """Each (impl, attention, n) in a fresh process, in the given order; a series stops at its first failure."""
+def run_series(args, argv: list[str], todo: list[tuple[str, str, int]]) -> list[dict]:
+    """Each (impl, attention, n) in a fresh process (this command's ``argv`` plus the point), in the given order;
+    a series stops at its first failure."""
     from tqdm import tqdm
     results, stopped = [], set()
     for impl, attention, n in tqdm(todo, desc="points", unit="pt", disable=not sys.stderr.isatty()):
         if (impl, attention) in stopped:
             continue
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--point", "--impl", impl, "--attention", attention,
+        cmd = [sys.executable, __file__, *argv, "--point", "--impl", impl, "--attention", attention,
                "--seq-length", str(n)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -211,6 +212,7 @@ def main(argv=None):
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)  # internal: run one point, print JSON
     p.add_argument("--impl", default="rtdist", choices=["rtdist", "port"], help=argparse.SUPPRESS)
     p.add_argument("--seq-length", type=int, help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.peer:  # the port's model: clusters n / window, plain GELU feed-forward
         args.clusters, args.ff_glu = 0, False
@@ -229,7 +231,7 @@ def main(argv=None):
             raise UsageError(f"--peer needs the public port in this environment: {PEER_INSTALL}") from None
         todo = [(impl, "routing", n) for n in args.seq_lengths for _ in range(args.rounds)
                 for impl in ("rtdist", "port")]
-        results = run_series(args, todo)
+        results = run_series(args, argv, todo)
         print(peer_table(results))
         rate = None
     else:
@@ -238,7 +240,7 @@ def main(argv=None):
         rate = matmul_rate() if args.device == "cpu" else None
         if rate:
             print(f"fp32 matmul rate (4096^2, {args.threads} threads): {rate / 1e9:.1f} GFLOP/s")
-        results = run_series(args, [("rtdist", a, n) for a in args.attention for n in args.seq_lengths])
+        results = run_series(args, argv, [("rtdist", a, n) for a in args.attention for n in args.seq_lengths])
         print(f"\n{'attention':<13}{'seq':>7}{'time s':>9}{'flop s':>8}{'ratio':>7}{'tok/s':>9}{'peak MB':>9}{'load':>6}")
         for r in results:
             if "error" in r:
