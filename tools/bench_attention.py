@@ -106,7 +106,11 @@ def run_point(args) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     secs = min(times)
-    return {"impl": args.impl, "attention": args.attention, "seq_length": args.seq_length, "time_s": secs,
+    extra = {}
+    if args.compile:  # graphs compiled over all the steps: one, whatever the routing did
+        from torch._dynamo.utils import counters
+        extra["compiled_graphs"] = counters["stats"]["unique_graphs"]
+    return {**extra, "impl": args.impl, "attention": args.attention, "seq_length": args.seq_length, "time_s": secs,
             "cpu_s": min(cpu), "tokens_per_s": args.batch * args.seq_length / secs, "peak_mem_mb": peak / 2 ** 20,
             "flops": model_flops(cfg, args.seq_length, args.batch), "load": os.getloadavg()[0]}
 

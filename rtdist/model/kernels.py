@@ -92,15 +92,21 @@ def _own_parts(w: int, exclude_self: bool, dtype, device) -> list[tuple[slice, s
             (second, first, False, None)]
 
 
-def _merge(o1, l1, o2, l2):
-    """Attention over two key sets from its two parts (outputs [.., w, d], log-sum-exps [.., w]). Written with
-    exp/log rather than ``logaddexp``, whose CPU kernel rounds an element differently depending on where it sits
-    in the tensor: a block's output must not depend on how many other blocks there are (causality is bitwise)."""
-    m = torch.maximum(l1, l2)
-    a, b = (l1 - m).exp(), (l2 - m).exp()
+def _merge_into(out, lse, index, o, l) -> None:
+    """``out[index]``, ``lse[index]`` (one part of the attention: outputs [.., w, d], log-sum-exps [.., w]) become
+    the attention over both key sets, with the other part ``o``, ``l``; in place (``o`` is overwritten), so a merge
+    holds no output-sized temporaries. Written with exp/log rather than ``logaddexp``, whose CPU kernel rounds an
+    element differently depending on where it sits in the tensor: a block's output must not depend on how many
+    other blocks there are (causality is bitwise)."""
+    part = out[index]  # a view for slices, a copy for an index tensor (written back below)
+    l1 = lse[index]
+    m = torch.maximum(l1, l)
+    a, b = (l1 - m).exp(), (l - m).exp()
     s = a + b
-    out = o1 * (a / s).unsqueeze(-1) + o2 * (b / s).unsqueeze(-1)  # in the log-sum-exp's (fp32) precision
-    return out.to(o1.dtype), m + s.log()
+    part.mul_((a / s).unsqueeze(-1).to(part.dtype)).add_(o.mul_((b / s).unsqueeze(-1).to(o.dtype)))
+    lse[index] = m + s.log()
+    if isinstance(index, torch.Tensor):
+        out[index] = part
 
 
 def _add_at(t: torch.Tensor, index: Index, x: torch.Tensor) -> None:
@@ -128,7 +134,7 @@ class _MergedBlockAttention(torch.autograd.Function):
             if exclude_self and rows.start and keys.start:  # the second diagonal half: its row 0 saw no key
                 l[:, :, 0] = float("-inf")
             if keys.start == 0 and rows.start:  # second-half queries over first-half keys: merge into the row
-                out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], o, l)
+                _merge_into(out, lse, (slice(None), slice(None), rows), o, l)
             else:
                 out[:, :, rows], lse[:, :, rows] = o, l
         sources = ((k, v), (extra_k, extra_v))
@@ -138,7 +144,7 @@ class _MergedBlockAttention(torch.autograd.Function):
             if exclude_self:  # row 0 saw itself in the own part: only a block without a predecessor may
                 lse[qi, :, 0] = float("-inf")
                 out[qi, :, 0] = 0
-            out[qi], lse[qi] = _merge(out[qi], lse[qi], o, l)
+            _merge_into(out, lse, qi, o, l)
         ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
         ctx.preds, ctx.exclude_self = preds, exclude_self
         return out
