@@ -109,6 +109,20 @@ def _merge_into(out, lse, index, o, l) -> None:
         out[index] = part
 
 
+def _in_chunks(preds: Predecessors, num_blocks: int, num_extra: int, chunk: int = 16):
+    """``preds`` cut into relations of at most ``chunk`` blocks each: a predecessor call's output and gradients
+    are that big at most, not the size of all blocks."""
+    for qi, src, ki in preds:
+        if isinstance(qi, slice):
+            qi = range(*qi.indices(num_blocks))
+            ki = range(*ki.indices(num_extra if src else num_blocks))
+        for i in range(0, len(qi), chunk):
+            a, b = qi[i:i + chunk], ki[i:i + chunk]
+            if isinstance(a, range):  # back to slices: views, no copies
+                a, b = slice(a.start, a.stop, a.step), slice(b.start, b.stop, b.step)
+            yield a, src, b
+
+
 def _add_at(t: torch.Tensor, index: Index, x: torch.Tensor) -> None:
     """``t[index] += x`` along dim 0 (indices within one call are distinct)."""
     if isinstance(index, slice):
@@ -138,7 +152,7 @@ class _MergedBlockAttention(torch.autograd.Function):
             else:
                 out[:, :, rows], lse[:, :, rows] = o, l
         sources = ((k, v), (extra_k, extra_v))
-        for qi, src, ki in preds:
+        for qi, src, ki in _in_chunks(preds, q.shape[0], (extra_k if extra_k is not None else k).shape[0]):
             sk, sv = sources[src]
             o, l = _flash(q[qi], sk[ki], sv[ki], False)
             if exclude_self:  # row 0 saw itself in the own part: only a block without a predecessor may
@@ -153,29 +167,29 @@ class _MergedBlockAttention(torch.autograd.Function):
     def backward(ctx, g):
         q, k, v, extra_k, extra_v, out, lse = ctx.saved_tensors
         preds, exclude_self = ctx.preds, ctx.exclude_self
-        g_own = g  # any strides: the fused backward reads them
+        g_own = g  # any strides: the fused backward reads them (a copy here would cost memory)
         if exclude_self and preds:  # rows dropped from the own part get no gradient through it
             g_own = g.clone()
             for qi, _, _ in preds:
                 g_own[qi, :, 0] = 0
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for rows, keys, causal, mask in _own_parts(q.shape[2], exclude_self, q.dtype, q.device):
-            gq, gk, gv = _flash_backward(g_own[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys],
-                                         out[:, :, rows], lse[:, :, rows], causal, mask)
-            if rows == keys:  # the diagonal parts come first and cover every row once
-                dq[:, :, rows], dk[:, :, keys], dv[:, :, keys] = gq, gk, gv
-            else:
-                dq[:, :, rows] += gq
-                dk[:, :, keys] += gk
-                dv[:, :, keys] += gv
+            part = _flash_backward(g_own[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys],
+                                   out[:, :, rows], lse[:, :, rows], causal, mask)
+            for grad, index, x in zip((dq, dk, dv), (rows, keys, keys), part):
+                if rows == keys:  # the diagonal parts come first and cover every row once
+                    grad[:, :, index] = x
+                else:
+                    grad[:, :, index] += x
+            del part, x  # one part's gradients alive at a time
         d_extra = [torch.zeros_like(extra_k), torch.zeros_like(extra_v)] if extra_k is not None else [None, None]
         sources, grads = ((k, v), (extra_k, extra_v)), ((dk, dv), d_extra)
-        for qi, src, ki in preds:
+        for qi, src, ki in _in_chunks(preds, q.shape[0], (extra_k if extra_k is not None else k).shape[0]):
             sk, sv = sources[src]
-            gq, gk, gv = _flash_backward(g[qi], q[qi], sk[ki], sv[ki], out[qi], lse[qi], False)
-            _add_at(dq, qi, gq)
-            _add_at(grads[src][0], ki, gk)
-            _add_at(grads[src][1], ki, gv)
+            part = _flash_backward(g[qi], q[qi], sk[ki], sv[ki], out[qi], lse[qi], False)
+            for grad, index, x in zip((dq, *grads[src]), (qi, ki, ki), part):
+                _add_at(grad, index, x)
+            del part, x
         return dq, dk, dv, d_extra[0], d_extra[1], None, None
 
 
