@@ -68,8 +68,7 @@ def test_block_plan_places_every_token_once_in_position_order():
     assert plan.num_blocks == 5
     assert plan.token_of_slot.tolist() == [[0, 2], [3, 5], [6, 0], [1, 4], [7, 0]]  # 0 also fills empty slots
     assert plan.first_blocks.tolist() == [0, 3, 4] and plan.later_blocks.tolist() == [1, 2]
-    rows = torch.cat([plan.token_of_slot[plan.first_blocks], plan.token_of_slot]).reshape(-1)
-    assert (rows[plan.out_index] == torch.arange(8)).all()  # every token reads its own output row
+    assert (plan.token_of_slot.reshape(-1)[plan.slot_of_row] == torch.arange(8)).all()  # each reads its own slot
 
 
 def topk_reference(q, k, v, sims, w):
@@ -117,4 +116,21 @@ def test_local_attention_equals_banded_dense(n):
     ref = dense(q, k, v, band)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for a, b in zip(grads(out, [q, k, v]), grads(ref, [q, k, v])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("w", [4, 5])  # even blocks run the own block in halves, odd ones whole
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_masked_block_path_equals_merged_path(exclude_self, w):
+    """Other devices and attention dropout run the blocks through SDPA with shared masks: the same attention, and
+    the same gradients, as the merged CPU path (including a predecessor from extra keys, the SP halo)."""
+    from rtdist.model.kernels import _masked_block_attention, attend_blocks
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(6, 2, w, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    ek, ev = (torch.randn(1, 2, w, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    preds = [(torch.tensor([2, 3, 5]), 0, torch.tensor([1, 2, 4])), (slice(0, 1), 1, slice(None))]
+    out = attend_blocks(q, k, v, preds, exclude_self, 0.0, ek, ev)
+    ref = _masked_block_attention(q, k, v, preds, exclude_self, 0.0, ek, ev)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads(out, [q, k, v, ek, ev]), grads(ref, [q, k, v, ek, ev])):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -97,6 +97,16 @@ def test_bench_attention_point_still_works(bench):
         ModelConfig(vocab_size=256, d_model=32, n_heads=4, n_local_attn_heads=2, window_size=32, num_clusters=8), 128, 1)
 
 
+def test_bench_attention_peer_table_compares_each_sides_fastest_step(tool):
+    """--peer prints, per length, each side's fastest step and largest peak, and ours against the port's."""
+    peer_table = tool("bench_attention").peer_table
+    row = lambda impl, t, mb: {"impl": impl, "seq_length": 1024, "time_s": t, "cpu_s": t, "peak_mem_mb": mb,  # noqa: E731
+                               "load": 0.5}
+    table = peer_table([row("rtdist", 10.0, 100), row("port", 17.0, 200), row("rtdist", 8.0, 110),
+                        row("port", 16.0, 190)])
+    assert "| 1024 | 8.0 s, 110 MiB (load 0.5) | 16.0 s, 200 MiB (load 0.5) | 2.00x / 0.55x |" in table
+
+
 # ------------------------------------------------------------------------------------------- memory model
 
 

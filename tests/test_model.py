@@ -289,3 +289,23 @@ def test_kmeans_watch_reports_occupancy_and_warns_once_about_a_collapsing_layer(
     assert metrics["kmeans_l1_empty"] == 2 * 2  # 2 heads x 2 empty clusters
     assert len(lines) == 2 and "routing layer 0" in lines[0] and "routing layer 1" in lines[1]
     assert "model.commitment_factor" in lines[0] and "train.kmeans_init: data" in lines[0]
+
+
+def test_assignment_in_chunks_and_commitment_gradient_match_the_direct_formulas():
+    """The assignment is scored a chunk of tokens at a time and the commitment loss reuses its scores with a
+    hand-written gradient: both equal the plain formulas (argmax of all scores; autograd of mean ||r - c||^2)."""
+    km = SphericalKMeans(num_heads=2, num_clusters=5, dim=8, commitment_factor=0.5)
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(2, 2, 37, 8, generator=g).requires_grad_()
+    valid = torch.rand(2, 37, generator=g) > 0.2
+    clusters, score = km.nearest(r, chunk=4)
+    assert torch.equal(clusters, km.similarities(r.detach()).argmax(-1))
+    loss = km.commitment_loss(r, clusters, valid, score)
+    (grad,) = torch.autograd.grad(loss, r)
+    c = km.means[torch.arange(2)[None, :, None], clusters]  # [B, H, n, d]
+    err = (r - c).pow(2).sum(-1)
+    w = valid[:, None, :].expand_as(err).float()
+    ref = 0.5 * (err * w).sum() / w.sum()
+    (ref_grad,) = torch.autograd.grad(ref, r)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)

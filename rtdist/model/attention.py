@@ -57,7 +57,7 @@ class Routes:
     """Where the routing heads send each token: its cluster, and the scores ``topk`` routing ranks by."""
 
     clusters: torch.Tensor  # [B, n, Hr] long
-    sims: torch.Tensor  # [B, Hr, n, C] fp32
+    sims: Optional[torch.Tensor]  # [B, Hr, n, C] fp32 without gradient; top-k routing only
 
 
 class AttentionBackend:
@@ -153,7 +153,9 @@ class RoutingAttention(nn.Module):
         statistics of the tokens are gathered (applied once per step by ``RoutingTransformerLM.update_kmeans``)."""
         if proj.r is None:
             return None, None
-        sims = self.kmeans.similarities(proj.r)
+        # fp32 and without gradient, once per layer: the statistics, the block plan and the commitment loss share
+        # it. Only top-k routing reads all the scores; causal routing never holds the [B, Hr, n, C] tensor whole.
+        sims = self.kmeans.similarities(proj.r.detach()) if self.cfg.routing_mode == "topk" else None
         clusters, aux = self.kmeans.assign(proj.r, valid, sims=sims)
         return Routes(clusters.transpose(1, 2), sims), aux
 

@@ -111,25 +111,41 @@ class SphericalKMeans(nn.Module):
         with torch.autocast(device_type=r.device.type, enabled=False):
             return torch.einsum("bhnd,hcd->bhnc", r, self.means)
 
+    @torch.no_grad()
+    def nearest(self, r: torch.Tensor, sims: Optional[torch.Tensor] = None, chunk: int = 8192):
+        """(nearest centroid [B, H, n] long, its score [B, H, n] fp32) of each routing vector, without gradient.
+
+        From ``sims`` when given, else scored ``chunk`` tokens at a time: the [B, H, n, C] scores of a long
+        sequence (C grows with n) are never held whole."""
+        if sims is not None:
+            score, clusters = sims.max(dim=-1)
+            return clusters, score
+        parts = [self.similarities(r[:, :, i:i + chunk]).max(dim=-1) for i in range(0, r.shape[2], chunk)]
+        return torch.cat([p.indices for p in parts], dim=2), torch.cat([p.values for p in parts], dim=2)
+
     def assign(self, r: torch.Tensor, valid: Optional[torch.Tensor] = None, sims: Optional[torch.Tensor] = None):
-        """Nearest centroid for each routing vector; accumulates statistics when training.
+        """Nearest centroid for each routing vector (fp32, computed once: the same assignment feeds the statistics,
+        the block plan and the commitment loss); accumulates statistics when training.
 
         Returns (assignment [B, H, n] long, commitment loss scalar)."""
-        sims = self.similarities(r) if sims is None else sims
-        clusters = sims.argmax(dim=-1)
+        clusters, score = self.nearest(r, sims)
         if self.training and not _suspended and torch.is_grad_enabled():
             self._accumulate(r.detach(), clusters, valid)
-        return clusters, self.commitment_loss(r, clusters, valid, sims)
+        return clusters, self.commitment_loss(r, clusters, valid, score)
 
     def commitment_loss(self, r: torch.Tensor, clusters: torch.Tensor, valid: Optional[torch.Tensor],
-                        sims: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        score: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``score`` [B, H, n]: r . centroid of the assigned clusters (computed here when None)."""
         if self.commitment_factor == 0:
             return r.new_zeros(())
-        sims = self.similarities(r) if sims is None else sims
         h = torch.arange(self.num_heads, device=r.device)[None, :, None]
-        # ||r - c||^2 = ||r||^2 - 2 r.c + ||c||^2 from the scores already computed: no [B, H, n, d] difference
-        # tensor is built or kept for backward. In [0, 4] for unit-norm vectors.
-        err = r.pow(2).sum(-1) - 2 * sims.gather(-1, clusters[..., None])[..., 0] + self.means.pow(2).sum(-1)[h, clusters]
+        if score is None:
+            with torch.no_grad():
+                score = (r * self.means[h, clusters]).sum(-1)
+        # ||r - c||^2 = ||r||^2 - 2 r.c + ||c||^2 from the assignment's own scores: no [B, H, n, d] difference
+        # tensor and no [B, H, n, C] scores are built or kept for backward. In [0, 4] for unit-norm vectors.
+        err = r.pow(2).sum(-1) - 2 * _AssignedScore.apply(r, self.means, clusters, score) \
+            + self.means.pow(2).sum(-1)[h, clusters]
         if valid is not None:
             w = valid[:, None, :].to(err.dtype).expand_as(err)
             return self.commitment_factor * (err * w).sum() / w.sum().clamp(min=1)
@@ -229,6 +245,22 @@ def _missing_idle_steps(state_dict, prefix, *args):
     key = prefix + "idle_steps"
     if key not in state_dict and prefix + "ema_counts" in state_dict:
         state_dict[key] = torch.zeros_like(state_dict[prefix + "ema_counts"])
+
+
+class _AssignedScore(torch.autograd.Function):
+    """r . means[h, cluster] given its value ``score``; gradient ``grad * means[h, cluster]`` for r (the centroids
+    get none: they move by EMA only). Saves the centroids and the assignment, which exist anyway."""
+
+    @staticmethod
+    def forward(ctx, r, means, clusters, score):
+        ctx.save_for_backward(means, clusters)
+        return score.to(r.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        means, clusters = ctx.saved_tensors
+        h = torch.arange(means.shape[0], device=means.device)[None, :, None]
+        return grad[..., None] * means[h, clusters], None, None, None
 
 
 @torch.no_grad()

@@ -3,10 +3,12 @@
 1. **sequence parallelism**: each attention layer gets a sequence-parallel backend (``dims.sp > 1``);
 2. **activation checkpointing** (``train.checkpoint_activations``, every ``train.checkpoint_num_layers``-th block),
    then CPU offload of the saved activations (``train.checkpoint_offload``, CUDA);
-3. **the engine** (DeepSpeed ZeRO 0-3, fairscale, torch DDP): data parallelism, sharding, the optimizer.
+3. **regional compilation** (``model.compile``): the position-wise part of every block;
+4. **the engine** (DeepSpeed ZeRO 0-3, fairscale, torch DDP): data parallelism, sharding, the optimizer.
 
 The order matters: checkpointing wraps blocks whose attention already runs sequence-parallel (so recomputation
-replays the same kernels), and the engine wraps the finished module.
+replays the same kernels), compilation reaches inside the checkpoint wrappers (so recomputation replays compiled
+code), and the engine wraps the finished module.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch import nn
 from ..config import Config
 from ..monitor import without_sinks
 from .checkpointing import apply_activation_checkpointing, apply_activation_offload
+from .compile import apply_compile, compile_enabled
 from .dims import ParallelDims
 from .engines import Engine, OptimConfig, build_engine
 from .sequence import Traffic, apply_sequence_parallel
@@ -27,18 +30,20 @@ def optim_config(cfg: Config) -> OptimConfig:
 
 
 def parallelize_model(model: nn.Module, dims: ParallelDims, cfg: Config) -> Traffic | None:
-    """Steps 1 and 2 on ``model`` in place; returns the sequence-parallel traffic counter (None without SP)."""
+    """Steps 1 to 3 on ``model`` in place; returns the sequence-parallel traffic counter (None without SP)."""
     t = cfg.train
     traffic = apply_sequence_parallel(model, dims) if dims.sp_enabled else None
     if t.checkpoint_activations:
         apply_activation_checkpointing(model, t.checkpoint_num_layers)
     if t.checkpoint_offload:
         apply_activation_offload(model)
+    if compile_enabled(cfg.model.compile, next(model.parameters()).device):
+        apply_compile(model)
     return traffic
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config) -> Engine:
-    """All three steps; returns the engine that trains ``model``. Gradients are averaged over the whole world
+    """All four steps; returns the engine that trains ``model``. Gradients are averaged over the whole world
     (sequence-parallel ranks included: each rank's loss is the mean over its own tokens and every rank holds as
     many tokens as every other), so to the engine's batch accounting every rank is a data-parallel replica."""
     t = cfg.train
