@@ -48,6 +48,10 @@ class ModelConfig:
     # Recompute the attention kernels (gathers + SDPA) in backward instead of keeping their inputs: ~3-5% more
     # time for several activations fewer per head; numerically identical.
     recompute_attention: bool = True
+    # Tokens per chunk of the LM head + cross-entropy in training and evaluation (0 = the whole sequence at once):
+    # logits exist for one chunk at a time, never [n, vocab] for the whole sequence, which bounded the sequence
+    # length of large-vocabulary models (98304 x 8192 tokens = 3 GiB of fp32 logits, more than all the layers).
+    loss_chunk_size: int = 1024
     init_std: float = 0.02
 
 
@@ -295,6 +299,7 @@ def validate_model(m: ModelConfig, seq_length: Optional[int] = None) -> None:
     _positive("model", m, "vocab_size", "d_model", "n_layers", "n_heads", "window_size", "num_clusters", "head_dim",
               "emb_dim", "local_window_size", "ff_mult", "init_std")
     _positive("model", m, "commitment_factor", allow_zero=True)
+    _positive("model", m, "loss_chunk_size", allow_zero=True, what=" (0 = the whole sequence in one chunk)")
     head_dim = m.head_dim or m.d_model // m.n_heads
     _check(m.head_dim is not None or m.d_model % m.n_heads == 0,
            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or set model.head_dim")

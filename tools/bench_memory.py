@@ -133,7 +133,7 @@ def run_point(args) -> dict:
     """One measured step in this process (a rank of a torchrun group when sp > 1)."""
     import gc
     import torch
-    from rtdist.model import RoutingTransformerLM, lm_loss
+    from rtdist.model import RoutingTransformerLM
     n, sp = args.seq_length, args.sp
     threads = max(1, args.threads // sp)  # --threads is for the whole point: sp ranks share the machine's cores
     torch.set_num_threads(threads)
@@ -159,9 +159,9 @@ def run_point(args) -> dict:
             apply_sequence_parallel(model, dims)
         except ValueError as e:  # e.g. dense attention: every rank raises alike, so none waits on a collective
             return {"status": "skipped", "reason": str(e)}
-    if args.checkpointing == "full":
+    if args.checkpointing != "none":
         from rtdist.parallel.checkpointing import apply_activation_checkpointing
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, 1, args.checkpointing, args.chunk_size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def shard(batch):
@@ -170,15 +170,15 @@ def run_point(args) -> dict:
 
     def forward(batch):
         inp, pos = shard(batch)
-        logits, aux = model(inp[:, :-1], positions=pos)
-        return logits, lm_loss(logits, inp[:, 1:]) + aux
+        loss, aux = model(inp[:, :-1], positions=pos, targets=inp[:, 1:])  # the training loss entry
+        return loss + aux
 
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, n + 1), generator=torch.Generator().manual_seed(1)).to(dev)
     # Warm-up: kernels and thread pools, no optimizer state, gradients freed.
     w = max(cfg.window_size, cfg.local_window_size or cfg.window_size) * 2 * sp
-    logits, loss = forward(torch.randint(0, cfg.vocab_size, (1, w + 1), device=dev))
+    loss = forward(torch.randint(0, cfg.vocab_size, (1, w + 1), device=dev))
     loss.backward()
-    del logits, loss
+    del loss
     model.zero_grad(set_to_none=True)
     model.discard_kmeans_stats()
     gc.collect()
@@ -204,7 +204,7 @@ def run_point(args) -> dict:
     try:
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits, loss = forward(tokens)
+            loss = forward(tokens)
         loss.backward()
         if sp > 1:  # the gradient sum over the sequence shards, as training does
             for prm in model.parameters():
@@ -608,7 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lengths", help="comma list; 'k' = 1024 (default 4k,8k,16k,32k,64k; --quick: 256,512)")
     p.add_argument("--attention", help=f"comma list of {list(ATTENTION)} (default all; --quick: routing)")
-    p.add_argument("--checkpointing", help="comma list of none, full (every layer); default both (--quick: none)")
+    p.add_argument("--checkpointing", help="comma list of policies none, selective, full (every layer); default none,full "
+                   "(--quick: none)")
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="tokens per recomputed position-wise chunk under selective/full (0: not chunked)")
     p.add_argument("--sp", default="1", help="comma list of sequence-parallel degrees")
     p.add_argument("--max-seq", default="full=32k,full-naive=16k",
                    help="per-attention longest length, e.g. full=32k,full-naive=16k ('' for none)")
@@ -650,8 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags a point process needs (the model and how to run it); the sweep's own flags are not forwarded.
-_FORWARD = ["config", "full_size", "quick", *FLAG_KEYS, "routing_layers", "recompute_attention", "batch", "threads",
-            "device"]
+_FORWARD = ["config", "full_size", "quick", *FLAG_KEYS, "routing_layers", "recompute_attention", "chunk_size", "batch",
+            "threads", "device"]
 
 
 def main(argv=None) -> dict | None:
@@ -680,8 +683,8 @@ def main(argv=None) -> dict | None:
             p.error(f"--attention {a!r} is not one of {list(ATTENTION)}")
     args.checkpointing = parse_list(args.checkpointing)
     for c in args.checkpointing:
-        if c not in ("none", "full"):
-            p.error(f"--checkpointing {c!r} is not none or full")
+        if c not in ("none", "selective", "full"):
+            p.error(f"--checkpointing {c!r} is not none, selective or full")
     args.sp = parse_list(args.sp, int)
     args.max_seq = {k: parse_length(v) for k, v in (x.split("=") for x in parse_list(args.max_seq))}
     args.fit_min = parse_length(args.fit_min)
