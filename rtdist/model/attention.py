@@ -274,7 +274,11 @@ class RoutingAttention(nn.Module):
         if self.n_local:
             outs.append(self.backend.local(*self.local_qkv(q, k, v, rope), self.local_window,
                                            self.dropout_p).transpose(1, 2))
-        routed, aux = self.routing_heads(*self.routed_raw(q, k, v), rope, valid)
+        qr, kr, vr = self.routed_raw(q, k, v)
+        # The recomputed function keeps its inputs: copies of the routing heads' queries (and keys), not views
+        # that would keep every head's projection alive (v is kept by the local kernel anyway).
+        qr, kr = qr.contiguous(), kr.contiguous() if kr is not None else None
+        routed, aux = self.routing_heads(qr, kr, vr, rope, valid)
         outs.append(routed)
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], aux
 
