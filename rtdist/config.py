@@ -51,6 +51,10 @@ class ModelConfig:
     # Recompute the attention kernels (gathers + SDPA) in backward instead of keeping their inputs: ~3-5% more
     # time for several activations fewer per head; numerically identical.
     recompute_attention: bool = True
+    # Tokens per chunk of the LM head + cross-entropy in training and evaluation (0 = the whole sequence at once):
+    # logits exist for one chunk at a time, never [n, vocab] for the whole sequence, which bounded the sequence
+    # length of large-vocabulary models (98304 x 8192 tokens = 3 GiB of fp32 logits, more than all the layers).
+    loss_chunk_size: int = 1024
     init_std: float = 0.02
     # Regional torch.compile of each block's position-wise part (residuals, LayerNorm, feed-forward), applied by
     # rtdist.parallel.parallelize: true, false, or "auto" (CUDA only: on CPU a 16k step measured 1-3% faster than
@@ -92,7 +96,15 @@ class TrainConfig:
     eval_interval: int = 0
     eval_iters: int = 10
     save_interval: int = 0
+    # Activation checkpointing (rtdist/parallel/checkpointing.py): "none"; "selective" (each block's position-wise
+    # second half, the feed-forward above all, recomputed in sequence chunks: the measured 32k step keeps ~0.4x the
+    # memory of "none"); "full" (blocks keep only their input, and recompute their position-wise parts in chunks).
+    # Unset: "full" if checkpoint_activations (the key older configs use), else "none".
+    checkpoint_policy: Optional[Literal["none", "selective", "full"]] = None
     checkpoint_activations: bool = False
+    # Tokens per recomputed chunk under "selective"/"full" (0 = no chunks: "full" recomputes whole blocks, as
+    # before chunks existed, and "selective" does nothing): a chunk's activations are all that exists at once.
+    checkpoint_chunk_size: int = 4096
     checkpoint_num_layers: int = 1  # checkpoint every k-th layer
     checkpoint_offload: bool = False  # keep saved activations in host memory
     engine: Literal["deepspeed", "fairscale", "torch"] = "deepspeed"
@@ -302,6 +314,7 @@ def validate_model(m: ModelConfig, seq_length: Optional[int] = None) -> None:
     _positive("model", m, "vocab_size", "d_model", "n_layers", "n_heads", "window_size", "num_clusters", "head_dim",
               "emb_dim", "local_window_size", "ff_mult", "init_std")
     _positive("model", m, "commitment_factor", "kmeans_reseed_after", allow_zero=True)
+    _positive("model", m, "loss_chunk_size", allow_zero=True, what=" (0 = the whole sequence in one chunk)")
     head_dim = m.head_dim or m.d_model // m.n_heads
     _check(m.head_dim is not None or m.d_model % m.n_heads == 0,
            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or set model.head_dim")
@@ -325,6 +338,14 @@ def validate_model(m: ModelConfig, seq_length: Optional[int] = None) -> None:
                    f"model.window_size ({m.window_size}) cannot exceed train.seq_length ({seq_length}) in topk mode")
 
 
+def checkpoint_policy(t: TrainConfig) -> str:
+    """The activation checkpointing policy: ``train.checkpoint_policy``, else "full" if
+    ``train.checkpoint_activations``, else "none"."""
+    if t.checkpoint_policy is not None:
+        return t.checkpoint_policy
+    return "full" if t.checkpoint_activations else "none"
+
+
 def validate(cfg: Config) -> None:
     """Ranges of every numeric key, and cross-field checks that would otherwise fail deep inside a run (or hang a
     process group)."""
@@ -339,6 +360,10 @@ def validate(cfg: Config) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         _check(0.0 <= getattr(t, name) < 1.0, f"train.{name} must be in [0, 1), got {getattr(t, name)}")
     _check(0 <= t.zero_stage <= 3, f"train.zero_stage must be 0..3, got {t.zero_stage}")
+    _check(not t.checkpoint_activations or t.checkpoint_policy in (None, "full"),
+           f"train.checkpoint_activations: true (policy full) conflicts with train.checkpoint_policy: "
+           f"{t.checkpoint_policy}; set only train.checkpoint_policy")
+    _positive("train", t, "checkpoint_chunk_size", allow_zero=True, what=" (0 = no chunks)")
     _positive("data", d, "num_workers", "shuffle_buffer", allow_zero=True)
     _check(cfg.parallel.sequence_parallel_size >= 1, "parallel.sequence_parallel_size must be >= 1")
     sp = cfg.parallel.sequence_parallel_size

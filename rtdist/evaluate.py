@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import dist as rdist
 from .errors import ArgumentParser, ConfigError, UsageError, cli_main
@@ -42,8 +41,7 @@ def evaluate(model, loader, max_batches: Optional[int] = None, seq_length: Optio
         if dims is not None:
             batch, positions = dims.local_slice(batch)
         with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-            logits, _ = model(batch[:, :-1], positions=positions)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            loss, _ = model(batch[:, :-1], positions=positions, targets=batch[:, 1:], reduction="sum")
         total += torch.tensor([loss.item(), batch[:, 1:].numel()], dtype=torch.float64)
     if was_training:
         model.train()

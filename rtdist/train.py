@@ -27,7 +27,7 @@ from .errors import (ArgumentParser, CheckpointError, PeerTimeoutError, RtdistEr
                      is_peer_failure)
 from .evaluate import bytes_per_token, evaluate, with_bytes
 from .export import export_safetensors
-from .model import RoutingTransformerLM, count_parameters, lm_loss
+from .model import RoutingTransformerLM, count_parameters
 from .monitor import KMeansWatch, Monitor
 from .parallel import ParallelDims, check_engine, parallelize
 from .run_dir import RunDir, RunLock
@@ -111,8 +111,7 @@ def train_step(engine, model, micro_batches, reduce_fn=None, world_size: int = 1
     losses = []
     for batch in micro_batches:
         with engine.autocast():
-            logits, aux = engine.model(batch[:, :-1], positions=positions)
-            loss = lm_loss(logits, batch[:, 1:])
+            loss, aux = engine.model(batch[:, :-1], positions=positions, targets=batch[:, 1:])
         bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
         if rdist.all_reduce_max(bad).item():  # every rank agrees, so none waits alone in a gradient collective
             drop_step(engine, model)

@@ -127,6 +127,56 @@ def test_sequence_parallel_equals_single_process(tmp_path, world, cfg_kw):
             assert r["same_under_change"], f"rank {rank} outputs changed when only later tokens changed"
 
 
+def policy_worker(rank, world, port, policy, chunk, cfg_kw, out):
+    """The training loss entry under a checkpoint policy with sequence chunks, split over the ranks, against one
+    process without any policy: loss, every gradient, k-means statistics."""
+    init(rank, world, port)
+    from rtdist import dist as rdist
+    from rtdist.parallel import ParallelDims
+    from rtdist.parallel.checkpointing import apply_activation_checkpointing
+    from rtdist.parallel.sequence import apply_sequence_parallel
+    cfg = tiny_cfg(**cfg_kw)
+    x = torch.randint(0, cfg.vocab_size, (2, N + 1), generator=torch.Generator().manual_seed(11))
+    ref = trained_model(cfg)
+    loss, aux = ref(x[:, :-1], targets=x[:, 1:])
+    (loss + aux).backward()
+    ref_stats = [t.clone() for km in ref.kmeans_modules() for t in km.stats()]
+
+    model = trained_model(cfg)
+    dims = ParallelDims(world, world, rank).build_mesh()
+    apply_sequence_parallel(model, dims)
+    apply_activation_checkpointing(model, 1, policy, chunk)
+    part, pos = dims.local_slice(x)
+    loss_sp, aux_sp = model(part[:, :-1], positions=pos, targets=part[:, 1:])
+    ((loss_sp + aux_sp) / world).backward()  # every rank holds as many tokens: the mean of means is the mean
+    for p in model.parameters():
+        rdist.all_reduce_sum(p.grad)
+    total = rdist.all_reduce_sum(torch.stack([loss_sp.detach(), aux_sp.detach()])) / world
+    stats = [rdist.all_reduce_sum(t.clone()) for km in model.kmeans_modules() for t in km.stats()]
+    torch.save({"loss": total, "ref_loss": torch.stack([loss.detach(), aux.detach()]),
+                "grads": {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()},
+                "ref_grads": {n: p.grad for n, p in ref.named_parameters()}, "stats": stats, "ref_stats": ref_stats},
+               f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("policy, chunk, cfg_kw", [
+    ("selective", 16, {}),
+    ("full", 16, {}),  # local_window_size 8: two chunks of 16 per rank, each local chunk sees the previous one
+    ("full", 8, {"n_local_attn_heads": 0, "pos_emb": "none"}),
+    ("full", 16, {"attention_type": "local"}),
+])
+def test_checkpoint_policies_with_sequence_parallelism_equal_single_process(tmp_path, policy, chunk, cfg_kw):
+    spawn(policy_worker, 2, policy, chunk, cfg_kw, str(tmp_path / "p"))
+    for rank in range(2):
+        r = torch.load(f"{tmp_path / 'p'}.{rank}")
+        torch.testing.assert_close(r["loss"], r["ref_loss"], rtol=1e-6, atol=1e-9)
+        assert r["grads"].keys() == r["ref_grads"].keys()
+        for name, g in r["grads"].items():
+            torch.testing.assert_close(g, r["ref_grads"][name], rtol=0, atol=1e-5, msg=name)
+        for a, b in zip(r["stats"], r["ref_stats"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
 # --------------------------------------------------------------------------------- kernel, crowded cluster
 
 
@@ -170,7 +220,7 @@ def test_crowded_cluster_blocks_are_balanced_and_exact(tmp_path):
 # ----------------------------------------------------------------------------------------------- training
 
 
-def train_worker(rank, world, port, sp, zero, ckpt_layers, out):
+def train_worker(rank, world, port, sp, zero, ckpt_layers, out, overrides=()):
     init(rank, world, port)
     from rtdist import dist as rdist
     from rtdist.config import load_config
@@ -178,7 +228,7 @@ def train_worker(rank, world, port, sp, zero, ckpt_layers, out):
     from rtdist.parallel import OptimConfig, ParallelDims, build_engine, parallelize_model
     from rtdist.train import train_step
     cfg = load_config("configs/tiny.yaml", ["train.seq_length=64", "model.window_size=8", "model.local_window_size=16",
-                                            f"parallel.sequence_parallel_size={sp}"])
+                                            f"parallel.sequence_parallel_size={sp}", *overrides])
     torch.manual_seed(cfg.train.seed)
     model = RoutingTransformerLM(cfg.model)
     cfg.train.checkpoint_activations = bool(ckpt_layers)
@@ -204,9 +254,14 @@ def single_process_losses(tmp_path_factory):
     return torch.tensor(torch.load(f"{out}.0"), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("zero, ckpt_layers", [(2, False), (2, True)])
-def test_twenty_steps_with_sp2_equal_one_process(tmp_path, single_process_losses, zero, ckpt_layers):
-    spawn(train_worker, 2, 2, zero, ckpt_layers, str(tmp_path / "l"))
+POLICY = {"selective": ["train.checkpoint_policy=selective", "train.checkpoint_chunk_size=16"],
+          "full": ["train.checkpoint_policy=full", "train.checkpoint_chunk_size=16"]}
+
+
+@pytest.mark.parametrize("zero, ckpt_layers, policy", [(2, False, None), (2, True, None), (2, False, "selective"),
+                                                       (3, False, "full")])
+def test_twenty_steps_with_sp2_equal_one_process(tmp_path, single_process_losses, zero, ckpt_layers, policy):
+    spawn(train_worker, 2, 2, zero, ckpt_layers, str(tmp_path / "l"), POLICY.get(policy, ()))
     assert single_process_losses[-1] < single_process_losses[0] - 0.3
     for rank in range(2):
         losses = torch.tensor(torch.load(f"{tmp_path / 'l'}.{rank}"), dtype=torch.float64)

@@ -39,9 +39,9 @@ def worker(rank, world, port, engine, zero, accumulation, overrides, out):
     cfg = load_config("configs/tiny.yaml", [f"train.seq_length={SEQ}", "model.window_size=16"] + overrides)
     torch.manual_seed(cfg.train.seed)
     model = RoutingTransformerLM(cfg.model)
-    if cfg.train.checkpoint_activations:
-        from rtdist.parallel.checkpointing import apply_activation_checkpointing
-        apply_activation_checkpointing(model, 1)
+    from rtdist.config import checkpoint_policy
+    from rtdist.parallel.checkpointing import apply_activation_checkpointing
+    apply_activation_checkpointing(model, 1, checkpoint_policy(cfg.train), cfg.train.checkpoint_chunk_size)
     t = cfg.train
     optim = OptimConfig(t.lr, t.min_lr, 2, STEPS, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.gradient_clipping)
     eng = build_engine(engine, model, optim, micro_batch=micro, accumulation=accumulation, dp_size=world,
@@ -86,8 +86,14 @@ def test_two_ranks_equal_one_process(tmp_path, reference, engine, zero, accumula
         torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
 
 
-def test_activation_checkpointing_keeps_losses_and_centroids(tmp_path, reference):
-    ranks = run(tmp_path, 2, "deepspeed", 2, overrides=["train.checkpoint_activations=true"])
+@pytest.mark.parametrize("engine, zero, overrides", [
+    ("deepspeed", 2, ["train.checkpoint_activations=true"]),
+    ("deepspeed", 3, ["train.checkpoint_policy=full", "train.checkpoint_chunk_size=16"]),
+    ("deepspeed", 3, ["train.checkpoint_policy=selective", "train.checkpoint_chunk_size=16"]),
+    ("torch", 0, ["train.checkpoint_policy=full", "train.checkpoint_chunk_size=16"]),
+])
+def test_activation_checkpointing_keeps_losses_and_centroids(tmp_path, reference, engine, zero, overrides):
+    ranks = run(tmp_path, 2, engine, zero, overrides=overrides)
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"], dtype=torch.float64),
                                torch.tensor(reference["losses"], dtype=torch.float64), rtol=0, atol=2e-5)
     for a, c in zip(ranks[0]["means"], reference["means"]):

@@ -133,7 +133,7 @@ def run_point(args) -> dict:
     """One measured step in this process (a rank of a torchrun group when sp > 1)."""
     import gc
     import torch
-    from rtdist.model import RoutingTransformerLM, lm_loss
+    from rtdist.model import RoutingTransformerLM
     n, sp = args.seq_length, args.sp
     threads = max(1, args.threads // sp)  # --threads is for the whole point: sp ranks share the machine's cores
     torch.set_num_threads(threads)
@@ -159,9 +159,9 @@ def run_point(args) -> dict:
             apply_sequence_parallel(model, dims)
         except ValueError as e:  # e.g. dense attention: every rank raises alike, so none waits on a collective
             return {"status": "skipped", "reason": str(e)}
-    if args.checkpointing == "full":
+    if args.checkpointing != "none":
         from rtdist.parallel.checkpointing import apply_activation_checkpointing
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, 1, args.checkpointing, args.chunk_size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def shard(batch):
@@ -170,15 +170,15 @@ def run_point(args) -> dict:
 
     def forward(batch):
         inp, pos = shard(batch)
-        logits, aux = model(inp[:, :-1], positions=pos)
-        return logits, lm_loss(logits, inp[:, 1:]) + aux
+        loss, aux = model(inp[:, :-1], positions=pos, targets=inp[:, 1:])  # the training loss entry
+        return loss + aux
 
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, n + 1), generator=torch.Generator().manual_seed(1)).to(dev)
     # Warm-up: kernels and thread pools, no optimizer state, gradients freed.
     w = max(cfg.window_size, cfg.local_window_size or cfg.window_size) * 2 * sp
-    logits, loss = forward(torch.randint(0, cfg.vocab_size, (1, w + 1), device=dev))
+    loss = forward(torch.randint(0, cfg.vocab_size, (1, w + 1), device=dev))
     loss.backward()
-    del logits, loss
+    del loss
     model.zero_grad(set_to_none=True)
     model.discard_kmeans_stats()
     gc.collect()
@@ -204,7 +204,7 @@ def run_point(args) -> dict:
     try:
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits, loss = forward(tokens)
+            loss = forward(tokens)
         loss.backward()
         if sp > 1:  # the gradient sum over the sequence shards, as training does
             for prm in model.parameters():
@@ -360,10 +360,11 @@ def print_estimate(args, cfgs: dict, lengths: list[int]) -> None:
     print(f"    {'variant':<28}{'KB/tok/l':>9}" + "".join(f"{fmt_len(n):>10}" for n in lengths) + "   (peak MiB)")
     for attention, ckpt, sp in itertools.product(args.attention, args.checkpointing, args.sp):
         cfg = cfgs[attention]
-        e0 = estimate(cfg, lengths[0], args.batch, ckpt, args.world_size, args.zero_stage, sp)
-        row = "".join(f"{estimate(cfg, n, args.batch, ckpt, args.world_size, args.zero_stage, sp).peak / MB:>10.0f}"
-                      for n in lengths)
-        last = estimate(cfg, lengths[-1], args.batch, ckpt, args.world_size, args.zero_stage, sp)
+        def est(n):
+            return estimate(cfg, n, args.batch, ckpt, args.world_size, args.zero_stage, sp, args.chunk_size)
+        e0 = est(lengths[0])
+        row = "".join(f"{est(n).peak / MB:>10.0f}" for n in lengths)
+        last = est(lengths[-1])
         print(f"    {variant_name(attention, ckpt, sp):<28}{e0.act_per_token_layer / 1024:>9.1f}{row}"
               f"   (peak at {fmt_len(lengths[-1])}: {last.phase})")
 
@@ -397,9 +398,10 @@ def sweep(args) -> dict:
     for attention, ckpt, sp, n in bar:
         key = (attention, ckpt, sp)
         cfg = cfgs[attention]
-        est = estimate(cfg, n, args.batch, ckpt, 1, 0, sp)
+        est = estimate(cfg, n, args.batch, ckpt, 1, 0, sp, args.chunk_size)
         row = {"variant": variant_name(*key), "attention": attention, "checkpointing": ckpt, "sp": sp,
-               "seq_length": n, "est_mb": est.growth / MB, "est_peak_mb": est.peak / MB,
+               "seq_length": n, "est_mb": est.growth / MB, "est_kb_per_token": est.bytes_per_token / 1024,
+               "est_peak_mb": est.peak / MB,
                "est_saved_mb": est.activations / MB, "est_working_mb": est.working / MB,
                "est_states_mb": (est.params + est.grads + est.optim) / MB, "n_params": est.n_params}
         if key in stopped:
@@ -424,14 +426,57 @@ def sweep(args) -> dict:
         r = {**row, **r}
         if r["status"] == "ok":
             r["est_ratio"] = r["est_mb"] / r["peak_mb"] if r["peak_mb"] > 0 else None
+            r["kb_per_token"] = r["peak_mb"] * 1024 / (args.batch * n / sp)
             overhead[key] = r["baseline_mb"] * MB
         else:  # an unsupported variant (skipped) is unsupported at every length too
             stopped[key] = n
         results.append(r)
+    budget = within_budget(args, cfgs, results, max_mem) if args.budget_gb else []
     meta["load_after"] = os.getloadavg()
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     meta["peak_method"] = next((r["peak_method"] for r in results if "peak_method" in r), None)
-    return {"meta": meta, "results": results, "fits": fits(results, args.fit_min)}
+    return {"meta": meta, "results": results, "fits": fits(results, args.fit_min), "budget": budget}
+
+
+def within_budget(args, cfgs: dict, results: list[dict], max_mem: float) -> list[dict]:
+    """For each variant, the longest sequence whose per-rank memory (model-ready baseline + the step's peak growth)
+    fits ``--budget-gb``: estimated (the memory model, on lengths that are multiples of sp x window), then
+    measured: a point at the estimated length, and, while it does not fit, points 10% shorter (at most 3 more).
+    Lengths the sweep already measured within the budget count as measured too."""
+    budget = args.budget_gb * 2 ** 30
+    out = []
+    for attention, ckpt, sp in itertools.product(args.attention, args.checkpointing, args.sp):
+        cfg, name = cfgs[attention], variant_name(attention, ckpt, sp)
+        ok = [r for r in results if r["variant"] == name and r["status"] == "ok"]
+        base = ok[-1]["baseline_mb"] * MB if ok else 400 * MB + count_params(cfg) * 4 + buffer_bytes(cfg)
+        step = sp * max(cfg.window_size, cfg.local_window_size or cfg.window_size)
+
+        def fits_estimate(n: int) -> bool:
+            return base + estimate(cfg, n, args.batch, ckpt, 1, 0, sp, args.chunk_size).growth <= budget
+
+        lo, hi = 0, step  # lo fits (0: nothing does), hi does not, in multiples of step
+        while fits_estimate(hi) and hi < 2 ** 26:
+            lo, hi = hi, 2 * hi
+        while hi - lo > step:
+            mid = (lo + hi) // 2 // step * step
+            lo, hi = (mid, hi) if fits_estimate(mid) else (lo, mid)
+        row = {"variant": name, "budget_gb": args.budget_gb, "est_longest": lo, "tried": []}
+        fitting = [r["seq_length"] for r in ok if r["baseline_mb"] + r["peak_mb"] <= budget / MB]
+        n = lo
+        for _ in range(4):
+            if n <= max(fitting, default=0) or n < step:
+                break
+            r = launch_point(args, attention, ckpt, sp, n, max(max_mem, sp * budget * 1.25))
+            total = r["baseline_mb"] + r["peak_mb"] if r.get("status") == "ok" else None
+            row["tried"].append({"seq_length": n, "status": r.get("status"), "total_mb": total,
+                                 "time_s": r.get("time_s"), "reason": r.get("reason")})
+            if total is not None and total <= budget / MB:
+                fitting.append(n)
+                break
+            n = int(n * 0.9) // step * step
+        row["measured_longest"] = max(fitting, default=None)
+        out.append(row)
+    return out
 
 
 def _series(results) -> dict:
@@ -516,15 +561,25 @@ def targets(data: dict) -> list[dict]:
 
 
 def print_table(data: dict) -> None:
-    print(f"\n{'variant':<26}{'seq':>6}{'time s':>9}{'tok/s':>9}{'peak MB':>10}{'est MB':>9}{'est/meas':>9}"
-          f"{'saved MB':>10}{'est saved':>10}")
+    print(f"\n{'variant':<31}{'seq':>6}{'time s':>9}{'tok/s':>9}{'peak MB':>10}{'KB/tok':>8}{'est MB':>9}"
+          f"{'est/meas':>9}{'saved MB':>10}{'est saved':>10}")
     for r in data["results"]:
-        head = f"{r['variant']:<26}{fmt_len(r['seq_length']):>6}"
+        head = f"{r['variant']:<31}{fmt_len(r['seq_length']):>6}"
         if r["status"] != "ok":
             print(f"{head}   {r['status']}: {r.get('reason', '')}  (est {r['est_mb']:.0f} MB)")
             continue
-        print(f"{head}{r['time_s']:>9.2f}{r['tokens_per_s']:>9.0f}{r['peak_mb']:>10.0f}{r['est_mb']:>9.0f}"
-              f"{r['est_mb'] / r['peak_mb']:>9.2f}{r['saved_mb']:>10.0f}{r['est_saved_mb']:>10.0f}")
+        print(f"{head}{r['time_s']:>9.2f}{r['tokens_per_s']:>9.0f}{r['peak_mb']:>10.0f}"
+              f"{r.get('kb_per_token', float('nan')):>8.1f}{r['est_mb']:>9.0f}{r['est_mb'] / r['peak_mb']:>9.2f}"
+              f"{r['saved_mb']:>10.0f}{r['est_saved_mb']:>10.0f}")
+    if data.get("budget"):
+        gb = data["budget"][0]["budget_gb"]
+        print(f"\nlongest sequence within {gb:g} GiB per rank (model-ready baseline + peak growth):")
+        print(f"{'variant':<31}{'estimated':>10}{'measured':>10}  points tried (total MB)")
+        for b in data["budget"]:
+            tried = ", ".join(f"{fmt_len(t['seq_length'])}: " + (f"{t['total_mb']:.0f}" if t["total_mb"] is not None
+                                                                  else t["status"]) for t in b["tried"])
+            meas = fmt_len(b["measured_longest"]) if b["measured_longest"] else "-"
+            print(f"{b['variant']:<31}{fmt_len(b['est_longest']):>10}{meas:>10}  {tried or '-'}")
     if data["fits"]:
         print(f"\n{'variant':<26}{'mem exp':>8}{'time exp':>9}  fit range   stopped")
         for name, f in data["fits"].items():
@@ -546,7 +601,7 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.ticker as mticker
     fit_min = data["meta"].get("args", {}).get("fit_min") or 0
     colors = {"routing": "tab:blue", "local": "tab:green", "full": "tab:orange", "full-naive": "tab:red"}
-    styles = {"none": "-", "full": "--"}
+    styles = {"none": "-", "selective": "-.", "full": "--"}
     markers = {1: "o", 2: "s", 4: "^", 8: "D"}
     fig, (axm, axt) = plt.subplots(1, 2, figsize=(15, 8))
     ticks = sorted({r["seq_length"] for r in data["results"]})
@@ -608,7 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lengths", help="comma list; 'k' = 1024 (default 4k,8k,16k,32k,64k; --quick: 256,512)")
     p.add_argument("--attention", help=f"comma list of {list(ATTENTION)} (default all; --quick: routing)")
-    p.add_argument("--checkpointing", help="comma list of none, full (every layer); default both (--quick: none)")
+    p.add_argument("--checkpointing", help="comma list of policies none, selective, full (every layer); default none,full "
+                   "(--quick: none)")
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="tokens per recomputed position-wise chunk under selective/full (0: not chunked)")
     p.add_argument("--sp", default="1", help="comma list of sequence-parallel degrees")
     p.add_argument("--max-seq", default="full=32k,full-naive=16k",
                    help="per-attention longest length, e.g. full=32k,full-naive=16k ('' for none)")
@@ -632,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="per point, split over its sp ranks")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--budget-gb", type=float,
+                   help="after the sweep: the longest length each variant fits in this many GiB per rank, estimated "
+                        "and measured (points at and below the estimate)")
     p.add_argument("--max-mem-gb", type=float, default=16.0,
                    help="per point: estimated or observed memory above this stops the series")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per point (process start included)")
@@ -650,8 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags a point process needs (the model and how to run it); the sweep's own flags are not forwarded.
-_FORWARD = ["config", "full_size", "quick", *FLAG_KEYS, "routing_layers", "recompute_attention", "batch", "threads",
-            "device"]
+_FORWARD = ["config", "full_size", "quick", *FLAG_KEYS, "routing_layers", "recompute_attention", "chunk_size", "batch",
+            "threads", "device"]
 
 
 def main(argv=None) -> dict | None:
@@ -680,8 +741,8 @@ def main(argv=None) -> dict | None:
             p.error(f"--attention {a!r} is not one of {list(ATTENTION)}")
     args.checkpointing = parse_list(args.checkpointing)
     for c in args.checkpointing:
-        if c not in ("none", "full"):
-            p.error(f"--checkpointing {c!r} is not none or full")
+        if c not in ("none", "selective", "full"):
+            p.error(f"--checkpointing {c!r} is not none, selective or full")
     args.sp = parse_list(args.sp, int)
     args.max_seq = {k: parse_length(v) for k, v in (x.split("=") for x in parse_list(args.max_seq))}
     args.fit_min = parse_length(args.fit_min)

@@ -207,6 +207,19 @@ def model_state_bytes(n_params: int, world_size: int = 1, zero_stage: int = 0) -
             "optim": 8 * n_params / (w if zero_stage >= 1 else 1)}
 
 
+CHECKPOINTING = ("none", "selective", "full")
+
+
+def _routes_fused(cfg: ModelConfig, R: int) -> bool:
+    """Causal routing heads run as one recomputed function (``RoutingAttention.routing_heads``)."""
+    return R > 0 and cfg.attention_type in ("routing", "local") and cfg.routing_mode == "causal"
+
+
+def _chunkable(cfg: ModelConfig, R: int) -> bool:
+    """The layer's attention can run in sequence chunks (``RoutingAttention.chunkable``)."""
+    return cfg.attention_type in ("routing", "local") and (R == 0 or cfg.routing_mode == "causal")
+
+
 def saved_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> float:
     """fp32 values (int64 indices count as two) that autograd keeps per token for one layer without checkpointing.
 
@@ -214,19 +227,20 @@ def saved_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> floa
     LayerNorm 1 input d + mean/rstd 2; projection input (LayerNorm 1 output) d. Dense: rotated q and k 2*H*hd, v
     H*hd, SDPA output H*hd and log-sum-exp H (flash), or the n x n probabilities H*n and the causal mask n/4
     (bool) for ``full_naive``. Local heads: rotated q and k 2*L*hd and the whole v H*hd (the kernel's input is a
-    view of it). Routing heads: the whole q H*hd (normalize/layer_norm read a view of it), k = normalize(q) norms
-    2R, routing vectors R*hd + LayerNorm stats 2R, centroid scores R*C, cluster ids 2R, rotated q and k 2*R*hd, v
-    (a view of the whole v, kept once whether local heads read it too or not), the block plan ~4R. Output projection input H*hd;
-    LayerNorm 2 input d + 2; feed-forward input d; GEGLU: w_in output 2F (gelu reads half, the product the other
-    half), gelu output F, w_out input F (plain GELU: F + F).
+    view of it). Causal routing heads (one recomputed function from their raw projections): a copy of their
+    queries R*hd (and of their keys without shared QK), v (a view of the whole v, kept once whether local heads read
+    it too or not). ``topk`` routing heads (project, route, attend): the whole q H*hd (normalize/layer_norm read a
+    view of it), k = normalize(q) norms 2R, routing vectors R*hd + LayerNorm stats 2R, centroid scores R*C, cluster
+    ids 2R, rotated q and k 2*R*hd, v. Output projection input H*hd; LayerNorm 2 input d + 2; feed-forward input d;
+    GEGLU: w_in output 2F (gelu reads half, the product the other half), gelu output F, w_out input F (plain GELU:
+    F + F).
     """
     d, H = cfg.d_model, cfg.n_heads
     hd = cfg.head_dim or d // H
-    hidden = int(d * cfg.ff_mult)
     rotary = cfg.pos_emb == "rotary"
     L, R = _heads(cfg, n_local_split)
     f = (d + 2) + d + H * hd  # LayerNorm 1, projection input, output-projection input
-    f += (d + 2) + d + (4 * hidden if cfg.ff_glu else 2 * hidden)  # LayerNorm 2, feed-forward
+    f += ff_saved_floats_per_token(cfg)
     if cfg.attention_type in ("full", "full_naive"):
         f += 3 * H * hd  # q, k (rotated or the projections), v
         if cfg.attention_type == "full":
@@ -240,12 +254,15 @@ def saved_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> floa
         f += 2 * L * hd if rotary else H * hd + n_k * hd  # rotated q, k (else views of the projections)
         f += H * hd  # v
         q_kept = not rotary
-    if R:
+    if _routes_fused(cfg, R):
+        f += R * hd * (1 if cfg.shared_qk else 2)  # copies of the routing heads' q (and k)
+        f += 0 if L else H * hd  # v
+    elif R:
         if not q_kept:
             f += H * hd  # q, read through a view by normalize and layer_norm
         f += (2 * R if cfg.shared_qk else 0) + R * hd + 2 * R + R * cfg.num_clusters + 2 * R
         f += 2 * R * hd if rotary else (R * hd if cfg.shared_qk else 0)
-        f += 0 if L else H * hd  # v of the routing heads: a view of the whole v, which local heads keep already
+        f += 0 if L else H * hd
         f += 4 * R  # block plan (int64 slot and output indices), not visible to saved-tensor hooks
     return f
 
@@ -253,12 +270,13 @@ def saved_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> floa
 def global_saved_floats_per_token(cfg: ModelConfig) -> tuple[float, float]:
     """Per-token values kept once for the whole model, as (kept through the layers' backward, freed by the head's
     backward): token ids and rotary tables (and the embedding projection's input); the final LayerNorm's input and
-    stats, the head's input, the log-softmax output and the targets."""
+    stats, the gradient of the head's input that the chunked loss computes in forward (and the output projection's
+    input). No logits: the loss runs over chunks (``RoutingTransformerLM.loss``)."""
     d = cfg.d_model
     e = cfg.emb_dim or d
     hd = cfg.head_dim or d // cfg.n_heads
     keep = 2 + (hd if cfg.pos_emb == "rotary" else 0) + (e if e != d else 0)
-    head = (d + 2) + d + cfg.vocab_size + 2 + (d if e != d else 0)
+    head = (d + 2) + e + (d if e != d else 0)
     return keep, head
 
 
@@ -269,17 +287,19 @@ def ff_saved_floats_per_token(cfg: ModelConfig) -> float:
 
 
 def working_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> dict[str, float]:
-    """Temporaries alive on top of the saved activations at the three candidate peaks of backward, per token:
+    """Temporaries alive on top of the saved activations during the last layer's backward, per token:
 
-    * ``head``: start of backward: the logits V (held until backward), their gradient V, the log-softmax gradient V.
-    * ``ff``: the last layer's GEGLU product backward (where the profiler puts the peak): residual gradients 2d,
+    * ``ff``: its GEGLU product backward (where the profiler puts the peak without chunks): residual gradients 2d,
       the w_out input's gradient F and the gradients of both GEGLU halves 2F, less the w_out input F already freed
       (plain GELU: 2d + F).
-    * ``attn``: the last layer's attention backward, its feed-forward's saved values already freed: for the
-      recomputed local/routing kernels the re-gathered q, k, v (k and v twice: a block sees its predecessor), the
-      output and their gradients, ~10 per head dim; for dense SDPA the q, k, v and output gradients 4 per head
-      dim; for ``full_naive`` also the n x n probability gradient and the softmax gradient (2 H n) and the causal
-      mask (n / 8, bool) — the quadratic attention working set."""
+    * ``attn``: its attention backward, its feed-forward's saved values already freed: for the recomputed
+      local/routing kernels the re-gathered q, k, v (k and v twice: a block sees its predecessor), the output and
+      their gradients, ~10 per head dim; for dense SDPA the q, k, v and output gradients 4 per head dim; for
+      ``full_naive`` also the n x n probability gradient and the softmax gradient (2 H n) and the causal mask
+      (n / 8, bool): the quadratic attention working set.
+    * ``routing``: the routing heads' recomputed function and its backward when the rest of the layer runs in
+      chunks (``full`` with chunks): the residual gradient d, the heads' output gradient H*hd, and ~9 per routing
+      head dim (routing vectors, rotated q and k, re-gathered blocks, output, gradients)."""
     d, H = cfg.d_model, cfg.n_heads
     hd = cfg.head_dim or d // H
     hidden = int(d * cfg.ff_mult)
@@ -291,7 +311,40 @@ def working_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> di
         attn = 2 * d + 4 * H * hd + 2 * H * n + n / 4
     else:
         attn = 2 * d + 10 * (L + R) * hd
-    return {"head": 3 * cfg.vocab_size, "ff": ff, "attn": attn}
+    return {"ff": ff, "attn": attn, "routing": d + H * hd + 9 * R * hd}
+
+
+def layer_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int, checkpointing: str = "none",
+                           chunked: bool = False) -> dict[str, float]:
+    """One layer under a checkpoint policy, per token: ``kept`` (from its forward until its backward), and during
+    the layer's own backward, what it holds once recomputed in its two phases, ``ff`` (its second half) and
+    ``attn`` (its attention), temporaries included. ``chunked``: the policy runs position-wise parts in sequence
+    chunks (``train.checkpoint_chunk_size`` > 0); the chunk's own activations are counted apart (per chunk token,
+    :func:`chunk_floats_per_token`)."""
+    d, H = cfg.d_model, cfg.n_heads
+    hd = cfg.head_dim or d // H
+    L, R = _heads(cfg, n_local_split)
+    whole = saved_floats_per_token(cfg, n, n_local_split)
+    ffs = ff_saved_floats_per_token(cfg)
+    work = working_floats_per_token(cfg, n, n_local_split)
+    grads_2nd_half = 2 * d + H * hd  # the block output's gradient; its input's and the heads' output's, filling
+    if checkpointing == "none" or (checkpointing == "selective" and not chunked):
+        return {"kept": whole, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"]}
+    if checkpointing == "selective":
+        return {"kept": whole - ffs, "ff": whole - ffs + grads_2nd_half, "attn": whole - ffs + work["attn"]}
+    if not chunked:  # full, whole blocks recomputed
+        return {"kept": d, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"]}
+    if not _chunkable(cfg, R):  # full, attention whole, second half in chunks
+        return {"kept": d, "ff": whole - ffs + grads_2nd_half, "attn": whole - ffs + work["attn"]}
+    between = L * hd + R * hd * (2 if cfg.shared_qk else 3) + R * hd  # local output; routing q, (k,) v; routed out
+    return {"kept": d, "ff": d + between + grads_2nd_half,
+            "attn": d + between - (L + R) * hd + work["routing"]}
+
+
+def chunk_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> float:
+    """What one recomputed chunk holds during its backward, per token of the chunk: its saved values (at most a whole
+    layer's) and the feed-forward's temporaries."""
+    return saved_floats_per_token(cfg, n, n_local_split) + working_floats_per_token(cfg, n, n_local_split)["ff"]
 
 
 @dataclass
@@ -308,45 +361,55 @@ class MemoryEstimate:
     growth: float  # peak minus what exists before the step (parameters, buffers): what the benchmark measures
     act_per_token_layer: float  # saved bytes per token per layer (mean over layers), without checkpointing
     phase: str  # where the peak is: head / ff / attn (backward of the last layer) or optimizer
+    tokens: float  # per rank
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Growth per token of this rank: what each more token costs, model states included."""
+        return self.growth / self.tokens
 
 
 def estimate(cfg: ModelConfig, seq_len: int, batch: int = 1, checkpointing: str = "none", world_size: int = 1,
-             zero_stage: int = 0, sp: int = 1) -> MemoryEstimate:
+             zero_stage: int = 0, sp: int = 1, chunk_size: int = 4096) -> MemoryEstimate:
     """Analytic per-rank peak memory of one fp32 forward + backward + AdamW step (see the module docstring)."""
-    if checkpointing not in ("none", "full"):
-        raise ValueError(f"checkpointing must be 'none' or 'full', got {checkpointing!r}")
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
     n_params = count_params(cfg)
     states = model_state_bytes(n_params, world_size, zero_stage)
     tokens = batch * seq_len / sp
+    chunked = chunk_size > 0 and checkpointing != "none"
+    chunk_tokens = batch * min(chunk_size, seq_len / sp) if chunked else 0
     splits = layer_head_split(cfg)
-    per_layer = [saved_floats_per_token(cfg, seq_len, s) for s in splits]
+    layers = [layer_floats_per_token(cfg, seq_len, s, checkpointing, chunked) for s in splits]
     keep, head = global_saved_floats_per_token(cfg)
-    work = working_floats_per_token(cfg, seq_len, splits[-1])
-    if checkpointing == "none":
-        layers = sum(per_layer)
-        recomputed = 0.0
-    else:  # layer inputs kept; the last layer, recomputed in backward, holds its whole saved set again
-        layers = len(splits) * cfg.d_model
-        recomputed = per_layer[-1]
-    saved = layers + keep + head
+    before_last = sum(x["kept"] for x in layers[:-1]) + keep
+    saved = before_last + layers[-1]["kept"] + head
     d, hidden = cfg.d_model, int(cfg.d_model * cfg.ff_mult)
     e = cfg.emb_dim or d
+    head_weights = cfg.vocab_size * e * (1 if cfg.tie_embedding else 2)
     # Gradients that exist at the peak: the head (embedding / output projection) and the last w_out.
-    head_grads = (cfg.vocab_size * e * (1 if cfg.tie_embedding else 2) + d * hidden) * states["grads"] / n_params
-    phases = {"head": saved + work["head"],
-              "ff": layers + keep + recomputed + work["ff"],
-              "attn": layers + keep + recomputed - ff_saved_floats_per_token(cfg) + work["attn"]}
+    head_grads = (head_weights + d * hidden) * states["grads"] / n_params
+    # End of forward: every saved value, the loss's gradient of the head weight (fp32, computed in forward) and
+    # one chunk of logits, their softmax in place and its gradient cast.
+    loss_chunk = min(cfg.loss_chunk_size or tokens, tokens)
+    head_phase = 4 * tokens * saved + 4 * (cfg.vocab_size * e + 2 * loss_chunk * cfg.vocab_size)
+    chunk = 4 * chunk_tokens * chunk_floats_per_token(cfg, seq_len, splits[-1])
+    phases = {"head": head_phase,
+              "ff": 4 * tokens * (before_last + layers[-1]["ff"]) + chunk + head_grads,
+              "attn": 4 * tokens * (before_last + layers[-1]["attn"]) + chunk + head_grads}
     phase = max(phases, key=phases.get)
-    act_peak = 4 * tokens * phases[phase] + (0 if phase == "head" else head_grads)
+    act_peak = phases[phase]
     optim_phase = states["grads"] + states["optim"] + states["params"]  # AdamW's foreach temporaries: <= 1 param copy
     if optim_phase > act_peak:
         act_peak, phase = optim_phase, "optimizer"
     activations = 4 * tokens * saved
     bufs = float(buffer_bytes(cfg))
     peak = states["params"] + bufs + act_peak
+    per_layer = [saved_floats_per_token(cfg, seq_len, s) for s in splits]
     return MemoryEstimate(n_params=n_params, params=states["params"], grads=states["grads"], optim=states["optim"],
                           buffers=bufs, activations=activations, working=act_peak - activations, peak=peak,
-                          growth=act_peak, act_per_token_layer=4 * sum(per_layer) / len(per_layer), phase=phase)
+                          growth=act_peak, act_per_token_layer=4 * sum(per_layer) / len(per_layer), phase=phase,
+                          tokens=tokens)
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:

@@ -8,11 +8,17 @@ sequence-parallel backend share:
 2. :meth:`RoutingAttention.route`: each routing vector's nearest centroid (and, in training, its k-means statistics);
 3. :meth:`RoutingAttention.attend`: the kernels, through ``self.backend``, then the output projection.
 
+The forward (training and evaluation) runs the same steps, but in causal routing mode it runs everything the routing
+heads do after their raw projections (routing vectors, assignment, normalised keys, rotary, kernel) as one function
+that the backend recomputes in backward (:meth:`RoutingAttention.routing_heads`), so that none of the routing-only
+tensors is kept between forward and backward.
+
 The backend is an :class:`AttentionBackend` (the whole sequence in this process) unless
 ``rtdist.parallel.parallelize`` gave the layer a sequence-parallel one: the layer itself has no parallel branches.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .kernels import (causal_routing_attention, full_attention, local_attention, naive_full_attention,
                       topk_routing_attention)
-from .kmeans import SphericalKMeans, routing_vectors
+from .kmeans import SphericalKMeans, kmeans_stats_suspended, routing_vectors
 
 
 class Rotary(nn.Module):
@@ -60,6 +66,11 @@ class Routes:
     sims: Optional[torch.Tensor]  # [B, Hr, n, C] fp32 without gradient; top-k routing only
 
 
+def _recompute_context():
+    # A recomputed function that routes tokens must not count their k-means statistics a second time.
+    return contextlib.nullcontext(), kmeans_stats_suspended()
+
+
 class AttentionBackend:
     """Runs a layer's kernels over the whole sequence in this process. With ``recompute`` the kernels keep only
     their inputs for backward and run again there (``model.recompute_attention``): numerically identical."""
@@ -69,17 +80,40 @@ class AttentionBackend:
 
     def run(self, fn, *args, **kwargs):
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+            return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_context, **kwargs)
         return fn(*args, **kwargs)
 
     def local(self, q, k, v, window: int, dropout_p: float) -> torch.Tensor:
         """[B, L, n, d] -> [B, L, n, d]."""
-        return self.run(local_attention, q, k, v, window, dropout_p)
+        prev = self.previous_window(lambda: (k, v), window)
+        return self.after_local(self.run(local_attention, q, k, v, window, dropout_p, *(prev or (None, None))))
+
+    def previous_window(self, kv_fn, window: int):
+        """(k, v) [B, L, window, d] of the local heads' window just before this process's first token, or None when
+        there is none (here: the sequence starts here). ``kv_fn()`` gives this process's local (k, v) (at least its
+        last window), which a sequence-parallel backend sends on to the next rank."""
+        return None
+
+    def after_local(self, out: torch.Tensor) -> torch.Tensor:
+        """The local heads' output, once every local chunk of the layer ran (a sequence-parallel backend orders the
+        backward of its window exchange after it)."""
+        return out
+
+    def routing(self, fn, q, *args):
+        """``fn(q, *args)``: the routing heads' work from their queries on, kernel included; recomputed in backward
+        like a kernel."""
+        return self.run(fn, q, *args)
+
+    def routed_kernel(self, q, k, v, clusters, num_clusters: int, window: int, exclude_self: bool,
+                      dropout_p: float) -> torch.Tensor:
+        """Causal cluster blocks, not recomputed by itself: q, k, v [B, n, Hr, d], clusters [B, n, Hr] ->
+        [B, n, Hr, d]."""
+        return causal_routing_attention(q, k, v, clusters, num_clusters, window, exclude_self, dropout_p)
 
     def routed(self, q, k, v, clusters, num_clusters: int, window: int, exclude_self: bool,
                dropout_p: float) -> torch.Tensor:
-        """Causal cluster blocks: q, k, v [B, n, Hr, d], clusters [B, n, Hr] -> [B, n, Hr, d]."""
-        return self.run(causal_routing_attention, q, k, v, clusters, num_clusters, window, exclude_self, dropout_p)
+        """:meth:`routed_kernel`, recomputed in backward."""
+        return self.routing(self.routed_kernel, q, k, v, clusters, num_clusters, window, exclude_self, dropout_p)
 
     def topk(self, q, k, v, sims, window: int, valid, exclude_self: bool, dropout_p: float) -> torch.Tensor:
         """The paper's routing (needs the whole sequence): q, k, v [B, n, Hr, d] -> [B, n, Hr, d]."""
@@ -120,32 +154,61 @@ class RoutingAttention(nn.Module):
     def dropout_p(self) -> float:
         return self.cfg.attn_dropout if self.training else 0.0
 
+    @property
+    def chunkable(self) -> bool:
+        """Whether the layer's attention is position-wise up to the local window (local heads, causal routing
+        heads), so that a block can run it in sequence chunks (``Block.chunks``)."""
+        return self.kind in ("routing", "local") and (not self.n_routing or self.cfg.routing_mode == "causal")
+
+    def qkv(self, x: torch.Tensor):
+        """The raw projections of x [B, n, d_model] (normed): q, v [B, n, H, d], k [B, n, heads with keys, d] or
+        None (all heads route with shared keys)."""
+        B, n, _ = x.shape
+        q = self.to_q(x).view(B, n, self.n_heads, self.head_dim)
+        v = self.to_v(x).view(B, n, self.n_heads, self.head_dim)
+        k = self.to_k(x).view(B, n, -1, self.head_dim) if self.to_k is not None else None
+        return q, k, v
+
+    def local_qkv(self, q, k, v, rope=None):
+        """The local heads' kernel inputs [B, L, n, d] (q, k rotated) from the raw projections."""
+        L = self.n_local
+        ql, kl, vl = (t[:, :, :L].transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            ql, kl = apply_rotary(ql, *rope), apply_rotary(kl, *rope)
+        return ql, kl, vl
+
+    def local_kv(self, x: torch.Tensor, rope=None):
+        """The local heads' (k, v) [B, L, n, d] (k rotated) of x [B, n, d_model] (normed)."""
+        return self.local_qkv(*self.qkv(x), rope)[1:]
+
+    def routed_qkv(self, qr, kr, vr, rope=None):
+        """The routing heads' routing vectors [B, Hr, n, d] (fp32, from the un-rotated queries) and kernel inputs
+        (q, k, v) [B, n, Hr, d] (q and k rotated) from their raw projections; ``kr`` None: k = normalize(q)."""
+        r = routing_vectors(qr.transpose(1, 2))
+        kr = F.normalize(qr, dim=-1) if kr is None else kr
+        if rope is not None:
+            cos, sin = (t[:, None, :] for t in rope)  # broadcast over the head axis
+            qr, kr = apply_rotary(qr, cos, sin), apply_rotary(kr, cos, sin)
+        return r, (qr, kr, vr)
+
+    def routed_raw(self, q, k, v):
+        """The routing heads' slices (q, k or None, v) [B, n, Hr, d] of the raw projections."""
+        L = self.n_local
+        return q[:, :, L:], None if self.shared_qk else k[:, :, L:], v[:, :, L:]
+
     def project(self, x: torch.Tensor, rope=None) -> Projections:
         """x [B, n, d_model] (normed) -> :class:`Projections`; ``rope`` = (cos, sin) [n, d/2] of the positions."""
-        B, n, _ = x.shape
-        H, L, hd = self.n_heads, self.n_local, self.head_dim
-        q = self.to_q(x).view(B, n, H, hd)
-        v = self.to_v(x).view(B, n, H, hd)
-        k = self.to_k(x).view(B, n, -1, hd) if self.to_k is not None else None
+        q, k, v = self.qkv(x)
         if self.kind in ("full", "full_naive"):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             return Projections(dense=(q, k, v))
         out = Projections()
-        if L:
-            ql, kl, vl = (t[:, :, :L].transpose(1, 2) for t in (q, k, v))
-            if rope is not None:
-                ql, kl = apply_rotary(ql, *rope), apply_rotary(kl, *rope)
-            out.local = (ql, kl, vl)
+        if self.n_local:
+            out.local = self.local_qkv(q, k, v, rope)
         if self.n_routing:
-            qr, vr = q[:, :, L:], v[:, :, L:]
-            kr = F.normalize(qr, dim=-1) if self.shared_qk else k[:, :, L:]
-            out.r = routing_vectors(qr.transpose(1, 2))  # fp32, from content only (before rotary)
-            if rope is not None:
-                cos, sin = (t[:, None, :] for t in rope)  # broadcast over the head axis
-                qr, kr = apply_rotary(qr, cos, sin), apply_rotary(kr, cos, sin)
-            out.routed = (qr, kr, vr)
+            out.r, out.routed = self.routed_qkv(*self.routed_raw(q, k, v), rope)
         return out
 
     def route(self, proj: Projections, valid: Optional[torch.Tensor] = None):
@@ -161,10 +224,13 @@ class RoutingAttention(nn.Module):
 
     def attend(self, proj: Projections, routes: Optional[Routes], valid: Optional[torch.Tensor] = None):
         """The kernels and the output projection -> [B, n, d_model]."""
+        return self.output(self.attend_heads(proj, routes, valid))
+
+    def attend_heads(self, proj: Projections, routes: Optional[Routes], valid: Optional[torch.Tensor] = None):
+        """The kernels -> every head's output [B, n, H, d]."""
         p, be = self.dropout_p, self.backend
         if proj.dense is not None:
-            out = be.dense(*proj.dense, p, naive=self.kind == "full_naive").transpose(1, 2)
-            return self.output(out)
+            return be.dense(*proj.dense, p, naive=self.kind == "full_naive").transpose(1, 2)
         outs = []
         if proj.local is not None:
             outs.append(be.local(*proj.local, self.local_window, p).transpose(1, 2))
@@ -174,7 +240,49 @@ class RoutingAttention(nn.Module):
                                       self.shared_qk, p))
             else:
                 outs.append(be.topk(*proj.routed, routes.sims, self.window, valid, self.shared_qk, p))
-        return self.output(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0])
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def local_heads(self, q, k, v, rope=None, prev=None) -> torch.Tensor:
+        """The local heads of a sequence chunk, from its raw projections -> [B, n, L, d], calling the kernel
+        directly (the caller recomputes the chunk); ``prev`` = (k, v) [B, L, w, d] of the window before the chunk
+        (rotated), or None at the start of the sequence."""
+        ql, kl, vl = self.local_qkv(q, k, v, rope)
+        prev_k, prev_v = prev if prev is not None else (None, None)
+        return local_attention(ql, kl, vl, self.local_window, self.dropout_p, prev_k, prev_v).transpose(1, 2)
+
+    def routing_heads(self, qr, kr, vr, rope=None, valid: Optional[torch.Tensor] = None):
+        """The routing heads (causal mode) from their raw projections (:meth:`routed_raw`) -> (output
+        [B, n, Hr, d], commitment loss). Routing vectors, assignment (and k-means statistics), normalised keys,
+        rotary and the kernel run as one function through ``backend.routing``: with kernel recomputation, backward
+        runs it again (statistics suspended) and only the raw projections are kept."""
+        return self.backend.routing(self._routing_heads, qr, kr, vr, rope, valid)
+
+    def _routing_heads(self, qr, kr, vr, rope, valid):
+        r, (qr, kr, vr) = self.routed_qkv(qr, kr, vr, rope)
+        routes, aux = self.route(Projections(r=r), valid)
+        out = self.backend.routed_kernel(qr, kr, vr, routes.clusters, self.cfg.num_clusters, self.window,
+                                         self.shared_qk, self.dropout_p)
+        return out, aux
+
+    def heads(self, x, rope=None, valid: Optional[torch.Tensor] = None):
+        """x [B, n, d_model] (normed) -> (every head's output [B, n, H, d], commitment loss): the forward without
+        the output projection."""
+        if not (self.n_routing and self.chunkable):
+            proj = self.project(x, rope)
+            routes, aux = self.route(proj, valid)
+            return self.attend_heads(proj, routes, valid), aux if aux is not None else x.new_zeros((), dtype=torch.float32)
+        q, k, v = self.qkv(x)
+        outs = []
+        if self.n_local:
+            outs.append(self.backend.local(*self.local_qkv(q, k, v, rope), self.local_window,
+                                           self.dropout_p).transpose(1, 2))
+        qr, kr, vr = self.routed_raw(q, k, v)
+        # The recomputed function keeps its inputs: copies of the routing heads' queries (and keys), not views
+        # that would keep every head's projection alive (v is kept by the local kernel anyway).
+        qr, kr = qr.contiguous(), kr.contiguous() if kr is not None else None
+        routed, aux = self.routing_heads(qr, kr, vr, rope, valid)
+        outs.append(routed)
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], aux
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """Heads [B, n, H, d] -> [B, n, d_model]."""
@@ -183,6 +291,5 @@ class RoutingAttention(nn.Module):
 
     def forward(self, x, rope=None, valid: Optional[torch.Tensor] = None):
         """x [B, n, d_model] (normed) -> (output [B, n, d_model], commitment loss)."""
-        proj = self.project(x, rope)
-        routes, aux = self.route(proj, valid)
-        return self.attend(proj, routes, valid), aux if aux is not None else x.new_zeros((), dtype=torch.float32)
+        out, aux = self.heads(x, rope, valid)
+        return self.output(out), aux

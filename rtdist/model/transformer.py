@@ -37,7 +37,16 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm: ``x + attn(norm1(x))``, then ``+ ff(norm2(.))``."""
+    """Pre-norm: ``x + attn(norm1(x))``, then ``+ ff(norm2(.))``.
+
+    ``chunks`` is None (the whole sequence at once) unless an activation checkpointing policy
+    (``rtdist.parallel.checkpointing``) sets it to an object with ``size`` (tokens), ``attention`` (bool) and
+    ``run(fn, *args)`` (runs ``fn`` on one chunk, recomputed in backward). The block then runs its position-wise
+    parts in sequence chunks ("mini-sequence"), so that their activations never exist for more than one chunk:
+    always the second half (output projection, residuals, norm2, feed-forward); with ``attention`` also norm1, the
+    projections and the local heads (each chunk's first window sees the previous chunk's last one, recomputed from
+    that chunk's input), leaving only the routing heads' kernel to run over the whole sequence. Exact: every
+    chunk computes what the whole-sequence forward computes for its tokens."""
 
     def __init__(self, cfg: ModelConfig, n_local: int):
         super().__init__()
@@ -46,15 +55,75 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.ff = FeedForward(cfg.d_model, cfg.ff_mult, cfg.ff_glu, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.chunks = None
 
     def forward(self, x, rope=None, valid=None):
-        a, aux = self.attn(self.norm1(x), rope, valid)
-        return self.mix(x, a), aux
+        if self.chunks is None:
+            a, aux = self.attn(self.norm1(x), rope, valid)
+            return self.mix(x, a), aux
+        size = self.chunks.size
+        if self.chunks.attention and self.attn.chunkable:
+            w = self.attn.local_window
+            size = -(-size // w) * w  # chunks start on local-window boundaries
+            heads, aux = self._attention_in_chunks(x, rope, valid, size)
+        else:
+            heads, aux = self.attn.heads(self.norm1(x), rope, valid)
+            heads = (heads,)
+        outs = [self.chunks.run(self._second_half, *chunk)
+                for chunk in zip(x.split(size, dim=1), *(h.split(size, dim=1) for h in heads))]
+        return torch.cat(outs, dim=1), aux
 
     def mix(self, x, a):
         """The block's output given its input ``x`` and its attention output ``a``."""
         x = x + self.dropout(a)
         return x + self.dropout(self.ff(self.norm2(x)))
+
+    def _second_half(self, x, *heads):
+        """The block's output for its input ``x`` and every head's output (in head order, [B, n, heads, d])."""
+        return self.mix(x, self.attn.output(torch.cat(heads, dim=2) if len(heads) > 1 else heads[0]))
+
+    def _attention_in_chunks(self, x, rope, valid, size: int):
+        """(the local heads' and the routing heads' outputs [B, n, heads, d], commitment loss), norm1, projections
+        and local heads chunk by chunk; the routing heads' kernel over the whole sequence."""
+        attn, w = self.attn, self.attn.local_window
+        xs = x.split(size, dim=1)
+        ropes = list(zip(*(t.split(size) for t in rope))) if rope is not None else [None] * len(xs)
+        prev = None
+        if attn.n_local:  # the window before this process's first token: none, or a previous rank's
+            prev = attn.backend.previous_window(
+                lambda: attn.local_kv(self.norm1(x[:, -w:]), _tail(rope, w)), w)
+        parts = []
+        for i, x_c in enumerate(xs):
+            before = (xs[i - 1][:, -w:], _tail(ropes[i - 1], w)) if i else (None, None)
+            parts.append(self.chunks.run(self._attention_chunk, x_c, ropes[i], *before, prev if i == 0 else None))
+        local, qr, kr, vr = (torch.cat(p, dim=1) if p[0] is not None else None for p in zip(*parts))
+        heads, aux = [], x.new_zeros((), dtype=torch.float32)
+        if attn.n_local:
+            heads.append(attn.backend.after_local(local))
+        if attn.n_routing:
+            routed, aux = attn.routing_heads(qr, kr, vr, rope, valid)
+            heads.append(routed)
+        return heads, aux
+
+    def _attention_chunk(self, x, rope, x_before, rope_before, prev):
+        """One chunk's (local heads' output, routing heads' raw q, k, v): ``x_before`` is the previous chunk's last
+        window (its keys and values are recomputed here), else ``prev`` the (k, v) before the chunk, or None."""
+        attn = self.attn
+        q, k, v = attn.qkv(self.norm1(x))
+        local = None
+        if attn.n_local:
+            if x_before is not None:
+                prev = attn.local_kv(self.norm1(x_before), rope_before)
+            local = attn.local_heads(q, k, v, rope, prev)
+        if not attn.n_routing:
+            return local, None, None, None
+        # Copies: the kept chunk outputs must not hold the local heads' projections alive.
+        qr, kr, vr = (t.contiguous() if t is not None else None for t in attn.routed_raw(q, k, v))
+        return local, qr, kr, vr
+
+
+def _tail(rope, w: int):
+    return tuple(t[-w:] for t in rope) if rope is not None else None
 
 
 class RoutingTransformerLM(nn.Module):
@@ -100,23 +169,43 @@ class RoutingTransformerLM(nn.Module):
         """(cos, sin) [n, d/2] of absolute ``positions`` [n], or None without rotary positions."""
         return self.rotary(positions) if self.rotary is not None else None
 
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output [B, n, d_model] -> what the output projection reads [B, n, emb_dim]."""
+        x = self.norm(x)
+        return self.out_proj(x) if self.out_proj is not None else x
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embedding.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's output [B, n, d_model] -> logits [B, n, vocab]."""
-        x = self.norm(x)
-        if self.out_proj is not None:
-            x = self.out_proj(x)
-        return F.linear(x, self.embedding.weight if self.lm_head is None else self.lm_head.weight)
+        return F.linear(self.head_input(x), self.head_weight)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Token cross-entropy of the last block's output ``x`` [B, n, d_model] against ``targets`` [B, n] (fp32;
+        ``reduction`` "mean" or "sum"), without logits for the whole sequence: the head runs over chunks of
+        ``cfg.loss_chunk_size`` tokens (:func:`chunked_lm_loss`). Equal to ``lm_loss(self.logits(x), targets)``."""
+        h = self.head_input(x)
+        total = chunked_lm_loss(h.reshape(-1, h.shape[-1]), self.head_weight, targets.reshape(-1),
+                                self.cfg.loss_chunk_size)
+        return total / targets.numel() if reduction == "mean" else total
 
     def forward(self, tokens: torch.Tensor, valid: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None):
+                positions: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
+                reduction: str = "mean"):
         """``tokens`` [B, n] long; ``valid`` [B, n] bool (False = padding, kept out of k-means);
-        ``positions`` [n] absolute positions (default 0..n-1)."""
+        ``positions`` [n] absolute positions (default 0..n-1). Returns (logits [B, n, vocab], aux), or with
+        ``targets`` [B, n] (loss, aux): the loss of :meth:`loss` (training and evaluation ask for this, so the
+        logits of the whole sequence never exist)."""
         x = self.embed(tokens)
         rope = self.rope(torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions)
         aux = x.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
             x, a = layer(x, rope, valid)
             aux = aux + a
+        if targets is not None:
+            return self.loss(x, targets, reduction), aux
         return self.logits(x), aux
 
     # ---------------------------------------------------------------------------------------------- k-means
@@ -201,6 +290,57 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, valid: Optional[torch.T
         return loss.mean()
     w = valid.reshape(-1).to(loss.dtype)
     return (loss * w).sum() / w.sum().clamp(min=1)
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """Summed token cross-entropy of ``logits = h @ weight.T``, one chunk of rows at a time.
+
+    The loss is a sum, so its gradients with respect to ``h`` and ``weight`` are computed in forward, chunk by chunk
+    (softmax minus one-hot, times ``weight`` and ``h``), while each chunk's logits are at hand; backward only scales
+    them by the incoming gradient. What stays alive until backward is the gradient of ``h`` (the size of ``h``) and
+    of ``weight``: never the logits of more than one chunk. Log-softmax in fp32; the matmuls in the inputs' dtype."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        ctx.weight_dtype = weight.dtype
+        total = torch.zeros((), dtype=torch.float64, device=h.device)  # exact-enough sum over any length
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, h.shape[0], chunk):
+            hc, tc = h[start:start + chunk], targets[start:start + chunk]
+            logits = (hc @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum(dtype=torch.float64)
+            if need_h or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(tc), device=g.device), tc] -= 1
+                g = g.to(h.dtype)
+                if need_h:
+                    grad_h[start:start + chunk] = g @ weight
+                if need_w:
+                    grad_w.addmm_(g.T.float(), hc.float())
+            del logits
+        ctx.save_for_backward(grad_h, grad_w)
+        return total.float()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None, None, None)
+
+
+def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Summed cross-entropy (fp32 scalar) of ``F.linear(h, weight)`` [N, V] against ``targets`` [N], computed over
+    chunks of ``chunk`` rows (0: all rows at once) so that at most one chunk's logits exist. Under autocast the
+    matmuls run in the autocast dtype, as ``F.linear`` would."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        h, weight = h.to(dtype), weight.to(dtype)
+    with torch.autocast(dev, enabled=False):
+        return _ChunkedLMLoss.apply(h, weight, targets, chunk if chunk > 0 else max(1, h.shape[0]))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,8 +1,10 @@
 """Parallelism applied to a single-process model from outside, in one fixed order (torchtitan's ``parallelize``):
 
 1. **sequence parallelism**: each attention layer gets a sequence-parallel backend (``dims.sp > 1``);
-2. **activation checkpointing** (``train.checkpoint_activations``, every ``train.checkpoint_num_layers``-th block),
-   then CPU offload of the saved activations (``train.checkpoint_offload``, CUDA);
+2. **activation checkpointing**: the policy ``train.checkpoint_policy`` (none, selective, full; older configs:
+   ``train.checkpoint_activations``) on every ``train.checkpoint_num_layers``-th block, recomputing in chunks of
+   ``train.checkpoint_chunk_size`` tokens; then CPU offload of the saved activations (``train.checkpoint_offload``,
+   CUDA);
 3. **regional compilation** (``model.compile``): the position-wise part of every block;
 4. **the engine** (DeepSpeed ZeRO 0-3, fairscale, torch DDP): data parallelism, sharding, the optimizer.
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import Config
+from ..config import Config, checkpoint_policy
 from ..monitor import without_sinks
 from .checkpointing import apply_activation_checkpointing, apply_activation_offload
 from .compile import apply_compile, compile_enabled
@@ -33,8 +35,7 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, cfg: Config) -> Traf
     """Steps 1 to 3 on ``model`` in place; returns the sequence-parallel traffic counter (None without SP)."""
     t = cfg.train
     traffic = apply_sequence_parallel(model, dims) if dims.sp_enabled else None
-    if t.checkpoint_activations:
-        apply_activation_checkpointing(model, t.checkpoint_num_layers)
+    apply_activation_checkpointing(model, t.checkpoint_num_layers, checkpoint_policy(t), t.checkpoint_chunk_size)
     if t.checkpoint_offload:
         apply_activation_offload(model)
     if compile_enabled(cfg.model.compile, next(model.parameters()).device):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..model import AttentionBackend, BlockPlan, block_attention, cluster_blocks, group_cluster_ids, local_attention
+from ..model import AttentionBackend, BlockPlan, block_attention, cluster_blocks, group_cluster_ids
 from .dims import ParallelDims
 from ..errors import ConfigError
 
@@ -121,18 +121,18 @@ class SequenceParallelBackend(AttentionBackend):
         super().__init__(recompute)
         self.dims = dims
         self.traffic = traffic if traffic is not None else Traffic()
-        self._halo = None  # this layer's halo exchange node, between local() and routed() of one forward
+        self._halo = None  # this layer's window exchange, between previous_window() and routing() of one forward
 
-    def local(self, q, k, v, window: int, dropout_p: float) -> torch.Tensor:
-        """Local heads [B, L, n_local, d] with the previous rank's last window in front of the first block. The
-        exchange runs outside the recomputed kernel (recomputation repeats no communication)."""
-        prev_k = prev_v = None
-        halo = self._exchange_halo(k, v, window)
-        if self.dims.sp_rank > 0:
-            prev_k, prev_v = halo.split(k.shape[-1], dim=-1)
-        out = self.run(local_attention, q, k, v, window, dropout_p, prev_k, prev_v)
-        self._halo = halo
-        return ordered_after(out, halo)  # keeps the exchange in the graph on every rank, the first one included
+    def previous_window(self, kv_fn, window: int):
+        """The previous rank's last window of local keys and values (None on the first rank), received in exchange
+        for this rank's own (``kv_fn()``). The exchange runs outside the recomputed kernels (their recomputation
+        repeats no communication)."""
+        k, v = kv_fn()
+        self._halo = self._exchange_halo(k, v, window)
+        return self._halo.split(k.shape[-1], dim=-1) if self.dims.sp_rank > 0 else None
+
+    def after_local(self, out: torch.Tensor) -> torch.Tensor:
+        return ordered_after(out, self._halo)  # keeps the exchange in the graph on every rank, the first one included
 
     def _exchange_halo(self, k, v, window: int):
         d = self.dims
@@ -145,12 +145,15 @@ class SequenceParallelBackend(AttentionBackend):
             self.traffic.bytes_sent += halo.numel() * halo.element_size()
         return halo
 
-    def routed(self, q, k, v, clusters, num_clusters: int, window: int, exclude_self: bool,
-               dropout_p: float) -> torch.Tensor:
-        """This rank's routed tokens: q, k, v [B, n_local, Hr, d], clusters [B, n_local, Hr] -> [B, n_local, Hr, d]."""
+    def routing(self, fn, q, *args):
         halo, self._halo = self._halo, None
         q = ordered_after(q, halo)  # the routing collectives' backward runs before the halo's, on every rank
-        return self.run(self._routed, q, k, v, clusters, num_clusters, window, exclude_self, dropout_p)
+        return super().routing(fn, q, *args)
+
+    def routed_kernel(self, q, k, v, clusters, num_clusters: int, window: int, exclude_self: bool,
+                      dropout_p: float) -> torch.Tensor:
+        """This rank's routed tokens: q, k, v [B, n_local, Hr, d], clusters [B, n_local, Hr] -> [B, n_local, Hr, d]."""
+        return self._routed(q, k, v, clusters, num_clusters, window, exclude_self, dropout_p)
 
     def topk(self, *args, **kwargs):
         raise ConfigError("sequence parallelism supports model.routing_mode 'causal' only (topk routing looks at the "
