@@ -10,6 +10,7 @@ logged step), ``checkpoints/`` (DeepSpeed layout) and, at the end, ``model.safet
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -156,8 +157,9 @@ def check_resumable(step_dir: Path, cfg: Config, dims: ParallelDims, log=print) 
     own files; if not, the resume reshards them (:mod:`rtdist.parallel.reshard`)."""
     marker = ckpt.read_marker(step_dir)
     saved = (marker.get("config") or {}).get("model")
-    if saved:
-        saved = vars(resolved(build(ModelConfig, saved, "model")))
+    if saved:  # keys another rtdist version has and this one lacks are not shape keys here
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        saved = vars(resolved(build(ModelConfig, {k: v for k, v in saved.items() if k in known}, "model")))
         now = vars(cfg.model)
         diff = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in MODEL_SHAPE_KEYS
                 if saved.get(k) != now.get(k)]
