@@ -274,7 +274,12 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
             else:
                 engine.load_portable(portable)
                 reshard.release(scratch)
-            loader.load_state_dict(state["loader"])
+            try:
+                loader.load_state_dict(state["loader"])
+            except ValueError as e:  # other data: a position in another epoch order
+                raise CheckpointError(f"{resume_from}: its data position is a position in other data ({e}): "
+                                      f"resume with the checkpoint's data.manifest, data.train_split and train.seed, "
+                                      f"or train in a new --run-dir") from None
             step, skipped_total = state["step"], state.get("skipped_steps", 0)
             if "rng" in state:
                 ckpt.set_rng_state(state["rng"])
@@ -293,7 +298,9 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
             "zero_stage": t.zero_stage, "global_batch": t.train_micro_batch_size_per_gpu *
             t.gradient_accumulation_steps * dims.dp, "config": cfg.to_dict()}
 
-    resumed_at = step if resume_from is not None else None
+    # Nothing trained since this checkpoint: saving it again keeps it, unless it was written in another engine's
+    # format (resharded), which the export and the next resume on this shape would have to convert again.
+    resumed_at = step if resume_from is not None and portable is None else None
 
     def save(at_step: int) -> Path:
         rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "step": at_step,

@@ -130,9 +130,12 @@ def test_every_checkpoint_stays_as_written_and_no_conversion_is_left_behind(resh
     (["parallel.sequence_parallel_size=3"],
      "must be divisible by parallel.sequence_parallel_size x window (3 x 16): use parallel.sequence_parallel_size in "
      "[1, 2, 4]"),
+    (["train.seed=7"], "its data position is a position in other data (loader state was saved for other data: seed: "
+                       "saved 1234, now 7): resume with the checkpoint's data.manifest, data.train_split and "
+                       "train.seed"),
 ])
-def test_a_shape_that_cannot_work_fails_before_training_naming_the_key_and_one_that_would(reshaped, manifest, sets,
-                                                                                          message):
+def test_a_resume_that_cannot_work_fails_before_training_naming_the_key_and_what_would(reshaped, manifest, sets,
+                                                                                       message):
     tmp, _ = reshaped
     r = run(train_cmd(1, manifest, tmp / "reshaped", *COMMON, "train.train_iters=8", *sets, resume="auto"))
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -385,8 +385,7 @@ class ShardLoader:
         self._continued = None
         if diff:
             if strict:
-                raise ValueError("loader state was saved for other data (" + "; ".join(diff) + "): its position "
-                                 "means nothing here; load_state_dict(state, strict=False) resumes approximately")
+                raise ValueError("loader state was saved for other data: " + "; ".join(diff))
             batch = min(position // self.per_round, self.batches)
             log.warning("approximate loader resume (%s): epoch %d, batch %d", "; ".join(diff), state["epoch"], batch)
             self._epoch, self._batch = state["epoch"], batch
