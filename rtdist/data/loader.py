@@ -135,7 +135,8 @@ class _ContinuedStream(IterableDataset):
     def __init__(self, manifest: dict, shards: list[dict], positions: np.ndarray, micro_batch_size: int,
                  num_workers: int, seed: int, epoch: int, shuffle: bool, start_batch: int, skip_corrupt: bool):
         self.manifest, self.shards, self.positions = manifest, shards, positions
-        self.B, self.W, self.seed, self.epoch, self.shuffle = micro_batch_size, max(1, num_workers), seed, epoch, shuffle
+        self.B, self.W = micro_batch_size, max(1, num_workers)
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         self.start, self.skip_corrupt = start_batch, skip_corrupt
 
     def __iter__(self):

@@ -85,11 +85,10 @@ def _buffers(module: nn.Module, state_dict: dict) -> dict[str, torch.Tensor]:
     return {n: state_dict[n].clone() for n in persistent}
 
 
-def _from_torch_optimizer(module: nn.Module, module_state: dict, optim_state: dict, scheduler: dict,
-                          params: Optional[dict] = None) -> PortableState:
+def _from_torch_optimizer(module: nn.Module, module_state: dict, optim_state: dict, scheduler: dict) -> PortableState:
     """From a whole module state dict and a torch AdamW state dict indexed in ``param_groups`` order."""
     names = param_names_in_optimizer_order(module)
-    params = params if params is not None else {n: module_state[n].float().clone() for n in names}
+    params = {n: module_state[n].float().clone() for n in names}
     state = optim_state["state"]
     moments = {key: {n: (state[i][key].float().clone() if i in state else torch.zeros_like(params[n]))
                      for i, n in enumerate(names)} for key in ADAM_KEYS}
