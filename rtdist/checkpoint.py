@@ -339,9 +339,116 @@ def _newest_good(ckpt_dir: Path, what: str, log: Callable, none_ok: bool) -> Opt
 
 
 def load_rank_state(step_dir: Path) -> dict:
-    path = step_dir / f"rtdist_rank{rdist.rank()}.pt"
+    """This rank's state (data position, step counts, RNG streams). On another world size, rank 0's without its
+    RNG streams: the data position and the step counts are the same on every rank, the streams belong to ranks
+    that no longer exist."""
+    same_world = read_marker(step_dir).get("world_size") == rdist.world_size()
+    path = step_dir / f"rtdist_rank{rdist.rank() if same_world else 0}.pt"
     if not path.is_file():
-        world = read_marker(step_dir).get("world_size", "?")
-        raise CheckpointError(f"{step_dir} was written by {world} ranks and has no state for rank {rdist.rank()} "
-                              f"of the {rdist.world_size()} now running: resume with {world} ranks")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"{step_dir} has no {path.name} (a checkpoint of an older rtdist?): resume with the "
+                              f"world size that wrote it")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not same_world:
+        state.pop("rng", None)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------- info
+
+
+def global_batch(marker: dict) -> Optional[int]:
+    """Samples per optimizer step of the run that wrote a checkpoint (data-parallel x micro x accumulation)."""
+    t = (marker.get("config") or {}).get("train") or {}
+    if marker.get("global_batch"):
+        return marker["global_batch"]
+    if "train_micro_batch_size_per_gpu" in t and marker.get("dp_size"):
+        return t["train_micro_batch_size_per_gpu"] * t["gradient_accumulation_steps"] * marker["dp_size"]
+    return None
+
+
+def resume_shapes(marker: dict) -> list[str]:
+    """What a checkpoint can resume on, in words: which shapes load its files as they are, which need resharding,
+    and the layouts that keep its global batch."""
+    from .parallel.reshard import whole_files
+    cfg = marker.get("config") or {}
+    t, m = cfg.get("train") or {}, cfg.get("model") or {}
+    engine, stage, world = marker.get("engine", "?"), marker.get("zero_stage", 0), marker.get("world_size", "?")
+    whole = whole_files(engine, stage, t.get("precision", "fp32"))
+    lines = [f"as it is: {engine} ZeRO-{stage} on {'any world size' if whole else f'{world} rank(s)'}",
+             "resharded at resume (DeepSpeed ZeRO files through ds_to_universal): any other world size, ZeRO stage "
+             "0-3 or engine (deepspeed, torch, fairscale without FullyShardedDataParallel); the model shape stays"]
+    batch, micro = global_batch(marker), t.get("train_micro_batch_size_per_gpu")
+    if batch and micro:
+        dps = [d for d in range(1, batch + 1) if batch % (micro * d) == 0]
+        lines.append(f"the global batch of {batch} samples is kept (train.gradient_accumulation_steps derived) on "
+                     f"data-parallel sizes {dps} with micro batch {micro}, "
+                     f"{[d for d in range(1, batch + 1) if batch % d == 0]} with a smaller one")
+    seq, w = t.get("seq_length"), max(m.get("window_size") or 1, m.get("local_window_size") or 1)
+    if seq:
+        lines.append(f"parallel.sequence_parallel_size {[s for s in range(1, seq // w + 1) if seq % (s * w) == 0]} "
+                     f"(train.seq_length {seq}, window {w}); world = data-parallel size x that")
+    return lines
+
+
+def describe(step_dir: Path) -> list[str]:
+    """A checkpoint in words: step, the shape that wrote it, its data position, what it can resume on."""
+    marker = read_marker(step_dir)
+    files = marker.get("files") or {}
+    t = (marker.get("config") or {}).get("train") or {}
+    out = [f"checkpoint {step_dir}: complete, {len(files)} files, "
+           f"{sum(f['bytes'] for f in files.values()) / 2 ** 20:.1f} MiB",
+           f"  step {marker.get('step')}, written by {marker.get('world_size')} rank(s) = {marker.get('dp_size')} "
+           f"data-parallel x {marker.get('sp_size', 1)} sequence-parallel, engine {marker.get('engine')}, "
+           f"ZeRO-{marker.get('zero_stage')}, {t.get('precision', 'fp32')}"]
+    if global_batch(marker) and t:
+        out.append(f"  global batch {global_batch(marker)} samples per step = {marker.get('dp_size')} data-parallel x "
+                   f"micro batch {t['train_micro_batch_size_per_gpu']} x accumulation "
+                   f"{t['gradient_accumulation_steps']}; train.seq_length {t.get('seq_length')}")
+    data = marker.get("data")
+    if data is None and (step_dir / "rtdist_rank0.pt").is_file():  # written before the marker held it
+        data = torch.load(step_dir / "rtdist_rank0.pt", map_location="cpu", weights_only=False).get("loader")
+    if data:
+        position = data.get("position", data.get("batch", 0) * data["micro_batch_size"] * data["dp_world_size"])
+        out.append(f"  data position: epoch {data['epoch']}, {position} samples of its global order consumed (the "
+                   f"order of {data['dp_world_size']} data-parallel x micro batch {data['micro_batch_size']}, "
+                   f"{data['num_workers']} worker(s); split {data['split']!r}, seed {data['seed']})")
+    return out + ["  resumes on:"] + [f"    {line}" for line in resume_shapes(marker)]
+
+
+def _find(path: Path) -> Path:
+    if is_complete(path):
+        return path
+    inner = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    cands = candidates(inner)
+    if not cands:
+        raise CheckpointError(f"{path}: no complete checkpoint there (give a run directory, its checkpoints/ or a "
+                              f"global_stepN folder with a '{MARKER}' marker)")
+    return cands[0]
+
+
+def main(argv=None) -> int:
+    """``python -m rtdist.checkpoint info RUN_DIR``: what the newest complete checkpoint holds."""
+    from .errors import cli_main
+    return cli_main(_main, argv)
+
+
+def _main(argv) -> int:
+    from .errors import ArgumentParser
+    p = ArgumentParser(prog="python -m rtdist.checkpoint", description="What a checkpoint holds.")
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="step, the shape that wrote it, data position, shapes it can resume on")
+    info.add_argument("path", type=Path, help="a run directory, its checkpoints/ folder, or one global_stepN")
+    info.add_argument("--verify", action="store_true", help="also check every file against its sha256")
+    info.add_argument("--debug", action="store_true", help="show the traceback of every error")
+    args = p.parse_args(argv)
+    step_dir = _find(args.path)
+    print("\n".join(describe(step_dir)))
+    if args.verify:
+        problems = verify(step_dir)
+        print(f"  checksums: {'; '.join(problems) if problems else 'every file matches'}")
+        return 2 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -369,8 +369,10 @@ def validate(cfg: Config) -> None:
     sp = cfg.parallel.sequence_parallel_size
     if sp > 1:
         w = max(cfg.model.window_size, cfg.model.local_window_size or cfg.model.window_size)
+        fits = [d for d in range(1, t.seq_length // w + 1) if t.seq_length % (d * w) == 0]
         _check(t.seq_length % (sp * w) == 0,
                f"train.seq_length ({t.seq_length}) must be divisible by parallel.sequence_parallel_size x window "
-               f"({sp} x {w})")
+               f"({sp} x {w}): use parallel.sequence_parallel_size in {fits}, or a train.seq_length that is a "
+               f"multiple of {sp * w}")
     from .monitor import sink_settings
     sink_settings(cfg.deepspeed)  # deepspeed.tensorboard / csv_monitor / wandb: DeepSpeed's keys only

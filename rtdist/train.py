@@ -10,6 +10,7 @@ logged step), ``checkpoints/`` (DeepSpeed layout) and, at the end, ``model.safet
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -29,7 +30,7 @@ from .evaluate import bytes_per_token, evaluate, with_bytes
 from .export import export_safetensors
 from .model import RoutingTransformerLM, count_parameters
 from .monitor import KMeansWatch, Monitor
-from .parallel import ParallelDims, check_engine, parallelize
+from .parallel import ParallelDims, check_engine, parallelize, reshard
 from .run_dir import RunDir, RunLock
 from .watchdog import StopRequest, Watchdog
 
@@ -151,22 +152,53 @@ MODEL_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", 
                     "pos_emb", "tie_embedding")
 
 
-def check_resumable(step_dir: Path, cfg: Config, world_size: int) -> None:
-    """Refuse to resume a checkpoint written for another model shape (listing the keys that differ) or world."""
+def check_resumable(step_dir: Path, cfg: Config, dims: ParallelDims, log=print) -> bool:
+    """Refuse to resume a checkpoint written for another model shape (listing the keys that differ); on another
+    layout keep its global batch (:func:`keep_global_batch`). Returns whether the engine can load the checkpoint's
+    own files; if not, the resume reshards them (:mod:`rtdist.parallel.reshard`)."""
     marker = ckpt.read_marker(step_dir)
-    if marker.get("world_size", world_size) != world_size:
-        raise CheckpointError(f"checkpoint {step_dir} was written by {marker['world_size']} ranks and this run has "
-                              f"{world_size}: resume with {marker['world_size']} ranks")
     saved = (marker.get("config") or {}).get("model")
-    if not saved:
+    if saved:  # keys another rtdist version has and this one lacks are not shape keys here
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        saved = vars(resolved(build(ModelConfig, {k: v for k, v in saved.items() if k in known}, "model")))
+        now = vars(cfg.model)
+        diff = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in MODEL_SHAPE_KEYS
+                if saved.get(k) != now.get(k)]
+        if diff:
+            raise CheckpointError(f"checkpoint {step_dir} was written for another model ({'; '.join(diff)}): resume "
+                                  f"with the checkpoint's values, or train the new shape in a new --run-dir")
+    keep_global_batch(step_dir, marker, cfg, dims, log)
+    return reshard.files_fit(marker, cfg.train.engine, cfg.train.zero_stage, dims.world_size)
+
+
+def keep_global_batch(step_dir: Path, marker: dict, cfg: Config, dims: ParallelDims, log=print) -> None:
+    """A resumed run trains on the checkpoint's global batch (samples per optimizer step: data-parallel ranks x
+    micro batch x accumulation) unless ``train.train_batch_size`` sets another: on another layout
+    ``train.gradient_accumulation_steps`` is derived to keep it, so that a job resubmitted on fewer or more nodes
+    trains as it would have. A global batch the new layout cannot split evenly is an error naming a layout that can."""
+    t, saved = cfg.train, (marker.get("config") or {}).get("train") or {}
+    if marker.get("dp_size") is None or "train_micro_batch_size_per_gpu" not in saved:
+        return  # a checkpoint that does not say its layout: the configuration's batch stands
+    target = t.train_batch_size or (saved["train_micro_batch_size_per_gpu"] * saved["gradient_accumulation_steps"]
+                                    * marker["dp_size"])
+    micro, dp = t.train_micro_batch_size_per_gpu, dims.dp
+    if micro * t.gradient_accumulation_steps * dp == target:
         return
-    saved = vars(resolved(build(ModelConfig, saved, "model")))
-    now = vars(cfg.model)
-    diff = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in MODEL_SHAPE_KEYS
-            if saved.get(k) != now.get(k)]
-    if diff:
-        raise CheckpointError(f"checkpoint {step_dir} was written for another model ({'; '.join(diff)}): resume with "
-                              f"the checkpoint's values, or train the new shape in a new --run-dir")
+    if target % (micro * dp):
+        dps = [d for d in range(1, target + 1) if target % (micro * d) == 0]
+        micros = [m for m in range(1, target // dp + 1) if (target // dp) % m == 0] if target % dp == 0 else []
+        where = "train.train_batch_size" if t.train_batch_size else f"the global batch of {step_dir.name}"
+        fixes = ([f"with micro batch {micro} it needs a data-parallel size in {dps} (world = that x {dims.sp})"]
+                 if dps else []) + \
+            ([f"on this world set train.train_micro_batch_size_per_gpu to one of {micros}"] if micros else []) + \
+            [f"set train.train_batch_size to a multiple of {micro * dp} to train on another global batch"]
+        raise ConfigError(f"resuming {step_dir}: {where} ({target} samples per step) is not divisible by "
+                          f"train.train_micro_batch_size_per_gpu ({micro}) x data-parallel size ({dp} = world "
+                          f"{dims.world_size} / parallel.sequence_parallel_size {dims.sp}); {', or '.join(fixes)}")
+    accumulation = target // (micro * dp)
+    log(f"resume: train.gradient_accumulation_steps {t.gradient_accumulation_steps} -> {accumulation} keeps the "
+        f"global batch of {target} samples on {dp} data-parallel rank(s) x micro batch {micro}", flush=True)
+    t.gradient_accumulation_steps = accumulation
 
 
 def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Optional[bool] = None) -> dict:
@@ -207,7 +239,8 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
            watchdog: Watchdog) -> dict:
     t = cfg.train
     dims = ParallelDims(cfg.parallel.sequence_parallel_size, info.world_size, info.rank)
-    dims.check_batch(t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps, t.train_batch_size)
+    if resume in (None, "", "none"):  # early; a resume may first derive the accumulation from its checkpoint
+        dims.check_batch(t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps, t.train_batch_size)
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dims.build_mesh(device.type)
     log = print if info.is_main else (lambda *a, **k: None)
@@ -219,8 +252,14 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
         preflight_shards(cfg, loader.manifest, [cfg.data.train_split] + ([cfg.data.eval_split] if t.eval_interval
                                                                            else []), log)
     resume_from = ckpt.resolve_resume(rd.checkpoints, resume, log=log)
-    if resume_from is not None:
-        check_resumable(resume_from, cfg, info.world_size)
+    portable, resume_s = None, 0.0  # the time spent reading the checkpoint (not building the engine)
+    if resume_from is not None and not check_resumable(resume_from, cfg, dims, log):
+        with watchdog.phase("resume", 0):  # the weights go in before the engine takes its copies
+            t0 = time.perf_counter()
+            portable, scratch = reshard.prepare(resume_from, ckpt.read_marker(resume_from), model, log)
+            reshard.load_weights(model, portable)
+            resume_s = time.perf_counter() - t0
+    dims.check_batch(t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps, t.train_batch_size)
     if t.kmeans_init == "data" and resume_from is None:
         init_kmeans_from_first_batch(model, cfg, dims, device)
     engine = parallelize(model, dims, cfg)
@@ -230,29 +269,48 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     tokens_seen, elapsed_before = 0, 0.0  # over all segments of the run (a resume continues them)
     if resume_from is not None:
         with watchdog.phase("resume", 0):
+            t0 = time.perf_counter()
             state = ckpt.load_rank_state(resume_from)
-            engine.load(resume_from)
-            loader.load_state_dict(state["loader"])
-            ckpt.set_rng_state(state["rng"])
+            if portable is None:
+                engine.load(resume_from)
+            else:
+                engine.load_portable(portable)
+                reshard.release(scratch)
+            try:
+                loader.load_state_dict(state["loader"])
+            except ValueError as e:  # other data: a position in another epoch order
+                raise CheckpointError(f"{resume_from}: its data position is a position in other data ({e}): "
+                                      f"resume with the checkpoint's data.manifest, data.train_split and train.seed, "
+                                      f"or train in a new --run-dir") from None
             step, skipped_total = state["step"], state.get("skipped_steps", 0)
             tokens_seen, elapsed_before = state.get("tokens", 0), state.get("elapsed_s", 0.0)
+            if "rng" in state:
+                ckpt.set_rng_state(state["rng"])
+            else:  # another world: the ranks' streams (dropout) do not map onto the new ranks
+                seed_all(t.seed + 1000 * info.rank + step)
             rdist.barrier()  # every rank has read the checkpoint before any rank may write the next one
-        log(f"resumed from {resume_from} at step {step}", flush=True)
+            resume_s += time.perf_counter() - t0
+        log(f"resumed from {resume_from} at step {step}{' (resharded)' if portable is not None else ''}, read in "
+            f"{resume_s:.2f} s", flush=True)
     else:
         seed_all(t.seed + 1000 * info.rank)  # after the shared init: dropout streams differ per rank
     if info.is_main:  # only now: a resume that fails leaves the run's config as it was
         ckpt.atomic_write_text(rd.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     meta = {"world_size": info.world_size, "dp_size": dims.dp, "sp_size": dims.sp, "engine": t.engine,
-            "zero_stage": t.zero_stage, "config": cfg.to_dict()}
+            "zero_stage": t.zero_stage, "global_batch": t.train_micro_batch_size_per_gpu *
+            t.gradient_accumulation_steps * dims.dp, "config": cfg.to_dict()}
 
-    resumed_at = step if resume_from is not None else None
+    # Nothing trained since this checkpoint: saving it again keeps it, unless it was written in another engine's
+    # format (resharded), which the export and the next resume on this shape would have to convert again.
+    resumed_at = step if resume_from is not None and portable is None else None
 
     def save(at_step: int) -> Path:
         rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "step": at_step,
                       "skipped_steps": skipped_total, "tokens": tokens_seen, "elapsed_s": elapsed()}
         with watchdog.phase("save", at_step):
-            return ckpt.save(engine, rd.checkpoints, at_step, rank_state, {"step": at_step, **meta}, log=log,
+            return ckpt.save(engine, rd.checkpoints, at_step, rank_state,
+                             {"step": at_step, **meta, "data": rank_state["loader"]}, log=log,
                              keep_existing=at_step == resumed_at)
 
     eval_loader = None

@@ -98,15 +98,67 @@ def test_resume_mid_epoch_yields_exactly_the_uninterrupted_batches(tmp_path, wor
         assert all(torch.equal(a, b) for a, b in zip(head + tail, full)), f"resume after {stop} batches differs"
 
 
-def test_resume_under_another_order_is_refused_or_approximate(tmp_path):
+def layout_loaders(path, dp, micro, workers):
+    return [ShardLoader(path, "train", micro, r, dp, num_workers=workers, seed=7, shuffle_buffer=5, with_keys=True)
+            for r in range(dp)]
+
+
+def global_keys(loaders, rounds):
+    """The keys of ``rounds`` batches of every rank, round by round (rank 0's batch, rank 1's, ...)."""
+    per_rank = [keys(take(loader, rounds)) for loader in loaders]
+    micro = loaders[0].micro_batch_size
+    return [k for t in range(rounds) for ks in per_rank for k in ks[t * micro:(t + 1) * micro]]
+
+
+@pytest.mark.parametrize("layouts", [
+    [(2, 2, 2, 3), (1, 2, 1, None)],  # 2 ranks -> 1 rank, same micro batch (a trainer doubles accumulation)
+    [(1, 2, 0, 5), (2, 2, 2, None)],  # 1 -> 2 ranks
+    [(2, 2, 1, 2), (3, 1, 0, None)],  # other micro batch and workers
+    [(2, 2, 2, 2), (1, 3, 0, 3), (2, 2, 2, None)],  # and back, mid-round: the first layout's order still holds
+])
+def test_a_new_layout_continues_the_epochs_global_order_without_repeating_or_skipping(tmp_path, layouts):
+    """Each layout (dp, micro, workers) reads some rounds, hands its state to the next; the last reads to the end of
+    the epoch. The samples read are the uninterrupted first layout's, in its global order: so a run that keeps
+    dp x micro x accumulation gets exactly the batches of every optimizer step it would have had."""
+    path = uneven_shards(tmp_path, COUNTS + [3])  # 39 samples: rounds of 2, 3 or 4 leave a remainder
+    first = layout_loaders(path, *layouts[0][:3])
+    straight = global_keys(first, len(first[0]))
+    ledger, state = [], None
+    for dp, micro, workers, rounds in layouts:
+        loaders = layout_loaders(path, dp, micro, workers)
+        if state is not None:
+            for loader in loaders:
+                loader.load_state_dict(json.loads(json.dumps(state)))  # rank 0's state serves every rank
+        if rounds is None:  # to the end of the epoch
+            rounds = (len(straight) - (state["position"] if state else 0)) // (dp * micro)
+        ledger += global_keys(loaders, rounds)
+        states = [loader.state_dict() for loader in loaders]
+        assert all(st == states[0] for st in states)  # the position is global: every rank holds the same state
+        state = states[0]
+    assert state["epoch"] == 1 and state["position"] == 0  # the epoch is over for the last layout
+    assert len(ledger) == len(set(ledger))  # nothing read twice
+    assert ledger == straight[:len(ledger)]  # the same samples in the same order, none skipped
+    assert len(straight) - len(ledger) < dp * micro  # but the tail shorter than one round of the last layout
+    # The next epoch is the last layout's own.
+    fresh = layout_loaders(path, dp, micro, workers)
+    for loader in fresh:
+        loader.set_epoch(1)
+    assert global_keys(loaders, 2) == global_keys(fresh, 2)
+
+
+def test_a_state_of_other_data_is_refused_or_approximate_and_old_states_load(tmp_path):
     path = uneven_shards(tmp_path, COUNTS)
     saved = ShardLoader(path, "train", 2, 0, 2, num_workers=0)
     take(saved, 6)
-    other = ShardLoader(path, "train", 2, 0, 3, num_workers=0)
-    with pytest.raises(ValueError, match="dp_world_size: saved 2, now 3"):
+    other = ShardLoader(path, "train", 2, 0, 3, num_workers=0, seed=1)
+    with pytest.raises(ValueError, match="seed: saved 0, now 1"):
         other.load_state_dict(saved.state_dict())
     other.load_state_dict(saved.state_dict(), strict=False)
-    assert other.state_dict()["batch"] == 6 * 2 * 2 // (2 * 3)  # same share of the epoch's samples
+    assert other.state_dict()["position"] == 6 * 2 * 2 // (2 * 3) * 2 * 3  # same share of the epoch's samples
+    old = {k: v for k, v in saved.state_dict().items() if k != "position"} | {"batch": 6}  # written before positions
+    again = ShardLoader(path, "train", 2, 0, 2, num_workers=0)
+    again.load_state_dict(old)
+    assert torch.equal(next(iter(again)), next(iter(saved)))
 
 
 def test_batches_are_int64_samples_and_the_loader_knows_its_tokenizer(tmp_path):

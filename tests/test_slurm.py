@@ -74,9 +74,9 @@ def signal_after_steps(cluster, jid, run_dir, n, timeout=120):
     cluster.signal(jid, "USR1")
 
 
-def submit(cluster, tmp_path, name, run_dir, args, **env):
+def submit(cluster, tmp_path, name, run_dir, args, nodes=2, **env):
     out = tmp_path / f"{name}.out"
-    jid = cluster.sbatch(["-N2", "--ntasks-per-node=1", f"--output={out}", "--time=10", SBATCH, *args],
+    jid = cluster.sbatch([f"-N{nodes}", "--ntasks-per-node=1", f"--output={out}", "--time=10", SBATCH, *args],
                          job_env(run_dir, **env), cwd=ROOT)
     return jid, out
 
@@ -110,6 +110,32 @@ def test_sbatch_trains_on_two_nodes_stops_on_sigusr1_and_a_second_submission_res
     assert steps(run_dir) == list(range(1, iters + 1))  # one continuous run: no step lost or repeated
     assert (run_dir / "model.safetensors").exists()
     print(f"sbatch 2 nodes x 1 task: first (stopped at step {k}) {first_wall:.1f}s, resumed {time.time() - t0:.1f}s")
+
+
+def test_a_job_preempted_on_two_nodes_resumes_on_one(cluster, manifest, tmp_path):
+    """Resubmitted with -N1, the run reshards the two ranks' ZeRO-2 checkpoint for one rank, doubles the gradient
+    accumulation to keep the global batch of 4 samples, and finishes."""
+    run_dir, iters = tmp_path / "run", 30
+    jid, out = submit(cluster, tmp_path, "two", run_dir, train_sets(manifest, iters), RTDIST_REQUEUE="0")
+    signal_after_steps(cluster, jid, run_dir, 2)
+    info = cluster.wait(jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, out.read_text()[-3000:])
+    first = result(run_dir)
+    k = first["step"]
+    assert first["status"] == "stopped by SIGUSR1" and 2 <= k < iters, first
+
+    t0 = time.time()
+    jid2, out2 = submit(cluster, tmp_path, "one", run_dir, train_sets(manifest, iters), nodes=1, RTDIST_REQUEUE="0")
+    info2 = cluster.wait(jid2)
+    log2 = out2.read_text()
+    assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", (info2, log2[-3000:])
+    assert "world 1 (slurm)" in log2
+    assert "gradient_accumulation_steps 1 -> 2 keeps the global batch of 4 samples" in log2
+    assert f"resumed from {run_dir / 'checkpoints' / f'global_step{k}'} at step {k} (resharded)" in log2
+    second = result(run_dir)
+    assert second["status"] == "completed" and second["step"] == iters
+    assert steps(run_dir) == list(range(1, iters + 1))
+    print(f"2 nodes stopped at step {k}, resumed on 1 node and finished in {time.time() - t0:.1f}s")
 
 
 def test_sigusr1_requeues_the_job_and_the_requeued_run_resumes(cluster, manifest, tmp_path):

@@ -16,6 +16,18 @@ Since the order is a pure function of (manifest, seed, epoch, dp_world_size, mic
 shuffle_buffer), resuming is "skip the first c batches": each worker recomputes its buffer's content at batch c,
 re-reads those (<= shuffle_buffer) samples and continues.
 
+The data position is global. An epoch's batches, taken round by round (batch 0 of ranks 0, 1, ..., then batch 1 of
+every rank, ...), are one sequence of samples, the epoch's *global order*; after c batches per rank the first
+``c x dp_world_size x micro_batch_size`` samples of it are consumed, whatever the gradient accumulation (an
+optimizer step takes consecutive rounds). The loader's state is that count (``position``) with the layout that
+ordered the epoch. Resumed under another layout (data-parallel size, micro batch, workers, shuffle buffer), the
+rest of that epoch is the rest of the same global order, cut into rounds of the new layout: round t of the rest
+gives rank r the samples ``[t x dp' x B' + r x B', ... + B')`` of it. So no sample is read twice or skipped, and a
+run that keeps its global batch (dp x micro x accumulation) trains on exactly the batches it would have. A tail of
+fewer samples than one new round is not read this epoch (as with ``policy="drop"``). Later epochs are ordered by
+the new layout. The rest of an epoch is read sample by sample in that order (no shuffle buffer: it is already
+shuffled).
+
 The shards are plain webdataset tars (``webdataset.WebDataset`` reads them); this loader reads them itself, seeking
 to fixed-size members, because a tar stream cannot skip to a checkpointed position and webdataset's node splitting
 follows the global ``RANK`` rather than the data-parallel rank. Nothing is loaded beyond the samples in flight.
@@ -26,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -37,9 +50,43 @@ from .tokenizers import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 POLICIES = ("drop", "wrap")
-# state_dict entries that fix the order of batches: all must match for an exact resume
-ORDER_KEYS = ("split", "shards", "seed", "shuffle", "shuffle_buffer", "micro_batch_size", "dp_world_size",
-              "num_workers", "policy")
+# state_dict entries that fix which samples an epoch holds and in what order: a position means nothing under others
+DATA_KEYS = ("split", "shards", "seed", "shuffle")
+# state_dict entries of the layout that ordered the epoch: another layout continues the same global order
+LAYOUT_KEYS = ("micro_batch_size", "dp_world_size", "num_workers", "shuffle_buffer", "policy")
+
+
+def batches_per_epoch(samples: int, micro_batch_size: int, dp_world_size: int, policy: str) -> int:
+    per_round = micro_batch_size * dp_world_size
+    return samples // per_round if policy == "drop" else math.ceil(samples / per_round)
+
+
+def worker_piece(dp_rank: int, batches: int, micro_batch_size: int, num_workers: int, v: int) -> tuple[int, int]:
+    """(first epoch position, number of samples) that worker ``v`` of ``dp_rank`` reads: its batches are the rank's
+    batches ``v, v + W, ...``, taken from its contiguous piece of the rank's positions."""
+    counts = [len(range(u, batches, num_workers)) for u in range(num_workers)]
+    return dp_rank * batches * micro_batch_size + sum(counts[:v]) * micro_batch_size, counts[v] * micro_batch_size
+
+
+def worker_order(n: int, seed: int, epoch: int, dp_rank: int, v: int, shuffle: bool, shuffle_buffer: int):
+    rng = np.random.default_rng([seed, epoch, dp_rank, v])
+    return buffer_shuffle_order(n, shuffle_buffer, rng) if shuffle else np.arange(n)
+
+
+def global_order(samples: int, seed: int, epoch: int, shuffle: bool, micro_batch_size: int, dp_world_size: int,
+                 num_workers: int, shuffle_buffer: int, policy: str) -> np.ndarray:
+    """The epoch positions of epoch ``epoch``'s samples under this layout, in global order (round by round, rank by
+    rank): entry ``(j x dp + r) x B + b`` is sample b of rank r's batch j."""
+    B, dp, W = micro_batch_size, dp_world_size, max(1, num_workers)
+    nb = batches_per_epoch(samples, B, dp, policy)
+    out = np.empty(nb * dp * B, dtype=np.int64)
+    for r in range(dp):
+        for v in range(W):
+            first, n = worker_piece(r, nb, B, W, v)
+            order = worker_order(n, seed, epoch, r, v, shuffle, shuffle_buffer)
+            j = np.arange(v, nb, W)  # the rank's batches this worker yields, in order
+            out[((j[:, None] * dp + r) * B + np.arange(B)).ravel()] = first + order
+    return out
 
 
 def buffer_shuffle_order(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -65,6 +112,74 @@ class _WorkerFailed:
         self.error = error
 
 
+def locator(shards: list[dict], seed: int, epoch: int, shuffle: bool):
+    """Epoch position -> (shard, index in shard), through the epoch's shard order."""
+    counts = np.array([s["samples"] for s in shards])
+    order = np.random.default_rng([seed, epoch]).permutation(len(counts)) if shuffle else np.arange(len(counts))
+    ends = np.cumsum(counts[order])
+    total = int(ends[-1])
+
+    def locate(p: int) -> tuple[dict, int]:
+        p %= total  # policy "wrap" runs past the end into the start of the same order
+        k = int(np.searchsorted(ends, p, side="right"))
+        return shards[order[k]], p - int(ends[k] - counts[order[k]])
+    return locate
+
+
+class _ContinuedStream(IterableDataset):
+    """Yields (j, tokens, keys, info) for this worker's batches j >= ``start_batch`` of an epoch continued under
+    another layout: batch j is the samples at epoch positions ``positions[j x B:(j + 1) x B]``; worker v of W
+    yields j = v, v + W, ... (rotated like ``_EpochStream``). A corrupt shard's sample (``skip_corrupt``) is
+    replaced by the worker's previous good sample."""
+
+    def __init__(self, manifest: dict, shards: list[dict], positions: np.ndarray, micro_batch_size: int,
+                 num_workers: int, seed: int, epoch: int, shuffle: bool, start_batch: int, skip_corrupt: bool):
+        self.manifest, self.shards, self.positions = manifest, shards, positions
+        self.B, self.W = micro_batch_size, max(1, num_workers)
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.start, self.skip_corrupt = start_batch, skip_corrupt
+
+    def __iter__(self):
+        try:
+            yield from self._batches()
+        except RtdistError as e:
+            if get_worker_info() is None:
+                raise
+            yield _WorkerFailed(e)
+
+    def _batches(self):
+        info = get_worker_info()
+        v = ((info.id if info else 0) + self.start) % self.W
+        locate, reader = locator(self.shards, self.seed, self.epoch, self.shuffle), ShardReader(self.manifest)
+        bad: set[str] = set()
+        last_good = None
+        try:
+            for j in range(self.start + (v - self.start) % self.W, len(self.positions) // self.B, self.W):
+                tokens, keys, substituted, corrupt = [], [], 0, []
+                for p in self.positions[j * self.B:(j + 1) * self.B].tolist():
+                    shard, index = locate(p)
+                    sample = None
+                    if shard["name"] not in bad:
+                        try:
+                            sample = last_good = reader.read(shard, index)
+                        except CorruptShardError as e:
+                            if not self.skip_corrupt:
+                                raise
+                            bad.add(shard["name"])
+                            corrupt.append(shard["name"])
+                            log.warning("skipping corrupt shard (its samples are replaced): %s", e)
+                    if sample is None:
+                        if last_good is None:
+                            raise DataError(f"no readable sample left to stand in for corrupt shards {sorted(bad)}")
+                        sample, substituted = last_good, substituted + 1
+                    keys.append(sample[0])
+                    tokens.append(sample[1])
+                batch = torch.from_numpy(np.stack(tokens).astype(np.int64))
+                yield j, batch, keys, {"substituted": substituted, "corrupt": corrupt}
+        finally:
+            reader.close()
+
+
 class _EpochStream(IterableDataset):
     """Yields (j, tokens[B, L+1] int64, keys, info) for this worker's batches j of one epoch, from ``start_batch``."""
 
@@ -75,20 +190,6 @@ class _EpochStream(IterableDataset):
         self.B, self.rank, self.nb, self.W = micro_batch_size, dp_rank, batches, max(1, num_workers)
         self.seed, self.epoch, self.shuffle, self.K = seed, epoch, shuffle, shuffle_buffer
         self.start, self.skip_corrupt = start_batch, skip_corrupt
-
-    def _locate(self):
-        """Epoch position -> (shard, index in shard), through the epoch's shard order."""
-        counts = np.array([s["samples"] for s in self.shards])
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(counts)) if self.shuffle
-                 else np.arange(len(counts)))
-        ends = np.cumsum(counts[order])
-        total = int(ends[-1])
-
-        def locate(p: int) -> tuple[dict, int]:
-            p %= total  # policy "wrap" runs past the end into the start of the same order
-            k = int(np.searchsorted(ends, p, side="right"))
-            return self.shards[order[k]], p - int(ends[k] - counts[order[k]])
-        return locate
 
     def __iter__(self):
         try:
@@ -101,13 +202,10 @@ class _EpochStream(IterableDataset):
     def _batches(self):
         info = get_worker_info()
         v = ((info.id if info else 0) + self.start) % self.W  # rotate so DataLoader worker 0 yields batch `start`
-        counts = [len(range(u, self.nb, self.W)) for u in range(self.W)]
-        first = self.rank * self.nb * self.B + sum(counts[:v]) * self.B  # this worker's piece of the epoch
-        n = counts[v] * self.B
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, v])
-        order = buffer_shuffle_order(n, self.K, rng) if self.shuffle else np.arange(n)
+        first, n = worker_piece(self.rank, self.nb, self.B, self.W, v)  # this worker's piece of the epoch
+        order = worker_order(n, self.seed, self.epoch, self.rank, v, self.shuffle, self.K)
         need = np.maximum.accumulate(order) + 1 if n else order  # samples read before output t can leave
-        locate, reader = self._locate(), ShardReader(self.manifest)
+        locate, reader = locator(self.shards, self.seed, self.epoch, self.shuffle), ShardReader(self.manifest)
         bad: set[str] = set()
 
         def read(i: int):
@@ -123,6 +221,7 @@ class _EpochStream(IterableDataset):
                 log.warning("skipping corrupt shard (its samples are replaced): %s", e)
                 return None
 
+        counts = n // self.B
         k0 = len(range(v, self.start, self.W))  # batches of this worker before `start`
         t0, held, next_read = k0 * self.B, {}, 0
         if t0:  # resume: the buffer holds what was read and not yet emitted
@@ -132,7 +231,7 @@ class _EpochStream(IterableDataset):
             held = {int(i): read(int(i)) for i in np.flatnonzero(~emitted)}
         reported: set[str] = set()
         try:
-            for k in range(k0, counts[v]):
+            for k in range(k0, counts):
                 tokens, keys, substituted = [], [], 0
                 for t in range(k * self.B, (k + 1) * self.B):
                     while next_read < need[t]:
@@ -170,9 +269,11 @@ class ShardLoader:
       so every sample is read at least once. Counted in ``stats["repeated_per_epoch"]``.
 
     Iterating continues from the current position: epoch ``e`` batch ``c`` (0 at start), advancing to the next
-    epoch after the last batch. ``state_dict()``/``load_state_dict()`` save and restore that position; the restored
-    loader yields exactly the batches the uninterrupted one would have (same manifest, seed, dp_world_size,
-    micro_batch_size, num_workers, shuffle_buffer, policy; rank 0's state serves every rank).
+    epoch after the last batch. ``state_dict()``/``load_state_dict()`` save and restore that position as the number
+    of samples of the epoch's global order consumed (the same on every rank: rank 0's state serves every rank). The
+    restored loader yields exactly the batches the uninterrupted one would have; under another layout
+    (dp_world_size, micro_batch_size, num_workers, shuffle_buffer, policy) it continues the same epoch's global
+    order (module docstring), reading every sample the interrupted run had not.
 
     A corrupt or truncated shard raises ``CorruptShardError`` naming it; with ``skip_corrupt=True`` its samples are
     replaced by other samples of the same worker (batch counts stay equal), logged and counted in ``stats``.
@@ -196,7 +297,7 @@ class ShardLoader:
         per_step = micro_batch_size * dp_world_size
         if not self.samples:
             raise DataError(f"split {split!r} of {self.manifest['manifest_path']} has no samples")
-        self.batches = self.samples // per_step if policy == "drop" else math.ceil(self.samples / per_step)
+        self.batches = batches_per_epoch(self.samples, micro_batch_size, dp_world_size, policy)
         if not self.batches:
             raise DataError(f"split {split!r} of {self.manifest['manifest_path']} has {self.samples} samples, "
                             f"fewer than micro_batch_size x dp_world_size = {per_step}: use policy='wrap' or a "
@@ -213,6 +314,9 @@ class ShardLoader:
                       "substituted_samples": 0, "corrupt_shards": []}
         self._shards_id = hashlib.sha256("".join(s["name"] + s["sha256"] for s in self.shards).encode()).hexdigest()
         self._epoch, self._batch = 0, 0
+        # The rest of the current epoch when it was ordered by another layout: (that layout's keys, the position
+        # this loader started at in its global order, this rank's epoch positions for the batches left).
+        self._continued: Optional[tuple[dict, int, np.ndarray]] = None
         self._tokenizer = None
 
     # ------------------------------------------------------------------ what the trainer needs to know
@@ -246,40 +350,75 @@ class ShardLoader:
         """Start ``epoch`` from its first batch, unless it is the current epoch (e.g. the one a
         ``load_state_dict`` resumed into): then the position is kept."""
         if epoch != self._epoch:
-            self._epoch, self._batch = epoch, 0
+            self._epoch, self._batch, self._continued = epoch, 0, None
+
+    @property
+    def per_round(self) -> int:
+        """Samples one batch of every rank takes from the epoch's global order."""
+        return self.micro_batch_size * self.dp_world_size
+
+    def _keys(self) -> dict:
+        return {"split": self.split, "shards": self._shards_id, "seed": self.seed, "shuffle": self.shuffle,
+                "micro_batch_size": self.micro_batch_size, "dp_world_size": self.dp_world_size,
+                "num_workers": self.num_workers, "shuffle_buffer": self.shuffle_buffer, "policy": self.policy}
 
     def state_dict(self) -> dict:
-        epoch, batch = (self._epoch + 1, 0) if self._batch >= self.batches else (self._epoch, self._batch)
-        return {"epoch": epoch, "batch": batch, "split": self.split, "shards": self._shards_id, "seed": self.seed,
-                "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
-                "micro_batch_size": self.micro_batch_size, "dp_world_size": self.dp_world_size,
-                "num_workers": self.num_workers, "policy": self.policy}
+        """``{"epoch", "position"}`` (samples of the epoch's global order consumed) with the keys of the data and
+        of the layout that ordered the epoch."""
+        keys = self._keys()
+        if self._continued is not None and self._batch < self._batches_now():
+            layout, start, _ = self._continued
+            return {"epoch": self._epoch, "position": start + self._batch * self.per_round, **keys, **layout}
+        if self._continued is not None or self._batch >= self.batches:
+            return {"epoch": self._epoch + 1, "position": 0, **keys}
+        return {"epoch": self._epoch, "position": self._batch * self.per_round, **keys}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Resume at ``state``'s position. A state saved under a different order (other dp_world_size, batch,
-        workers, seed, data...) raises ``ValueError`` naming the difference; ``strict=False`` then resumes at the
-        same fraction of the epoch's samples instead (approximate: some samples may repeat or be skipped)."""
-        mine = self.state_dict()
-        diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in ORDER_KEYS if state.get(k) != mine[k]]
-        batch = state["batch"]
+        """Resume at ``state``'s position, under this loader's layout or another (module docstring). A state of
+        other data (split, shards, seed, shuffle) raises ``ValueError`` naming the difference; ``strict=False`` then
+        resumes at the same fraction of the epoch's samples instead (approximate: some samples may repeat or be
+        skipped). States written before positions existed (``batch``) load too."""
+        mine = self._keys()
+        layout = {k: state.get(k) for k in LAYOUT_KEYS}
+        position = state["position"] if "position" in state else state["batch"] * layout["micro_batch_size"] * \
+            layout["dp_world_size"]
+        diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in DATA_KEYS if state.get(k) != mine[k]]
+        self._continued = None
         if diff:
             if strict:
-                raise ValueError("loader state was saved with a different order (" + "; ".join(diff) +
-                                 "): an exact resume needs the same values; load_state_dict(state, strict=False) "
-                                 "resumes approximately")
-            seen = batch * state.get("micro_batch_size", 0) * state.get("dp_world_size", 0)
-            batch = min(seen // (self.micro_batch_size * self.dp_world_size), self.batches)
+                raise ValueError("loader state was saved for other data: " + "; ".join(diff))
+            batch = min(position // self.per_round, self.batches)
             log.warning("approximate loader resume (%s): epoch %d, batch %d", "; ".join(diff), state["epoch"], batch)
-        self._epoch, self._batch = state["epoch"], batch
+            self._epoch, self._batch = state["epoch"], batch
+            return
+        self._epoch, self._batch = state["epoch"], 0
+        if layout == {k: mine[k] for k in LAYOUT_KEYS} and position % self.per_round == 0:
+            self._batch = position // self.per_round
+            return
+        order = global_order(self.samples, self.seed, self._epoch, self.shuffle, **layout)[position:]
+        rounds = len(order) // self.per_round if self.policy == "drop" else math.ceil(len(order) / self.per_round)
+        mine_at = (np.arange(rounds)[:, None] * self.per_round + self.dp_rank * self.micro_batch_size
+                   + np.arange(self.micro_batch_size)).ravel()
+        self._continued = (layout, position, order[mine_at % max(1, len(order))])  # "wrap" runs round to the start
+        log.info("loader: epoch %d continues at sample %d of the global order of layout %s", self._epoch, position,
+                 layout)
+
+    def _batches_now(self) -> int:
+        """Batches of the current epoch for this loader (fewer in an epoch continued from another layout)."""
+        return len(self._continued[2]) // self.micro_batch_size if self._continued is not None else self.batches
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
-        if self._batch >= self.batches:
-            self._epoch, self._batch = self._epoch + 1, 0
-        epoch, start = self._epoch, self._batch
-        stream = _EpochStream(self.manifest, self.shards, self.micro_batch_size, self.dp_rank, self.batches,
-                              self.num_workers, self.seed, epoch, self.shuffle, self.shuffle_buffer, start,
-                              self.skip_corrupt)
+        if self._batch >= self._batches_now():
+            self._epoch, self._batch, self._continued = self._epoch + 1, 0, None
+        epoch, start, total = self._epoch, self._batch, self._batches_now()
+        if self._continued is not None:
+            stream = _ContinuedStream(self.manifest, self.shards, self._continued[2], self.micro_batch_size,
+                                      self.num_workers, self.seed, epoch, self.shuffle, start, self.skip_corrupt)
+        else:
+            stream = _EpochStream(self.manifest, self.shards, self.micro_batch_size, self.dp_rank, self.batches,
+                                  self.num_workers, self.seed, epoch, self.shuffle, self.shuffle_buffer, start,
+                                  self.skip_corrupt)
         batches = stream if self.num_workers == 0 else DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor, multiprocessing_context=self.multiprocessing_context)
@@ -298,6 +437,6 @@ class ShardLoader:
                         self.stats["corrupt_shards"].append(name)
                         log.warning("split %s: corrupt shard %s skipped (skip_corrupt=True)", self.split, name)
             yield (tokens, keys) if self.with_keys else tokens
-        if expected != self.batches:
-            raise RuntimeError(f"epoch {epoch} ended after {expected} of {self.batches} batches")
-        self._epoch, self._batch = epoch + 1, 0
+        if expected != total:
+            raise RuntimeError(f"epoch {epoch} ended after {expected} of {total} batches")
+        self._epoch, self._batch, self._continued = epoch + 1, 0, None

@@ -90,6 +90,11 @@ class Engine:
     def load(self, path: Path) -> None:
         raise NotImplementedError
 
+    def load_portable(self, state) -> None:
+        """Adam's state, the schedule and the step counters from a ``reshard.PortableState`` written by another
+        engine, stage or world (the weights went into ``module`` before this engine wrapped it)."""
+        raise NotImplementedError
+
     def consolidated_state_dict(self, path: Path) -> Optional[dict]:
         """fp32 parameters + buffers on rank 0 (None elsewhere), after ``save(path)``."""
         raise NotImplementedError
@@ -154,6 +159,26 @@ class DeepSpeedEngine(Engine):
                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path}")
+
+    def load_portable(self, state) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        from .reshard import ADAM_KEYS, fill_adam_state, load_schedule
+        wrapper = self.model.optimizer
+        base = getattr(wrapper, "optimizer", wrapper)  # ZeRO and bf16 step flat fp32 partitions with our AdamW
+        # ZeRO-3 attaches its partitions to the AdamW's groups only while it steps or saves
+        stepped = getattr(wrapper, "fp32_partitioned_groups_flat", None)
+        if fill_adam_state(base, self.module, state, stepped):
+            link = getattr(wrapper, "_lazy_init_hp_params_optimizer_state", None)
+            if link is not None:  # ZeRO 1/2 and bf16 point each parameter at its fragments once the states exist
+                link()
+            for name, p in self.module.named_parameters():
+                safe_set_full_fp32_param(p, state.params[name])  # bf16 rounded the model copy the master came from
+                for key in ADAM_KEYS:
+                    safe_set_full_optimizer_state(p, getattr(state, key)[name], key)
+        load_schedule(self.scheduler, state)
+        self.model.global_steps = state.scheduler["last_epoch"]
+        self.model.global_samples = self.model.global_steps * self.model.train_batch_size()
 
     def consolidated_state_dict(self, path: Path) -> Optional[dict]:
         if dist.is_initialized() and dist.get_rank() != 0:
@@ -242,6 +267,17 @@ class _LocalStepEngine(Engine):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._micro = state["micro"]
+
+    def load_portable(self, state) -> None:
+        from ..errors import CheckpointError
+        from .reshard import fill_adam_state, load_schedule
+        base = getattr(self.optimizer, "optim", self.optimizer)  # fairscale's OSS steps this rank's shard with it
+        if fill_adam_state(base, self.module, state):
+            raise CheckpointError(f"engine {self.name} holds flattened parameters here (fairscale's "
+                                  f"FullyShardedDataParallel): resume another engine's checkpoint with engine "
+                                  f"deepspeed or torch")
+        load_schedule(self.scheduler, state)
+        self._micro = state.scheduler["last_epoch"] * self.accumulation
 
     def consolidated_state_dict(self, path: Path) -> Optional[dict]:
         if self._rank() != 0:
