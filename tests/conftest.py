@@ -7,6 +7,12 @@ import pytest
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a second path to something the default run already covers (real "
+                            "mpirun, the same-shape sbatch resubmission, tool dry runs, aliases of a tested policy); "
+                            "`make test` leaves them out, `make test-all` runs them")
+
+
 @pytest.fixture
 def tool(monkeypatch):
     """``tool("bench_memory")`` imports a module of tools/ with tools/ first on sys.path, as ``python tools/X.py``

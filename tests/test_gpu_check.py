@@ -1,6 +1,7 @@
 """tools/gpu_check.py on a machine without CUDA (what CI has): it says so, runs the dry pass of every check on the
 CPU (the training command lines as users run them, the kernels, cached generation, the throughput step), prints
 one line per check and a summary, and exits 0."""
+import pytest
 import json
 import os
 import re
@@ -23,6 +24,7 @@ def run(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_without_cuda_every_check_has_a_dry_pass_and_the_tool_exits_0(tmp_path):
     r = run("--work", str(tmp_path), "--json", str(tmp_path / "result.json"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

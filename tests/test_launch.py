@@ -426,6 +426,7 @@ def test_each_node_starts_its_share_with_no_ssh_and_node_rank(tmp_path, probe):
     assert r.returncode == 2 and "--node_rank (got 2)" in error_line(r)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install mpi4py mpich)")
 def test_real_mpirun_trains_with_discovery_through_mpi4py(manifest, tmp_path):
     pytest.importorskip("mpi4py")

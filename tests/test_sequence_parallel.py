@@ -258,8 +258,11 @@ POLICY = {"selective": ["train.checkpoint_policy=selective", "train.checkpoint_c
           "full": ["train.checkpoint_policy=full", "train.checkpoint_chunk_size=16"]}
 
 
-@pytest.mark.parametrize("zero, ckpt_layers, policy", [(2, False, None), (2, True, None), (2, False, "selective"),
-                                                       (3, False, "full")])
+@pytest.mark.parametrize("zero, ckpt_layers, policy", [
+    (2, False, None),
+    pytest.param(2, True, None, marks=pytest.mark.slow),  # checkpoint_activations = the full policy, tested below
+    (2, False, "selective"),
+    (3, False, "full")])
 def test_twenty_steps_with_sp2_equal_one_process(tmp_path, single_process_losses, zero, ckpt_layers, policy):
     spawn(train_worker, 2, 2, zero, ckpt_layers, str(tmp_path / "l"), POLICY.get(policy, ()))
     assert single_process_losses[-1] < single_process_losses[0] - 0.3
@@ -268,6 +271,7 @@ def test_twenty_steps_with_sp2_equal_one_process(tmp_path, single_process_losses
         torch.testing.assert_close(losses, single_process_losses, rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_benchmark_tool_reports_memory_and_traffic(tmp_path):
     import json
     import subprocess

@@ -81,6 +81,7 @@ def submit(cluster, tmp_path, name, run_dir, args, nodes=2, **env):
     return jid, out
 
 
+@pytest.mark.slow  # the -N1 resubmission below covers the same path and a reshard
 def test_sbatch_trains_on_two_nodes_stops_on_sigusr1_and_a_second_submission_resumes(cluster, manifest, tmp_path):
     run_dir, iters = tmp_path / "run", 60
     t0 = time.time()

@@ -87,7 +87,7 @@ def test_two_ranks_equal_one_process(tmp_path, reference, engine, zero, accumula
 
 
 @pytest.mark.parametrize("engine, zero, overrides", [
-    ("deepspeed", 2, ["train.checkpoint_activations=true"]),
+    pytest.param("deepspeed", 2, ["train.checkpoint_activations=true"], marks=pytest.mark.slow),  # = full, below
     ("deepspeed", 3, ["train.checkpoint_policy=full", "train.checkpoint_chunk_size=16"]),
     ("deepspeed", 3, ["train.checkpoint_policy=selective", "train.checkpoint_chunk_size=16"]),
     ("torch", 0, ["train.checkpoint_policy=full", "train.checkpoint_chunk_size=16"]),

@@ -126,7 +126,20 @@ def locator(shards: list[dict], seed: int, epoch: int, shuffle: bool):
     return locate
 
 
-class _ContinuedStream(IterableDataset):
+class _BatchStream(IterableDataset):
+    """Yields ``self._batches()``; in a DataLoader worker an RtdistError is handed to the main process as a
+    ``_WorkerFailed`` item (re-raised there as the one-line error), not as a worker traceback."""
+
+    def __iter__(self):
+        try:
+            yield from self._batches()
+        except RtdistError as e:
+            if get_worker_info() is None:
+                raise
+            yield _WorkerFailed(e)
+
+
+class _ContinuedStream(_BatchStream):
     """Yields (j, tokens, keys, info) for this worker's batches j >= ``start_batch`` of an epoch continued under
     another layout: batch j is the samples at epoch positions ``positions[j x B:(j + 1) x B]``; worker v of W
     yields j = v, v + W, ... (rotated like ``_EpochStream``). A corrupt shard's sample (``skip_corrupt``) is
@@ -138,14 +151,6 @@ class _ContinuedStream(IterableDataset):
         self.B, self.W = micro_batch_size, max(1, num_workers)
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         self.start, self.skip_corrupt = start_batch, skip_corrupt
-
-    def __iter__(self):
-        try:
-            yield from self._batches()
-        except RtdistError as e:
-            if get_worker_info() is None:
-                raise
-            yield _WorkerFailed(e)
 
     def _batches(self):
         info = get_worker_info()
@@ -180,7 +185,7 @@ class _ContinuedStream(IterableDataset):
             reader.close()
 
 
-class _EpochStream(IterableDataset):
+class _EpochStream(_BatchStream):
     """Yields (j, tokens[B, L+1] int64, keys, info) for this worker's batches j of one epoch, from ``start_batch``."""
 
     def __init__(self, manifest: dict, shards: list[dict], micro_batch_size: int, dp_rank: int,
@@ -190,14 +195,6 @@ class _EpochStream(IterableDataset):
         self.B, self.rank, self.nb, self.W = micro_batch_size, dp_rank, batches, max(1, num_workers)
         self.seed, self.epoch, self.shuffle, self.K = seed, epoch, shuffle, shuffle_buffer
         self.start, self.skip_corrupt = start_batch, skip_corrupt
-
-    def __iter__(self):
-        try:
-            yield from self._batches()
-        except RtdistError as e:
-            if get_worker_info() is None:
-                raise
-            yield _WorkerFailed(e)
 
     def _batches(self):
         info = get_worker_info()
