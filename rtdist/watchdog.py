@@ -92,6 +92,7 @@ class Watchdog:
         """Start the threads; call from the main thread after the stop-signal handlers are installed."""
         self._rfd, self._wfd = socket.socketpair()
         self._wfd.setblocking(False)
+        self._rfd.settimeout(0.25)  # here, not in the thread: close() may come before the thread first runs
         self._old_wakeup = signal.set_wakeup_fd(self._wfd.fileno(), warn_on_full_buffer=False)
         self._spawn(self._watch)
         if self.store_addr is not None:
@@ -141,7 +142,6 @@ class Watchdog:
     # ------------------------------------------------------------------------------------------------ threads
     def _watch(self) -> None:
         rfd = self._rfd
-        rfd.settimeout(0.25)
         while not self._stop.is_set():
             try:
                 data = rfd.recv(64)
