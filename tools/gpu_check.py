@@ -194,7 +194,7 @@ def model_case(device, dtype, n: int):
     """The tiny model's training forward + backward (recomputed kernels included) under autocast."""
     import torch
     from rtdist.config import load_config
-    from rtdist.model import RoutingTransformerLM, lm_loss
+    from rtdist.model import RoutingTransformerLM
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"train.seq_length={n}"])
     torch.manual_seed(0)
     from rtdist.parallel.checkpointing import apply_activation_checkpointing
@@ -204,9 +204,9 @@ def model_case(device, dtype, n: int):
 
     def run():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits, aux = model(x[:, :-1])
+            loss, aux = model(x[:, :-1], targets=x[:, 1:])  # the training loss: chunked head, no [n, V] logits
         model.discard_kmeans_stats()  # (the recomputation in backward gathers none)
-        return lm_loss(logits, x[:, 1:]) + aux
+        return loss + aux
     return run
 
 
@@ -322,7 +322,7 @@ def check_throughput(n_gpu: int):
     def run(ctx: dict) -> dict:
         import torch
         from benchlib import model_flops
-        from rtdist.model import RoutingTransformerLM, lm_loss
+        from rtdist.model import RoutingTransformerLM
         device = torch.device(ctx["device"])
         n = 256 if ctx["dry"] else n_gpu
         cfg = shrunk_pg19()
@@ -334,8 +334,8 @@ def check_throughput(n_gpu: int):
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits, aux = model(x[:, :-1])
-            (lm_loss(logits, x[:, 1:]) + aux).backward()
+                loss, aux = model(x[:, :-1], targets=x[:, 1:])  # as training runs it: chunked head and loss
+            (loss + aux).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             model.update_kmeans()
