@@ -1,6 +1,6 @@
 """tools/bench_memory.py: the pipeline (JSON/CSV/PNG, series stops, skipped sequence parallelism) and the analytic
-memory model of tools/benchlib.py (parameter count, ZeRO sharding, saved activations against autograd's
-saved-tensor hooks)."""
+memory model of tools/benchlib.py (parameter count, ZeRO sharding, saved activations against what a forward
+leaves alive)."""
 import csv
 import json
 import os
@@ -13,6 +13,8 @@ import torch
 
 from rtdist.config import ModelConfig, layer_head_split
 from rtdist.model import RoutingTransformerLM, count_parameters
+
+from kept_tensors import kept_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,22 +126,10 @@ def test_param_count_and_saved_activations_match_the_model(bench, kw):
     model = RoutingTransformerLM(cfg)
     assert bench.count_params(cfg) == count_parameters(model)
     n = 256
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            saved[s.data_ptr()] = s.nbytes()
-        return t
-
     x = torch.randint(0, cfg.vocab_size, (1, n + 1))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, aux = model(x[:, :-1], targets=x[:, 1:])  # the training loss entry: no logits kept
-        loss + aux
+    _, measured = kept_bytes(lambda: model(x[:, :-1], targets=x[:, 1:]))  # the training loss entry: no logits
     keep, head = bench.global_saved_floats_per_token(cfg)
     formula = 4 * n * (sum(bench.saved_floats_per_token(cfg, n, s) for s in layer_head_split(cfg)) + keep + head)
-    measured = sum(saved.values())
     assert formula == pytest.approx(measured, rel=0.03)
     est = bench.estimate(cfg, n)
     assert est.activations == pytest.approx(formula)

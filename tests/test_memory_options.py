@@ -8,8 +8,10 @@ import torch
 
 from rtdist.config import ConfigError, ModelConfig, checkpoint_policy, load_config
 from rtdist.model import RoutingTransformerLM, lm_loss
-from rtdist.model.transformer import chunked_lm_loss
+from rtdist.model.transformer import FeedForward, chunked_lm_loss
 from rtdist.parallel.checkpointing import apply_activation_checkpointing
+
+from kept_tensors import kept_bytes
 
 
 def tiny(**kw):
@@ -103,6 +105,64 @@ def test_chunked_loss_under_bf16_autocast_runs_the_matmuls_in_bf16():
     torch.testing.assert_close(loss, lm_loss(logits, x[:, 1:]), rtol=1e-2, atol=0)
     (loss + aux).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------- what the plain path keeps for backward
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_feed_forward_keeps_only_its_hidden_input_and_equals_autograd(glu):
+    """w_out saves its input before the activation (F or 2F wide) and recomputes the activation: not the
+    activation's input and output both (2F or 4F); output and gradients are bit-identical to autograd's."""
+    torch.manual_seed(0)
+    ff = FeedForward(16, 4, glu, 0.0)
+    x = torch.randn(2, 30, 16, requires_grad=True)
+    out, kept = kept_bytes(lambda: ff(x))
+    hidden = 64 * (2 if glu else 1)
+    assert kept == 2 * 30 * hidden * 4 + 2 * 30 * 16 * 4  # w_in's output, and the result
+
+    def reference(x):  # what autograd keeps: the activation's input and output
+        h = ff.w_in(x)
+        a, b = h.chunk(2, dim=-1) if glu else (h, 1)
+        return torch.nn.functional.linear(torch.nn.functional.gelu(a) * b, ff.w_out.weight)
+    ref = reference(x)
+    g = torch.randn_like(out)
+    assert torch.equal(out, ref)
+    for a, b in zip(torch.autograd.grad(out, [x, *ff.parameters()], g),
+                    torch.autograd.grad(ref, [x, *ff.parameters()], g)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw", [{}, {"ff_glu": False}, {"attention_type": "local"}, {"attention_type": "full"}])
+def test_plain_path_recomputes_the_norm_outputs_instead_of_keeping_them(kw):
+    """Without checkpointing, the LayerNorm outputs the projections and the feed-forward read are recomputed from
+    the norms' inputs in backward: two [n, d] activations fewer per layer, same loss and gradients bit for bit.
+    Any saved-tensor hooks already active (here an identity pair, as checkpointing's would be) turn it off: that
+    is the reference."""
+    cfg = tiny(**kw)
+    x = tokens(cfg)
+
+    def step(outer_hooks):
+        torch.manual_seed(0)
+        model = RoutingTransformerLM(cfg)
+        def fwd():
+            return model(x[:, :-1], targets=x[:, 1:])
+        if outer_hooks:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                (loss, aux), kept = kept_bytes(fwd)
+        else:
+            (loss, aux), kept = kept_bytes(fwd)
+        (loss + aux).backward()
+        return loss, kept, {n: p.grad for n, p in model.named_parameters()}
+
+    loss, kept, grads = step(False)
+    ref_loss, ref_kept, ref_grads = step(True)
+    n_tokens = x[:, :-1].numel()
+    norm_params = 2 * cfg.d_model * 4  # each norm's weight and bias, copied for the recomputation
+    assert ref_kept - kept == cfg.n_layers * 2 * (n_tokens * cfg.d_model * 4 - norm_params)
+    assert torch.equal(loss, ref_loss)
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
 
 
 # ---------------------------------------------------------------------------------------------- policies

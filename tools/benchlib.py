@@ -12,7 +12,8 @@ The memory model (:func:`estimate`) counts, per rank, in bytes (fp32 everywhere,
   states by the world size, stage 2 the gradients too, stage 3 the parameters too. k-means buffers are counted
   apart (never sharded).
 * saved activations: what autograd keeps between forward and backward, per token and per layer, derived from the
-  model's code op by op (:func:`saved_floats_per_token`; checked against ``saved_tensors_hooks`` in the tests).
+  model's code op by op (:func:`saved_floats_per_token`; checked in the tests against the tensors a forward leaves
+  alive).
   With full activation checkpointing a layer keeps only its input (d floats per token) and one layer's set is
   rebuilt during backward.
 * attention working set: the n x n tensors of ``full_naive`` (the kept probabilities with the saved activations;
@@ -220,27 +221,29 @@ def _chunkable(cfg: ModelConfig, R: int) -> bool:
     return cfg.attention_type in ("routing", "local") and (R == 0 or cfg.routing_mode == "causal")
 
 
-def saved_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> float:
-    """fp32 values (int64 indices count as two) that autograd keeps per token for one layer without checkpointing.
+def saved_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int, norms_recomputed: bool = True) -> float:
+    """fp32 values (int64 indices count as two) that autograd keeps per token for one layer without checkpointing
+    (``norms_recomputed``; inside a recomputed block, where the model keeps the norm outputs: False).
 
     Op by op (H heads of hd, L local and R routing heads, d model width, F feed-forward width):
-    LayerNorm 1 input d + mean/rstd 2; projection input (LayerNorm 1 output) d. Dense: rotated q and k 2*H*hd, v
+    LayerNorm 1 input d + mean/rstd 2; projection input (LayerNorm 1 output) d, unless recomputed from the
+    LayerNorm input in backward (``norm_then``). Dense: rotated q and k 2*H*hd, v
     H*hd, SDPA output H*hd and log-sum-exp H (flash), or the n x n probabilities H*n and the causal mask n/4
     (bool) for ``full_naive``. Local heads: rotated q and k 2*L*hd and the whole v H*hd (the kernel's input is a
     view of it). Causal routing heads (one recomputed function from their raw projections): a copy of their
     queries R*hd (and of their keys without shared QK), v (a view of the whole v, kept once whether local heads read
     it too or not). ``topk`` routing heads (project, route, attend): the whole q H*hd (normalize/layer_norm read a
     view of it), k = normalize(q) norms 2R, routing vectors R*hd + LayerNorm stats 2R, centroid scores R*C, cluster
-    ids 2R, rotated q and k 2*R*hd, v. Output projection input H*hd; LayerNorm 2 input d + 2; feed-forward input d;
-    GEGLU: w_in output 2F (gelu reads half, the product the other half), gelu output F, w_out input F (plain GELU:
-    F + F).
+    ids 2R, rotated q and k 2*R*hd, v. Output projection input H*hd; LayerNorm 2 input d + 2; feed-forward input d
+    (unless recomputed, as LayerNorm 1's output); w_in output 2F for GEGLU, F for GELU (the activation is
+    recomputed by w_out's backward).
     """
     d, H = cfg.d_model, cfg.n_heads
     hd = cfg.head_dim or d // H
     rotary = cfg.pos_emb == "rotary"
     L, R = _heads(cfg, n_local_split)
-    f = (d + 2) + d + H * hd  # LayerNorm 1, projection input, output-projection input
-    f += ff_saved_floats_per_token(cfg)
+    f = (d + 2) + (0 if norms_recomputed else d) + H * hd  # LayerNorm 1, projection input, output-projection input
+    f += ff_saved_floats_per_token(cfg, norms_recomputed)
     if cfg.attention_type in ("full", "full_naive"):
         f += 3 * H * hd  # q, k (rotated or the projections), v
         if cfg.attention_type == "full":
@@ -280,18 +283,19 @@ def global_saved_floats_per_token(cfg: ModelConfig) -> tuple[float, float]:
     return keep, head
 
 
-def ff_saved_floats_per_token(cfg: ModelConfig) -> float:
-    """Saved values of a block's second half (LayerNorm 2 input and stats, feed-forward input and internals)."""
+def ff_saved_floats_per_token(cfg: ModelConfig, norms_recomputed: bool = True) -> float:
+    """Saved values of a block's second half (LayerNorm 2 input and stats, feed-forward input unless recomputed,
+    w_in's output)."""
     hidden = int(cfg.d_model * cfg.ff_mult)
-    return (cfg.d_model + 2) + cfg.d_model + (4 * hidden if cfg.ff_glu else 2 * hidden)
+    return (cfg.d_model + 2) + (0 if norms_recomputed else cfg.d_model) + (2 * hidden if cfg.ff_glu else hidden)
 
 
 def working_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> dict[str, float]:
     """Temporaries alive on top of the saved activations during the last layer's backward, per token:
 
-    * ``ff``: its GEGLU product backward (where the profiler puts the peak without chunks): residual gradients 2d,
-      the w_out input's gradient F and the gradients of both GEGLU halves 2F, less the w_out input F already freed
-      (plain GELU: 2d + F).
+    * ``ff``: its w_out backward (where the peak is without chunks): residual gradients 2d, and for GEGLU the
+      recomputed gelu F, the activation's gradient F and the gradients of both halves 2F (plain GELU: the
+      recomputed activation, then its gradient, F).
     * ``attn``: its attention backward, its feed-forward's saved values already freed: for the recomputed
       local/routing kernels the re-gathered q, k, v (k and v twice: a block sees its predecessor), the output and
       their gradients, ~10 per head dim; for dense SDPA the q, k, v and output gradients 4 per head dim; for
@@ -304,7 +308,7 @@ def working_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> di
     hd = cfg.head_dim or d // H
     hidden = int(d * cfg.ff_mult)
     L, R = _heads(cfg, n_local_split)
-    ff = 2 * d + (2 * hidden if cfg.ff_glu else hidden)
+    ff = 2 * d + (4 * hidden if cfg.ff_glu else hidden)
     if cfg.attention_type == "full":
         attn = 2 * d + 4 * H * hd
     elif cfg.attention_type == "full_naive":
@@ -332,9 +336,11 @@ def layer_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int, checkpo
         return {"kept": whole, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"]}
     if checkpointing == "selective":
         return {"kept": whole - ffs, "ff": whole - ffs + grads_2nd_half, "attn": whole - ffs + work["attn"]}
-    if not chunked:  # full, whole blocks recomputed
+    # full: recomputed under checkpointing's own saved-tensor hooks, so the norm outputs are kept there
+    whole, ffs = saved_floats_per_token(cfg, n, n_local_split, False), ff_saved_floats_per_token(cfg, False)
+    if not chunked:  # whole blocks recomputed
         return {"kept": d, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"]}
-    if not _chunkable(cfg, R):  # full, attention whole, second half in chunks
+    if not _chunkable(cfg, R):  # attention whole, second half in chunks
         return {"kept": d, "ff": whole - ffs + grads_2nd_half, "attn": whole - ffs + work["attn"]}
     between = L * hd + R * hd * (2 if cfg.shared_qk else 3) + R * hd  # local output; routing q, (k,) v; routed out
     return {"kept": d, "ff": d + between + grads_2nd_half,
@@ -343,8 +349,8 @@ def layer_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int, checkpo
 
 def chunk_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> float:
     """What one recomputed chunk holds during its backward, per token of the chunk: its saved values (at most a whole
-    layer's) and the feed-forward's temporaries."""
-    return saved_floats_per_token(cfg, n, n_local_split) + working_floats_per_token(cfg, n, n_local_split)["ff"]
+    layer's, norm outputs included: recomputed under checkpointing's hooks) and the feed-forward's temporaries."""
+    return saved_floats_per_token(cfg, n, n_local_split, False) + working_floats_per_token(cfg, n, n_local_split)["ff"]
 
 
 @dataclass

@@ -17,23 +17,124 @@ from .attention import RoutingAttention, Rotary
 from .kmeans import SphericalKMeans
 
 
+def _activate(h: torch.Tensor, glu: bool) -> torch.Tensor:
+    if glu:  # GEGLU
+        a, b = h.chunk(2, dim=-1)
+        return F.gelu(a) * b
+    return F.gelu(h)
+
+
+class _ActivatedLinearFn(torch.autograd.Function):
+    """``F.linear(act(h), weight)`` that saves only ``h`` for backward and recomputes ``act(h)`` there: autograd would
+    keep both ``h`` and ``act(h)`` (the widest activations of a block), this keeps one. Exact: the recomputation
+    is the same elementwise op on the same input."""
+
+    @staticmethod
+    def forward(ctx, h, weight, glu):
+        ctx.save_for_backward(h, weight)
+        ctx.glu = glu
+        return F.linear(_activate(h, glu), weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Ordered so that at most 4F (GEGLU; GELU: F) exists beyond the saved h, for hidden width F.
+        h, weight = ctx.saved_tensors
+        a, b = h.chunk(2, dim=-1) if ctx.glu else (h, None)
+        gelu_a = F.gelu(a)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            act = gelu_a * b if ctx.glu else gelu_a
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ act.reshape(-1, act.shape[-1])
+            del act
+        if not ctx.needs_input_grad[0]:
+            return None, grad_w, None
+        grad_act = grad @ weight
+        if not ctx.glu:
+            del gelu_a
+            return torch.ops.aten.gelu_backward.grad_input(grad_act, h, grad_input=grad_act), grad_w, None
+        grad_h = torch.empty_like(h)
+        grad_a, grad_b = grad_h.chunk(2, dim=-1)
+        torch.mul(grad_act, gelu_a, out=grad_b)
+        del gelu_a
+        grad_act.mul_(b)
+        grad_a.copy_(torch.ops.aten.gelu_backward.grad_input(grad_act, a, grad_input=grad_act))
+        return grad_h, grad_w, None
+
+
+class ActivatedLinear(nn.Linear):
+    """The feed-forward's second linear layer applied to GELU (or GEGLU: ``gelu(a) * b`` of the two halves) of its
+    input, keeping only that input for backward. A ``nn.Linear`` (same parameter, same name), so engines that hook
+    modules (ZeRO-3 gathers parameters in module hooks) see it as one. With dropout after the activation (in
+    training), in inference, and in compiled graphs (whose partitioner makes the same trade by itself) it takes
+    the plain path."""
+
+    def __init__(self, in_features: int, out_features: int, glu: bool, dropout: float):
+        super().__init__(in_features, out_features, bias=False)
+        self.glu = glu
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h):
+        if ((self.dropout.p and self.training) or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or not (h.requires_grad or self.weight.requires_grad)):
+            return F.linear(self.dropout(_activate(h, self.glu)), self.weight)
+        weight, dev = self.weight, h.device.type
+        if torch.is_autocast_enabled(dev):  # as F.linear under autocast: both in the autocast dtype
+            dtype = torch.get_autocast_dtype(dev)
+            h, weight = h.to(dtype), weight.to(dtype)
+        with torch.autocast(dev, enabled=False):
+            return _ActivatedLinearFn.apply(h, weight, self.glu)
+
+
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, mult: float, glu: bool, dropout: float):
         super().__init__()
         hidden = int(d_model * mult)
         self.glu = glu
         self.w_in = nn.Linear(d_model, hidden * (2 if glu else 1), bias=False)
-        self.w_out = nn.Linear(hidden, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.w_out = ActivatedLinear(hidden, d_model, glu, dropout)
 
     def forward(self, x):
-        h = self.w_in(x)
-        if self.glu:  # GEGLU
-            a, b = h.chunk(2, dim=-1)
-            h = F.gelu(a) * b
-        else:
-            h = F.gelu(h)
-        return self.w_out(self.dropout(h))
+        return self.w_out(self.w_in(x))
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether something (activation checkpointing, CPU offload) already manages what autograd saves here; the
+    query is private torch API, so without it we assume yes."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def norm_then(norm: nn.LayerNorm, x: torch.Tensor, fn: Callable, *args):
+    """``fn(norm(x), *args)``, where whatever ``fn`` saves for backward of the norm's output (the next linear layer's
+    input) is not kept but recomputed from ``x`` in backward: ``x`` is saved by the norm itself, so this drops a
+    whole [n, d] activation per norm for one LayerNorm in backward. Exact (the same kernel on the same input and
+    weights). Skipped where no gradient is taken, inside compiled graphs, and where saved-tensor hooks are already
+    active (checkpointing's own hooks must stay the innermost)."""
+    y = norm(x)
+    weight, bias = norm.weight, norm.bias
+    if (not torch.is_grad_enabled() or not y.requires_grad or torch.compiler.is_compiling()
+            or _saved_tensor_hooks_active()
+            or (weight is not None and tuple(weight.shape) != tuple(norm.normalized_shape))):  # ZeRO-3 released it
+        return fn(y, *args)
+    # the norm's parameters as they are now (an engine may re-partition them before backward); [d] each
+    weight = weight.detach().clone() if weight is not None else None
+    bias = bias.detach().clone() if bias is not None else None
+    storage, dtype = y.untyped_storage().data_ptr(), y.dtype
+
+    def pack(t):
+        if t.dtype != dtype or t.untyped_storage().data_ptr() != storage:
+            return t
+        return t.size(), t.stride(), t.storage_offset()
+
+    def unpack(saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        with torch.no_grad():
+            y = F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+        return y.as_strided(*saved)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return fn(y, *args)
 
 
 class Block(nn.Module):
@@ -59,7 +160,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, valid=None):
         if self.chunks is None:
-            a, aux = self.attn(self.norm1(x), rope, valid)
+            a, aux = norm_then(self.norm1, x, self.attn, rope, valid)
             return self.mix(x, a), aux
         size = self.chunks.size
         if self.chunks.attention and self.attn.chunkable:
@@ -67,7 +168,7 @@ class Block(nn.Module):
             size = -(-size // w) * w  # chunks start on local-window boundaries
             heads, aux = self._attention_in_chunks(x, rope, valid, size)
         else:
-            heads, aux = self.attn.heads(self.norm1(x), rope, valid)
+            heads, aux = norm_then(self.norm1, x, self.attn.heads, rope, valid)
             heads = (heads,)
         outs = [self.chunks.run(self._second_half, *chunk)
                 for chunk in zip(x.split(size, dim=1), *(h.split(size, dim=1) for h in heads))]
@@ -76,7 +177,7 @@ class Block(nn.Module):
     def mix(self, x, a):
         """The block's output given its input ``x`` and its attention output ``a``."""
         x = x + self.dropout(a)
-        return x + self.dropout(self.ff(self.norm2(x)))
+        return x + self.dropout(norm_then(self.norm2, x, self.ff))
 
     def _second_half(self, x, *heads):
         """The block's output for its input ``x`` and every head's output (in head order, [B, n, heads, d])."""
