@@ -125,7 +125,8 @@ def matmul_rate(n: int = 4096, reps: int = 3) -> float:
 
 
 def model_flops(cfg: ModelConfig, n: int, batch: int) -> float:
-    """Matmul FLOPs of one forward+backward (3x forward) of the LM on ``batch`` x ``n`` tokens."""
+    """Matmul FLOPs of one forward+backward (3x forward) of the LM on ``batch`` x ``n`` tokens: the attention FLOPs
+    the causal attention needs (no masked-out work counted)."""
     d, hd, H = cfg.d_model, cfg.head_dim or cfg.d_model // cfg.n_heads, cfg.n_heads
     hidden = int(d * cfg.ff_mult)
     per_token = 0.0
@@ -137,7 +138,8 @@ def model_flops(cfg: ModelConfig, n: int, batch: int) -> float:
             n_routing = H - n_local
             proj = d * H * hd * (4 if not (cfg.shared_qk and n_routing) else 3) + (d * n_local * hd if cfg.shared_qk and n_routing else 0)
             lw = cfg.local_window_size or cfg.window_size
-            attn = n_local * hd * 2 * (2 * lw) + n_routing * hd * 2 * (2 * cfg.window_size)
+            # a query sees its own block causally (on average half of it) and the whole block before: 1.5 blocks
+            attn = n_local * hd * 2 * (1.5 * lw) + n_routing * hd * 2 * (1.5 * cfg.window_size)
             attn += n_routing * hd * cfg.num_clusters  # nearest-centroid scores
         ff = d * hidden * (3 if cfg.ff_glu else 2)
         per_token += proj + ff + attn
