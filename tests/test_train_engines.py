@@ -45,7 +45,7 @@ def worker(rank, world, port, engine, zero, accumulation, overrides, out):
     t = cfg.train
     optim = OptimConfig(t.lr, t.min_lr, 2, STEPS, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.gradient_clipping)
     eng = build_engine(engine, model, optim, micro_batch=micro, accumulation=accumulation, dp_size=world,
-                       zero_stage=zero, precision="fp32")
+                       zero_stage=zero, precision="fp32", deepspeed_overrides=cfg.deepspeed)
     losses = []
     for b in batches():
         mine = b[rank * micro * accumulation:(rank + 1) * micro * accumulation]
@@ -107,3 +107,13 @@ def test_reseeded_clusters_are_identical_on_every_rank(tmp_path):
     assert ranks[0]["reseeded"] > 0 and ranks[0]["reseeded"] == ranks[1]["reseeded"]
     for a, b in zip(ranks[0]["means"], ranks[1]["means"]):
         assert torch.equal(a, b)
+
+
+def test_zero3_with_every_parameter_partitioned_equals_one_process(tmp_path, reference):
+    """The LayerNorms' parameters partitioned too (DeepSpeed keeps small ones whole by default): the plain path
+    recomputes norm outputs in backward and must never read a released parameter."""
+    everything = "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"
+    ranks = run(tmp_path, 2, "deepspeed", 3, overrides=[everything])
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["losses"], dtype=torch.float64),
+                                   torch.tensor(reference["losses"], dtype=torch.float64), rtol=0, atol=2e-5)
