@@ -14,8 +14,6 @@ import torch
 from rtdist.config import ModelConfig, layer_head_split
 from rtdist.model import RoutingTransformerLM, count_parameters
 
-from kept_tensors import kept_bytes
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -127,7 +125,7 @@ def test_param_count_and_saved_activations_match_the_model(bench, kw):
     assert bench.count_params(cfg) == count_parameters(model)
     n = 256
     x = torch.randint(0, cfg.vocab_size, (1, n + 1))
-    _, measured = kept_bytes(lambda: model(x[:, :-1], targets=x[:, 1:]))  # the training loss entry: no logits
+    _, measured = bench.kept_bytes(lambda: model(x[:, :-1], targets=x[:, 1:]))  # the training loss entry: no logits
     keep, head = bench.global_saved_floats_per_token(cfg)
     formula = 4 * n * (sum(bench.saved_floats_per_token(cfg, n, s) for s in layer_head_split(cfg)) + keep + head)
     assert formula == pytest.approx(measured, rel=0.03)

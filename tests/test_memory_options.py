@@ -11,8 +11,6 @@ from rtdist.model import RoutingTransformerLM, lm_loss
 from rtdist.model.transformer import FeedForward, chunked_lm_loss
 from rtdist.parallel.checkpointing import apply_activation_checkpointing
 
-from kept_tensors import kept_bytes
-
 
 def tiny(**kw):
     base = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_local_attn_heads=2, window_size=8,
@@ -111,13 +109,13 @@ def test_chunked_loss_under_bf16_autocast_runs_the_matmuls_in_bf16():
 
 
 @pytest.mark.parametrize("glu", [False, True])
-def test_feed_forward_keeps_only_its_hidden_input_and_equals_autograd(glu):
+def test_feed_forward_keeps_only_its_hidden_input_and_equals_autograd(glu, tool):
     """w_out saves its input before the activation (F or 2F wide) and recomputes the activation: not the
     activation's input and output both (2F or 4F); output and gradients are bit-identical to autograd's."""
     torch.manual_seed(0)
     ff = FeedForward(16, 4, glu, 0.0)
     x = torch.randn(2, 30, 16, requires_grad=True)
-    out, kept = kept_bytes(lambda: ff(x))
+    out, kept = tool("benchlib").kept_bytes(lambda: ff(x))
     hidden = 64 * (2 if glu else 1)
     assert kept == 2 * 30 * hidden * 4 + 2 * 30 * 16 * 4  # w_in's output, and the result
 
@@ -134,13 +132,14 @@ def test_feed_forward_keeps_only_its_hidden_input_and_equals_autograd(glu):
 
 
 @pytest.mark.parametrize("kw", [{}, {"ff_glu": False}, {"attention_type": "local"}, {"attention_type": "full"}])
-def test_plain_path_recomputes_the_norm_outputs_instead_of_keeping_them(kw):
+def test_plain_path_recomputes_the_norm_outputs_instead_of_keeping_them(kw, tool):
     """Without checkpointing, the LayerNorm outputs the projections and the feed-forward read are recomputed from
     the norms' inputs in backward: two [n, d] activations fewer per layer, same loss and gradients bit for bit.
     Any saved-tensor hooks already active (here an identity pair, as checkpointing's would be) turn it off: that
     is the reference."""
     cfg = tiny(**kw)
     x = tokens(cfg)
+    kept_bytes = tool("benchlib").kept_bytes
 
     def step(outer_hooks):
         torch.manual_seed(0)

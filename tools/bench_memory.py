@@ -13,16 +13,16 @@ What "peak" means:
   staying resident; the setting is recorded with the results.
 * CUDA: ``torch.cuda.max_memory_allocated`` over ``memory_allocated`` at the same point (after a peak reset).
 Both exclude the parameters and buffers (they are in the baseline) and include gradients, AdamW states, saved
-activations and every temporary. ``saved_mb`` is what autograd kept outside checkpointed regions (unique storages,
-parameters excluded), counted with ``torch.autograd.graph.saved_tensors_hooks``.
+activations and every temporary. ``saved_mb`` is what the forward left alive for backward (storages its ops created,
+counted by ``benchlib.kept_bytes`` from outside autograd: no saved-tensor hooks, which would change the path).
 
 The estimate (``estimate`` in tools/benchlib.py; ``--estimate`` prints it before running) counts per rank: fp32
 parameters 4 B, gradients 4 B, AdamW m and v 8 B per parameter, divided by the world size per ZeRO stage (1:
-optimizer states, 2: + gradients, 3: + parameters); saved activations per token per layer derived from the model's
-ops (checked against saved-tensor hooks in tests/test_bench_memory.py); the attention working set (n x n tensors of
-full-naive only; flash and block kernels keep per-block scratch); the largest backward transient (feed-forward or
-recomputed-attention gradients, or logits). ``est_mb`` is the same growth the measurement sees: estimated peak
-minus parameters and buffers.
+optimizer states, 2: + gradients, 3: + parameters); saved activations per token per layer derived from the
+model's ops (checked against what a forward leaves alive, tests/test_bench_memory.py); the attention working set
+(n x n tensors of full-naive only; flash and block kernels keep per-block scratch); the largest backward transient
+(feed-forward or recomputed-attention gradients, or logits). ``est_mb`` is the same growth the measurement sees:
+estimated peak minus parameters and buffers.
 
 A series (attention x checkpointing x sp) stops at its first point that runs out of memory, exceeds
 ``--max-mem-gb`` (skipped beforehand when the estimate says so, killed when the processes' resident memory
@@ -58,8 +58,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (MB, buffer_bytes, count_params, estimate, fit_exponent, model_state_bytes, peak_rss_bytes,
-                      process_tree, reset_peak_rss, rss_bytes, tree_rss_bytes, write_csv)
+from benchlib import (MB, buffer_bytes, count_params, estimate, fit_exponent, kept_bytes, model_state_bytes,
+                      peak_rss_bytes, process_tree, reset_peak_rss, rss_bytes, tree_rss_bytes, write_csv)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,15 +183,6 @@ def run_point(args) -> dict:
     model.discard_kmeans_stats()
     gc.collect()
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params and s.device.type == dev.type:
-            saved[s.data_ptr()] = s.nbytes()
-        return t
-
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -203,8 +194,7 @@ def run_point(args) -> dict:
                   else "peak RSS since process start (ru_maxrss; no reset available) - RSS at model-ready")
     try:
         t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = forward(tokens)
+        loss, saved = kept_bytes(lambda: forward(tokens), dev.type)
         loss.backward()
         if sp > 1:  # the gradient sum over the sequence shards, as training does
             for prm in model.parameters():
@@ -228,7 +218,7 @@ def run_point(args) -> dict:
         extra = {}
     return {"status": "ok", "rank": rank, "threads_per_rank": threads, "time_s": secs, "tokens_per_s": args.batch * n / secs,
             "peak_mb": peak / MB, "baseline_mb": (base if dev.type == "cuda" else rss_bytes()) / MB,
-            "saved_mb": sum(saved.values()) / MB, "peak_method": method, **extra}
+            "saved_mb": saved / MB, "peak_method": method, **extra}
 
 
 def point_main(args) -> None:
