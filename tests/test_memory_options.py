@@ -129,6 +129,13 @@ def test_feed_forward_keeps_only_its_hidden_input_and_equals_autograd(glu, tool)
     for a, b in zip(torch.autograd.grad(out, [x, *ff.parameters()], g),
                     torch.autograd.grad(ref, [x, *ff.parameters()], g)):
         assert torch.equal(a, b)
+    # only one of its inputs needing a gradient (a frozen w_out; a constant input)
+    ff.w_out.weight.requires_grad_(False)
+    assert torch.equal(torch.autograd.grad(ff(x), x, g)[0], torch.autograd.grad(reference(x), x, g)[0])
+    ff.w_out.weight.requires_grad_(True)
+    h = ff.w_in(x).detach()
+    assert torch.equal(torch.autograd.grad(ff.w_out(h), ff.w_out.weight, g)[0],
+                       torch.autograd.grad(reference(x), ff.w_out.weight, g)[0])
 
 
 @pytest.mark.parametrize("kw", [{}, {"ff_glu": False}, {"attention_type": "local"}, {"attention_type": "full"}])

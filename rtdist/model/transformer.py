@@ -37,27 +37,32 @@ class _ActivatedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # Ordered so that at most 4F (GEGLU; GELU: F) exists beyond the saved h, for hidden width F.
+        # Ordered so that beyond the saved h at most 4F exists (GEGLU; GELU: F), for hidden width F, and the only
+        # recomputation is the gelu itself (GEGLU: its product is formed in place once gelu(a) has served).
         h, weight = ctx.saved_tensors
-        a, b = h.chunk(2, dim=-1) if ctx.glu else (h, None)
-        gelu_a = F.gelu(a)
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            act = gelu_a * b if ctx.glu else gelu_a
-            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ act.reshape(-1, act.shape[-1])
-            del act
-        if not ctx.needs_input_grad[0]:
-            return None, grad_w, None
-        grad_act = grad @ weight
+        needs_h, needs_w = ctx.needs_input_grad[:2]
         if not ctx.glu:
-            del gelu_a
+            act = F.gelu(h)
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ act.reshape(-1, act.shape[-1]) if needs_w else None
+            del act
+            if not needs_h:
+                return None, grad_w, None
+            grad_act = grad @ weight
             return torch.ops.aten.gelu_backward.grad_input(grad_act, h, grad_input=grad_act), grad_w, None
-        grad_h = torch.empty_like(h)
-        grad_a, grad_b = grad_h.chunk(2, dim=-1)
-        torch.mul(grad_act, gelu_a, out=grad_b)
-        del gelu_a
-        grad_act.mul_(b)
-        grad_a.copy_(torch.ops.aten.gelu_backward.grad_input(grad_act, a, grad_input=grad_act))
+        a, b = h.chunk(2, dim=-1)
+        act = F.gelu(a)  # gelu(a) until it has given grad_b, then gelu(a) * b
+        grad_h = grad_act = None
+        if needs_h:
+            grad_act = grad @ weight
+            grad_h = torch.empty_like(h)
+            grad_a, grad_b = grad_h.chunk(2, dim=-1)
+            torch.mul(grad_act, act, out=grad_b)
+        act.mul_(b)
+        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ act.reshape(-1, act.shape[-1]) if needs_w else None
+        del act
+        if needs_h:
+            grad_act.mul_(b)
+            grad_a.copy_(torch.ops.aten.gelu_backward.grad_input(grad_act, a, grad_input=grad_act))
         return grad_h, grad_w, None
 
 
