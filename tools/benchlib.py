@@ -435,7 +435,9 @@ def estimate(cfg: ModelConfig, seq_len: int, batch: int = 1, checkpointing: str 
     chunk = 4 * chunk_tokens * chunk_floats_per_token(cfg, seq_len, splits[-1])
     phases = {"head": head_phase,
               "ff": 4 * tokens * (before_last + layers[-1]["ff"]) + chunk + head_grads,
-              "attn": 4 * tokens * (before_last + layers[-1]["attn"]) + chunk + head_grads}
+              # selective runs attention whole: its chunks are done by then
+              "attn": 4 * tokens * (before_last + layers[-1]["attn"]) + (chunk if checkpointing == "full" else 0)
+              + head_grads}
     phase = max(phases, key=phases.get)
     act_peak = phases[phase]
     optim_phase = states["grads"] + states["optim"] + states["params"]  # AdamW's foreach temporaries: <= 1 param copy
