@@ -77,8 +77,12 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(manifest, t
     assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))  # the next save cleaned up the crashed one
 
 
-def test_the_export_loads_for_evaluation(manifest, tmp_path):
-    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=4", "train.zero_stage=2"))
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_the_export_loads_for_evaluation(manifest, tmp_path, policy):
+    """Also when blocks are wrapped for activation checkpointing (their parameters' names carry the wrapper's
+    level in ZeRO's checkpoint; the export must use the model's own names and keep the k-means state)."""
+    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=4", "train.zero_stage=2",
+                      f"train.checkpoint_policy={policy}"))
     assert r.returncode == 0, r.stderr[-3000:]
     ev = run([sys.executable, "-m", "rtdist.evaluate", "--checkpoint", str(tmp_path), "--max-batches", "2"])
     assert ev.returncode == 0, ev.stderr[-3000:]

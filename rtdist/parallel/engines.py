@@ -100,6 +100,12 @@ class Engine:
         raise NotImplementedError
 
 
+def state_dict_name(name: str) -> str:
+    """A parameter's or buffer's name as the module's ``state_dict`` has it: activation checkpoint wrappers add a
+    ``_checkpoint_wrapped_module.`` level to ``named_parameters()`` names that their state_dict hook removes."""
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
 # ------------------------------------------------------------------------------------------------ DeepSpeed
 
 
@@ -188,11 +194,12 @@ class DeepSpeedEngine(Engine):
             params = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
         else:
             params = {k: v for k, v in self.module.state_dict().items()}
-        state = {k: v.float() if v.is_floating_point() else v for k, v in params.items()}
+        # ZeRO names parameters as named_parameters() does; the exported model is loaded by state_dict names
+        state = {state_dict_name(k): v.float() if v.is_floating_point() else v for k, v in params.items()}
         persistent = set(self.module.state_dict().keys())
         for name, buf in self.module.named_buffers():  # k-means state: replicated, never partitioned
-            if name in persistent:
-                state[name] = buf.detach().clone()
+            if state_dict_name(name) in persistent:
+                state[state_dict_name(name)] = buf.detach().clone()
         return state
 
 
