@@ -94,7 +94,6 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, mult: float, glu: bool, dropout: float):
         super().__init__()
         hidden = int(d_model * mult)
-        self.glu = glu
         self.w_in = nn.Linear(d_model, hidden * (2 if glu else 1), bias=False)
         self.w_out = ActivatedLinear(hidden, d_model, glu, dropout)
 
