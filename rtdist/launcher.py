@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -339,6 +340,18 @@ def check_port_free(port: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- commands
+def nccl_env(run_dir=None) -> dict:
+    """The NCCL error-handling settings users of torchrun expect, for whoever starts the ranks to apply where the
+    user set nothing: a failed or timed-out collective aborts the communicator and ends the process (rather than
+    leaving it to hang), and on a timeout each rank dumps its flight recorder (the last collectives it ran) into
+    the run directory. Read by NCCL only; harmless on the CPU."""
+    env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+           "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000"}
+    if run_dir is not None:
+        env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = os.path.join(os.path.abspath(run_dir), "nccl_trace_rank_")
+    return env
+
+
 def user_command(cmd: Sequence[str], module: bool = False, no_python: bool = False) -> List[str]:
     """The per-process command: what follows ``--`` (a bare ``python``/``python3`` becomes this interpreter);
     DeepSpeed-style ``--module`` / a ``.py`` script get the interpreter in front."""
@@ -373,9 +386,12 @@ def mpirun_command(flavour: str, plan: Plan, cmd: Sequence[str], env_vars: Mappi
 
 def torchrun_command(plan: Plan, node_rank: int, cmd: Sequence[str]) -> List[str]:
     """torchrun for node ``node_rank`` of the plan: its slots as local processes, global ranks in host order."""
+    # torchrun leaves SIGTERM/SIGINT to this launcher (run_torchrun): it would stop the workers itself and SIGKILL
+    # them 30 s later, whether or not their checkpoint is written
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(plan.hosts)), "--node_rank",
             str(node_rank), "--nproc_per_node", str(len(list(plan.hosts.values())[node_rank])), "--master_addr",
-            plan.master_addr, "--master_port", str(plan.master_port), "--no-python", *cmd]
+            plan.master_addr, "--master_port", str(plan.master_port), "--signals_to_handle", "SIGHUP,SIGQUIT",
+            "--no-python", *cmd]
 
 
 def deepspeed_command(args, plan: Plan, cmd: List[str], hostfile: Path) -> List[str]:
@@ -414,14 +430,39 @@ def _to_children(signum, frame) -> None:
             pass
 
 
+class _StopForwarder:
+    """SIGTERM/SIGINT to the launcher: the first (and its copies: a signal to the process group reaches the workers
+    and this process at once) goes on to the workers, which checkpoint at their next step boundary and exit 0, so
+    torchrun ends as a success; a later one is an impatient user's, and torchrun's own stop takes over (SIGTERM to
+    the workers, SIGKILL after its shutdown timeout)."""
+
+    def __init__(self, window_s: float = 5.0):
+        self.first, self.window_s = None, window_s
+
+    def __call__(self, signum, frame) -> None:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        now = time.monotonic()
+        if self.first is not None and now > self.first + self.window_s:
+            raise SignalException(f"Process {os.getpid()} got signal: {signum} (a second time)", sigval=signum)
+        if self.first is None:
+            self.first = now
+            _log(f"{signal.Signals(signum).name}: passed on to the workers, which save a checkpoint at their next "
+                 f"step boundary and exit; send it again to stop them at once")
+        _to_children(signum, frame)
+
+
 def run_torchrun(argv: List[str], env: Mapping[str, str]) -> int:
     """torchrun's main in this process, so that the failed rank's exit status comes back (torchrun's command exits
-    1 whatever failed) and SIGUSR1 reaches the workers: torchrun stops them all when one fails and passes SIGTERM and
-    SIGINT on, but SIGUSR1 (SLURM's 'checkpoint and stop' warning) would end it and orphan them."""
+    1 whatever failed) and the stop signals reach the workers as a request to checkpoint: torchrun stops them all
+    when one fails, but SIGUSR1 (SLURM's 'checkpoint and stop' warning) would end it and orphan them, and on
+    SIGTERM/SIGINT it would kill them 30 s later whatever they were doing (:class:`_StopForwarder`)."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    saved_env, saved_usr1 = dict(os.environ), signal.signal(signal.SIGUSR1, _to_children)
+    saved_env = dict(os.environ)
+    forward = _StopForwarder()
+    saved = {s: signal.signal(s, h) for s, h in ((signal.SIGUSR1, _to_children), (signal.SIGTERM, forward),
+                                                 (signal.SIGINT, forward))}
     os.environ.clear()
     os.environ.update(env)  # the workers inherit the agent's environment
     try:
@@ -436,7 +477,8 @@ def run_torchrun(argv: List[str], env: Mapping[str, str]) -> int:
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
-        signal.signal(signal.SIGUSR1, saved_usr1)
+        for s, h in saved.items():
+            signal.signal(s, h)
 
 
 def run_one(cmd: Sequence[str], env: Mapping[str, str]) -> int:
@@ -526,6 +568,8 @@ def launch(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
     hosts, slots = list(plan.hosts), list(plan.hosts.values())[node_rank]
     wenv = {k: v for k, v in env.items() if k not in RANK_VARS}
     wenv.update(extra_env, MASTER_ADDR=plan.master_addr, MASTER_PORT=str(plan.master_port))
+    for k, v in nccl_env().items():  # NCCL's error handling and flight recorder, unless the user set them
+        wenv.setdefault(k, v)
     if local and slots != list(range(len(slots))) and "CUDA_VISIBLE_DEVICES" not in env and local_gpu_count(env):
         wenv["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slots))  # the hostfile's slot indices are GPU ids
     if not args.dry_run and node_rank == 0 and (local or is_local_host(hosts[0]) or is_local_host(plan.master_addr)):

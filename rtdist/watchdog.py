@@ -14,6 +14,11 @@ itself: the main thread sits in C++ and Python signal handlers do not run. So a 
   The C-level handler also writes the signal number to a wakeup socket this thread reads, so SIGTERM is seen even
   while the main thread is blocked: if no step boundary comes within ``grace_s``, the process exits (143) without a
   checkpoint; outside a step (start-up) at once; a second SIGTERM always at once.
+* **One stop, many deliveries.** A signal to the job reaches a rank several times: SLURM, ``kill -TERM -PGID`` and
+  Ctrl-C signal the whole process group, and torchrun / srun / our launcher pass the same signal on to each rank.
+  Copies within ``DUPLICATE_S`` of the first are the same request; only a later one is the impatient second
+  signal. Processes a rank starts (DataLoader and preprocessing workers) ignore the stop signals
+  (:func:`leave_stop_signals_to_parent`): the rank decides, and its workers must live until it has saved.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from typing import Callable, Optional
 
 EXIT_PEER_TIMEOUT = 3
 EXIT_SIGTERM = 143
+DUPLICATE_S = 5.0
 _HB_KEY = "rtdist/heartbeat/{}"
 
 
@@ -41,21 +47,39 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+def leave_stop_signals_to_parent(*_args) -> None:
+    """In a process a rank started (a DataLoader worker's ``worker_init_fn``, a pool's initializer): ignore the
+    stop signals, which reach the whole process group, and write nothing to the parent's wakeup socket (a forked
+    child inherits it). The parent stops at a step boundary and needs its workers until it has saved; they end
+    with it."""
+    with contextlib.suppress(ValueError):  # not the main thread: nothing was inherited there
+        signal.set_wakeup_fd(-1)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopRequest:
     """SIGUSR1 / SIGTERM (and SIGINT) received: stop at the next step boundary. Python handlers only record it."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.received: Optional[str] = None
+        self._at: Optional[float] = None
         self._old = {}
         for sig in self.SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.received == "SIGINT":
-            raise KeyboardInterrupt  # the second Ctrl-C
-        self.received = signal.Signals(signum).name
+        now = time.monotonic()
+        if signum == signal.SIGINT and self.received == "SIGINT" and now > self._at + DUPLICATE_S:
+            raise KeyboardInterrupt  # a second Ctrl-C, not the terminal's and the launcher's copies of the first
+        if self.received is None or signum != signal.SIGUSR1:  # SIGTERM/SIGINT name the stop over an earlier USR1
+            self.received = signal.Signals(signum).name
+            self._at = self._at or now
 
     def agreed(self, all_reduce_max: Callable) -> bool:
         """True on every rank when any rank received a stop signal (a collective: call it on all ranks)."""
@@ -77,7 +101,7 @@ class Watchdog:
         self.timeout_s, self.rank, self.world_size = timeout_s, rank, world_size
         self.grace_s, self.beat_s = grace_s, beat_s
         self.store_addr = store_addr if world_size > 1 else None
-        self._phase, self._step, self._deadline = "startup", 0, None
+        self._phase, self._step, self._deadline, self._bound = "startup", 0, None, timeout_s
         self._sigterm_at: Optional[float] = None
         self._longest_step = 0.0
         self._lock = threading.Lock()
@@ -121,11 +145,13 @@ class Watchdog:
 
     # ------------------------------------------------------------------------------------------------ phases
     @contextlib.contextmanager
-    def phase(self, name: str, step: int):
-        """Bound a phase by ``timeout_s``; ends the process when it overruns (see the module docstring)."""
+    def phase(self, name: str, step: int, timeout_s: Optional[float] = None):
+        """Bound a phase by ``timeout_s`` (default the watchdog's: the steady steps' bound; the trainer gives the
+        start-up phases a longer one); ends the process when it overruns (see the module docstring)."""
         t0 = time.monotonic()
         with self._lock:
-            self._phase, self._step, self._deadline = name, step, t0 + self.timeout_s
+            self._phase, self._step = name, step
+            self._deadline, self._bound = t0 + (timeout_s or self.timeout_s), timeout_s or self.timeout_s
         try:
             yield
         finally:
@@ -134,6 +160,9 @@ class Watchdog:
                 if name == "step":
                     self._longest_step = max(self._longest_step, took)
                 self._phase, self._deadline = "idle", None
+
+    def _bound_key(self, bound: float) -> str:
+        return "train.dist_timeout_s" if bound == self.timeout_s else "train.startup_timeout_s"
 
     def grace(self) -> float:
         """How long SIGTERM waits for a step boundary: a healthy step always fits."""
@@ -154,24 +183,30 @@ class Watchdog:
             now = time.monotonic()
             with self._lock:
                 phase, step, deadline, term = self._phase, self._step, self._deadline, self._sigterm_at
-            if term is not None and phase != "save" and now > term + self.grace():
+                bound = self._bound
+            # a save or an export under way is waited for: it leaves a complete checkpoint or the final model
+            if term is not None and phase not in ("save", "export") and now > term + self.grace():
                 _say(f"rank {self.rank}: SIGTERM, and no step boundary came within {self.grace():.0f} s "
                      f"({_where(phase, step)}){self.peers_suffix()}: exiting without a checkpoint; the last "
                      f"complete checkpoint stays loadable")
                 os._exit(EXIT_SIGTERM)
             if deadline is not None and now > deadline:
-                _say(f"error: rank {self.rank}: {_where(phase, step)} did not finish within train.dist_timeout_s = "
-                     f"{self.timeout_s:g} s{self.peers_suffix()}: exiting (the last complete checkpoint "
-                     f"stays loadable; raise train.dist_timeout_s if a step really takes this long)")
+                _say(f"error: rank {self.rank}: {_where(phase, step)} did not finish within {self._bound_key(bound)} = "
+                     f"{bound:g} s{self.peers_suffix()}: exiting (the last complete checkpoint "
+                     f"stays loadable; raise {self._bound_key(bound)} if it really takes this long)")
                 os._exit(EXIT_PEER_TIMEOUT)
 
     def _on_signal(self, signum: int) -> None:
         if signum not in (signal.SIGTERM, signal.SIGINT):
             return  # SIGUSR1 is only a request for a checkpoint: the step boundary handles it
+        now = time.monotonic()
         with self._lock:
-            phase, again = self._phase, self._sigterm_at is not None
-            if not again:
-                self._sigterm_at = time.monotonic()
+            phase, first = self._phase, self._sigterm_at
+            if first is None:
+                self._sigterm_at = now
+            elif now <= first + DUPLICATE_S:
+                return  # another copy of the same stop (process group + launcher)
+            again = first is not None
         if again or phase == "startup":
             _say(f"rank {self.rank}: stopped by {signal.Signals(signum).name} "
                  f"{'(second time)' if again else 'before training started'}")

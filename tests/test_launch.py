@@ -301,7 +301,8 @@ def test_dry_run_shows_the_commands_for_each_launcher(tmp_path):
              "python", "train.py", "--lr", "1"], timeout=60)
     assert r.returncode == 0, r.stderr
     assert (f"-m torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 3 --master_addr 127.0.0.1 "
-            f"--master_port 29556 --no-python {sys.executable} train.py --lr 1") in r.stderr, r.stderr
+            f"--master_port 29556 --signals_to_handle SIGHUP,SIGQUIT --no-python {sys.executable} train.py --lr 1") \
+        in r.stderr, r.stderr
 
 
 def test_split_argv_accepts_deepspeed_style_without_double_dash():

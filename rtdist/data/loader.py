@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import CorruptShardError, DataError, RtdistError
+from ..watchdog import leave_stop_signals_to_parent
 from .shards import ShardReader, load_manifest, split_info
 from .tokenizers import Tokenizer, build_tokenizer
 
@@ -418,7 +419,8 @@ class ShardLoader:
                                   self.skip_corrupt)
         batches = stream if self.num_workers == 0 else DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor, multiprocessing_context=self.multiprocessing_context)
+            prefetch_factor=self.prefetch_factor, multiprocessing_context=self.multiprocessing_context,
+            worker_init_fn=leave_stop_signals_to_parent)  # a stop signal to the job is the rank's to handle
         expected = start
         for item in batches:
             if isinstance(item, _WorkerFailed):

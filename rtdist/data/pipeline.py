@@ -20,6 +20,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -85,6 +86,14 @@ class Chunker:
 
     def finish(self) -> None:
         self._drop_rest()
+
+
+def _init_worker(cfg: ReadConfig) -> None:
+    """Pool initializer: Ctrl-C (SIGINT to the process group) is the main process's to handle, which then stops
+    the pool; SIGTERM keeps its default, so that ``Pool.terminate()`` still ends the workers."""
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    init_reader(cfg)
 
 
 def _ordered(fn, tasks, workers: int, pool):
@@ -424,7 +433,7 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
     total_bytes = sum(plans[s][1]["input_bytes"] if direct[s] else sum(i.nbytes for i in items[s]) for s in order)
     read_cfg = ReadConfig(spec, str(model_path.parent), append_eod, json_keys, config["image_size"])
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = context.Pool(workers, init_reader, (read_cfg,)) if workers > 1 else None
+    pool = context.Pool(workers, _init_worker, (read_cfg,)) if workers > 1 else None
     if pool is None:
         init_reader(read_cfg)
     bar = _progress(total_bytes, progress)
