@@ -85,19 +85,40 @@ def fault_point(where: str, step: int) -> None:
         os._exit(17)
 
 
+def _visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's random streams: Python, numpy, torch's CPU generator and its own GPU's (not every visible
+    GPU's: a rank draws only on its device), with the number of GPUs it saw."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "cuda_devices": _visible_gpus()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def restore_rng(state: Optional[dict]) -> bool:
+    """Put a rank's saved streams back if they map onto this process (same world, which the caller's state says
+    by being there, and as many visible GPUs as the writer had: a GPU stream belongs to a local device); returns
+    False and changes nothing otherwise, and the caller reseeds."""
+    if not state:
+        return False
+    saved_cuda = state.get("cuda")
+    # rtdist before per-device states saved every visible device's stream as a list
+    saved_gpus = state.get("cuda_devices", len(saved_cuda) if isinstance(saved_cuda, list) else 0)
+    if saved_gpus != _visible_gpus():
+        return False
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if saved_cuda is not None:
+        if isinstance(saved_cuda, list):
+            torch.cuda.set_rng_state_all(saved_cuda)
+        else:
+            torch.cuda.set_rng_state(saved_cuda)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------- finding

@@ -110,7 +110,11 @@ class TrainConfig:
     engine: Literal["deepspeed", "fairscale", "torch"] = "deepspeed"
     zero_stage: int = 0
     max_nonfinite_steps: int = 5
+    # Bound on one steady step's collectives and work (a stuck or dead peer ends every rank within it) and on the
+    # rendezvous; the start-up phases (DeepSpeed op builds, a resharding resume, compile and the first step, the
+    # first evaluation) get startup_timeout_s, since one slow rank there is not a dead one.
     dist_timeout_s: int = 300
+    startup_timeout_s: int = 1800
     # Initial routing centroids: "random" unit vectors, or "data": k-means++ on the routing vectors of rank 0's
     # first micro-batch, shared with every rank (not on resume: the checkpoint holds the centroids). The
     # small-scale study (tools/experiment.py) needed "data" for routing to learn long-range retrieval.
@@ -365,6 +369,7 @@ def validate(cfg: Config) -> None:
            f"{t.checkpoint_policy}; set only train.checkpoint_policy")
     _positive("train", t, "checkpoint_chunk_size", allow_zero=True, what=" (0 = no chunks)")
     _positive("data", d, "num_workers", "shuffle_buffer", allow_zero=True)
+    _positive("train", t, "startup_timeout_s")
     _check(cfg.parallel.sequence_parallel_size >= 1, "parallel.sequence_parallel_size must be >= 1")
     sp = cfg.parallel.sequence_parallel_size
     if sp > 1:

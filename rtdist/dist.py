@@ -2,7 +2,13 @@
 
 Rank discovery order: explicit arguments > torchrun/deepspeed environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT) > SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, first host of the node list) >
-OpenMPI / PMI environment > mpi4py (a real ``mpirun``) > a single process. Backend: nccl on CUDA, else gloo.
+OpenMPI / PMI environment > mpi4py (a real ``mpirun``) > a single process.
+
+Backend: one default group for everything, gloo for host tensors and, on a CUDA machine, NCCL for device tensors
+(``"cpu:gloo,cuda:nccl"``): every collective picks the backend of its tensor's device, so a host flag (the stop
+request, a rank's shard problems, object collectives) never meets NCCL, which has no CPU path, and no second group
+has to be kept in step with the first. ``RTDIST_DIST_BACKEND`` overrides it (e.g. ``cpu:gloo,cuda:gloo`` for ranks
+sharing one GPU, which NCCL refuses).
 """
 from __future__ import annotations
 
@@ -161,17 +167,37 @@ def _set_env(**values: str) -> None:
         os.environ[k] = v
 
 
-def init(timeout_s: int = 300, backend: Optional[str] = None, info: Optional[DistInfo] = None) -> DistInfo:
+def default_backend(cuda: bool) -> str:
+    """The default group's backend (see the module docstring), ``RTDIST_DIST_BACKEND`` when set."""
+    override = os.environ.get("RTDIST_DIST_BACKEND", "").strip()
+    if override:
+        return override
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def local_device(info: DistInfo) -> torch.device:
+    """This rank's device: its local rank's GPU among the visible ones (one per task when SLURM or the batch
+    script gives each task its own ``CUDA_VISIBLE_DEVICES``), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+
+
+def init(timeout_s: int = 300, backend: Optional[str] = None, info: Optional[DistInfo] = None,
+         startup_timeout_s: Optional[int] = None) -> DistInfo:
     """Initialise the default process group (once) and return who we are.
 
     A single process gets a group too, on an in-memory store: no port is bound (two runs side by side never
-    collide) and DeepSpeed, finding a group, never starts its own MPI discovery. ``timeout_s`` bounds every
-    collective, also those of the groups DeepSpeed and the device mesh create later without a timeout of their
-    own (they take torch's default, which is set here)."""
+    collide) and DeepSpeed, finding a group, never starts its own MPI discovery. The rendezvous (every rank
+    reaching the store at MASTER_ADDR:MASTER_PORT) is bounded by ``timeout_s`` and names the address when it
+    fails. Collectives are bounded by ``startup_timeout_s`` (default ``timeout_s``): the start-up's first
+    collectives wait for the slowest rank's op builds, compile and checkpoint conversion; :func:`steady` then
+    tightens it to ``timeout_s``. Groups DeepSpeed and the device mesh create later without a timeout of their own
+    take torch's default, which is set here."""
     info = info or discover()
     if dist.is_initialized():
         return info
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=max(timeout_s, startup_timeout_s or 0))
     c10d.default_pg_timeout = timeout  # read by new_group() for groups created without a timeout
     # DeepSpeed reads the rank variables from the environment, whatever initialised the group.
     _set_env(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
@@ -179,12 +205,44 @@ def init(timeout_s: int = 300, backend: Optional[str] = None, info: Optional[Dis
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return info
     _set_env(MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout)
+    backend = backend or default_backend(torch.cuda.is_available())
+    if "nccl" in backend:
+        torch.cuda.set_device(local_device(info))
+    store = rendezvous(info, timeout_s)
+    store.set_timeout(timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=info.rank,
+                            world_size=info.world_size, timeout=timeout)
     return info
+
+
+def rendezvous(info: DistInfo, timeout_s: float):
+    """The store every rank meets at (rank 0's, or torchrun's agent's), as ``init_process_group("env://")`` makes
+    it, within ``timeout_s``; an address that does not resolve or a store that does not answer is one line."""
+    import socket
+    try:
+        socket.getaddrinfo(info.master_addr, info.master_port)
+    except OSError as e:
+        raise LaunchError(f"rank {info.rank}: MASTER_ADDR {info.master_addr!r} (from {info.source}) does not resolve "
+                          f"({e.strerror or e}): set it to rank 0's host name or address") from None
+    try:
+        store, _, _ = next(dist.rendezvous("env://", info.rank, info.world_size,
+                                           timeout=datetime.timedelta(seconds=timeout_s)))
+    except (RuntimeError, TimeoutError, OSError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
+        who = "the other ranks did not all arrive" if info.rank == 0 else "rank 0's store did not answer"
+        raise LaunchError(f"rank {info.rank}: no rendezvous at {info.master_addr}:{info.master_port} within "
+                          f"{timeout_s:g} s (train.dist_timeout_s): {who} ({str(e).splitlines()[0][:160]}); check "
+                          f"that every rank started and that MASTER_ADDR/MASTER_PORT name rank 0's host") from None
+    return store
+
+
+def steady(timeout_s: float) -> None:
+    """After the start-up: the default group's collectives are bounded by ``timeout_s`` again (the watchdog's
+    phase deadlines bound every group's in any case)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s))
+        except (AttributeError, RuntimeError, ValueError):  # a private API: the watchdog still bounds the steps
+            pass
 
 
 def world_size() -> int:

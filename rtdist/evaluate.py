@@ -13,7 +13,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -24,31 +24,40 @@ from .export import load_model_for_inference
 
 @torch.no_grad()
 def evaluate(model, loader, max_batches: Optional[int] = None, seq_length: Optional[int] = None,
-             autocast=None, device: str = "cpu", group=None, dims=None) -> dict:
+             autocast=None, device: str = "cpu", group=None, dims=None,
+             should_stop: Optional[Callable[[], bool]] = None) -> Optional[dict]:
     """Sum of token losses and counts over ``loader`` (one pass, at most ``max_batches``), reduced over ``group``
     (the world by default). ``dims``: the parallel layout when the model runs sequence-parallel; each rank then
-    scores its slice of every sample."""
+    scores its slice of every sample. The sums stay on ``device`` and are read once, at the end.
+
+    ``should_stop``: asked before each batch (a collective, so every rank leaves at the same batch): when it says
+    True the evaluation is abandoned and None returned (a stop signal during evaluation)."""
     was_training = getattr(model, "training", False)
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     n = len(loader) if max_batches is None else min(max_batches, len(loader))
     it = iter(loader)
-    for _ in range(n):
-        batch = next(it).to(device)
-        if seq_length:
-            batch = batch[:, : seq_length + 1]
-        positions = None
-        if dims is not None:
-            batch, positions = dims.local_slice(batch)
-        with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-            loss, _ = model(batch[:, :-1], positions=positions, targets=batch[:, 1:], reduction="sum")
-        total += torch.tensor([loss.item(), batch[:, 1:].numel()], dtype=torch.float64)
-    if was_training:
-        model.train()
-    rdist.all_reduce_sum(total, group=group)
-    loss = (total[0] / total[1]).item()
+    try:
+        for _ in range(n):
+            if should_stop is not None and should_stop():
+                return None
+            batch = next(it).to(device)
+            if seq_length:
+                batch = batch[:, : seq_length + 1]
+            positions = None
+            if dims is not None:
+                batch, positions = dims.local_slice(batch)
+            with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
+                loss, _ = model(batch[:, :-1], positions=positions, targets=batch[:, 1:], reduction="sum")
+            total[0] += loss.detach().to(torch.float64)
+            total[1] += batch[:, 1:].numel()
+    finally:
+        if was_training:
+            model.train()
+    loss_sum, tokens = rdist.all_reduce_sum(total, group=group).tolist()
+    loss = loss_sum / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_token": loss / math.log(2),
-            "tokens": int(total[1].item())}
+            "tokens": int(tokens)}
 
 
 def with_bytes(metrics: dict, bytes_per_token: Optional[float]) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import sys
 import time
@@ -24,10 +25,12 @@ import yaml
 from . import checkpoint as ckpt
 from . import dist as rdist
 from .config import Config, ConfigError, ModelConfig, build, load_config, resolved
+from .data.prefetch import DevicePrefetcher
 from .errors import (ArgumentParser, CheckpointError, PeerTimeoutError, RtdistError, TrainingError, cli_main,
                      is_peer_failure)
 from .evaluate import bytes_per_token, evaluate, with_bytes
 from .export import export_safetensors
+from .launcher import nccl_env
 from .model import RoutingTransformerLM, count_parameters
 from .monitor import KMeansWatch, Monitor
 from .parallel import ParallelDims, check_engine, parallelize, reshard
@@ -71,7 +74,7 @@ def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int, train: boo
     loader = ShardLoader(cfg.data.manifest, split, cfg.train.train_micro_batch_size_per_gpu, dp_rank, dp_size,
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle=train,
                          shuffle_buffer=cfg.data.shuffle_buffer, policy="drop" if train else "wrap",
-                         skip_corrupt=cfg.data.skip_corrupt)
+                         skip_corrupt=cfg.data.skip_corrupt, pin_memory=torch.cuda.is_available())
     if loader.seq_length < cfg.train.seq_length:
         raise ConfigError(f"train.seq_length ({cfg.train.seq_length}) exceeds the shards' seq_length "
                           f"({loader.seq_length}) in {cfg.data.manifest}: preprocess with --seq-length "
@@ -108,22 +111,35 @@ def train_step(engine, model, micro_batches, reduce_fn=None, world_size: int = 1
     parallelism this rank's slice, at absolute ``positions``); returns the loss averaged over micro-batches and
     ranks, or None when a non-finite loss on any rank dropped the step. Every rank holds as many tokens as every
     other, so the mean of the ranks' means is the mean over all tokens, and the engines' gradient average over
-    the world is the gradient of that global mean."""
-    losses = []
+    the world is the gradient of that global mean.
+
+    The host waits for the device once per micro-batch and nowhere else (:func:`agree_on_loss`: one all-reduce of
+    a device vector, one read), so with one micro-batch per step, as long sequences train, once per step. The
+    decision comes before each backward rather than once at the step's end because a non-finite loss must never
+    reach the engines' gradient buffers: ZeRO reduces into its partitions at every micro-batch, and no engine API
+    clears them for a step that is dropped."""
+    total = 0.0
     for batch in micro_batches:
         with engine.autocast():
             loss, aux = engine.model(batch[:, :-1], positions=positions, targets=batch[:, 1:])
-        bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
-        if rdist.all_reduce_max(bad).item():  # every rank agrees, so none waits alone in a gradient collective
+        nonfinite, loss_sum = agree_on_loss(loss)
+        if nonfinite:  # every rank agrees, so none waits alone in a gradient collective
             drop_step(engine, model)
             return None
         engine.backward(loss + aux)
         engine.step()
-        losses.append(loss.item())
+        total += loss_sum
     # After the optimizer step, statistics summed over every replica; re-seeding (if on) uses rank 0's candidates.
     model.update_kmeans(reduce_fn, broadcast_fn=lambda t: rdist.broadcast_tensors([t], src=0))
-    total = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64)
-    return (rdist.all_reduce_sum(total) / world_size).item()
+    return total / (len(micro_batches) * world_size)
+
+
+def agree_on_loss(loss: torch.Tensor) -> tuple[bool, float]:
+    """(whether any rank's loss is non-finite, the sum of the ranks' losses): one all-reduce of a vector on the
+    loss's device (NCCL on a GPU, no host copy before it) and one read of the result."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float64), loss.detach().to(torch.float64)])
+    nonfinite, loss_sum = rdist.all_reduce_sum(flags).tolist()
+    return nonfinite > 0, loss_sum
 
 
 def drop_step(engine, model) -> None:
@@ -211,7 +227,9 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
     watchdog = Watchdog(t.dist_timeout_s, info.rank, info.world_size, (info.master_addr, info.master_port)).start()
     lock = None
     try:
-        rdist.init(timeout_s=t.dist_timeout_s, info=info)
+        for k, v in nccl_env(run_dir).items():  # the user's own settings win
+            os.environ.setdefault(k, v)
+        rdist.init(timeout_s=t.dist_timeout_s, info=info, startup_timeout_s=t.startup_timeout_s)
         rd = RunDir(run_dir)
         lock = RunLock(rd)
         busy = None
@@ -241,20 +259,21 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     dims = ParallelDims(cfg.parallel.sequence_parallel_size, info.world_size, info.rank)
     if resume in (None, "", "none"):  # early; a resume may first derive the accumulation from its checkpoint
         dims.check_batch(t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps, t.train_batch_size)
-    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = rdist.local_device(info)
+    startup = t.startup_timeout_s  # op builds, compile, a conversion: the phases before the first step is done
     dims.build_mesh(device.type)
     log = print if info.is_main else (lambda *a, **k: None)
 
     seed_all(t.seed)  # same initial weights and centroids on every rank
     model = RoutingTransformerLM(cfg.model).to(device)
     loader = build_loader(cfg, cfg.data.train_split, dims.dp_rank, dims.dp, train=True)
-    with watchdog.phase("data check", 0):
+    with watchdog.phase("data check", 0, startup):
         preflight_shards(cfg, loader.manifest, [cfg.data.train_split] + ([cfg.data.eval_split] if t.eval_interval
                                                                            else []), log)
     resume_from = ckpt.resolve_resume(rd.checkpoints, resume, log=log)
     portable, resume_s = None, 0.0  # the time spent reading the checkpoint (not building the engine)
     if resume_from is not None and not check_resumable(resume_from, cfg, dims, log):
-        with watchdog.phase("resume", 0):  # the weights go in before the engine takes its copies
+        with watchdog.phase("resume", 0, startup):  # the weights go in before the engine takes its copies
             t0 = time.perf_counter()
             portable, scratch = reshard.prepare(resume_from, ckpt.read_marker(resume_from), model, log)
             reshard.load_weights(model, portable)
@@ -268,7 +287,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     skipped_total = 0
     tokens_seen, elapsed_before = 0, 0.0  # over all segments of the run (a resume continues them)
     if resume_from is not None:
-        with watchdog.phase("resume", 0):
+        with watchdog.phase("resume", 0, startup):
             t0 = time.perf_counter()
             state = ckpt.load_rank_state(resume_from)
             if portable is None:
@@ -284,9 +303,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
                                       f"or train in a new --run-dir") from None
             step, skipped_total = state["step"], state.get("skipped_steps", 0)
             tokens_seen, elapsed_before = state.get("tokens", 0), state.get("elapsed_s", 0.0)
-            if "rng" in state:
-                ckpt.set_rng_state(state["rng"])
-            else:  # another world: the ranks' streams (dropout) do not map onto the new ranks
+            if not ckpt.restore_rng(state.get("rng")):  # another world or GPU count: the streams do not map
                 seed_all(t.seed + 1000 * info.rank + step)
             rdist.barrier()  # every rank has read the checkpoint before any rank may write the next one
             resume_s += time.perf_counter() - t0
@@ -306,7 +323,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     resumed_at = step if resume_from is not None and portable is None else None
 
     def save(at_step: int) -> Path:
-        rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "step": at_step,
+        rank_state = {"loader": batches.state_dict(), "rng": ckpt.rng_state(), "step": at_step,
                       "skipped_steps": skipped_total, "tokens": tokens_seen, "elapsed_s": elapsed()}
         with watchdog.phase("save", at_step):
             return ckpt.save(engine, rd.checkpoints, at_step, rank_state,
@@ -319,11 +336,17 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
         eval_loader = build_loader(cfg, cfg.data.eval_split, dims.dp_rank, dims.dp, train=False)
         bpt = bytes_per_token(loader.manifest, cfg.data.eval_split)
 
-    def run_eval(at_step: int) -> dict:
-        with watchdog.phase("eval", at_step):
-            return with_bytes(evaluate(engine.model, eval_loader, t.eval_iters, seq_length=t.seq_length,
-                                       autocast=engine.autocast(), device=str(device),
-                                       dims=dims if dims.sp_enabled else None), bpt)
+    evals = 0
+
+    def run_eval(at_step: int) -> Optional[dict]:
+        """The eval metrics, or None when a stop signal abandoned the evaluation (on every rank at once)."""
+        nonlocal evals
+        evals += 1
+        with watchdog.phase("eval", at_step, startup if evals == 1 else None):
+            m = evaluate(engine.model, eval_loader, t.eval_iters, seq_length=t.seq_length, autocast=engine.autocast(),
+                         device=str(device), dims=dims if dims.sp_enabled else None,
+                         should_stop=lambda: stop.agreed(rdist.all_reduce_max))
+        return with_bytes(m, bpt) if m is not None else None
 
     reduce_fn = rdist.all_reduce_sum if info.world_size > 1 else None
     log_file = open(rd.metrics, "a") if info.is_main else None
@@ -337,7 +360,9 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
 
     kmeans_watch = KMeansWatch(log)
     tokens_per_step = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dims.dp * t.seq_length
-    batches = forever(loader)
+    batches = DevicePrefetcher(loader, forever(loader), device, t.gradient_accumulation_steps,
+                               transform=lambda b: dims.local_slice(b[:, : t.seq_length + 1]))
+    first_step = step + 1
     nonfinite_in_a_row = 0
     last = {}
     t_start = time.perf_counter()
@@ -351,11 +376,12 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
     status = "completed"
     try:
         while step < t.train_iters:
-            with watchdog.phase("step", step + 1):
-                parts = [dims.local_slice(next(batches)[:, : t.seq_length + 1].to(device))
-                         for _ in range(t.gradient_accumulation_steps)]
+            with watchdog.phase("step", step + 1, startup if step + 1 == first_step else None):
+                parts = next(batches)
                 micro, positions = [p[0] for p in parts], parts[0][1]
                 loss_avg = train_step(engine, model, micro, reduce_fn, info.world_size, positions)
+            if step + 1 == first_step:
+                rdist.steady(t.dist_timeout_s)
             if loss_avg is None:
                 skipped_total += 1
                 nonfinite_in_a_row += 1
@@ -387,7 +413,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
                 last = {"step": step, "loss": round(loss_avg, 6)}
             last.update(time_s=round(elapsed(), 3), tokens=tokens_seen)
             if t.eval_interval and step % t.eval_interval == 0:
-                last.update({f"eval_{k}": v for k, v in run_eval(step).items()})
+                last.update({f"eval_{k}": v for k, v in (run_eval(step) or {}).items()})
             if log_file:
                 log_file.write(json.dumps(last) + "\n")
                 log_file.flush()
@@ -414,7 +440,11 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
                 export_safetensors(state, rd.export, {"step": step})
                 result["export"] = str(rd.export)
         if eval_loader is not None:
-            result["eval"] = run_eval(step)
+            ev = run_eval(step)
+            if ev is None:  # the checkpoint and the export are complete: a resubmission only evaluates
+                result["status"] = f"stopped by {stop.received or 'a signal on another rank'} during the final evaluation"
+            else:
+                result["eval"] = ev
     if info.is_main:
         ckpt.atomic_write_text(rd.result, json.dumps(result, indent=1))
     return result

@@ -186,24 +186,25 @@ class SphericalKMeans(nn.Module):
         received no token for that many updates are re-seeded (:meth:`_reseed`); ``broadcast_fn`` makes every
         replica use rank 0's candidate vectors, so the centroids stay identical."""
         counts, sums = self.step_counts, self.step_sums
-        if counts.sum() == 0:  # nothing was routed this step (e.g. only evaluation ran)
-            return
-        self.last_counts.copy_(counts)
-        self.idle_steps.copy_(torch.where(counts > 0, torch.zeros_like(self.idle_steps), self.idle_steps + 1))
-        decay = self.decay if bool(self.initted) else 0.0
-        seen = counts > 0
-        new_sums = decay * self.ema_sums + (1 - decay) * sums
-        if decay == 0.0:  # first update: clusters that received nothing keep their initial centroid
-            new_sums = torch.where(seen[..., None], new_sums, self.ema_sums)
-        self.ema_sums.copy_(new_sums)
-        self.ema_counts.mul_(decay).add_((1 - decay) * counts)
+        # Without a read of any device value (each a host-device synchronisation on a GPU): what depends on the
+        # statistics is selected with torch.where. A step that routed nothing (only evaluation ran) changes nothing.
+        routed, seen = counts.sum() > 0, counts > 0
+        decay = torch.where(self.initted, self.decay, 0.0)
+        keep = torch.where(self.initted, 1 - self.decay, 1.0)  # 1 - decay, rounded as a Python float would be
+        new_sums = decay * self.ema_sums + keep * sums
+        # first update: clusters that received nothing keep their initial centroid
+        new_sums = torch.where(seen[..., None] | self.initted, new_sums, self.ema_sums)
         norm = new_sums.norm(dim=-1, keepdim=True)
-        self.means.copy_(torch.where(norm > 1e-12, new_sums / norm.clamp(min=1e-12), self.means))
-        self.initted.fill_(True)
+        new_means = torch.where(norm > 1e-12, new_sums / norm.clamp(min=1e-12), self.means)
+        for buf, new in ((self.last_counts, counts), (self.ema_sums, new_sums),
+                         (self.ema_counts, self.ema_counts * decay + keep * counts), (self.means, new_means),
+                         (self.idle_steps, torch.where(seen, torch.zeros_like(self.idle_steps), self.idle_steps + 1))):
+            buf.copy_(torch.where(routed, new, buf))
+        self.initted.logical_or_(routed)
         counts.zero_()
         sums.zero_()
-        if self.reseed_after:
-            dead = self.idle_steps >= self.reseed_after  # the same on every replica: from reduced counts
+        if self.reseed_after:  # opt-in; reseeding picks clusters by value, so it reads the device
+            dead = (self.idle_steps >= self.reseed_after) & routed  # the same on every replica: reduced counts
             if bool(dead.any()):
                 if broadcast_fn is not None:
                     broadcast_fn(self.candidates)

@@ -75,7 +75,9 @@ class Engine:
         self.module.zero_grad(set_to_none=True)
 
     def grad_norm(self) -> Optional[float]:
-        return self._grad_norm
+        """The last optimizer step's gradient norm, read from the device only when asked (at log steps)."""
+        norm = self._grad_norm
+        return float(norm) if norm is not None else None
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -150,8 +152,7 @@ class DeepSpeedEngine(Engine):
         boundary = self.model.is_gradient_accumulation_boundary()
         self.model.step()
         if boundary:
-            norm = self.model.get_global_grad_norm()
-            self._grad_norm = float(norm) if norm is not None else None
+            self._grad_norm = self.model.get_global_grad_norm()  # a device tensor on some paths: read when logged
         return boundary
 
     def lr(self) -> float:
@@ -238,9 +239,9 @@ class _LocalStepEngine(Engine):
         with self._sync_context():
             (loss / self.accumulation).backward()
 
-    def _clip(self) -> float:
-        return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.gradient_clipping
-                                                    if self.optim_cfg.gradient_clipping > 0 else float("inf")))
+    def _clip(self) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.gradient_clipping
+                                              if self.optim_cfg.gradient_clipping > 0 else float("inf"))
 
     def step(self) -> bool:
         self._micro += 1
@@ -332,11 +333,11 @@ class FairscaleEngine(_LocalStepEngine):
         # ShardedDataParallel reduces into gradient buckets it holds on to: zero them, do not drop them.
         self.model.zero_grad(set_to_none=False)
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
         max_norm = self.optim_cfg.gradient_clipping if self.optim_cfg.gradient_clipping > 0 else float("inf")
         if self.full_shard:
-            return float(self.model.clip_grad_norm_(max_norm))
-        return float(self.optimizer.clip_grad_norm(max_norm))
+            return self.model.clip_grad_norm_(max_norm)
+        return self.optimizer.clip_grad_norm(max_norm)
 
     def _optimizer_state(self):
         if self.full_shard:

@@ -198,7 +198,7 @@ class SequenceParallelBackend(AttentionBackend):
         meta = torch.stack([blocks.block[send_src], blocks.slot[send_src], send_is_pred], dim=1)
         send_counts = torch.bincount(dst, minlength=P).tolist()
         send_main = torch.bincount(owner, minlength=P).tolist()
-        recv_counts = exchange_counts(torch.tensor(send_counts, dtype=torch.long), group)
+        recv_counts = exchange_counts(torch.tensor(send_counts, dtype=torch.long, device=dev), group)  # NCCL: on the GPU
         rows_in = all_to_all_rows(rows, send_counts, recv_counts, group)
         meta_in = all_to_all_rows(meta, send_counts, recv_counts, group)
 
