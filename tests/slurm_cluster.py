@@ -22,6 +22,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -108,10 +109,10 @@ def _read_pid(path: Path) -> Optional[int]:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, nodes: Sequence[str] = NODES, cpus_per_node: int = 2):
+    def __init__(self, root: Path, nodes: Sequence[str] = NODES, cpus_per_node: int = 2, gpus_per_node: int = 0):
         self.root = Path(root).resolve()
         self.nodes = tuple(nodes)
-        self.cpus = cpus_per_node
+        self.cpus, self.gpus = cpus_per_node, gpus_per_node
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self.hostname = socket.gethostname().split(".")[0]
@@ -167,11 +168,26 @@ class SlurmCluster:
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
         ]
+        if self.gpus:  # simulated GPUs, so that --gpus-* lines are scheduled and bound for real
+            lines.append("GresTypes=gpu")
+            (r / "gres.conf").write_text("AutoDetect=off\n" + "".join(
+                f"NodeName={n} Name=gpu File={self._fake_gpus()}\n" for n in self.nodes))
         for name, port in zip(self.nodes, node_ports):
             lines.append(f"NodeName={name} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={port} "
-                         f"CPUs={self.cpus} State=UNKNOWN")
+                         f"CPUs={self.cpus}{f' Gres=gpu:{self.gpus}' if self.gpus else ''} State=UNKNOWN")
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES")
         self.conf.write_text("\n".join(lines) + "\n")
+
+    def _fake_gpus(self) -> str:
+        """Character devices that stand for GPUs (slurmd drops a GPU without a device file): copies of /dev/null
+        named nvidia0..N-1, so SLURM numbers them and sets CUDA_VISIBLE_DEVICES as on a GPU node."""
+        d = self.root / "dev"
+        d.mkdir(exist_ok=True)
+        null = os.stat("/dev/null").st_rdev
+        for i in range(self.gpus):
+            if not (d / f"nvidia{i}").exists():
+                os.mknod(d / f"nvidia{i}", 0o666 | stat.S_IFCHR, null)
+        return f"{d}/nvidia[0-{self.gpus - 1}]"
 
     def start(self, timeout: float = 30.0) -> "SlurmCluster":
         reason = unavailable_reason()

@@ -19,6 +19,8 @@ from slurm_cluster import SlurmCluster, unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = str(ROOT / "launch" / "slurm.sbatch")
+SBATCH_GPU = str(ROOT / "launch" / "slurm_gpu.sbatch")
+GPUS_PER_NODE = 2  # simulated (device files standing for GPUs): enough for SLURM to schedule and bind them
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def cluster(tmp_path_factory):
     if reason:
         warnings.warn(f"SLURM tests skipped: {reason}")
         pytest.skip(reason)
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), gpus_per_node=GPUS_PER_NODE)
     t0 = time.time()
     c.start()
     print(f"SLURM cluster up in {time.time() - t0:.1f}s")
@@ -63,15 +65,20 @@ def result(run_dir):
     return json.loads((Path(run_dir) / "result.json").read_text())
 
 
-def signal_after_steps(cluster, jid, run_dir, n, timeout=120):
-    """Send SIGUSR1 to the job's tasks once training has logged ``n`` steps."""
+def signal_when(cluster, jid, ready, what, sig="USR1", timeout=120):
+    """Send ``sig`` to the job's tasks (scancel --signal) once ``ready()`` holds."""
     deadline = time.time() + timeout
-    while len(steps(run_dir)) < n:
+    while not ready():
         info = cluster.job(jid)
         assert info.get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), info
-        assert time.time() < deadline, f"no {n} steps after {timeout}s: {info}"
+        assert time.time() < deadline, f"no {what} after {timeout}s: {info}"
         time.sleep(0.1)
-    cluster.signal(jid, "USR1")
+    cluster.signal(jid, sig)
+
+
+def signal_after_steps(cluster, jid, run_dir, n, timeout=120, sig="USR1"):
+    """Send ``sig`` to the job's tasks once training has logged ``n`` steps."""
+    signal_when(cluster, jid, lambda: len(steps(run_dir)) >= n, f"{n} steps", sig, timeout)
 
 
 def submit(cluster, tmp_path, name, run_dir, args, nodes=2, **env):
@@ -137,6 +144,57 @@ def test_a_job_preempted_on_two_nodes_resumes_on_one(cluster, manifest, tmp_path
     assert second["status"] == "completed" and second["step"] == iters
     assert steps(run_dir) == list(range(1, iters + 1))
     print(f"2 nodes stopped at step {k}, resumed on 1 node and finished in {time.time() - t0:.1f}s")
+
+
+@pytest.mark.parametrize("phase", ["training", "final evaluation"])
+def test_scancel_signal_term_saves_the_run_and_a_resubmission_continues(cluster, manifest, tmp_path, phase):
+    """scancel --signal=TERM reaches every task of the step (and so each rank's data workers' process group):
+    every rank stops at the same boundary, the checkpoint is complete, the job ends COMPLETED 0:0, and the
+    same script submitted again finishes the run (for a stop in the final evaluation: only evaluates)."""
+    run_dir, iters = tmp_path / "run", 40 if phase == "training" else 4
+    sets = train_sets(manifest, iters) + (["--set", "train.eval_interval=1000", "--set", "train.eval_iters=100000"]
+                                          if phase != "training" else [])
+    jid, out = submit(cluster, tmp_path, "term", run_dir, sets, RTDIST_REQUEUE="0")
+    if phase == "training":
+        signal_after_steps(cluster, jid, run_dir, 3, sig="TERM")
+    else:
+        signal_when(cluster, jid, lambda: (run_dir / "model.safetensors").exists(), "export", sig="TERM")
+    info = cluster.wait(jid)
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-3000:])
+    assert "Traceback" not in log and "killed by signal" not in log, log[-3000:]
+    first = result(run_dir)
+    k = first["step"]
+    during = "" if phase == "training" else " during the final evaluation"
+    assert first["status"] == f"stopped by SIGTERM{during}" and (3 <= k < iters or during), first
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{k}"
+    jid2, out2 = submit(cluster, tmp_path, "again", run_dir, train_sets(manifest, iters) + (
+        ["--set", "train.eval_interval=1000", "--set", "train.eval_iters=2"] if during else []), RTDIST_REQUEUE="0")
+    info2 = cluster.wait(jid2)
+    assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", (info2, out2.read_text()[-3000:])
+    second = result(run_dir)
+    assert second["status"] == "completed" and second["step"] == iters
+    assert steps(run_dir) == list(range(1, iters + 1))
+
+
+def test_the_gpu_template_places_one_rank_per_gpu_with_its_own_device(cluster, tmp_path):
+    """launch/slurm_gpu.sbatch as written (its --gpus-per-node/--ntasks-per-node/--cpus-per-task lines, given
+    this cluster's sizes on the command line), in dry-run form: SLURM schedules the GPUs, each task sees only its
+    own, ranks and NCCL settings are what training would get."""
+    out = tmp_path / "gpu.out"
+    jid = cluster.sbatch(["-N2", f"--gpus-per-node={GPUS_PER_NODE}", f"--ntasks-per-node={GPUS_PER_NODE}",
+                          "--cpus-per-task=1", f"--output={out}", SBATCH_GPU, "--set", "train.lr=1e-3"],
+                         job_env(tmp_path / "run", RTDIST_DRY_RUN="1"), cwd=ROOT)
+    info = cluster.wait(jid, timeout=120)
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-3000:])
+    assert "TresPerNode=gres:gpu:2" in " ".join(f"{k}={v}" for k, v in info.items()), info
+    rows = sorted(re.findall(r"\[task\] rank (\d+)/4 local (\d) node (\S+) gpu (\S+) of (\S+) cpus \S+ omp 1 "
+                             r"nccl_async 1: .* -m rtdist\.train --config configs/tiny\.yaml --run-dir \S+ "
+                             r"--resume auto --set train\.lr=1e-3", log))
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        ("0", "0", "rtnode1", "0"), ("1", "1", "rtnode1", "1"), ("2", "0", "rtnode2", "0"), ("3", "1", "rtnode2", "1")], log
+    assert all(r[4] == "0,1" for r in rows), log  # SLURM gave each node's tasks both GPUs; each task took its own
 
 
 def test_sigusr1_requeues_the_job_and_the_requeued_run_resumes(cluster, manifest, tmp_path):
