@@ -206,7 +206,7 @@ def init(timeout_s: int = 300, backend: Optional[str] = None, info: Optional[Dis
         return info
     _set_env(MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
     backend = backend or default_backend(torch.cuda.is_available())
-    if "nccl" in backend:
+    if torch.cuda.is_available():  # NCCL's communicators and the allocator's default device: this rank's GPU
         torch.cuda.set_device(local_device(info))
     store = rendezvous(info, timeout_s)
     store.set_timeout(timeout)

@@ -51,3 +51,16 @@ def test_an_unknown_check_name_is_one_error_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"error: --only train_zero4: no such check; the checks are {', '.join(c.name for c in gpu_check.CHECKS)}"]
+
+
+def test_the_two_rank_check_runs_its_cpu_pass_through_the_real_launcher(tmp_path):
+    """What the GPU check of 2 ranks (ZeRO-2, sequence parallelism over both) does, on the CPU: rtdist's launcher
+    starts both ranks, and their losses equal one rank's on the same global batch."""
+    r = run("--only", "two_ranks_sp2", "--work", str(tmp_path), timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = LINE.match(r.stdout.splitlines()[1])
+    assert m and m.group(1) == "two_ranks_sp2" and m.group(2) == "ok", r.stdout
+    assert "layout sp2 zero2, backend gloo, gpus 0, steps 2" in m.group(4)
+    assert float(m.group(4).split("max_loss_diff ")[1].split(",")[0]) <= 1e-4
+    log = (tmp_path / "two_ranks_sp2.log").read_text()
+    assert "-m rtdist.launcher --num_gpus 2" in log and "world 2 (env)" in log
