@@ -487,7 +487,8 @@ def run_one(cmd: Sequence[str], env: Mapping[str, str]) -> int:
     old = {s: signal.signal(s, lambda signum, frame: p.poll() is None and p.send_signal(signum))
            for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
-        return p.wait()
+        rc = p.wait()
+        return 128 - rc if rc < 0 else rc  # killed by a signal: the shell's convention, not a negative status
     finally:
         for s, h in old.items():
             signal.signal(s, h)
