@@ -146,7 +146,8 @@ def test_a_job_preempted_on_two_nodes_resumes_on_one(cluster, manifest, tmp_path
     print(f"2 nodes stopped at step {k}, resumed on 1 node and finished in {time.time() - t0:.1f}s")
 
 
-@pytest.mark.parametrize("phase", ["training", "final evaluation"])
+# the final evaluation's stop through rtdist's launcher is in the default run (test_stop_signals.py)
+@pytest.mark.parametrize("phase", ["training", pytest.param("final evaluation", marks=pytest.mark.slow)])
 def test_scancel_signal_term_saves_the_run_and_a_resubmission_continues(cluster, manifest, tmp_path, phase):
     """scancel --signal=TERM reaches every task of the step (and so each rank's data workers' process group):
     every rank stops at the same boundary, the checkpoint is complete, the job ends COMPLETED 0:0, and the
