@@ -409,3 +409,54 @@ def test_help_says_that_input_type_text_forces_binary_files_through(capsys):
     with pytest.raises(SystemExit):
         entry_point(P)(["--help"])
     assert "binary" in capsys.readouterr().out
+
+
+# --- checkpoints whose 'complete' marker itself is damaged
+MARKER_DAMAGE = {"invalid-json": b'{"step": 4, "files": {', "flipped-bytes": b'{"step": 4\xff\xfe\x00}', "empty": b"",
+                 "a-list": b"[1, 2]", "files-not-a-mapping": b'{"step": 4, "files": [1]}', "folder": None}
+
+
+def fake_checkpoints(ckpt_dir: Path, damage: str) -> None:
+    """Complete checkpoints at steps 2 and 4 (one small file each, as the marker lists it); step 4's marker then
+    damaged as ``MARKER_DAMAGE[damage]`` says (None: the marker is a folder)."""
+    import hashlib
+    for step in (2, 4):
+        d = ckpt_dir / f"global_step{step}"
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(bytes(step))
+        files = {"model.pt": {"bytes": step, "sha256": hashlib.sha256(bytes(step)).hexdigest()}}
+        (d / "complete").write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
+    (ckpt_dir / "latest").write_text("global_step4")
+    marker = ckpt_dir / "global_step4" / "complete"
+    marker.unlink()
+    marker.mkdir() if MARKER_DAMAGE[damage] is None else marker.write_bytes(MARKER_DAMAGE[damage])
+
+
+@pytest.mark.parametrize("damage", MARKER_DAMAGE)
+def test_resume_auto_skips_a_checkpoint_whose_marker_is_unreadable_for_the_previous_one(tmp_path, damage):
+    from rtdist import checkpoint as ckpt
+    fake_checkpoints(tmp_path / "checkpoints", damage)
+    said = []
+    assert ckpt.resolve_resume(tmp_path / "checkpoints", "auto", log=said.append).name == "global_step2"
+    assert said[0].startswith(f"warning: checkpoint {tmp_path / 'checkpoints' / 'global_step4'} is corrupt (its "
+                              f"'complete' marker ") and said[0].endswith("skipping it")
+    assert said[1] == "--resume auto: resuming from global_step2 instead"
+    with pytest.raises(ckpt.CheckpointError, match="global_step4 is corrupt: its 'complete' marker"):
+        ckpt.resolve_resume(tmp_path / "checkpoints", "global_step4")
+    ckpt._clean_staging(tmp_path / "checkpoints")  # the next save's clean-up keeps it: a corrupt checkpoint, no crash
+    assert ckpt.complete_steps(tmp_path / "checkpoints") == [2, 4]
+
+
+@pytest.mark.parametrize("damage", MARKER_DAMAGE)
+def test_checkpoint_info_names_an_unreadable_marker_in_one_line(tmp_path, capsys, damage):
+    from rtdist import checkpoint as ckpt
+    fake_checkpoints(tmp_path / "checkpoints", damage)
+    assert ckpt.main(["info", str(tmp_path / "checkpoints" / "global_step4")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: checkpoint ") and "'complete' marker" in err[0], err
+    assert ckpt.main(["info", str(tmp_path)]) == 0  # a run directory: the newest readable one, the other named
+    out, err = capsys.readouterr()
+    assert out.startswith(f"checkpoint {tmp_path / 'checkpoints' / 'global_step2'}: complete")
+    err = err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: checkpoint {tmp_path / 'checkpoints' / 'global_step4'}: "
+                                               f"its 'complete' marker ") and err[0].endswith("--resume auto skips it")
