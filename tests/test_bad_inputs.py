@@ -318,6 +318,16 @@ ROWS += [
     ("train-every-checkpoint-corrupt", lambda t: (finished_run(t), [flip(p) for p in t.glob(
         "run/checkpoints/global_step*/rtdist_rank0.pt")]), TR, [*TINY, *DATA, *RUN, "--resume", "auto"],
      "every complete checkpoint in run/checkpoints is corrupt"),
+    ("train-run-dir-holds-a-run", finished_run, TR, [*TINY, *DATA, *RUN],
+     "--run-dir run holds an earlier run (last complete checkpoint run/checkpoints/global_step2, result.json: "
+     "completed at step 2, metrics.jsonl with 2 logged steps, model.safetensors): continue it with --resume auto, or "
+     "start over in a new --run-dir, or here with --overwrite"),
+    ("train-run-dir-resume-none", finished_run, TR, [*TINY, *DATA, *RUN, "--resume", "none"],
+     "--run-dir run holds an earlier run (last complete checkpoint run/checkpoints/global_step2"),
+    ("train-run-dir-only-metrics", lambda t: (shards(t), write_files(t, {"run/metrics.jsonl": '{"step": 1}\n'})), TR,
+     [*TINY, *DATA, *RUN], "holds an earlier run (no complete checkpoint, metrics.jsonl with 1 logged steps)"),
+    ("train-overwrite-and-resume", finished_run, TR, [*TINY, *DATA, *RUN, "--overwrite", "--resume", "auto"],
+     "--overwrite starts over from step 0 and --resume auto continues a checkpoint: give only one"),
     ("evaluate-missing-run", None, EV, ["--checkpoint", "nope"], "--checkpoint nope does not exist"),
     ("evaluate-not-exported", unexported_run, EV, ["--checkpoint", "run"],
      "its training did not finish (resume it with --resume auto)"),

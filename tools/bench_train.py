@@ -60,7 +60,9 @@ def main():
                                 f"train.log_interval={args.steps - 1}", f"train.zero_stage={zero}",
                                 f"train.checkpoint_activations={'true' if ckpt == 'on' else 'false'}",
                                 "data.num_workers=0", "train.warmup_iters=1"]
-        cmd = launcher + ["-m", "rtdist.train", "--config", str(ROOT / "configs/tiny.yaml"), "--run-dir", str(run_dir)]
+        # --overwrite: a rerun in the same --work-dir measures afresh rather than resuming the finished run
+        cmd = launcher + ["-m", "rtdist.train", "--config", str(ROOT / "configs/tiny.yaml"), "--run-dir", str(run_dir),
+                          "--overwrite"]
         for s in sets:
             cmd += ["--set", s]
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))

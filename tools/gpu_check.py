@@ -80,7 +80,8 @@ def train_argv(ctx: dict, name: str, *sets: str, dry: bool = False) -> list[str]
     base = [f"data.manifest={ctx['manifest']}", "train.train_iters=6", "train.warmup_iters=2", "train.log_interval=1",
             "train.eval_interval=3", "train.eval_iters=2", "train.save_interval=3", "train.precision=bf16",
             "data.num_workers=0"]
-    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(Path(ctx["work"]) / name)]
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(Path(ctx["work"]) / name),
+            "--overwrite"]  # a check run again in the same --work starts over
     for s in base + list(sets) + (DRY_SETS if dry else []):
         args += ["--set", s]
     return args
