@@ -207,6 +207,12 @@ ROWS = [
      "'../../etc/passwd' is not a file name"),
     ("manifest-dtype-int32", lambda t: (shards(t), edit_manifest(t, lambda m: m.update(dtype="int32"))), I,
      ["out/pg"], "dtype 'int32'"),
+    ("manifest-shard-listed-twice", lambda t: (shards(t), edit_manifest(t, lambda m: m["splits"]["train"][
+        "shards"].append(m["splits"]["train"]["shards"][0]))), I, ["out/pg"],
+     "name 'pg-train-000000.tar' is listed twice (also as splits.train.shards[0])"),
+    ("manifest-shard-in-two-splits", lambda t: (shards(t), edit_manifest(t, lambda m: m["splits"]["test"][
+        "shards"].append(m["splits"]["train"]["shards"][1]))), I, ["out/pg"],
+     "'pg-train-000001.tar' is listed twice (also as splits.train.shards[1])"),
     ("split-missing", shards, I, ["out/pg", "--split", "tset"], "split 'tset' not in"),
     ("tokenizer-model-gone", lambda t: (shards(t), edit_manifest(t, lambda m: m["tokenizer"].update(
         type="sentencepiece", file="pg-tokenizer.model", sha256=None))), I, ["out/pg", "--verify", "off",
