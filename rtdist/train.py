@@ -24,8 +24,8 @@ import yaml
 from . import checkpoint as ckpt
 from . import dist as rdist
 from .config import Config, ConfigError, ModelConfig, build, load_config, resolved
-from .errors import (ArgumentParser, CheckpointError, PeerTimeoutError, RtdistError, TrainingError, UsageError,
-                     cli_main, is_peer_failure)
+from .errors import (ArgumentParser, CheckpointError, LaunchError, PeerTimeoutError, RtdistError, TrainingError,
+                     UsageError, cli_main, is_peer_failure)
 from .evaluate import bytes_per_token, evaluate, with_bytes
 from .export import export_safetensors
 from .model import RoutingTransformerLM, count_parameters
@@ -57,7 +57,7 @@ def seed_all(seed: int) -> None:
 
     import numpy as np
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2 ** 32)  # the per-rank and per-step offsets may pass numpy's largest seed
     torch.manual_seed(seed)
 
 
@@ -236,6 +236,8 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
                               f"use another --run-dir")
         return _train(cfg, rd, resume, progress, info, stop, watchdog)
     except Exception as e:
+        if is_peer_failure(e) and (unfilled := rdist.unfilled_world(e, info, t.dist_timeout_s)):
+            raise LaunchError(unfilled) from e
         if is_peer_failure(e):
             raise PeerTimeoutError(f"rank {info.rank}: a collective failed ({str(e).splitlines()[0][:160]})"
                                    f"{watchdog.peers_suffix()}") from e
