@@ -465,7 +465,7 @@ def _find(path: Path) -> Path:
         problem = _marker(cand)[1]
         if problem is None:
             return cand
-        print(f"warning: checkpoint {cand}: {problem}: --resume auto skips it", file=sys.stderr)
+        print(f"warning: checkpoint {cand}: {problem}: --resume auto skips it")
     if cands:
         raise CheckpointError(f"{path}: no checkpoint there has a readable '{MARKER}' marker "
                               f"({', '.join(c.name for c in cands)})")

@@ -313,7 +313,8 @@ MAX_TIMEOUT_S = 10 ** 7  # ~115 days; far larger ones overflow the C++ timeouts 
 # Sizes past these are typos, not models: no tensor of them could be allocated. One weight matrix holds at most
 # MAX_MATRIX elements (64 GiB of fp32).
 MODEL_LIMITS = {"vocab_size": 2 ** 31, "d_model": 2 ** 17, "emb_dim": 2 ** 17, "head_dim": 2 ** 14, "n_layers": 2 ** 12,
-                "n_heads": 2 ** 12, "num_clusters": 2 ** 16, "window_size": 2 ** 24, "local_window_size": 2 ** 24}
+                "n_heads": 2 ** 12, "num_clusters": 2 ** 16, "window_size": 2 ** 24, "local_window_size": 2 ** 24,
+                "ff_mult": 1024}
 MAX_MATRIX = 2 ** 34
 TRAIN_LIMITS = {"seq_length": 2 ** 24, "train_micro_batch_size_per_gpu": 2 ** 20, "gradient_accumulation_steps": 2 ** 20,
                 "train_iters": 2 ** 40}
@@ -347,7 +348,8 @@ def validate_model(m: ModelConfig, seq_length: Optional[int] = None) -> None:
     _check(hidden >= 1, f"model.ff_mult ({m.ff_mult}) x model.d_model ({m.d_model}) rounds to {hidden} feed-forward "
                         f"units: model.ff_mult must be >= {1 / m.d_model:.3g}")
     for what, rows, cols in (("the embedding (model.vocab_size x model.emb_dim)", m.vocab_size, m.emb_dim or m.d_model),
-                             ("the feed-forward (model.d_model x model.d_model * model.ff_mult)", m.d_model, hidden),
+                             ("the feed-forward (model.d_model x model.d_model * model.ff_mult, twice under "
+                              "model.ff_glu)", m.d_model, hidden * (2 if m.ff_glu else 1)),
                              ("the attention projection (model.d_model x model.n_heads * head dim)", m.d_model,
                               m.n_heads * head_dim)):
         _check(rows * cols <= MAX_MATRIX, f"{what} would be {rows:,} x {cols:,} = {rows * cols:,} elements, more than "

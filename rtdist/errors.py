@@ -119,10 +119,13 @@ def bounded(kind: type = int, low=None, high=None, *, above: bool = False) -> Ca
     """An argparse ``type`` for a number in a range, the one range check every command's flags share:
     ``type=bounded(int, 1)`` is an integer >= 1, ``bounded(float, 0, 1, above=True)`` a number in (0, 1]. Anything
     else (NaN and infinities included) is the usage error ``argument --flag: must be ..., got '...'``."""
+    def num(x) -> str:
+        return f"{int(x):,}" if float(x).is_integer() else str(x)
+
     if low is not None and high is not None:
-        want = f"in {'(' if above else '['}{low:,}, {high:,}]"
+        want = f"in {'(' if above else '['}{num(low)}, {num(high)}]"
     else:
-        want = f"<= {high:,}" if low is None else f"{'>' if above else '>='} {low:,}"
+        want = f"<= {num(high)}" if low is None else f"{'>' if above else '>='} {num(low)}"
     want = f"{'an integer' if kind is int else 'a number'} {want}"
 
     def parse(text: str):

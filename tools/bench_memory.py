@@ -746,12 +746,18 @@ def main(argv=None) -> dict | None:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.seq_lengths = flag_lengths(p, "--seq-lengths", parse_list(args.seq_lengths))
+    if args.routing_layers not in (None, "all"):
+        try:
+            [int(i) for i in args.routing_layers.split(",")]
+        except ValueError:
+            p.error(f"--routing-layers {args.routing_layers!r}: expected 'all' or layer indices, e.g. 0,-1")
     args.attention = parse_list(args.attention)
     for a in args.attention:
         if a not in ATTENTION:
             p.error(f"--attention {a!r} is not one of {list(ATTENTION)}")
-        check_model(model_config(args, a), [], {f"model.{key}": f"--{flag.replace('_', '-')}"
-                                                for flag, key in FLAG_KEYS.items()})
+        check_model(model_config(args, a), [], {"model.routing_layers": "--routing-layers",
+                                                **{f"model.{key}": f"--{flag.replace('_', '-')}"
+                                                   for flag, key in FLAG_KEYS.items()}})
     args.checkpointing = parse_list(args.checkpointing)
     for c in args.checkpointing:
         if c not in ("none", "selective", "full"):

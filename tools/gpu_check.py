@@ -448,7 +448,8 @@ def main(argv=None) -> int:
                                                            "one, kept when a check fails)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--debug", action="store_true", help="show the traceback of every error")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one check, print RESULT json
+    p.add_argument("--child", default=None, choices=list(BY_NAME),
+                   help=argparse.SUPPRESS)  # internal: run one check, print RESULT json
     p.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = [n for n in args.only or [] if n not in BY_NAME]
