@@ -378,13 +378,24 @@ def cfg_row(key_value: str, expected: str, row_id: str = ""):
             [*TINY, "--set", key_value, *RUN], expected)
 
 
+def flag_rows(entry: str, cases: list, base: tuple = ()) -> list:
+    """Rows from ``(flag, value, expected)`` for one tool; an argparse complaint (``must be ...``, ``invalid
+    choice``, ``'value' ...``) is expected as ``argument FLAG: <expected>``."""
+    return [(f"{entry}{flag}-{value}".replace("_", "-"), None, entry, [*base, flag, value],
+             f"argument {flag}: {expected}" if expected.startswith(("must be", "invalid choice", "'")) else expected)
+            for flag, value, expected in cases]
+
+
+INT_IN = "must be an integer in "
+
+
 def wider(tmp: Path, vocab: int = 300) -> None:
     """A finished run whose manifest now says its tokenizer has ``vocab`` ids (more than the model's 257)."""
     finished_run(tmp)
     edit_manifest(tmp, lambda m: m["tokenizer"].update(vocab_size=vocab))
 
 
-ROWS += [
+ROWS += [cfg_row(*row) if len(row) <= 3 else row for row in [  # (key=value, expected[, id])
     ("train-config-is-a-folder", lambda t: write_files(t, {"cfgs/a.yaml": "model: {}"}), TR, ["--config", "cfgs", *RUN],
      "config file 'cfgs' is a folder: give a YAML file (it holds a.yaml)"),
     ("train-config-not-a-mapping", lambda t: write_files(t, {"c.yaml": "- 1\n- 2\n"}), TR, ["--config", "c.yaml", *RUN],
@@ -392,83 +403,83 @@ ROWS += [
     ("train-no-config", None, TR, [*RUN], "the following arguments are required: --config"),
     ("train-override-without-value", None, TR, [*TINY, "--set", "model", *RUN], "override 'model' must look like"),
     ("train-unknown-flag", None, TR, [*TINY, *RUN, "--epochs", "3"], "unrecognized arguments: --epochs 3"),
-    cfg_row("train.seed=-1", "train.seed must be in 0..4294967295 (2^32 - 1), got -1", "config-seed-negative"),
-    cfg_row("train.seed=4294967296", "train.seed must be in 0..4294967295", "config-seed-past-2-32"),
-    cfg_row("train.dist_timeout_s=100000000000", "train.dist_timeout_s must be <= 10,000,000 s"),
-    cfg_row("train.dist_timeout_s=-5", "train.dist_timeout_s must be > 0", "config-dist-timeout-negative"),
-    cfg_row("model.vocab_size=4294967296", "model.vocab_size must be <= 2,147,483,648"),
-    cfg_row("model.d_model=1000000", "model.d_model must be <= 131,072"),
-    cfg_row("model.n_layers=100000", "model.n_layers must be <= 4,096"),
-    cfg_row("model.n_heads=0", "model.n_heads must be > 0"),
-    cfg_row("model.num_clusters=1000000", "model.num_clusters must be <= 65,536"),
-    cfg_row("model.window_size=100000000", "model.window_size must be <= 16,777,216"),
-    cfg_row("model.local_window_size=0", "model.local_window_size must be > 0"),
-    cfg_row("model.emb_dim=-1", "model.emb_dim must be > 0"),
-    cfg_row("model.head_dim=3", "rotary positions need an even head dim, got 3"),
+    ("train.seed=-1", "train.seed must be in 0..4294967295 (2^32 - 1), got -1", "config-seed-negative"),
+    ("train.seed=4294967296", "train.seed must be in 0..4294967295", "config-seed-past-2-32"),
+    ("train.dist_timeout_s=100000000000", "train.dist_timeout_s must be <= 10,000,000 s"),
+    ("train.dist_timeout_s=-5", "train.dist_timeout_s must be > 0", "config-dist-timeout-negative"),
+    ("model.vocab_size=4294967296", "model.vocab_size must be <= 2,147,483,648"),
+    ("model.d_model=1000000", "model.d_model must be <= 131,072"),
+    ("model.n_layers=100000", "model.n_layers must be <= 4,096"),
+    ("model.n_heads=0", "model.n_heads must be > 0"),
+    ("model.num_clusters=1000000", "model.num_clusters must be <= 65,536"),
+    ("model.window_size=100000000", "model.window_size must be <= 16,777,216"),
+    ("model.local_window_size=0", "model.local_window_size must be > 0"),
+    ("model.emb_dim=-1", "model.emb_dim must be > 0"),
+    ("model.head_dim=3", "rotary positions need an even head dim, got 3"),
     ("config-embedding-too-large", None, TR, [*TINY, "--set", "model.vocab_size=1000000", "--set",
                                              "model.d_model=65536", *RUN],
      "the embedding (model.vocab_size x model.emb_dim) would be 1,000,000 x 65,536"),
-    cfg_row("model.ff_mult=0.001", "model.ff_mult (0.001) x model.d_model (128) rounds to 0 feed-forward units"),
-    cfg_row("model.ff_mult=100000", "model.ff_mult must be <= 1,024", "config-ff-mult-huge"),
+    ("model.ff_mult=0.001", "model.ff_mult (0.001) x model.d_model (128) rounds to 0 feed-forward units"),
+    ("model.ff_mult=100000", "model.ff_mult must be <= 1,024", "config-ff-mult-huge"),
     ("config-feed-forward-too-large", None, TR, [*TINY, "--set", "model.d_model=131072", "--set", "model.ff_mult=1024",
                                                 "--set", "model.n_heads=4", *RUN],
      "the feed-forward (model.d_model x model.d_model * model.ff_mult, twice under model.ff_glu) would be"),
-    cfg_row("model.init_std=.inf", "model.init_std: expected a finite number, got inf"),
-    cfg_row("model.init_std=0", "model.init_std must be > 0", "config-init-std-0"),
-    cfg_row("model.kmeans_ema_decay=1", "model.kmeans_ema_decay must be in [0, 1)"),
-    cfg_row("model.commitment_factor=.nan", "model.commitment_factor: expected a finite number, got nan"),
-    cfg_row("model.dropout=1.5", "model.dropout / model.attn_dropout must be in [0, 1)"),
-    cfg_row("model.routing_layers=[5]", "model.routing_layers entry 5 is outside the 2 layers"),
-    cfg_row("model.attention_type=sparse", "model.attention_type: 'sparse' is not one of"),
-    cfg_row("model.loss_chunk_size=-1", "model.loss_chunk_size must be >= 0"),
-    cfg_row("model.compile=maybe", "model.compile: 'maybe' is not one of"),
-    cfg_row("train.weight_decay=.nan", "train.weight_decay: expected a finite number, got nan"),
-    cfg_row("train.weight_decay=.inf", "train.weight_decay: expected a finite number, got inf", "config-weight-decay-inf"),
-    cfg_row("train.weight_decay=-0.1", "train.weight_decay must be >= 0", "config-weight-decay-negative"),
-    cfg_row("train.lr=.nan", "train.lr: expected a finite number, got nan"),
-    cfg_row("train.lr=1e999", "train.lr: expected a finite number, got inf", "config-lr-overflows"),
-    cfg_row("train.min_lr=0.1", "train.min_lr (0.1) must not exceed train.lr (0.003)"),
-    cfg_row("train.warmup_iters=-1", "train.warmup_iters must be >= 0"),
-    cfg_row("train.adam_beta1=1", "train.adam_beta1 must be in [0, 1)"),
-    cfg_row("train.adam_beta2=-0.5", "train.adam_beta2 must be in [0, 1)"),
-    cfg_row("train.gradient_clipping=-1", "train.gradient_clipping must be >= 0"),
-    cfg_row("train.seq_length=100000000", "train.seq_length must be <= 16,777,216"),
-    cfg_row("train.seq_length=0", "train.seq_length must be > 0", "config-seq-length-0"),
-    cfg_row("train.train_micro_batch_size_per_gpu=0", "train.train_micro_batch_size_per_gpu must be > 0"),
-    cfg_row("train.train_micro_batch_size_per_gpu=10000000", "train.train_micro_batch_size_per_gpu must be <= 1,048,576",
+    ("model.init_std=.inf", "model.init_std: expected a finite number, got inf"),
+    ("model.init_std=0", "model.init_std must be > 0", "config-init-std-0"),
+    ("model.kmeans_ema_decay=1", "model.kmeans_ema_decay must be in [0, 1)"),
+    ("model.commitment_factor=.nan", "model.commitment_factor: expected a finite number, got nan"),
+    ("model.dropout=1.5", "model.dropout / model.attn_dropout must be in [0, 1)"),
+    ("model.routing_layers=[5]", "model.routing_layers entry 5 is outside the 2 layers"),
+    ("model.attention_type=sparse", "model.attention_type: 'sparse' is not one of"),
+    ("model.loss_chunk_size=-1", "model.loss_chunk_size must be >= 0"),
+    ("model.compile=maybe", "model.compile: 'maybe' is not one of"),
+    ("train.weight_decay=.nan", "train.weight_decay: expected a finite number, got nan"),
+    ("train.weight_decay=.inf", "train.weight_decay: expected a finite number, got inf", "config-weight-decay-inf"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be >= 0", "config-weight-decay-negative"),
+    ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
+    ("train.lr=1e999", "train.lr: expected a finite number, got inf", "config-lr-overflows"),
+    ("train.min_lr=0.1", "train.min_lr (0.1) must not exceed train.lr (0.003)"),
+    ("train.warmup_iters=-1", "train.warmup_iters must be >= 0"),
+    ("train.adam_beta1=1", "train.adam_beta1 must be in [0, 1)"),
+    ("train.adam_beta2=-0.5", "train.adam_beta2 must be in [0, 1)"),
+    ("train.gradient_clipping=-1", "train.gradient_clipping must be >= 0"),
+    ("train.seq_length=100000000", "train.seq_length must be <= 16,777,216"),
+    ("train.seq_length=0", "train.seq_length must be > 0", "config-seq-length-0"),
+    ("train.train_micro_batch_size_per_gpu=0", "train.train_micro_batch_size_per_gpu must be > 0"),
+    ("train.train_micro_batch_size_per_gpu=10000000", "train.train_micro_batch_size_per_gpu must be <= 1,048,576",
             "config-micro-batch-huge"),
-    cfg_row("train.gradient_accumulation_steps=0", "train.gradient_accumulation_steps must be > 0"),
-    cfg_row("train.train_batch_size=3", "train.train_batch_size (3) must equal"),
-    cfg_row("train.train_iters=-1", "train.train_iters must be >= 0"),
-    cfg_row("train.eval_iters=0", "train.eval_iters must be > 0"),
-    cfg_row("train.eval_interval=-1", "train.eval_interval must be >= 0 (0 = off)"),
-    cfg_row("train.zero_stage=4", "train.zero_stage must be 0..3, got 4"),
-    cfg_row("train.max_nonfinite_steps=0", "train.max_nonfinite_steps must be > 0"),
-    cfg_row("train.checkpoint_num_layers=0", "train.checkpoint_num_layers must be > 0"),
-    cfg_row("train.checkpoint_chunk_size=-1", "train.checkpoint_chunk_size must be >= 0 (0 = no chunks)"),
-    cfg_row("train.checkpoint_policy=some", "train.checkpoint_policy: 'some' is not one of"),
-    cfg_row("train.precision=fp16", "train.precision: 'fp16' is not one of ['fp32', 'bf16']"),
-    cfg_row("train.engine=megatron", "train.engine: 'megatron' is not one of"),
-    cfg_row("train.kmeans_init=kmeans", "train.kmeans_init: 'kmeans' is not one of"),
-    cfg_row("data.num_workers=1000", "data.num_workers must be <= 256"),
-    cfg_row("data.shuffle_buffer=-1", "data.shuffle_buffer must be >= 0"),
-    cfg_row("data.shuffle_buffer=100000000", "data.shuffle_buffer must be <= 1,048,576", "config-shuffle-buffer-huge"),
-    cfg_row("data.skip_corrupt=maybe", "data.skip_corrupt: expected true/false"),
-    cfg_row("parallel.sequence_parallel_size=0", "parallel.sequence_parallel_size must be >= 1"),
+    ("train.gradient_accumulation_steps=0", "train.gradient_accumulation_steps must be > 0"),
+    ("train.train_batch_size=3", "train.train_batch_size (3) must equal"),
+    ("train.train_iters=-1", "train.train_iters must be >= 0"),
+    ("train.eval_iters=0", "train.eval_iters must be > 0"),
+    ("train.eval_interval=-1", "train.eval_interval must be >= 0 (0 = off)"),
+    ("train.zero_stage=4", "train.zero_stage must be 0..3, got 4"),
+    ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps must be > 0"),
+    ("train.checkpoint_num_layers=0", "train.checkpoint_num_layers must be > 0"),
+    ("train.checkpoint_chunk_size=-1", "train.checkpoint_chunk_size must be >= 0 (0 = no chunks)"),
+    ("train.checkpoint_policy=some", "train.checkpoint_policy: 'some' is not one of"),
+    ("train.precision=fp16", "train.precision: 'fp16' is not one of ['fp32', 'bf16']"),
+    ("train.engine=megatron", "train.engine: 'megatron' is not one of"),
+    ("train.kmeans_init=kmeans", "train.kmeans_init: 'kmeans' is not one of"),
+    ("data.num_workers=1000", "data.num_workers must be <= 256"),
+    ("data.shuffle_buffer=-1", "data.shuffle_buffer must be >= 0"),
+    ("data.shuffle_buffer=100000000", "data.shuffle_buffer must be <= 1,048,576", "config-shuffle-buffer-huge"),
+    ("data.skip_corrupt=maybe", "data.skip_corrupt: expected true/false"),
+    ("parallel.sequence_parallel_size=0", "parallel.sequence_parallel_size must be >= 1"),
     # deepspeed: keys that say what a train.* key says: the train key is the one to set (README, Training)
-    cfg_row("deepspeed.zero_optimization={stage: 3}", "deepspeed.zero_optimization.stage (3) contradicts "
+    ("deepspeed.zero_optimization={stage: 3}", "deepspeed.zero_optimization.stage (3) contradicts "
                                                       "train.zero_stage (2): set train.zero_stage only"),
-    cfg_row("deepspeed.optimizer={type: Adam}", "deepspeed.optimizer would be ignored"),
-    cfg_row("deepspeed.scheduler={type: WarmupLR}", "deepspeed.scheduler would be ignored"),
-    cfg_row("deepspeed.train_micro_batch_size_per_gpu=8", "deepspeed.train_micro_batch_size_per_gpu (8) contradicts "
+    ("deepspeed.optimizer={type: Adam}", "deepspeed.optimizer would be ignored"),
+    ("deepspeed.scheduler={type: WarmupLR}", "deepspeed.scheduler would be ignored"),
+    ("deepspeed.train_micro_batch_size_per_gpu=8", "deepspeed.train_micro_batch_size_per_gpu (8) contradicts "
                                                           "train.train_micro_batch_size_per_gpu (2)"),
-    cfg_row("deepspeed.gradient_accumulation_steps=4", "deepspeed.gradient_accumulation_steps (4) contradicts"),
-    cfg_row("deepspeed.train_batch_size=64", "deepspeed.train_batch_size (64) contradicts train.train_batch_size"),
-    cfg_row("deepspeed.gradient_clipping=0.5", "deepspeed.gradient_clipping (0.5) contradicts train.gradient_clipping"),
-    cfg_row("deepspeed.bf16={enabled: true}", "deepspeed.bf16.enabled (True) contradicts train.precision ('fp32')"),
-    cfg_row("deepspeed.fp16={enabled: true}", "deepspeed.fp16.enabled (True) contradicts train.precision ('fp32')"),
-    cfg_row("deepspeed.tensorboard={enabld: true}", "unknown key 'deepspeed.tensorboard.enabld' (did you mean"),
-]
+    ("deepspeed.gradient_accumulation_steps=4", "deepspeed.gradient_accumulation_steps (4) contradicts"),
+    ("deepspeed.train_batch_size=64", "deepspeed.train_batch_size (64) contradicts train.train_batch_size"),
+    ("deepspeed.gradient_clipping=0.5", "deepspeed.gradient_clipping (0.5) contradicts train.gradient_clipping"),
+    ("deepspeed.bf16={enabled: true}", "deepspeed.bf16.enabled (True) contradicts train.precision ('fp32')"),
+    ("deepspeed.fp16={enabled: true}", "deepspeed.fp16.enabled (True) contradicts train.precision ('fp32')"),
+    ("deepspeed.tensorboard={enabld: true}", "unknown key 'deepspeed.tensorboard.enabld' (did you mean"),
+]]
 
 # --- launch environment variables (read by every rank before anything else)
 ROWS += [
@@ -506,49 +517,35 @@ ROWS += [
 # --- evaluate and generate: every flag (parse errors need no run; the others a finished one)
 ROWS += [
     ("evaluate-no-checkpoint", None, EV, [], "the following arguments are required: --checkpoint"),
-    ("evaluate-batch-size-huge", None, EV, ["--checkpoint", "run", "--batch-size", "99999999"],
-     "argument --batch-size: must be an integer in [1, 1,048,576], got '99999999'"),
-    ("evaluate-batch-size-not-int", None, EV, ["--checkpoint", "run", "--batch-size", "two"],
-     "argument --batch-size: must be an integer"),
-    ("evaluate-max-batches-0", None, EV, ["--checkpoint", "run", "--max-batches", "0"],
-     "argument --max-batches: must be an integer >= 1, got '0'"),
-    ("evaluate-num-workers-negative", None, EV, ["--checkpoint", "run", "--num-workers", "-1"],
-     "argument --num-workers: must be an integer in [0, 256], got '-1'"),
-    ("evaluate-num-workers-huge", None, EV, ["--checkpoint", "run", "--num-workers", "5000"],
-     "argument --num-workers: must be an integer in [0, 256]"),
     ("evaluate-manifest-missing", finished_run, EV, ["--checkpoint", "run", "--manifest", "nope-manifest.json"],
      "no manifest at nope-manifest.json"),
     ("evaluate-tokenizer-wider-than-model", wider, EV, ["--checkpoint", "run"],
      "the tokenizer of out/pg-manifest.json has 300 ids, the model of run only 257 (model.vocab_size)"),
     ("evaluate-unknown-flag", None, EV, ["--checkpoint", "run", "--splt", "test"], "unrecognized arguments: --splt"),
     ("generate-no-checkpoint", None, GE, ["--prompt", "x"], "the following arguments are required: --checkpoint"),
-    ("generate-temperature-negative", None, GE, ["--checkpoint", "run", "--temperature", "-0.5"],
-     "argument --temperature: must be a number in [0, 1,000,000], got '-0.5'"),
-    ("generate-temperature-nan", None, GE, ["--checkpoint", "run", "--temperature", "nan"],
-     "argument --temperature: must be a number in [0, 1,000,000], got 'nan'"),
-    ("generate-top-p-0", None, GE, ["--checkpoint", "run", "--top-p", "0"],
-     "argument --top-p: must be a number in (0, 1], got '0'"),
-    ("generate-top-p-nan", None, GE, ["--checkpoint", "run", "--top-p", "nan"], "argument --top-p: "),
-    ("generate-top-k-negative", None, GE, ["--checkpoint", "run", "--top-k", "-1"],
-     "argument --top-k: must be an integer in [0, 2,147,483,648], got '-1'"),
-    ("generate-max-new-tokens-negative", None, GE, ["--checkpoint", "run", "--max-new-tokens", "-1"],
-     "argument --max-new-tokens: must be an integer in [0, 16,777,216], got '-1'"),
-    ("generate-max-new-tokens-absurd", None, GE, ["--checkpoint", "run", "--max-new-tokens", "1e12"],
-     "argument --max-new-tokens: must be an integer"),
-    ("generate-num-samples-0", None, GE, ["--checkpoint", "run", "--num-samples", "0"],
-     "argument --num-samples: must be an integer in [1, 65,536], got '0'"),
-    ("generate-seed-negative", None, GE, ["--checkpoint", "run", "--seed", "-3"], "argument --seed: must be an integer"),
-    ("generate-device-unparsable", None, GE, ["--checkpoint", "run", "--device", "gpu"],
-     "argument --device: 'gpu' is not a device: use cpu, cuda or cuda:N"),
-    ("generate-device-absent", None, GE, ["--checkpoint", "run", "--device", "cuda:99"],
-     "argument --device: 'cuda:99' is not available here"),
-    ("generate-device-unsupported", None, GE, ["--checkpoint", "run", "--device", "meta"],
-     "only cpu, cuda[:N] and mps devices are supported"),
     ("generate-prompt-and-prompt-file", None, GE, ["--checkpoint", "run", "--prompt", "x", "--prompt-file", "p.txt"],
      "not allowed with argument"),
     ("generate-checkpoint-not-exported", unexported_run, GE, ["--checkpoint", "run"],
      "its training did not finish (resume it with --resume auto)"),
 ]
+
+CHECKPOINT = ("--checkpoint", "run")  # the flags fail before the run is looked at
+ROWS += flag_rows(EV, [
+    ("--batch-size", "99999999", INT_IN + "[1, 1,048,576], got '99999999'"), ("--batch-size", "two", "must be an integer"),
+    ("--max-batches", "0", "must be an integer >= 1, got '0'"), ("--num-workers", "-1", INT_IN + "[0, 256], got '-1'"),
+    ("--num-workers", "5000", INT_IN + "[0, 256]"),
+], CHECKPOINT)
+ROWS += flag_rows(GE, [
+    ("--temperature", "-0.5", "must be a number in [0, 1,000,000], got '-0.5'"),
+    ("--temperature", "nan", "must be a number in [0, 1,000,000], got 'nan'"),
+    ("--top-p", "0", "must be a number in (0, 1], got '0'"), ("--top-p", "nan", "must be a number in (0, 1]"),
+    ("--top-k", "-1", INT_IN + "[0, 2,147,483,648], got '-1'"),
+    ("--max-new-tokens", "-1", INT_IN + "[0, 16,777,216], got '-1'"), ("--max-new-tokens", "1e12", "must be an integer"),
+    ("--num-samples", "0", INT_IN + "[1, 65,536], got '0'"), ("--seed", "-3", "must be an integer"),
+    ("--device", "gpu", "'gpu' is not a device: use cpu, cuda or cuda:N"),
+    ("--device", "cuda:99", "'cuda:99' is not available here"),
+    ("--device", "meta", "'meta': only cpu, cuda[:N] and mps devices are supported"),
+], CHECKPOINT)
 
 # --- python -m rtdist.checkpoint
 CK = "checkpoint"
@@ -626,24 +623,23 @@ BA, BD, BG, BM, BS, BT = ("bench_attention", "bench_data", "bench_generate", "be
                           "bench_sequence_parallel", "bench_train")
 
 
-def flag_rows(entry: str, cases: list, base: tuple = ()) -> list:
-    """Rows from ``(flag, value, expected)`` for one tool; an argparse complaint (``must be ...``, ``invalid
-    choice``, ``'value' ...``) is expected as ``argument FLAG: <expected>``."""
-    return [(f"{entry}{flag}-{value}".replace("_", "-"), None, entry, [*base, flag, value],
-             f"argument {flag}: {expected}" if expected.startswith(("must be", "invalid choice", "'")) else expected)
-            for flag, value, expected in cases]
+# The ranges the bench tools' flags share (tools/benchlib.py), each with a value just outside it.
+SEQ_R, WIDTH_R, LAYERS_R, LOCAL_R = ("0", "[1, 16,777,216]"), ("0", "[1, 131,072]"), ("0", "[1, 4,096]"), ("-1", "[0, 4,096]")
+VOCAB_R, BATCH_R, COUNT_R, CLUSTERS_R = ("1", "[2, 2,147,483,648]"), ("0", "[1, 1,048,576]"), ("0", "[1, 1,000,000]"), \
+    ("0", "[1, 65,536]")
 
 
-INT_IN = "must be an integer in "
-ROWS += flag_rows(BA, [
-    ("--seq-lengths", "0", INT_IN + "[1, 16,777,216], got '0'"), ("--seq-lengths", "4k", INT_IN + "[1, 16,777,216]"),
-    ("--d-model", "0", INT_IN + "[1, 131,072]"), ("--depth", "0", INT_IN + "[1, 4,096]"),
-    ("--heads", "-2", INT_IN + "[1, 4,096]"), ("--local-heads", "-1", INT_IN + "[0, 4,096]"),
-    ("--window", "0", INT_IN + "[1, 16,777,216]"), ("--clusters", "-1", INT_IN + "[0, 65,536]"),
-    ("--vocab", "1", INT_IN + "[2, 2,147,483,648]"), ("--batch", "0", INT_IN + "[1, 1,048,576]"),
-    ("--threads", "0", INT_IN + "[1, 4,096]"), ("--repeats", "0", INT_IN + "[1, 1,000,000]"),
-    ("--rounds", "0", INT_IN + "[1, 1,000,000]"), ("--profile", "-1", INT_IN + "[0, 16,777,216]"),
-    ("--profile-rows", "0", INT_IN + "[1, 1,000,000]"), ("--timeout", "0", "must be a number in (0, 10,000,000]"),
+def outside(**flags) -> list:
+    """``(flag, value, expected)`` cases, one per ``flag_name=(value just outside, the integer range)``."""
+    return [("--" + name.replace("_", "-"), value, f"{INT_IN}{rng}, got '{value}'")
+            for name, (value, rng) in flags.items()]
+
+
+ROWS += flag_rows(BA, outside(seq_lengths=SEQ_R, d_model=WIDTH_R, depth=LAYERS_R, heads=LAYERS_R, local_heads=LOCAL_R,
+                              window=SEQ_R, clusters=("-1", "[0, 65,536]"), vocab=VOCAB_R, batch=BATCH_R,
+                              threads=LAYERS_R, repeats=COUNT_R, rounds=COUNT_R, profile=("-1", "[0, 16,777,216]"),
+                              profile_rows=COUNT_R) + [
+    ("--seq-lengths", "4k", INT_IN + "[1, 16,777,216]"), ("--timeout", "0", "must be a number in (0, 10,000,000]"),
     ("--timeout", "nan", "must be a number in (0, 10,000,000], got 'nan'"),
     ("--device", "gpu", "'gpu' is not a device"), ("--device", "cuda:99", "'cuda:99' is not available here"),
     ("--attention", "sparse", "invalid choice: 'sparse'"),
@@ -651,66 +647,53 @@ ROWS += flag_rows(BA, [
     ("--d-model", "100", "--d-model (100) must be divisible by --heads (8)"),
     ("--window", "1000", "the sequence length (4096) must be divisible by the local window (--window"),
 ])
-ROWS += flag_rows(BD, [
-    ("--mb", "0", INT_IN + "[1, 1,048,576]"), ("--workers", "0", INT_IN + "[1, 1,024]"),
-    ("--seq-length", "0", INT_IN + "[1, 16,777,216]"), ("--maxcount", "0", INT_IN + "[1, 1,000,000]"),
-    ("--micro-batch", "0", INT_IN + "[1, 1,048,576]"), ("--loader-workers", "-1", INT_IN + "[0, 256]"),
-    ("--loader-batches", "-1", "must be an integer >= 0"), ("--train-steps", "0", INT_IN + "[1, 1,000,000]"),
-    ("--repeat", "0", INT_IN + "[1, 1,000,000]"), ("--corpus", "nope", "--corpus nope is not a folder"),
+ROWS += flag_rows(BD, outside(mb=("0", "[1, 1,048,576]"), workers=("0", "[1, 1,024]"), seq_length=SEQ_R,
+                              maxcount=COUNT_R, micro_batch=BATCH_R, loader_workers=("-1", "[0, 256]"),
+                              train_steps=COUNT_R, repeat=COUNT_R) + [
+    ("--loader-batches", "-1", "must be an integer >= 0"), ("--corpus", "nope", "--corpus nope is not a folder"),
     ("--model-config", "nope.yaml", "--model-config nope.yaml with --seq-length 8192: config file 'nope.yaml' does not"),
 ])
 ROWS += flag_rows(BD, [("--seq-length", "100", "--model-config "
                                                f"{REPO / 'configs' / 'tiny.yaml'} with --seq-length 100: train.seq_length "
                                                "(100) must be divisible by the local window")],
                   ("--model-config", str(REPO / "configs" / "tiny.yaml")))
-ROWS += flag_rows(BG, [
-    ("--context", "0", INT_IN + "[1, 16,777,216]"), ("--new-tokens", "1", INT_IN + "[2, 16,777,216]"),
-    ("--rerun-tokens", "0", INT_IN + "[1, 1,000,000]"), ("--d-model", "-8", INT_IN + "[1, 131,072]"),
-    ("--n-layers", "0", INT_IN + "[1, 4,096]"), ("--n-heads", "0", INT_IN + "[1, 4,096]"),
-    ("--n-local-heads", "-1", INT_IN + "[0, 4,096]"), ("--window", "0", INT_IN + "[1, 16,777,216]"),
-    ("--clusters", "0", INT_IN + "[1, 65,536]"), ("--vocab", "0", INT_IN + "[2, 2,147,483,648]"),
-    ("--threads", "0", INT_IN + "[1, 4,096]"), ("--seed", "-1", INT_IN + "[0, 18,446,744,073,709,551,615]"),
+ROWS += flag_rows(BG, outside(context=SEQ_R, new_tokens=("1", "[2, 16,777,216]"), rerun_tokens=COUNT_R,
+                              d_model=WIDTH_R, n_layers=LAYERS_R, n_heads=LAYERS_R, n_local_heads=LOCAL_R, window=SEQ_R,
+                              clusters=CLUSTERS_R, vocab=VOCAB_R, threads=LAYERS_R,
+                              seed=("-1", "[0, 18,446,744,073,709,551,615]")) + [
     ("--device", "tpu", "'tpu' is not a device"),
     ("--rerun-tokens", "200", "--rerun-tokens 200 exceeds --new-tokens 128"),
     ("--n-local-heads", "9", "--n-local-heads (9) must be between 0 and --n-heads (8)"),
 ])
-ROWS += flag_rows(BM, [
+ROWS += flag_rows(BM, outside(chunk_size=("-1", "[0, 16,777,216]"), d_model=WIDTH_R, depth=LAYERS_R, heads=LAYERS_R,
+                              head_dim=("0", "[1, 16,384]"), local_heads=LOCAL_R, window=SEQ_R, local_window=SEQ_R,
+                              clusters=CLUSTERS_R, vocab=VOCAB_R, batch=BATCH_R, threads=LAYERS_R,
+                              world_size=BATCH_R) + [
     ("--seq-lengths", "0", "--seq-lengths: '0' must be in [1, 16,777,216]"),
     ("--seq-lengths", "lots", "--seq-lengths: 'lots' is not a number"),
     ("--sp", "0", "--sp: '0' must be in [1, 16,777,216]"), ("--max-seq", "full", "--max-seq 'full': expected"),
     ("--max-seq", "dense=4k", "--max-seq 'dense=4k': expected attention=length pairs"),
-    ("--fit-min", "x", "--fit-min: 'x' is not a number"), ("--chunk-size", "-1", INT_IN + "[0, 16,777,216]"),
-    ("--d-model", "0", INT_IN + "[1, 131,072]"), ("--depth", "0", INT_IN + "[1, 4,096]"),
-    ("--heads", "0", INT_IN + "[1, 4,096]"), ("--head-dim", "0", INT_IN + "[1, 16,384]"),
-    ("--local-heads", "-1", INT_IN + "[0, 4,096]"), ("--window", "0", INT_IN + "[1, 16,777,216]"),
-    ("--local-window", "0", INT_IN + "[1, 16,777,216]"), ("--clusters", "0", INT_IN + "[1, 65,536]"),
-    ("--vocab", "1", INT_IN + "[2, 2,147,483,648]"), ("--ff-mult", "0", "must be a number in (0, 1,024]"),
+    ("--fit-min", "x", "--fit-min: 'x' is not a number"), ("--ff-mult", "0", "must be a number in (0, 1,024]"),
     ("--routing-layers", "last", "--routing-layers 'last': expected 'all' or layer indices"),
     ("--routing-layers", "7", "--routing-layers entry 7 is outside the"),
-    ("--batch", "0", INT_IN + "[1, 1,048,576]"), ("--threads", "0", INT_IN + "[1, 4,096]"),
     ("--device", "tpu", "invalid choice: 'tpu'"), ("--budget-gb", "-1", "must be a number in (0, 1,048,576]"),
     ("--max-mem-gb", "0", "must be a number in (0, 1,048,576]"), ("--timeout", "0", "must be a number in (0, "),
-    ("--world-size", "0", INT_IN + "[1, 1,048,576]"), ("--zero-stage", "4", "invalid choice: 4"),
-    ("--attention", "sparse", "--attention 'sparse' is not one of"),
+    ("--zero-stage", "4", "invalid choice: 4"), ("--attention", "sparse", "--attention 'sparse' is not one of"),
     ("--checkpointing", "some", "--checkpointing 'some' is not none, selective or full"),
     ("--config", "nope.yaml", "config file 'nope.yaml' does not exist"),
     ("--replot", "nope.json", "No such file or directory (nope.json)"),
     ("--heads", "3", "--d-model (64) must be divisible by --heads (3)"),
 ], ("--quick", "--estimate-only"))
-ROWS += flag_rows(BS, [
-    ("--seq-lengths", "0", INT_IN + "[1, 16,777,216]"), ("--sp", "0", INT_IN + "[1, 4,096]"),
-    ("--d-model", "0", INT_IN + "[1, 131,072]"), ("--depth", "0", INT_IN + "[1, 4,096]"),
-    ("--heads", "0", INT_IN + "[1, 4,096]"), ("--local-heads", "9", "--local-heads (9) must be between 0 and --heads"),
-    ("--window", "0", INT_IN + "[1, 16,777,216]"), ("--clusters", "0", "--clusters must be > 0, got 0"),
-    ("--threads", "-1", INT_IN + "[0, 4,096]"), ("--timeout", "-5", "must be a number in (0, 10,000,000]"),
+ROWS += flag_rows(BS, outside(seq_lengths=SEQ_R, sp=LAYERS_R, d_model=WIDTH_R, depth=LAYERS_R, heads=LAYERS_R,
+                              window=SEQ_R, threads=("-1", "[0, 4,096]")) + [
+    ("--local-heads", "9", "--local-heads (9) must be between 0 and --heads"),
+    ("--clusters", "0", "--clusters must be > 0, got 0"), ("--timeout", "-5", "must be a number in (0, 10,000,000]"),
     ("--sp", "3", "--seq-lengths 8192 is not divisible by --sp 3 x --window 256"),
 ])
-ROWS += flag_rows(BT, [
-    ("--seq-length", "0", INT_IN + "[1, 16,777,216]"),
+ROWS += flag_rows(BT, outside(seq_length=SEQ_R, nproc=("0", "[1, 1,024]"), steps=("1", "[2, 1,000,000]")) + [
     ("--seq-length", "100", "--models tiny with --seq-length 100: --seq-length (100) must be divisible"),
     ("--models", "huge", "invalid choice: 'huge'"), ("--zero", "4", "invalid choice: 4"),
-    ("--checkpointing", "maybe", "invalid choice: 'maybe'"), ("--nproc", "0", INT_IN + "[1, 1,024]"),
-    ("--steps", "1", INT_IN + "[2, 1,000,000]"), ("--corpus-mb", "0", "must be a number in (0, 1,048,576]"),
+    ("--checkpointing", "maybe", "invalid choice: 'maybe'"), ("--corpus-mb", "0", "must be a number in (0, 1,048,576]"),
 ])
 
 
