@@ -1,11 +1,13 @@
 """Training entry point.
 
     python -m rtdist.train --config configs/tiny.yaml [--config more.yaml] [--set train.lr=1e-3 ...] \\
-        --run-dir runs/x [--resume auto]
+        --run-dir runs/x [--resume auto | --overwrite]
 
 Started unchanged by ``torchrun -m rtdist.train``, ``deepspeed --module rtdist.train``, ``srun``/``mpirun`` or
 ``launch/launch.py``. The run directory holds the resolved ``config.yaml``, ``metrics.jsonl`` (one JSON object per
 logged step), ``checkpoints/`` (DeepSpeed layout) and, at the end, ``model.safetensors`` (fp32, for inference).
+A run directory that holds an earlier run is continued with ``--resume auto`` or started over with ``--overwrite``;
+with neither, training refuses to start there.
 """
 from __future__ import annotations
 
