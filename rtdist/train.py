@@ -214,8 +214,8 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
     refused unless ``resume`` continues it or ``overwrite`` deletes it (:meth:`RunDir.refusal`)."""
     t = cfg.train
     check_engine(t.engine, t.zero_stage)
+    info = rdist.discover()  # before the handlers: a launch variable it refuses must not leave them installed
     stop = StopRequest()
-    info = rdist.discover()
     watchdog = Watchdog(t.dist_timeout_s, info.rank, info.world_size, (info.master_addr, info.master_port)).start()
     lock = None
     try:

@@ -21,6 +21,7 @@ work: none trains, benchmarks or preprocesses more than a few kilobytes.
 import importlib.util
 import json
 import os
+import signal
 import sys
 import tarfile
 from pathlib import Path
@@ -703,6 +704,9 @@ def flip(path: Path, offset: int = 600) -> None:
     path.write_bytes(bytes(data))
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 def files_state(root: Path) -> dict:
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
@@ -735,9 +739,12 @@ def test_bad_input_ends_in_one_clear_error_line(tmp_path, monkeypatch, capsys, m
     for name, value in (made.items() if isinstance(made, Env) else ()):
         monkeypatch.setenv(name, value)
     before = files_state(tmp_path)
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     capsys.readouterr()
     code = cli_main(entry_point(entry), args)
     assert_one_clean_error(tmp_path, before, code, capsys.readouterr().err, expected)
+    # in-process, a stop handler left behind would outlive the command (a later pool could not be terminated)
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == handlers
 
 
 def test_a_disk_filling_up_while_preprocessing_leaves_only_whole_shards(tmp_path, monkeypatch, capsys):
