@@ -125,14 +125,54 @@ def restore_rng(state: Optional[dict]) -> bool:
 
 
 def is_complete(step_dir: Path) -> bool:
-    return (step_dir / MARKER).is_file()
+    """Whether a save got as far as its marker. A marker that is there but unreadable (a folder, junk bytes) still
+    counts: that checkpoint is corrupt, to be skipped with a warning, not an unfinished save to be cleaned away."""
+    return os.path.lexists(step_dir / MARKER)
+
+
+# Marker keys read as counts (global batch, layouts) and as mappings; other types mean the marker is damaged.
+_MARKER_INTS = ("step", "world_size", "dp_size", "sp_size", "zero_stage", "global_batch")
+_MARKER_DICTS = ("config", "files", "data")
+
+
+def marker_problem(marker) -> Optional[str]:
+    """What is wrong with a parsed marker's structure, else None."""
+    if not isinstance(marker, dict):
+        return f"it holds {type(marker).__name__} {str(marker)[:40]}, not an object"
+    for key in _MARKER_INTS:
+        v = marker.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            return f"{key} is {v!r}, not a count"
+    for key in _MARKER_DICTS:
+        if marker.get(key) is not None and not isinstance(marker[key], dict):
+            return f"{key} is {type(marker[key]).__name__}, not an object"
+    for section in ("model", "train"):
+        if not isinstance((marker.get("config") or {}).get(section) or {}, dict):
+            return f"config.{section} is not an object"
+    for name, want in (marker.get("files") or {}).items():
+        if not (isinstance(want, dict) and isinstance(want.get("bytes"), int) and isinstance(want.get("sha256"), str)):
+            return f"files[{name!r}] is not {{bytes, sha256}}"
+    return None
+
+
+def _marker(step_dir: Path) -> tuple[Optional[dict], Optional[str]]:
+    """(the marker, None), or (None, what is wrong with it)."""
+    path = step_dir / MARKER
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # a folder, no permission, empty, junk bytes, invalid JSON
+        what = "it is empty" if path.is_file() and path.stat().st_size == 0 else str(e)
+        return None, f"its '{MARKER}' marker cannot be read ({what})"
+    problem = marker_problem(marker)
+    return (None, f"its '{MARKER}' marker is damaged ({problem})") if problem else (marker, None)
 
 
 def read_marker(step_dir: Path) -> dict:
-    try:
-        return json.loads((step_dir / MARKER).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {step_dir}: its '{MARKER}' marker cannot be read ({e})") from None
+    """The ``complete`` marker of a checkpoint; a CheckpointError naming it when it cannot be read or is damaged."""
+    marker, problem = _marker(step_dir)
+    if problem:
+        raise CheckpointError(f"checkpoint {step_dir}: {problem}")
+    return marker
 
 
 def complete_steps(ckpt_dir: Path) -> list[int]:
@@ -200,9 +240,10 @@ def checksum_files(step_dir: Path) -> dict:
 
 def verify(step_dir: Path) -> list[str]:
     """Problems of a complete checkpoint's files against its marker (collective; the same list on every rank).
-    A marker without a file list (written before checksums existed) verifies trivially."""
-    files = read_marker(step_dir).get("files")
-    problems = []
+    A marker without a file list (written before checksums existed) verifies trivially; an unreadable or damaged
+    marker is a problem."""
+    marker, problem = _marker(step_dir)
+    files, problems = (marker or {}).get("files"), [problem] if problem else []
     if files:
         world, me = rdist.world_size(), rdist.rank()
         for name, want in files.items():
@@ -218,7 +259,7 @@ def verify(step_dir: Path) -> list[str]:
                 problems.append(f"{name} has {size} bytes, the marker says {want['bytes']}")
             elif sha256_file(path) != want["sha256"]:
                 problems.append(f"{name} does not match its sha256 in the marker (flipped or overwritten bytes)")
-    return sorted(p for part in rdist.all_gather_object(problems) for p in part)
+    return sorted({p for part in rdist.all_gather_object(problems) for p in part})  # every rank reads the marker
 
 
 # ----------------------------------------------------------------------------------------------------- save
@@ -441,10 +482,16 @@ def _find(path: Path) -> Path:
         return path
     inner = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     cands = candidates(inner)
-    if not cands:
-        raise CheckpointError(f"{path}: no complete checkpoint there (give a run directory, its checkpoints/ or a "
-                              f"global_stepN folder with a '{MARKER}' marker)")
-    return cands[0]
+    for cand in cands:  # the newest whose marker can be read, as --resume auto would (it also checks the files)
+        problem = _marker(cand)[1]
+        if problem is None:
+            return cand
+        print(f"warning: checkpoint {cand}: {problem}: --resume auto skips it")
+    if cands:
+        raise CheckpointError(f"{path}: no checkpoint there has a readable '{MARKER}' marker "
+                              f"({', '.join(c.name for c in cands)})")
+    raise CheckpointError(f"{path}: no complete checkpoint there (give a run directory, its checkpoints/ or a "
+                          f"global_stepN folder with a '{MARKER}' marker)")
 
 
 def main(argv=None) -> int:

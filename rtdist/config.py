@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -218,9 +219,11 @@ def _coerce(value, tp, key: str):
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):  # PyYAML reads 1e-4 (no dot) as a string
-            return float(value)
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .nan, .inf, 1e999: no key means anything by them
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -250,6 +253,10 @@ def build(cls, data: Optional[dict], prefix: str = ""):
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        raise ConfigError(f"config file {str(path)!r} is a folder: give a YAML file"
+                          + (f" (it holds {', '.join(inside)})" if inside else ""))
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
@@ -305,6 +312,26 @@ def layer_head_split(m: ModelConfig) -> list[int]:
     return [m.n_local_attn_heads if i in routed else m.n_heads for i in range(m.n_layers)]
 
 
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds
+MAX_TIMEOUT_S = 10 ** 7  # ~115 days; far larger ones overflow the C++ timeouts (milliseconds) of the process group
+# Sizes past these are typos, not models: no tensor of them could be allocated. One weight matrix holds at most
+# MAX_MATRIX elements (64 GiB of fp32).
+MODEL_LIMITS = {"vocab_size": 2 ** 31, "d_model": 2 ** 17, "emb_dim": 2 ** 17, "head_dim": 2 ** 14, "n_layers": 2 ** 12,
+                "n_heads": 2 ** 12, "num_clusters": 2 ** 16, "window_size": 2 ** 24, "local_window_size": 2 ** 24,
+                "ff_mult": 1024}
+MAX_MATRIX = 2 ** 34
+TRAIN_LIMITS = {"seq_length": 2 ** 24, "train_micro_batch_size_per_gpu": 2 ** 20, "gradient_accumulation_steps": 2 ** 20,
+                "train_iters": 2 ** 40}
+DATA_LIMITS = {"num_workers": 256, "shuffle_buffer": 2 ** 20}
+
+
+def _at_most(section: str, obj, limits: dict, why: str) -> None:
+    for name, limit in limits.items():
+        v = getattr(obj, name)
+        if v is not None and v > limit:
+            raise ConfigError(f"{section}.{name} must be <= {limit:,} ({why}), got {v:,}")
+
+
 def _positive(section: str, obj, *names: str, allow_zero: bool = False, what: str = "") -> None:
     for name in names:
         v = getattr(obj, name)
@@ -319,7 +346,18 @@ def validate_model(m: ModelConfig, seq_length: Optional[int] = None) -> None:
               "emb_dim", "local_window_size", "ff_mult", "init_std")
     _positive("model", m, "commitment_factor", "kmeans_reseed_after", allow_zero=True)
     _positive("model", m, "loss_chunk_size", allow_zero=True, what=" (0 = the whole sequence in one chunk)")
+    _at_most("model", m, MODEL_LIMITS, "larger is a typo, not a model: its tensors could not be allocated")
     head_dim = m.head_dim or m.d_model // m.n_heads
+    hidden = int(m.d_model * m.ff_mult)
+    _check(hidden >= 1, f"model.ff_mult ({m.ff_mult}) x model.d_model ({m.d_model}) rounds to {hidden} feed-forward "
+                        f"units: model.ff_mult must be >= {1 / m.d_model:.3g}")
+    for what, rows, cols in (("the embedding (model.vocab_size x model.emb_dim)", m.vocab_size, m.emb_dim or m.d_model),
+                             ("the feed-forward (model.d_model x model.d_model * model.ff_mult, twice under "
+                              "model.ff_glu)", m.d_model, hidden * (2 if m.ff_glu else 1)),
+                             ("the attention projection (model.d_model x model.n_heads * head dim)", m.d_model,
+                              m.n_heads * head_dim)):
+        _check(rows * cols <= MAX_MATRIX, f"{what} would be {rows:,} x {cols:,} = {rows * cols:,} elements, more than "
+                                          f"one weight matrix can hold here (at most {MAX_MATRIX:,}: 64 GiB of fp32)")
     _check(m.head_dim is not None or m.d_model % m.n_heads == 0,
            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or set model.head_dim")
     _check(head_dim % 2 == 0 or m.pos_emb != "rotary", f"rotary positions need an even head dim, got {head_dim}")
@@ -355,6 +393,7 @@ def validate(cfg: Config) -> None:
     process group)."""
     t, d = cfg.train, cfg.data
     _check(t.seq_length > 0, f"train.seq_length must be > 0, got {t.seq_length}")
+    _at_most("train", t, TRAIN_LIMITS, "larger is a typo: its tensors could not be allocated")
     validate_model(cfg.model, t.seq_length)
     _positive("train", t, "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
               "lr", "log_interval", "eval_iters", "checkpoint_num_layers", "max_nonfinite_steps", "dist_timeout_s")
@@ -363,13 +402,20 @@ def validate(cfg: Config) -> None:
     _positive("train", t, "eval_interval", "save_interval", allow_zero=True, what=" (0 = off)")
     for name in ("adam_beta1", "adam_beta2"):
         _check(0.0 <= getattr(t, name) < 1.0, f"train.{name} must be in [0, 1), got {getattr(t, name)}")
+    _check(t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr}): the schedule warms up to "
+                             f"train.lr and decays to train.min_lr")
+    _check(0 <= t.seed <= MAX_SEED, f"train.seed must be in 0..{MAX_SEED} (2^32 - 1), got {t.seed}")
+    _positive("train", t, "startup_timeout_s")
+    for name in ("dist_timeout_s", "startup_timeout_s"):
+        _check(getattr(t, name) <= MAX_TIMEOUT_S, f"train.{name} must be <= {MAX_TIMEOUT_S:,} s (~115 days), got "
+                                                  f"{getattr(t, name):,}")
     _check(0 <= t.zero_stage <= 3, f"train.zero_stage must be 0..3, got {t.zero_stage}")
     _check(not t.checkpoint_activations or t.checkpoint_policy in (None, "full"),
            f"train.checkpoint_activations: true (policy full) conflicts with train.checkpoint_policy: "
            f"{t.checkpoint_policy}; set only train.checkpoint_policy")
     _positive("train", t, "checkpoint_chunk_size", allow_zero=True, what=" (0 = no chunks)")
     _positive("data", d, "num_workers", "shuffle_buffer", allow_zero=True)
-    _positive("train", t, "startup_timeout_s")
+    _at_most("data", d, DATA_LIMITS, "worker processes per rank / samples held in memory")
     _check(cfg.parallel.sequence_parallel_size >= 1, "parallel.sequence_parallel_size must be >= 1")
     sp = cfg.parallel.sequence_parallel_size
     if sp > 1:
@@ -379,5 +425,51 @@ def validate(cfg: Config) -> None:
                f"train.seq_length ({t.seq_length}) must be divisible by parallel.sequence_parallel_size x window "
                f"({sp} x {w}): use parallel.sequence_parallel_size in {fits}, or a train.seq_length that is a "
                f"multiple of {sp * w}")
+    check_deepspeed(cfg)
     from .monitor import sink_settings
     sink_settings(cfg.deepspeed)  # deepspeed.tensorboard / csv_monitor / wandb: DeepSpeed's keys only
+
+
+_ABSENT = object()
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+def deepspeed_owned(t: TrainConfig) -> dict[str, tuple[str, Any]]:
+    """The ``deepspeed:`` keys that rtdist writes from ``train.*`` keys: {deepspeed key: (train key, value)}."""
+    return {"zero_optimization.stage": ("train.zero_stage", t.zero_stage),
+            "train_micro_batch_size_per_gpu": ("train.train_micro_batch_size_per_gpu", t.train_micro_batch_size_per_gpu),
+            "gradient_accumulation_steps": ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+            "train_batch_size": ("train.train_batch_size", t.train_batch_size),
+            "gradient_clipping": ("train.gradient_clipping", t.gradient_clipping),
+            "bf16.enabled": ("train.precision", t.precision == "bf16"),
+            "fp16.enabled": ("train.precision", False)}
+
+
+def check_deepspeed(cfg: Config) -> None:
+    """The rule for ``deepspeed:`` keys that say what a ``train.*`` key says: the ``train.*`` key is the one to set;
+    the ``deepspeed:`` one may repeat it, and any other value is an error naming both (so the checkpoint, which
+    records ``train.*``, always records what ran). DeepSpeed's optimizer and scheduler are not used: rtdist gives it
+    AdamW and its schedule, from ``train.*``."""
+    t = cfg.train
+    for ds_key, (key, ours) in deepspeed_owned(t).items():
+        theirs = _lookup(cfg.deepspeed, ds_key)
+        if theirs is _ABSENT or theirs == ours:
+            continue
+        now = t.precision if key == "train.precision" else ours
+        right = ("rtdist trains in fp32 or bf16: set train.precision" if ds_key == "fp16.enabled" else
+                 f"set {key} only" + (" (unset, it is derived)" if ours is None else ""))
+        raise ConfigError(f"deepspeed.{ds_key} ({theirs!r}) contradicts {key} ({now!r}): {right}; a deepspeed: key "
+                          f"that a train.* key sets must agree with it")
+    for ds_key, keys in (("optimizer", "train.lr, train.adam_beta1/2 and train.weight_decay"),
+                         ("scheduler", "train.lr, train.min_lr and train.warmup_iters")):
+        if ds_key in cfg.deepspeed:
+            raise ConfigError(f"deepspeed.{ds_key} would be ignored: rtdist gives DeepSpeed its own "
+                              f"{'AdamW' if ds_key == 'optimizer' else 'warmup + cosine schedule'} from {keys}; "
+                              f"remove deepspeed.{ds_key} and set those")

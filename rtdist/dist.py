@@ -41,11 +41,24 @@ class DistInfo:
 
 
 def _env_int(*names: str) -> Optional[int]:
+    """The first of ``names`` that is set, as an integer; a DiscoveryError naming the variable when it is not one."""
     for n in names:
         v = os.environ.get(n)
         if v not in (None, ""):
-            return int(v)
+            try:
+                return int(v)
+            except ValueError:
+                raise DiscoveryError(f"environment variable {n}={v!r} is not an integer: the launcher sets it to a "
+                                     f"whole number; unset it or fix the job script") from None
     return None
+
+
+def _env_port() -> Optional[int]:
+    port = _env_int("MASTER_PORT")
+    if port is not None and not 1 <= port <= 65535:
+        raise DiscoveryError(f"environment variable MASTER_PORT={port} is not a port: it must be in 1..65535 (unset "
+                             f"it for the default 29500)")
+    return port
 
 
 def slurm_master_addr(nodelist: Optional[str] = None) -> str:
@@ -63,10 +76,23 @@ class DiscoveryError(LaunchError):
     """Launch variables that contradict each other (a rank outside the world, ...)."""
 
 
+# The variables each source reads (rank, world size, local rank), for messages that name them.
+_SOURCE_VARS = {"env": ("RANK", "WORLD_SIZE", "LOCAL_RANK"), "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+                "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                "pmi": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")}
+
+
 def _checked(info: DistInfo) -> DistInfo:
+    rank_var, world_var, local_var = _SOURCE_VARS.get(info.source, ("rank", "world size", "local rank"))
+    if info.rank is None or info.world_size is None:
+        raise DiscoveryError(f"{rank_var} and {world_var} must both be set to integers (from {info.source} "
+                             f"variables), got {rank_var}={info.rank!r}, {world_var}={info.world_size!r}")
     if info.world_size < 1 or not 0 <= info.rank < info.world_size:
-        raise DiscoveryError(f"rank {info.rank} is outside a world of {info.world_size} (from {info.source} "
-                             f"variables): the launch environment is inconsistent")
+        raise DiscoveryError(f"{rank_var}={info.rank} is outside a world of {world_var}={info.world_size} (ranks "
+                             f"0..{info.world_size - 1}; from {info.source} variables): the launch environment is "
+                             f"inconsistent")
+    if info.local_rank < 0:
+        raise DiscoveryError(f"{local_var}={info.local_rank} must be >= 0 (from {info.source} variables)")
     return info
 
 
@@ -79,27 +105,27 @@ def discover(rank: Optional[int] = None, world_size: Optional[int] = None, local
     own address (so ``mpirun -n 2 python -m rtdist.train`` works across hosts), and fall back to 127.0.0.1 (one
     host) only when mpi4py is not available."""
     env = os.environ
-    port = _env_int("MASTER_PORT")
+    port = _env_port()
     addr = env.get("MASTER_ADDR")
     if rank is not None and world_size is not None:
         return _checked(DistInfo(rank, world_size, local_rank or 0, addr or "127.0.0.1", port or 29500, "explicit"))
     if "RANK" in env and "WORLD_SIZE" in env:
-        return _checked(DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), _env_int("LOCAL_RANK") or 0,
+        return _checked(DistInfo(_env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK") or 0,
                                  addr or "127.0.0.1", port or 29500, "env"))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         ntasks = _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
         if "SLURM_STEP_ID" in env or "SLURM_STEPID" in env:
-            return _checked(DistInfo(int(env["SLURM_PROCID"]), ntasks, _env_int("SLURM_LOCALID") or 0,
+            return _checked(DistInfo(_env_int("SLURM_PROCID"), ntasks, _env_int("SLURM_LOCALID") or 0,
                                      addr or slurm_master_addr(), port or slurm_master_port(), "slurm"))
         if ntasks and ntasks > 1:
             sys.stderr.write(f"rtdist.dist: SLURM_NTASKS={ntasks} but this process was not started by srun (no "
                              f"SLURM_STEP_ID): not joining a SLURM world; start it with srun or launch/launch.py\n")
     mpi_env = None
     if "OMPI_COMM_WORLD_RANK" in env and "OMPI_COMM_WORLD_SIZE" in env:
-        mpi_env = DistInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+        mpi_env = DistInfo(_env_int("OMPI_COMM_WORLD_RANK"), _env_int("OMPI_COMM_WORLD_SIZE"),
                            _env_int("OMPI_COMM_WORLD_LOCAL_RANK") or 0, addr or "127.0.0.1", port or 29500, "openmpi")
     elif "PMI_RANK" in env and "PMI_SIZE" in env:
-        mpi_env = DistInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]),
+        mpi_env = DistInfo(_env_int("PMI_RANK"), _env_int("PMI_SIZE"),
                            _env_int("MPI_LOCALRANKID", "PMI_LOCAL_RANK", "PALS_LOCAL_RANKID") or 0,
                            addr or "127.0.0.1", port or 29500, "pmi")
     if mpi_env is not None and (addr or mpi_env.world_size == 1):
@@ -113,6 +139,19 @@ def discover(rank: Optional[int] = None, world_size: Optional[int] = None, local
     if mpi_env is not None:
         return _checked(mpi_env)
     return DistInfo(0, 1, 0, addr or "127.0.0.1", port or 29500, "single")
+
+
+def unfilled_world(e: BaseException, info: DistInfo, timeout_s: float) -> Optional[str]:
+    """The message for a rendezvous that timed out because fewer processes came than the world size says (rank 0's
+    store counted them), else None: then the world size is what is wrong, not a peer that stopped."""
+    import re
+    m = re.search(r"(\d+)/(\d+) clients joined", str(e))
+    if not m:
+        return None
+    var = _SOURCE_VARS.get(info.source, ("", "the world size", ""))[1]
+    return (f"only {m.group(1)} of {m.group(2)} processes ({var}={info.world_size}) joined the rendezvous at "
+            f"{info.master_addr}:{info.master_port} within train.dist_timeout_s ({timeout_s} s): start {info.world_size} "
+            f"processes, or set {var} to the number started")
 
 
 def _routable_address() -> str:
@@ -153,7 +192,7 @@ def _mpi4py_info() -> Optional[DistInfo]:
     else:
         mine = "127.0.0.1" if one_host else _routable_address()
     addr = comm.bcast(mine, root=0)
-    port = comm.bcast(_env_int("MASTER_PORT") or 29500, root=0)
+    port = comm.bcast(_env_port() or 29500, root=0)
     return DistInfo(comm.Get_rank(), comm.Get_size(), local, addr, port, "mpi4py")
 
 
@@ -228,6 +267,9 @@ def rendezvous(info: DistInfo, timeout_s: float):
         store, _, _ = next(dist.rendezvous("env://", info.rank, info.world_size,
                                            timeout=datetime.timedelta(seconds=timeout_s)))
     except (RuntimeError, TimeoutError, OSError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
+        unfilled = unfilled_world(e, info, timeout_s)
+        if unfilled:
+            raise LaunchError(f"rank {info.rank}: {unfilled}") from None
         who = "the other ranks did not all arrive" if info.rank == 0 else "rank 0's store did not answer"
         raise LaunchError(f"rank {info.rank}: no rendezvous at {info.master_addr}:{info.master_port} within "
                           f"{timeout_s:g} s (train.dist_timeout_s): {who} ({str(e).splitlines()[0][:160]}); check "

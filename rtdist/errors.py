@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import sys
 import traceback
@@ -114,6 +115,51 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def bounded(kind: type = int, low=None, high=None, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for a number in a range, the one range check every command's flags share:
+    ``type=bounded(int, 1)`` is an integer >= 1, ``bounded(float, 0, 1, above=True)`` a number in (0, 1]. Anything
+    else (NaN and infinities included) is the usage error ``argument --flag: must be ..., got '...'``."""
+    def num(x) -> str:
+        return f"{int(x):,}" if float(x).is_integer() else str(x)
+
+    if low is not None and high is not None:
+        want = f"in {'(' if above else '['}{num(low)}, {num(high)}]"
+    else:
+        want = f"<= {num(high)}" if low is None else f"{'>' if above else '>='} {num(low)}"
+    want = f"{'an integer' if kind is int else 'a number'} {want}"
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        if not math.isfinite(v) or (low is not None and (v <= low if above else v < low)) or \
+                (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return v
+    return parse
+
+
+def torch_device(text: str):
+    """An argparse ``type`` for ``--device``: a device torch can parse and this machine has (cpu, cuda, cuda:N, mps)."""
+    import torch
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"cuda:0..cuda:{count - 1}" if count else "no CUDA device"
+            raise argparse.ArgumentTypeError(f"{text!r} is not available here ({have}): use cpu or one of those")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available here: use cpu")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu, cuda[:N] and mps devices are supported")
+    return str(device)
+
+
 def debug_requested(argv: Sequence[str]) -> bool:
     return "--debug" in argv or os.environ.get("RTDIST_DEBUG", "") not in ("", "0")
 
@@ -124,7 +170,8 @@ def cli_main(main: Callable[[Optional[list]], int], argv: Optional[Sequence[str]
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     try:
-        return main(argv) or 0
+        status = main(argv)
+        return status if isinstance(status, int) and not isinstance(status, bool) else 0  # a result, not a status
     except KeyboardInterrupt:
         print(f"{prefix}interrupted", file=sys.stderr, flush=True)
         return 130

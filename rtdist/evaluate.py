@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import torch
 
 from . import dist as rdist
-from .errors import ArgumentParser, ConfigError, UsageError, cli_main
+from .config import DATA_LIMITS, TRAIN_LIMITS
+from .errors import ArgumentParser, ConfigError, DataError, bounded, cli_main
 from .export import load_model_for_inference
 
 
@@ -87,18 +88,12 @@ def _main(argv) -> int:
     p.add_argument("--checkpoint", required=True, type=Path, help="run directory or model.safetensors")
     p.add_argument("--split", default="validation")
     p.add_argument("--manifest", default=None, help="default: the run config's data.manifest")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-batches", type=int, default=None)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-size", type=bounded(int, 1, TRAIN_LIMITS["train_micro_batch_size_per_gpu"]), default=1)
+    p.add_argument("--max-batches", type=bounded(int, 1), default=None)
+    p.add_argument("--num-workers", type=bounded(int, 0, DATA_LIMITS["num_workers"]), default=0)
     p.add_argument("--debug", action="store_true", help="show the traceback of every error")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for flag, value, ok, want in (("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
-                                  ("--num-workers", args.num_workers, args.num_workers >= 0, ">= 0"),
-                                  ("--max-batches", args.max_batches, args.max_batches is None or args.max_batches >= 1,
-                                   ">= 1")):
-        if not ok:
-            raise UsageError(f"{flag} {value}: must be {want}")
     from .data import ShardLoader, load_manifest
     info = rdist.init()
     try:
@@ -108,6 +103,10 @@ def _main(argv) -> int:
             raise ConfigError("no manifest to evaluate on: pass --manifest (the run config has no data.manifest)")
         loader = ShardLoader(manifest_path, args.split, args.batch_size, info.rank, info.world_size,
                              num_workers=args.num_workers, shuffle=False, policy="wrap")
+        if loader.vocab_size > cfg.model.vocab_size:  # its token ids would index past the model's embedding
+            raise DataError(f"the tokenizer of {manifest_path} has {loader.vocab_size} ids, the model of "
+                            f"{args.checkpoint} only {cfg.model.vocab_size} (model.vocab_size): evaluate on data "
+                            f"preprocessed with the tokenizer the model was trained on")
         metrics = evaluate(model, loader, args.max_batches, seq_length=cfg.train.seq_length)
         metrics = with_bytes(metrics, bytes_per_token(load_manifest(manifest_path), args.split))
         metrics["split"] = args.split

@@ -24,8 +24,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import ArgumentParser, ConfigError, DataError, UsageError, cli_main
+from .config import MODEL_LIMITS, TRAIN_LIMITS
+from .errors import ArgumentParser, ConfigError, DataError, bounded, cli_main, torch_device
 from .model.cache import decode_step, prefill
+
+
+MAX_TOKENS = TRAIN_LIMITS["seq_length"]  # new tokens per sample: longer is a typo
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
@@ -126,26 +130,22 @@ def _main(argv) -> int:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt-file", type=Path, help="prompt text (read as bytes; default: empty prompt)")
     src.add_argument("--prompt", help="prompt text given inline")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1, help="independent samples of the same prompt (one batch)")
+    p.add_argument("--max-new-tokens", type=bounded(int, 0, MAX_TOKENS), default=256)
+    p.add_argument("--temperature", type=bounded(float, 0, 1e6), default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=bounded(int, 0, MODEL_LIMITS["vocab_size"]), default=0,
+                   help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=bounded(float, 0, 1, above=True), default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=bounded(int, 0, 2 ** 64 - 1), default=0)
+    p.add_argument("--num-samples", type=bounded(int, 1, 2 ** 16), default=1,
+                   help="independent samples of the same prompt (one batch)")
     p.add_argument("--manifest", default=None, help="default: the run config's data.manifest")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=torch_device, default="cpu")
     p.add_argument("--no-cache", action="store_true", help="re-run the model on the prefix for every token")
     p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
     p.add_argument("--echo-prompt", action="store_true", help="print the prompt before the completion")
     p.add_argument("--json", action="store_true", help="print one JSON object (samples, ids, stats) instead of text")
     p.add_argument("--debug", action="store_true", help="show the traceback of every error")
     args = p.parse_args(argv)
-    for flag, value, ok, want in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, ">= 0"),
-                                  ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
-                                  ("--top-p", args.top_p, 0.0 < args.top_p <= 1.0, "in (0, 1]"),
-                                  ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)")):
-        if not ok:
-            raise UsageError(f"{flag} {value}: must be {want}")
 
     from .export import load_model_for_inference
     model, cfg = load_model_for_inference(args.checkpoint, args.device)

@@ -7,12 +7,17 @@
     RUN_DIR/result.json        how the run ended
     RUN_DIR/tensorboard/       event files of every logged step (rtdist.monitor; the default place)
     RUN_DIR/.lock              held (flock) by rank 0 while a job runs here
+
+A run directory that holds an earlier run (a complete checkpoint, metrics, a result or an export) is continued
+with ``--resume auto`` or started over with ``--overwrite``; without either, training refuses to start there, so
+that a forgotten flag in a resubmitted job script never mixes a new run into an old one.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -55,6 +60,55 @@ class RunDir:
         except NotADirectoryError:
             raise RtdistError(f"--run-dir {self.path}: a part of the path is a file, not a folder: pick another "
                               f"--run-dir") from None
+
+    # What a run leaves that a new run would mix with (metrics appended, steps renumbered, events overlaid).
+    EARLIER = ("checkpoints", "metrics.jsonl", "result.json", "model.safetensors", "tensorboard", "csv_monitor")
+
+    def earlier_run(self) -> Optional[str]:
+        """What an earlier run left here, in words (its last complete checkpoint first); None when nothing."""
+        from .checkpoint import complete_steps
+        steps = complete_steps(self.checkpoints) if self.path.is_dir() else []
+        left = [f"last complete checkpoint {self.checkpoints / f'global_step{steps[-1]}'}" if steps else
+                "no complete checkpoint"]
+        try:
+            result = json.loads(self.result.read_text())
+            left.append(f"result.json: {result.get('status')} at step {result.get('step')}")
+        except (OSError, ValueError, AttributeError):
+            left += ["result.json"] if self.result.exists() else []
+        try:
+            with open(self.metrics, "rb") as f:
+                lines = sum(1 for line in f if line.strip())
+            left += [f"metrics.jsonl with {lines} logged steps"] if lines else []
+        except OSError:
+            pass
+        left += ["model.safetensors"] if self.export.exists() else []
+        return None if left == ["no complete checkpoint"] else ", ".join(left)
+
+    def refusal(self, resume: Optional[str], overwrite: bool) -> Optional[str]:
+        """Why a run may not start here (an earlier run, and neither ``--resume`` nor ``--overwrite``), or None.
+        Reads only: nothing is written before it is decided."""
+        if overwrite or resume not in (None, "", "none"):
+            return None
+        earlier = self.earlier_run()
+        if earlier is None:
+            return None
+        return (f"--run-dir {self.path} holds an earlier run ({earlier}): continue it with --resume auto, or start "
+                f"over in a new --run-dir, or here with --overwrite (deletes its checkpoints and metrics)")
+
+    def clear(self) -> list[str]:
+        """Delete what an earlier run left (``--overwrite``), so none of its steps mixes into the new run's;
+        returns the names deleted. Called under the run's lock."""
+        removed = []
+        for name in self.EARLIER:
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                path.unlink()
+            else:
+                continue
+            removed.append(name)
+        return removed
 
 
 class RunLock:

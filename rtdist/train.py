@@ -1,11 +1,13 @@
 """Training entry point.
 
     python -m rtdist.train --config configs/tiny.yaml [--config more.yaml] [--set train.lr=1e-3 ...] \\
-        --run-dir runs/x [--resume auto]
+        --run-dir runs/x [--resume auto | --overwrite]
 
 Started unchanged by ``torchrun -m rtdist.train``, ``deepspeed --module rtdist.train``, ``srun``/``mpirun`` or
 ``launch/launch.py``. The run directory holds the resolved ``config.yaml``, ``metrics.jsonl`` (one JSON object per
 logged step), ``checkpoints/`` (DeepSpeed layout) and, at the end, ``model.safetensors`` (fp32, for inference).
+A run directory that holds an earlier run is continued with ``--resume auto`` or started over with ``--overwrite``;
+with neither, training refuses to start there.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from . import checkpoint as ckpt
 from . import dist as rdist
 from .config import Config, ConfigError, ModelConfig, build, load_config, resolved
 from .data.prefetch import DevicePrefetcher
-from .errors import (ArgumentParser, CheckpointError, PeerTimeoutError, RtdistError, TrainingError, cli_main,
-                     is_peer_failure)
+from .errors import (ArgumentParser, CheckpointError, PeerTimeoutError, RtdistError, TrainingError,
+                     UsageError, cli_main, is_peer_failure)
 from .evaluate import bytes_per_token, evaluate, with_bytes
 from .export import export_safetensors
 from .launcher import nccl_env
@@ -43,7 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--config", action="append", required=True, help="YAML file; repeat to merge, later wins")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
     p.add_argument("--run-dir", type=Path, default=Path("runs/default"))
-    p.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint, if any), or a checkpoint")
+    p.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint, if any), or a checkpoint; "
+                   "a --run-dir that holds an earlier run needs it (or --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from step 0 in a --run-dir that holds an earlier run, deleting its checkpoints, "
+                        "metrics, result and export first")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar on rank 0 (default: when stderr is a terminal)")
     p.add_argument("--debug", action="store_true", help="show the traceback of every error")
@@ -56,7 +62,7 @@ def seed_all(seed: int) -> None:
 
     import numpy as np
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2 ** 32)  # the per-rank and per-step offsets may pass numpy's largest seed
     torch.manual_seed(seed)
 
 
@@ -217,13 +223,15 @@ def keep_global_batch(step_dir: Path, marker: dict, cfg: Config, dims: ParallelD
     t.gradient_accumulation_steps = accumulation
 
 
-def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Optional[bool] = None) -> dict:
+def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Optional[bool] = None,
+          overwrite: bool = False) -> dict:
     """Train as ``cfg`` says, in ``run_dir``. Bounded everywhere: a stuck peer or a stop signal ends every rank
-    within about ``train.dist_timeout_s`` (:mod:`rtdist.watchdog`)."""
+    within about ``train.dist_timeout_s`` (:mod:`rtdist.watchdog`). A ``run_dir`` that holds an earlier run is
+    refused unless ``resume`` continues it or ``overwrite`` deletes it (:meth:`RunDir.refusal`)."""
     t = cfg.train
     check_engine(t.engine, t.zero_stage)
+    info = rdist.discover()  # before the handlers: a launch variable it refuses must not leave them installed
     stop = StopRequest()
-    info = rdist.discover()
     watchdog = Watchdog(t.dist_timeout_s, info.rank, info.world_size, (info.master_addr, info.master_port)).start()
     lock = None
     try:
@@ -233,10 +241,16 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
         rd = RunDir(run_dir)
         lock = RunLock(rd)
         busy = None
-        if info.is_main:
+        refusal = rd.refusal(resume, overwrite) if info.is_main else None  # before anything is written
+        if info.is_main and refusal is None:
             rd.create()
             busy = lock.acquire()
-        busy = rdist.broadcast_object(busy)
+            if busy is None and overwrite and (removed := rd.clear()):
+                print(f"--overwrite: deleted {', '.join(removed)} of the earlier run in {run_dir}; starting from "
+                      f"step 0", flush=True)
+        refusal, busy = rdist.broadcast_object((refusal, busy))
+        if refusal:
+            raise UsageError(refusal)
         if busy:
             raise RtdistError(f"--run-dir {run_dir} is in use by another job ({busy}): wait for it to finish, or "
                               f"use another --run-dir")
@@ -465,8 +479,11 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
+    if args.overwrite and args.resume not in (None, "", "none"):
+        raise UsageError(f"--overwrite starts over from step 0 and --resume {args.resume} continues a checkpoint: "
+                         f"give only one")
     cfg = load_config(args.config, args.set)
-    r = train(cfg, args.run_dir, args.resume, args.progress)
+    r = train(cfg, args.run_dir, args.resume, args.progress, args.overwrite)
     if rdist.rank() == 0:
         ev = r.get("eval")
         loss = r["last"].get("loss")

@@ -21,15 +21,38 @@ def test_pg19_preset_is_the_papers_model():
 def test_later_files_and_overrides_win(tmp_path):
     extra = tmp_path / "extra.yaml"
     extra.write_text("model:\n  d_model: 64\ntrain:\n  lr: 0.5\n")
-    cfg = load_config(["configs/tiny.yaml", str(extra)], ["train.lr=1e-4", "model.routing_layers=[-1]"])
+    cfg = load_config(["configs/tiny.yaml", str(extra)], ["train.lr=1e-4", "train.min_lr=1e-5", "model.routing_layers=[-1]"])
     assert cfg.model.d_model == 64 and cfg.model.n_layers == 2  # merged, not replaced
     assert cfg.train.lr == 1e-4 and cfg.model.routing_layers == [-1]
 
 
 def test_deepspeed_keys_pass_through(tmp_path):
     f = tmp_path / "ds.yaml"
-    f.write_text("deepspeed:\n  zero_optimization:\n    stage: 3\n    overlap_comm: true\n")
+    f.write_text("train:\n  zero_stage: 3\ndeepspeed:\n  zero_optimization:\n    stage: 3\n    overlap_comm: true\n")
     assert load_config(str(f)).deepspeed == {"zero_optimization": {"stage": 3, "overlap_comm": True}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.stage (3) contradicts train.zero_stage (2): "
+                                            "set train.zero_stage only"),
+    ("deepspeed.train_micro_batch_size_per_gpu=8", "contradicts train.train_micro_batch_size_per_gpu (4)"),
+    ("deepspeed.gradient_accumulation_steps=4", "contradicts train.gradient_accumulation_steps (1)"),
+    ("deepspeed.train_batch_size=64", "deepspeed.train_batch_size (64) contradicts train.train_batch_size (None): set "
+                                      "train.train_batch_size only (unset, it is derived)"),
+    ("deepspeed.gradient_clipping=0.5", "deepspeed.gradient_clipping (0.5) contradicts train.gradient_clipping (1.0)"),
+    ("deepspeed.bf16={enabled: true}", "deepspeed.bf16.enabled (True) contradicts train.precision ('fp32')"),
+    ("deepspeed.fp16={enabled: true}", "deepspeed.fp16.enabled (True) contradicts train.precision ('fp32'): rtdist "
+                                       "trains in fp32 or bf16"),
+    ("deepspeed.optimizer={type: Adam, params: {lr: 0.1}}", "deepspeed.optimizer would be ignored: rtdist gives "
+                                                            "DeepSpeed its own AdamW from train.lr"),
+    ("deepspeed.scheduler={type: WarmupLR}", "deepspeed.scheduler would be ignored"),
+])
+def test_a_deepspeed_key_that_contradicts_its_train_key_is_an_error_naming_both(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny.yaml", [override])
+    assert message in str(e.value)
+    load_config("configs/tiny.yaml", ["deepspeed.zero_optimization.stage=2", "deepspeed.bf16={enabled: false}",
+                                      "deepspeed.train_micro_batch_size_per_gpu=4"])  # agreeing: fine
 
 
 @pytest.mark.parametrize("override, message", [

@@ -249,12 +249,64 @@ def test_empty_and_unreadable_files_are_counted_and_the_rest_processed(tmp_path)
     root = pg19(tmp_path / "pg19", {"train": [500, 500, 500]}, splits=("train",))
     write_files(root, {"train/empty.txt": b""})
     (root / "train" / "gone.txt").symlink_to(root / "nowhere.txt")
-    with socket.socket(socket.AF_UNIX) as sock:  # a file that cannot be opened for reading, even by root
+    with socket.socket(socket.AF_UNIX) as sock:  # a special file: skipped without being opened
         sock.bind(str(root / "train" / "socket.txt"))
         s = run([root], tmp_path / "pg", seq_length=L)
     w = s["manifest"]["warnings"]
-    assert w["empty_files"]["count"] == 1 and w["unreadable_files"]["count"] == 2
+    assert w["empty_files"]["count"] == 1 and w["unreadable_files"]["count"] == 1  # the broken symlink
+    assert w["special_files_skipped"]["examples"] == [f"{root / 'train' / 'socket.txt'}: a socket, not read"]
     assert s["manifest"]["splits"]["train"]["documents"] == 3
+
+
+def test_named_pipes_are_counted_and_never_opened(tmp_path):
+    # Opening a FIFO for reading blocks until a writer comes: a run that opened one would hang forever.
+    root = pg19(tmp_path / "pg19", {"train": [500, 500]}, splits=("train",))
+    os.mkfifo(root / "train" / "pipe.txt")
+    os.mkfifo(tmp_path / "given.txt")
+    s = run([root, tmp_path / "given.txt", str(tmp_path / "giv*.txt")], tmp_path / "pg", seq_length=L)
+    w = s["manifest"]["warnings"]["special_files_skipped"]
+    assert w["count"] == 3 and w["examples"][0] == f"{root / 'train' / 'pipe.txt'}: a named pipe, not read"
+    assert s["manifest"]["splits"]["train"]["documents"] == 2
+    with pytest.raises(DataError, match=r"no usable input in .*special_files_skipped: 1 \(.*given.txt: a named pipe"):
+        run([tmp_path / "given.txt"], tmp_path / "pg2", seq_length=L)
+
+
+def test_a_file_reached_twice_is_read_once_and_counted(tmp_path):
+    root = pg19(tmp_path / "pg19", {"train": [500, 600, 700]}, splits=("train",))
+    once = run([root / "train"], tmp_path / "once", seq_length=L)["manifest"]
+    os.link(root / "train" / "101.txt", tmp_path / "hard.txt")
+    (root / "train" / "link.txt").symlink_to(root / "train" / "100.txt")
+    twice = run([root / "train", root / "train" / "102.txt", tmp_path / "hard.txt", str(root / "train" / "10*.txt")],
+                tmp_path / "twice", seq_length=L)["manifest"]
+    w = twice["warnings"]["duplicate_inputs"]
+    assert w["count"] == 6  # link.txt, then 102.txt and hard.txt given again, then 100..102 matched by the pattern
+    assert f"{root / 'train' / 'link.txt'}: the same file as {root / 'train' / '100.txt'}: read once" in w["examples"]
+    assert twice["splits"]["train"]["tokens"] == once["splits"]["train"]["tokens"]
+    assert twice["splits"]["train"]["documents"] == 3
+
+
+def test_symlinked_folders_are_read_and_a_symlink_loop_ends(tmp_path):
+    root = pg19(tmp_path / "pg19", {"train": [500, 600]}, splits=("train",))
+    write_files(tmp_path / "elsewhere", {"b.txt": book(7, 800)})
+    (root / "train" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "train" / "loop").symlink_to(root / "train", target_is_directory=True)  # train/loop/loop/... forever
+    (tmp_path / "elsewhere" / "back").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    m = run([root], tmp_path / "pg", seq_length=L)["manifest"]
+    assert m["splits"]["train"]["documents"] == 3  # 100.txt, 101.txt and more/b.txt, each once
+    assert m["warnings"]["duplicate_folders"]["count"] == 2  # loop and more/back: the folders they lead to were read
+    assert f"{root / 'train' / 'loop'}: the same folder as {root / 'train'}: read once" in \
+        m["warnings"]["duplicate_folders"]["examples"]
+
+
+def test_what_a_split_layout_or_a_pattern_leaves_out_is_said(tmp_path):
+    root = pg19(tmp_path / "pg19", {"train": [500]}, splits=("train",))
+    write_files(root, {"extra/a.txt": book(1, 500), "notes.txt": book(2, 500)})
+    m = run([root], tmp_path / "pg", seq_length=L)["manifest"]
+    assert sorted(m["warnings"]["ignored_files"]["examples"]) == [
+        f"{root / 'extra'}: outside the train/validation/test folders",
+        f"{root / 'notes.txt'}: outside the train/validation/test folders"]
+    m = run([str(root / "*")], tmp_path / "glob", seq_length=L)["manifest"]  # matches notes.txt and two folders
+    assert m["warnings"]["folders_skipped"]["count"] == 2 and m["splits"]["train"]["documents"] == 1
 
 
 @pytest.mark.parametrize("tail", ["pack", "drop"])  # pack: workers write shards from the files; drop: streaming

@@ -48,6 +48,19 @@ def test_a_rendezvous_nobody_answers_ends_within_the_timeout_naming_the_address(
     assert time.time() - t0 < 15
 
 
+def test_a_world_the_processes_do_not_fill_is_named_by_its_size(monkeypatch):
+    """Rank 0 alone where WORLD_SIZE says 2: the store counted 1 of 2, so the world size is what is wrong."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    info = rdist.DistInfo(rank=0, world_size=2, master_addr="127.0.0.1", master_port=port, source="env")
+    with pytest.raises(rdist.LaunchError, match=r"only 1 of 2 processes \(WORLD_SIZE=2\) joined the rendezvous"):
+        rdist.rendezvous(info, 3)
+
+
 # --------------------------------------------------------------------------------- syncs of a training step
 
 class HostReads(TorchDispatchMode):

@@ -360,7 +360,7 @@ def test_inconsistent_rank_variables_are_an_error(monkeypatch):
     _clean_env(monkeypatch)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(dist.DiscoveryError, match="rank 2 is outside a world of 2"):
+    with pytest.raises(dist.DiscoveryError, match=r"RANK=2 is outside a world of WORLD_SIZE=2 \(ranks 0..1"):
         dist.discover()
 
 

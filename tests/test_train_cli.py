@@ -240,6 +240,26 @@ def test_resubmitting_a_finished_run_never_loses_its_checkpoint(manifest, tmp_pa
     assert len(losses(tmp_path)) == 4  # trained once
 
 
+def test_a_rerun_without_resume_is_refused_and_overwrite_starts_over(manifest, tmp_path):
+    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=3", "train.save_interval=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
+    refused = run(train_cmd(1, manifest, tmp_path, "train.train_iters=5"))  # the forgotten --resume
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.splitlines()[-1] == (
+        f"error: --run-dir {tmp_path} holds an earlier run (last complete checkpoint {tmp_path}/checkpoints/"
+        f"global_step3, result.json: completed at step 3, metrics.jsonl with 3 logged steps, model.safetensors): "
+        f"continue it with --resume auto, or start over in a new --run-dir, or here with --overwrite (deletes its "
+        f"checkpoints and metrics)")
+    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "checkpoints" / "global_step5").exists()
+    again = run(train_cmd(1, manifest, tmp_path, "train.train_iters=2") + ["--overwrite"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert ("--overwrite: deleted checkpoints, metrics.jsonl, result.json, model.safetensors, tensorboard of the "
+            "earlier run") in again.stdout
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert ckpt.complete_steps(tmp_path / "checkpoints") == [2]
+
+
 def flip_byte(path: Path, offset: int = 2000) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)

@@ -31,12 +31,19 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import matmul_rate, model_flops, rss_bytes
-from rtdist.errors import ArgumentParser, UsageError, cli_main
+from benchlib import (BATCH, CLUSTERS, COUNT, HEADS, LAYERS, LOCAL_HEADS, SECONDS, SEQ, THREADS, VOCAB, WIDTH, WINDOW,
+                      check_model, matmul_rate, model_flops, rss_bytes)
+from rtdist.config import TRAIN_LIMITS
+from rtdist.errors import ArgumentParser, UsageError, bounded, cli_main, torch_device
 
 PEER = "routing-transformer"
 PEER_INSTALL = ("pip install --no-deps routing-transformer==1.6.1 local-attention==1.4.4 product-key-memory==0.1.10 "
                 "mixture-of-experts==0.2.1")
+
+
+MODEL_FLAGS = {"model.vocab_size": "--vocab", "model.d_model": "--d-model", "model.n_layers": "--depth",
+               "model.n_heads": "--heads", "model.n_local_attn_heads": "--local-heads", "model.window_size": "--window",
+               "model.local_window_size": "--window", "model.num_clusters": "--clusters"}
 
 
 def model_config(args, n: int):
@@ -189,37 +196,41 @@ def peer_table(results: list[dict]) -> str:
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    p.add_argument("--seq-lengths", type=SEQ, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--attention", nargs="+", default=["routing", "local", "full"],
                    choices=["routing", "routing-topk", "local", "full", "full-naive"])
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--local-heads", type=int, default=4)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--clusters", type=int, default=8, help="routing clusters; 0: n / window (the port's default)")
+    p.add_argument("--d-model", type=WIDTH, default=512)
+    p.add_argument("--depth", type=LAYERS, default=2)
+    p.add_argument("--heads", type=HEADS, default=8)
+    p.add_argument("--local-heads", type=LOCAL_HEADS, default=4)
+    p.add_argument("--window", type=WINDOW, default=256)
+    p.add_argument("--clusters", type=CLUSTERS, default=8, help="routing clusters; 0: n / window (the port's default)")
     p.add_argument("--ff-glu", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="GEGLU feed-forward (true) or plain GELU (false; --peer always uses false)")
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2, help="steps per point; the fastest is reported")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--vocab", type=VOCAB, default=256)
+    p.add_argument("--batch", type=BATCH, default=1)
+    p.add_argument("--threads", type=THREADS, default=2)
+    p.add_argument("--repeats", type=COUNT, default=2, help="steps per point; the fastest is reported")
+    p.add_argument("--device", type=torch_device, default="cpu")
     p.add_argument("--compile", action="store_true", help="rtdist with regional torch.compile (model.compile true)")
     p.add_argument("--peer", action="store_true", help=f"race the public port ({PEER} 1.6.1) on the same model")
-    p.add_argument("--rounds", type=int, default=2, help="--peer: alternating fresh-process rounds per length")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="profile one N-token step of rtdist")
-    p.add_argument("--profile-rows", type=int, default=25)
-    p.add_argument("--timeout", type=float, default=900, help="seconds per point; a series stops at the first miss")
+    p.add_argument("--rounds", type=COUNT, default=2, help="--peer: alternating fresh-process rounds per length")
+    p.add_argument("--profile", type=bounded(int, 0, TRAIN_LIMITS["seq_length"]), default=0, metavar="N", help="profile one N-token step of rtdist")
+    p.add_argument("--profile-rows", type=COUNT, default=25)
+    p.add_argument("--timeout", type=SECONDS, default=900, help="seconds per point; a series stops at the first miss")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--debug", action="store_true", help="tracebacks for every error")
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)  # internal: run one point, print JSON
     p.add_argument("--impl", default="rtdist", choices=["rtdist", "port"], help=argparse.SUPPRESS)
-    p.add_argument("--seq-length", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--seq-length", type=SEQ, help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.peer:  # the port's model: clusters n / window, plain GELU feed-forward
         args.clusters, args.ff_glu = 0, False
+    lengths = [args.seq_length or 1] if args.point else args.seq_lengths + ([args.profile] if args.profile else [])
+    for a in args.attention:  # every point's model, checked before the first one runs
+        for n in lengths:
+            check_model(model_config(argparse.Namespace(**{**vars(args), "attention": a}), n), [n], MODEL_FLAGS)
     if args.point:  # the forwarded --attention list was overridden by the single variant given last
         args.attention = args.attention[-1]
         print(json.dumps(run_point(args)))

@@ -16,7 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import BATCH, COUNT, SEQ
+from rtdist.config import DATA_LIMITS
 from rtdist.data import build_demo_corpus, check_shards, load_manifest, preprocess
+from rtdist.errors import ArgumentParser, UsageError, bounded, cli_main
 
 
 def peak_rss_mb() -> tuple[float, float]:
@@ -123,22 +126,32 @@ def _StandIn():
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", help="a text corpus folder (default: build one under --work-dir)")
-    p.add_argument("--mb", type=int, default=256, help="size of the built corpus in MB (256)")
+    p.add_argument("--mb", type=bounded(int, 1, 2 ** 20), default=256, help="size of the built corpus in MB (256)")
     p.add_argument("--work-dir", default="runs/bench_data", help="corpus and shards go here (runs/bench_data)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="preprocessing workers to try (1 2)")
-    p.add_argument("--seq-length", type=int, default=8192)
-    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (1000: ~17 MB shards at 8192)")
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--loader-workers", type=int, default=2)
-    p.add_argument("--loader-batches", type=int, default=0, help="batches to time (0: a whole epoch)")
+    p.add_argument("--workers", type=bounded(int, 1, 1024), nargs="+", default=[1, 2],
+                   help="preprocessing workers to try (1 2)")
+    p.add_argument("--seq-length", type=SEQ, default=8192)
+    p.add_argument("--maxcount", type=COUNT, default=1000, help="samples per shard (1000: ~17 MB shards at 8192)")
+    p.add_argument("--micro-batch", type=BATCH, default=8)
+    p.add_argument("--loader-workers", type=bounded(int, 0, DATA_LIMITS["num_workers"]), default=2)
+    p.add_argument("--loader-batches", type=bounded(int, 0), default=0, help="batches to time (0: a whole epoch)")
     p.add_argument("--model-config", default="configs/tiny.yaml",
                    help="model whose training step sets the loader target (configs/tiny.yaml: the cheapest)")
-    p.add_argument("--train-steps", type=int, default=2, help="timed training steps (2)")
-    p.add_argument("--repeat", type=int, default=2, help="runs per measurement, the best is reported (2)")
+    p.add_argument("--train-steps", type=COUNT, default=2, help="timed training steps (2)")
+    p.add_argument("--repeat", type=COUNT, default=2, help="runs per measurement, the best is reported (2)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args = p.parse_args(argv)
+    if args.corpus and not Path(args.corpus).is_dir():
+        raise UsageError(f"--corpus {args.corpus} is not a folder: give a text corpus folder, or leave it out to "
+                         f"build one")
+    from rtdist.config import ConfigError, load_config
+    try:  # before the corpus is built
+        load_config([args.model_config], [f"train.seq_length={args.seq_length}"])
+    except ConfigError as e:
+        raise UsageError(f"--model-config {args.model_config} with --seq-length {args.seq_length}: {e}") from None
 
     work = Path(args.work_dir)
     corpus = Path(args.corpus) if args.corpus else work / "corpus"
@@ -191,4 +204,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

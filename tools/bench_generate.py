@@ -20,6 +20,20 @@ import json
 import sys
 import time
 
+from benchlib import COUNT, HEADS, LAYERS, LOCAL_HEADS, SEQ, THREADS, VOCAB, WIDTH, WINDOW, check_model
+from rtdist.config import MODEL_LIMITS, TRAIN_LIMITS, ModelConfig
+from rtdist.errors import ArgumentParser, UsageError, bounded, cli_main, torch_device
+
+
+MODEL_FLAGS = {"model.vocab_size": "--vocab", "model.d_model": "--d-model", "model.n_layers": "--n-layers",
+               "model.n_heads": "--n-heads", "model.n_local_attn_heads": "--n-local-heads",
+               "model.window_size": "--window", "model.local_window_size": "--window", "model.num_clusters": "--clusters"}
+
+
+def model_config(args):
+    return ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                       n_local_attn_heads=args.n_local_heads, window_size=args.window, num_clusters=args.clusters)
+
 
 def sync(device):
     import torch
@@ -28,34 +42,38 @@ def sync(device):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--context", type=int, default=8192)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rerun-tokens", type=int, default=3)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--n-local-heads", type=int, default=4)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--clusters", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context", type=SEQ, default=8192)
+    p.add_argument("--new-tokens", type=bounded(int, 2, TRAIN_LIMITS["seq_length"]), default=128,
+                   help="decode steps + 1 (at least 2: one step to time)")
+    p.add_argument("--rerun-tokens", type=COUNT, default=3, help="at most --new-tokens")
+    p.add_argument("--d-model", type=WIDTH, default=512)
+    p.add_argument("--n-layers", type=LAYERS, default=2)
+    p.add_argument("--n-heads", type=HEADS, default=8)
+    p.add_argument("--n-local-heads", type=LOCAL_HEADS, default=4)
+    p.add_argument("--window", type=WINDOW, default=256)
+    p.add_argument("--clusters", type=bounded(int, 1, MODEL_LIMITS["num_clusters"]), default=8)
+    p.add_argument("--vocab", type=VOCAB, default=256)
+    p.add_argument("--threads", type=THREADS, default=2)
+    p.add_argument("--device", type=torch_device, default="cpu")
+    p.add_argument("--seed", type=bounded(int, 0, 2 ** 64 - 1), default=0)
+    p.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args = p.parse_args(argv)
+    if args.rerun_tokens > args.new_tokens:  # each re-run forward is compared with a cached token's logits
+        raise UsageError(f"--rerun-tokens {args.rerun_tokens} exceeds --new-tokens {args.new_tokens}: re-run at most "
+                         f"as many tokens as are decoded")
+    check_model(model_config(args), [], MODEL_FLAGS)
 
     import torch
     from tqdm import tqdm
 
-    from rtdist.config import ModelConfig
     from rtdist.model import RoutingTransformerLM, lm_loss
     from rtdist.model.cache import decode_step, prefill
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dev = args.device
-    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                      n_local_attn_heads=args.n_local_heads, window_size=args.window, num_clusters=args.clusters)
+    cfg = model_config(args)
     model = RoutingTransformerLM(cfg).to(dev)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(0, cfg.vocab_size, (1, 1024), generator=g).to(dev)  # one k-means update: data-shaped centroids
@@ -116,4 +134,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli_main(main))

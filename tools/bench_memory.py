@@ -58,8 +58,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (MB, buffer_bytes, count_params, estimate, fit_exponent, kept_bytes, model_state_bytes,
+from benchlib import (BATCH, HEADS, LAYERS, LOCAL_HEADS, MB, SECONDS, SEQ, THREADS, VOCAB, WIDTH, WINDOW,
+                      buffer_bytes, check_model, count_params, estimate, fit_exponent, kept_bytes, model_state_bytes,
                       peak_rss_bytes, process_tree, reset_peak_rss, rss_bytes, tree_rss_bytes, write_csv)
+from rtdist.config import MODEL_LIMITS, TRAIN_LIMITS
+from rtdist.errors import ArgumentParser, bounded, cli_main
+
+GIB = bounded(float, 0, 2 ** 20, above=True)  # memory budgets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -326,6 +331,21 @@ def parse_list(s: str, cast=str) -> list:
 def parse_length(x: str) -> int:
     x = x.strip().lower()
     return int(float(x[:-1]) * 1024) if x.endswith("k") else int(x)
+
+
+def flag_lengths(p, flag: str, items: list[str], low: int = 1, what: str = "lengths, e.g. 4096 or 4k") -> list[int]:
+    """``items`` of ``flag`` as lengths in [low, the longest sequence config validation allows], else a usage error
+    naming the flag and the item."""
+    out = []
+    for x in items:
+        try:
+            n = parse_length(x)
+        except ValueError:
+            p.error(f"{flag}: {x!r} is not a number ({what})")
+        if not low <= n <= TRAIN_LIMITS["seq_length"]:
+            p.error(f"{flag}: {x!r} must be in [{low}, {TRAIN_LIMITS['seq_length']:,}] ({what})")
+        out.append(n)
+    return out
 
 
 def fmt_len(n: int) -> str:
@@ -650,12 +670,12 @@ def plot(data: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lengths", help="comma list; 'k' = 1024 (default 4k,8k,16k,32k,64k; --quick: 256,512)")
     p.add_argument("--attention", help=f"comma list of {list(ATTENTION)} (default all; --quick: routing)")
     p.add_argument("--checkpointing", help="comma list of policies none, selective, full (every layer); default none,full "
                    "(--quick: none)")
-    p.add_argument("--chunk-size", type=int, default=4096,
+    p.add_argument("--chunk-size", type=bounded(int, 0, TRAIN_LIMITS["seq_length"]), default=4096,
                    help="tokens per recomputed position-wise chunk under selective/full (0: not chunked)")
     p.add_argument("--sp", default="1", help="comma list of sequence-parallel degrees")
     p.add_argument("--max-seq", default="full=32k,full-naive=16k",
@@ -665,37 +685,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny model, lengths 256,512, routing only, no checkpointing: a pipeline check in seconds")
     g = p.add_argument_group("model overrides (on top of the shrunk preset)")
-    g.add_argument("--d-model", type=int)
-    g.add_argument("--depth", type=int)
-    g.add_argument("--heads", type=int)
-    g.add_argument("--head-dim", type=int)
-    g.add_argument("--local-heads", type=int)
-    g.add_argument("--window", type=int)
-    g.add_argument("--local-window", type=int)
-    g.add_argument("--clusters", type=int)
-    g.add_argument("--vocab", type=int)
-    g.add_argument("--ff-mult", type=float)
+    g.add_argument("--d-model", type=WIDTH)
+    g.add_argument("--depth", type=LAYERS)
+    g.add_argument("--heads", type=HEADS)
+    g.add_argument("--head-dim", type=bounded(int, 1, MODEL_LIMITS["head_dim"]))
+    g.add_argument("--local-heads", type=LOCAL_HEADS)
+    g.add_argument("--window", type=WINDOW)
+    g.add_argument("--local-window", type=WINDOW)
+    g.add_argument("--clusters", type=bounded(int, 1, MODEL_LIMITS["num_clusters"]))
+    g.add_argument("--vocab", type=VOCAB)
+    g.add_argument("--ff-mult", type=bounded(float, 0, 1024, above=True))
     g.add_argument("--routing-layers", help="'all' or comma list of layer indices with routing heads")
     g.add_argument("--recompute-attention", choices=["on", "off"])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2, help="per point, split over its sp ranks")
+    p.add_argument("--batch", type=BATCH, default=1)
+    p.add_argument("--threads", type=THREADS, default=2, help="per point, split over its sp ranks")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--budget-gb", type=float,
+    p.add_argument("--budget-gb", type=GIB,
                    help="after the sweep: the longest length each variant fits in this many GiB per rank, estimated "
                         "and measured (points at and below the estimate)")
-    p.add_argument("--max-mem-gb", type=float, default=16.0,
+    p.add_argument("--max-mem-gb", type=GIB, default=16.0,
                    help="per point: estimated or observed memory above this stops the series")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per point (process start included)")
+    p.add_argument("--timeout", type=SECONDS, default=600.0, help="seconds per point (process start included)")
     p.add_argument("--estimate", action="store_true", help="print the analytic memory model before running")
     p.add_argument("--estimate-only", action="store_true", help="print the memory model and exit")
-    p.add_argument("--world-size", type=int, default=1, help="for --estimate: ranks sharing ZeRO states")
+    p.add_argument("--world-size", type=bounded(int, 1, 2 ** 20), default=1, help="for --estimate: ranks sharing ZeRO states")
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="for --estimate's activation table")
     p.add_argument("--fit-min", help="fit exponents over points at least this long (default 8k; --quick: 0)")
     p.add_argument("--out-dir", default="runs/bench_memory")
     p.add_argument("--replot", metavar="JSON", help="redo the table, targets, CSV and plot of a saved run; run nothing")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="tracebacks for every error")
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seq-length", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--seq-length", type=SEQ, help=argparse.SUPPRESS)
     p.add_argument("--result-dir", help=argparse.SUPPRESS)
     return p
 
@@ -724,18 +745,29 @@ def main(argv=None) -> dict | None:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.seq_lengths = [parse_length(x) for x in parse_list(args.seq_lengths)]
+    args.seq_lengths = flag_lengths(p, "--seq-lengths", parse_list(args.seq_lengths))
+    if args.routing_layers not in (None, "all"):
+        try:
+            [int(i) for i in args.routing_layers.split(",")]
+        except ValueError:
+            p.error(f"--routing-layers {args.routing_layers!r}: expected 'all' or layer indices, e.g. 0,-1")
     args.attention = parse_list(args.attention)
     for a in args.attention:
         if a not in ATTENTION:
             p.error(f"--attention {a!r} is not one of {list(ATTENTION)}")
+        check_model(model_config(args, a), [], {"model.routing_layers": "--routing-layers",
+                                                **{f"model.{key}": f"--{flag.replace('_', '-')}"
+                                                   for flag, key in FLAG_KEYS.items()}})
     args.checkpointing = parse_list(args.checkpointing)
     for c in args.checkpointing:
         if c not in ("none", "selective", "full"):
             p.error(f"--checkpointing {c!r} is not none, selective or full")
-    args.sp = parse_list(args.sp, int)
-    args.max_seq = {k: parse_length(v) for k, v in (x.split("=") for x in parse_list(args.max_seq))}
-    args.fit_min = parse_length(args.fit_min)
+    args.sp = flag_lengths(p, "--sp", parse_list(args.sp), what="sequence-parallel degrees, e.g. 1,2")
+    pairs = [x.split("=") for x in parse_list(args.max_seq)]
+    if any(len(kv) != 2 or kv[0] not in ATTENTION for kv in pairs):
+        p.error(f"--max-seq {args.max_seq!r}: expected attention=length pairs, e.g. full=32k,full-naive=16k")
+    args.max_seq = {k: flag_lengths(p, "--max-seq", [v])[0] for k, v in pairs}
+    args.fit_min = flag_lengths(p, "--fit-min", [args.fit_min], low=0)[0]
     args.forward_argv = []
     for k in _FORWARD:
         v = getattr(args, k)
@@ -764,4 +796,4 @@ def write_outputs(data: dict, out: Path) -> dict:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup of the point in flight
-    main()
+    sys.exit(cli_main(main))

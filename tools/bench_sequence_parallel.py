@@ -21,20 +21,20 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import rss_bytes
+from benchlib import (CLUSTERS, HEADS, LAYERS, LOCAL_HEADS, SECONDS, SEQ, WIDTH, WINDOW, check_model,
+                      rss_bytes)
+from rtdist.errors import ArgumentParser, UsageError, bounded, cli_main
 
 def run_point(args) -> None:
     import torch
 
     from rtdist import dist as rdist
-    from rtdist.config import ModelConfig
     from rtdist.model import RoutingTransformerLM, lm_loss
     from rtdist.parallel import ParallelDims
     from rtdist.parallel.sequence import apply_sequence_parallel
     info = rdist.init(timeout_s=1800)
     torch.set_num_threads(args.threads)
-    cfg = ModelConfig(vocab_size=256, d_model=args.d_model, n_layers=args.depth, n_heads=args.heads,
-                      n_local_attn_heads=args.local_heads, window_size=args.window, num_clusters=args.clusters)
+    cfg = model_config(args)
     torch.manual_seed(0)
     model = RoutingTransformerLM(cfg)
     sp = info.world_size
@@ -68,22 +68,41 @@ def run_point(args) -> None:
     rdist.shutdown()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lengths", type=int, nargs="+", default=[8192, 32768])
-    p.add_argument("--sp", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--local-heads", type=int, default=4)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--clusters", type=int, default=8)
-    p.add_argument("--threads", type=int, default=0, help="threads per rank (default: cores / SP)")
-    p.add_argument("--timeout", type=float, default=1200)
+MODEL_FLAGS = {"model.d_model": "--d-model", "model.n_layers": "--depth", "model.n_heads": "--heads",
+               "model.n_local_attn_heads": "--local-heads", "model.window_size": "--window",
+               "model.local_window_size": "--window", "model.num_clusters": "--clusters"}
+
+
+def model_config(args):
+    from rtdist.config import ModelConfig
+    return ModelConfig(vocab_size=256, d_model=args.d_model, n_layers=args.depth, n_heads=args.heads,
+                       n_local_attn_heads=args.local_heads, window_size=args.window, num_clusters=args.clusters)
+
+
+def main(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lengths", type=SEQ, nargs="+", default=[8192, 32768])
+    p.add_argument("--sp", type=bounded(int, 1, 4096), nargs="+", default=[1, 2])
+    p.add_argument("--d-model", type=WIDTH, default=512)
+    p.add_argument("--depth", type=LAYERS, default=2)
+    p.add_argument("--heads", type=HEADS, default=8)
+    p.add_argument("--local-heads", type=LOCAL_HEADS, default=4)
+    p.add_argument("--window", type=WINDOW, default=256)
+    p.add_argument("--clusters", type=CLUSTERS, default=8)
+    p.add_argument("--threads", type=bounded(int, 0, 4096), default=0, help="threads per rank (default: cores / SP)")
+    p.add_argument("--timeout", type=SECONDS, default=1200)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--debug", action="store_true", help="tracebacks for every error")
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seq-length", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    p.add_argument("--seq-length", type=SEQ, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    lengths = [args.seq_length or args.window] if args.point else args.seq_lengths
+    check_model(model_config(args), lengths, MODEL_FLAGS)
+    for n in lengths:
+        for sp in [] if args.point else args.sp:  # each rank holds whole windows of its slice
+            if n % (sp * args.window):
+                raise UsageError(f"--seq-lengths {n} is not divisible by --sp {sp} x --window {args.window}: use "
+                                 f"lengths that are multiples of {sp * args.window}")
     if args.point:
         return run_point(args)
     from tqdm import tqdm
@@ -122,4 +141,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main(main))

@@ -19,6 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchlib import SEQ
+from rtdist.errors import ArgumentParser, UsageError, bounded, cli_main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = {
@@ -28,18 +31,26 @@ MODELS = {
 }
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-length", type=int, default=8192)
+def main(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-length", type=SEQ, default=8192)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--zero", type=int, nargs="+", default=[0, 3])
+    p.add_argument("--zero", type=int, nargs="+", default=[0, 3], choices=[0, 1, 2, 3])
     p.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
-    p.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--nproc", type=bounded(int, 1, 1024), nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=bounded(int, 2, 10 ** 6), default=4, help="at least 2: the first is not timed")
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench_train"))
-    p.add_argument("--corpus-mb", type=float, default=8)
+    p.add_argument("--corpus-mb", type=bounded(float, 0, 2 ** 20, above=True), default=8)
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    p.add_argument("--debug", action="store_true", help="tracebacks for every error")
+    args = p.parse_args(argv)
+    from rtdist.config import ConfigError, load_config
+    for model in args.models:  # every run's config, checked before the corpus is built
+        try:
+            load_config(str(ROOT / "configs/tiny.yaml"), MODELS[model] + [f"train.seq_length={args.seq_length}"])
+        except ConfigError as e:
+            raise UsageError(f"--models {model} with --seq-length {args.seq_length}: "
+                             f"{str(e).replace('train.seq_length', '--seq-length')}") from None
     from tqdm import tqdm
 
     from rtdist.data import build_demo_corpus, preprocess
@@ -60,7 +71,9 @@ def main():
                                 f"train.log_interval={args.steps - 1}", f"train.zero_stage={zero}",
                                 f"train.checkpoint_activations={'true' if ckpt == 'on' else 'false'}",
                                 "data.num_workers=0", "train.warmup_iters=1"]
-        cmd = launcher + ["-m", "rtdist.train", "--config", str(ROOT / "configs/tiny.yaml"), "--run-dir", str(run_dir)]
+        # --overwrite: a rerun in the same --work-dir measures afresh rather than resuming the finished run
+        cmd = launcher + ["-m", "rtdist.train", "--config", str(ROOT / "configs/tiny.yaml"), "--run-dir", str(run_dir),
+                          "--overwrite"]
         for s in sets:
             cmd += ["--set", s]
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
@@ -82,4 +95,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main(main))

@@ -39,9 +39,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from rtdist.config import ModelConfig, layer_head_split
+from rtdist.config import MODEL_LIMITS, TRAIN_LIMITS, ConfigError, ModelConfig, layer_head_split, validate_model
+from rtdist.errors import UsageError, bounded
 
 MB = 2 ** 20
+
+# The range of each model-shaped flag the benchmarks share (argparse types): sizes past config validation's limits
+# are typos, and would fail deep in a point's process instead of at the command line.
+SEQ = bounded(int, 1, TRAIN_LIMITS["seq_length"])
+WIDTH = bounded(int, 1, MODEL_LIMITS["d_model"])
+LAYERS = bounded(int, 1, MODEL_LIMITS["n_layers"])
+HEADS = bounded(int, 1, MODEL_LIMITS["n_heads"])
+LOCAL_HEADS = bounded(int, 0, MODEL_LIMITS["n_heads"])
+WINDOW = bounded(int, 1, MODEL_LIMITS["window_size"])
+CLUSTERS = bounded(int, 0, MODEL_LIMITS["num_clusters"])  # 0: the tools' "n / window"
+VOCAB = bounded(int, 2, MODEL_LIMITS["vocab_size"])
+BATCH = bounded(int, 1, TRAIN_LIMITS["train_micro_batch_size_per_gpu"])
+THREADS = bounded(int, 1, 4096)
+COUNT = bounded(int, 1, 10 ** 6)  # repeats, rounds, steps
+SECONDS = bounded(float, 0, 10 ** 7, above=True)
+
+
+def check_model(cfg: ModelConfig, seq_lengths: Iterable[int], flags: dict[str, str]) -> None:
+    """Config validation of a benchmark's model at each of its sequence lengths, before any point runs; its
+    message names the tool's flags (``flags`` maps ``model.window_size`` -> ``--window``; ``train.seq_length`` is
+    the sequence length). No lengths: the model alone."""
+    for n in list(seq_lengths) or [None]:  # None: the model alone
+        try:
+            validate_model(cfg, n)
+        except ConfigError as e:
+            msg = str(e).replace("train.seq_length", "the sequence length")
+            for key, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+                msg = msg.replace(key, flag)
+            raise UsageError(msg) from None
 
 
 # ------------------------------------------------------------------------------------------ process memory

@@ -84,7 +84,8 @@ def train_argv(ctx: dict, name: str, *sets: str, dry: bool = False) -> list[str]
     base = [f"data.manifest={ctx['manifest']}", "train.train_iters=6", "train.warmup_iters=2", "train.log_interval=1",
             "train.eval_interval=3", "train.eval_iters=2", "train.save_interval=3", "train.precision=bf16",
             "data.num_workers=0"]
-    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(Path(ctx["work"]) / name)]
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(Path(ctx["work"]) / name),
+            "--overwrite"]  # a check run again in the same --work starts over
     for s in base + list(sets) + (DRY_SETS if dry else []):
         args += ["--set", s]
     return args
@@ -481,7 +482,8 @@ def main(argv=None) -> int:
                                                            "one, kept when a check fails)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--debug", action="store_true", help="show the traceback of every error")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one check, print RESULT json
+    p.add_argument("--child", default=None, choices=list(BY_NAME),
+                   help=argparse.SUPPRESS)  # internal: run one check, print RESULT json
     p.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = [n for n in args.only or [] if n not in BY_NAME]

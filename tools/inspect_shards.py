@@ -15,16 +15,16 @@ import sys
 
 from rtdist.data import build_tokenizer, load_manifest, manifest_shards, shard_problem, verify_shards
 from rtdist.data.shards import manifest_dir, read_sample, split_info
-from rtdist.errors import ArgumentParser, CorruptShardError, DataError, cli_main
+from rtdist.errors import ArgumentParser, CorruptShardError, bounded, cli_main
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", help="{prefix}-manifest.json or the prefix")
     p.add_argument("--split", nargs="+", help="splits to check / decode from (default: all; decode: first)")
-    p.add_argument("--decode", type=int, metavar="N", help="decode sample N of the split (shard order)")
+    p.add_argument("--decode", type=bounded(int, 0), metavar="N", help="decode sample N of the split (shard order)")
     p.add_argument("--key", help="decode the sample with this key ({book}_{chunk:06d})")
-    p.add_argument("--chars", type=int, default=1000, help="print at most this many characters (1000)")
+    p.add_argument("--chars", type=bounded(int, 0), default=1000, help="print at most this many characters (1000)")
     p.add_argument("--verify", choices=["full", "quick", "off"], default="full",
                    help="full: every byte (sha256, tar, members, tokens; default); quick: sizes and the first and "
                         "last member of each shard; off: no check")
@@ -32,9 +32,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     args = p.parse_args(argv)
-    for flag, value in (("--decode", args.decode), ("--chars", args.chars)):
-        if value is not None and value < 0:
-            raise DataError(f"{flag} {value}: must be >= 0")
     m = load_manifest(args.manifest)
     splits = args.split or list(m["splits"])
     for s in splits:

@@ -228,6 +228,9 @@ def plot(runs: list[Run], out: Path, smooth: float = 0.6):
     return fig
 
 
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (metrics.jsonl inside)")
@@ -242,6 +245,8 @@ def main(argv=None) -> int:
         raise UsageError(f"--labels has {len(args.labels)} names for {len(args.runs)} runs: give one per run")
     if not 0 <= args.smooth < 1:
         raise UsageError(f"--smooth {args.smooth}: must be in [0, 1)")
+    if args.out.is_dir() or args.out.suffix.lower() not in IMAGE_SUFFIXES:  # matplotlib picks the format by it
+        raise UsageError(f"--out {args.out}: name an image file ({', '.join(IMAGE_SUFFIXES)})")
     names = [r.name for r in args.runs]
     labels = args.labels or [str(r) if names.count(r.name) > 1 else r.name for r in args.runs]
     runs = [load_run(r, label) for r, label in zip(args.runs, labels)]

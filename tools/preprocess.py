@@ -9,7 +9,9 @@ Examples:
   python tools/preprocess.py --input imagenet64/ --output-prefix out/in64   # PNG/NPZ: 12288 pixels per sample
 
 Bad input files (unreadable, empty, binary, broken images, bad JSON lines) are skipped and counted in the manifest's
-warnings; when nothing usable is left, or a flag cannot work, it stops with one "error:" line and exit status 2.
+warnings; so are special files (named pipes, sockets, devices: never opened) and files or folders reached a second
+time (given twice, through a symlink or a hard link, a symlink loop: each read once). Symlinked folders are followed.
+When nothing usable is left, or a flag cannot work, it stops with one "error:" line and exit status 2.
 """
 
 import argparse

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rtdist.config import ModelConfig, build, load_yaml, merge, parse_override, validate_model
+from rtdist.config import MAX_SEED, ModelConfig, build, load_yaml, merge, parse_override, validate_model
 from rtdist.data import ShardLoader, build_demo_corpus, load_manifest, preprocess
 from rtdist.errors import ConfigError, TrainingError
 from rtdist.evaluate import bytes_per_token, evaluate, with_bytes
@@ -236,14 +236,25 @@ def check_study(study: Study) -> None:
     for t in study.tasks:
         if t not in TASKS:
             raise ConfigError(f"tasks: {t!r} is not one of {list(TASKS)}")
-    if study.threads < 1:
-        raise ConfigError(f"threads must be positive, got {study.threads}")
+    if not 1 <= study.threads <= 4096:
+        raise ConfigError(f"threads must be in 1..4096, got {study.threads}")
+    if not 0 <= study.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be in 0..{MAX_SEED} (2^32 - 1), got {study.seed}")
     study.retrieval.task.validate()
     for task in study.tasks:
         spec = getattr(study, task)
         for name in ("steps", "batch_size", "warmup"):
             if getattr(spec.train, name) < (0 if name == "warmup" else 1):
                 raise ConfigError(f"{task}.train.{name} must be positive, got {getattr(spec.train, name)}")
+        t = spec.train
+        for ok, what in ((t.lr > 0, f"lr must be > 0, got {t.lr}"),
+                         (0 <= t.min_lr <= t.lr, f"min_lr must be in [0, lr = {t.lr}], got {t.min_lr}"),
+                         (t.weight_decay >= 0, f"weight_decay must be >= 0, got {t.weight_decay}"),
+                         (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+                          f"betas must be two numbers in [0, 1), got {t.betas}"),
+                         (t.grad_clip >= 0, f"grad_clip must be >= 0 (0: no clipping), got {t.grad_clip}")):
+            if not ok:  # the schedule and optimizer would run, and report, whatever these say
+                raise ConfigError(f"{task}.train.{what}")
         for i, ph in enumerate(spec.train.curriculum):
             if task == "text":
                 raise ConfigError("text.train.curriculum: the text task trains at its shard length only")

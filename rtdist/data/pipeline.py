@@ -30,6 +30,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import sources
+from ..config import MODEL_LIMITS, TRAIN_LIMITS
 from ..errors import DataError
 from .shards import (BLOCK, SampleLayout, ShardWriter, build_manifest, find_shard_files, manifest_path_for,
                      os_error_at, shard_capacity, shard_name, token_dtype, write_json_atomic)
@@ -211,12 +212,15 @@ def _check_flags(seq_length, maxcount, maxsize, image_size, workers, block_bytes
         if not ok:
             raise DataError(f"{flag} {value}: {right}")
 
-    need(seq_length is None or seq_length >= 1, "--seq-length", seq_length, "must be >= 1 (tokens per sample)")
+    max_seq = TRAIN_LIMITS["seq_length"]
+    need(seq_length is None or 1 <= seq_length <= max_seq, "--seq-length", seq_length,
+         f"must be in 1..{max_seq:,} (tokens per sample)")
     need(maxcount >= 1, "--maxcount", maxcount, "must be >= 1 (samples per shard)")
     need(maxsize >= 1, "--maxsize", maxsize, "must be at least one sample's bytes (e.g. 1G)")
-    need(image_size >= 1, "--image-size", image_size, "must be >= 1 (the side of an image in pixels)")
-    need(workers >= 1, "--workers", workers, "must be >= 1 (tokenizing processes)")
-    need(block_bytes >= 1, "--block-size", block_bytes, "must be > 0 bytes (e.g. 8M)")
+    need(1 <= image_size <= 2 ** 12, "--image-size", image_size, "must be in 1..4096 (the side of an image in pixels)")
+    need(1 <= workers <= 1024, "--workers", workers, "must be in 1..1024 (tokenizing processes)")
+    need(1 <= block_bytes <= 1 << 32, "--block-size", block_bytes,
+         "must be > 0 bytes and at most 4G (e.g. 8M; memory is about 6 x workers x this)")
     need(tail in (None, "pack", "drop"), "--tail", tail, "expected pack or drop")
     need(bool(json_keys) and all(isinstance(k, str) and k for k in json_keys), "--json-keys", list(json_keys),
          "expected one or more non-empty key names")
@@ -233,6 +237,8 @@ def _check_flags(seq_length, maxcount, maxsize, image_size, workers, block_bytes
         return
     if vocab_size is None:
         raise DataError("--train-tokenizer needs --vocab-size N")
+    need(vocab_size <= MODEL_LIMITS["vocab_size"], "--vocab-size", vocab_size,
+         f"must be <= {MODEL_LIMITS['vocab_size']:,} (model.vocab_size's limit)")
     need(vocab_size >= SP_MIN_VOCAB, "--vocab-size", vocab_size,
          f"must be >= {SP_MIN_VOCAB}: a sentencepiece model here holds 256 byte pieces, unk, eos and newline, plus "
          "one piece per distinct character of the corpus")

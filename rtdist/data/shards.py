@@ -265,6 +265,7 @@ def _check_manifest(m: dict, path: Path) -> None:
     want = token_dtype(tok["vocab_size"]).name
     need(m["dtype"] == want, "dtype", f"{m['dtype']!r} does not hold a vocabulary of {tok['vocab_size']} ({want} does)")
     need(isinstance(m["splits"], dict), "splits", "is not a mapping of split names")
+    listed: dict[str, str] = {}  # shard name -> where first listed: a shard listed twice would be read twice
     for split, info in m["splits"].items():
         need(isinstance(info, dict) and isinstance(info.get("shards"), list), f"splits.{split}.shards",
              "is not a list")
@@ -275,6 +276,9 @@ def _check_manifest(m: dict, path: Path) -> None:
             name = shard.get("name")
             need(isinstance(name, str) and name and Path(name).name == name and name not in (".", ".."),
                  f"{key}.name", f"{name!r} is not a file name next to the manifest")
+            need(name not in listed, f"{key}.name", f"{name!r} is listed twice (also as {listed.get(name)}): its "
+                                                    "samples would be read twice")
+            listed[name] = key
             for field in ("samples", "tokens", "bytes"):
                 need(is_int(shard.get(field)), f"{key}.{field}", f"{shard.get(field)!r} is not a count")
             need(isinstance(shard.get("sha256"), str), f"{key}.sha256", "is missing")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,9 @@ BINARY_SUFFIXES = frozenset(
 SNIFF_BYTES = 8000  # like git: a NUL byte in the first 8000 bytes makes a file binary
 NEWLINE_SEARCH = 1 << 20  # how far past a block boundary we look for a newline before cutting mid-line
 PER_FILE = {"unreadable_files", "empty_files", "non_utf8_kept_as_bytes"}  # counted once per file
-HINTS = {"binary_files_skipped": "--input-type text reads them as text",
+HINTS = {"special_files_skipped": "named pipes, sockets and devices are never opened",
+         "duplicate_inputs": "the same file (given twice, or through a symlink or a hard link) is read once",
+         "binary_files_skipped": "--input-type text reads them as text",
          "bad_images": "images must be PNG, or NPZ arrays, of --image-size pixels square"}
 
 
@@ -131,13 +134,36 @@ def binary_reason(path: Path, head: bytes) -> str | None:
     return f"binary (a NUL byte at {nul})" if nul >= 0 else None
 
 
-def _walk(root: Path, report: Report) -> list[Path]:
-    """Regular files under ``root`` in sorted order, hidden names skipped, unreadable folders counted."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: report.add(
-            "unreadable_files", e.filename, detail=e.strerror or str(e))):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+def _special(mode: int) -> str | None:
+    """What a file that is not a regular file is, in words (None for a regular file or a folder)."""
+    for test, what in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "not a regular file"
+
+
+def _walk(root: Path, report: Report, folders: dict) -> list[Path]:
+    """Files under ``root`` in ``os.walk``'s order (a folder's files sorted, then its sub-folders sorted), hidden
+    names skipped, unreadable folders counted. Symlinked folders are followed; a folder reached a second time (a
+    symlink loop, two links to one folder, an input inside another) is counted and not walked again. ``folders``
+    maps the real path of every folder walked so far (over all inputs) to the path it was first reached by."""
+    files, stack = [], [root]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in folders:
+            report.add("duplicate_folders", folder, detail=f"the same folder as {folders[real]}: read once")
+            continue
+        folders[real] = folder
+        try:
+            names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+        except OSError as e:
+            report.add("unreadable_files", folder, detail=e.strerror or str(e))
+            continue
+        subfolders = [folder / n for n in names if (folder / n).is_dir()]  # follows symlinks
+        files += [folder / n for n in names if not (folder / n).is_dir()]
+        stack += reversed(subfolders)
     return files
 
 
@@ -156,10 +182,17 @@ def discover(inputs, split: str = "train", splits=None, input_type: str = "auto"
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
             raise DataError(f"split name {name!r}: use letters, digits and '_' only")
     out: dict[str, list[tuple[Path, Path]]] = {}  # split -> [(path, root for its id)]
+    folders: dict[str, Path] = {}  # real path -> first path, of every folder walked (see _walk)
     for inp in map(str, inputs):
         path = Path(inp)
         if glob.has_magic(inp):
-            matches = sorted(Path(p) for p in glob.glob(inp, recursive=True) if os.path.isfile(p))
+            found = sorted(Path(p) for p in glob.glob(inp, recursive=True))
+            matches = [m for m in found if not m.is_dir()]  # special files too: counted below, never opened
+            holding = {folder for m in matches for folder in m.parents}
+            for m in found:  # 'corpus/*' matching sub-folders: said, not dropped in silence ('**' reads theirs)
+                if m.is_dir() and m not in holding:
+                    report.add("folders_skipped", m, detail="a folder matched by a pattern: give it as --input "
+                                                           "to read it")
             if not matches:
                 raise DataError(f"--input {inp}: the pattern matches no file")
             root = Path(os.path.commonpath([m.parent for m in matches]))
@@ -174,25 +207,41 @@ def discover(inputs, split: str = "train", splits=None, input_type: str = "auto"
                                             f"(it has {', '.join(layout)})")
                         report.add("missing_splits", path / s, detail="no such folder, split not written")
                         continue
-                    out.setdefault(s, []).extend((f, path / s) for f in _walk(path / s, report))
-                for f in sorted(path.iterdir()):
-                    if f.is_file() and not f.name.startswith("."):
+                    out.setdefault(s, []).extend((f, path / s) for f in _walk(path / s, report, folders))
+                for f in sorted(path.iterdir()):  # anything else there is said, never opened
+                    if not f.name.startswith(".") and not (f.name in SPLITS and f.is_dir()):
                         report.add("ignored_files", f, detail="outside the train/validation/test folders")
             else:
-                out.setdefault(split, []).extend((f, path) for f in _walk(path, report))
-        elif path.is_file():
+                out.setdefault(split, []).extend((f, path) for f in _walk(path, report, folders))
+        elif os.path.lexists(path):  # a file, a special file (counted below) or a broken symlink (unreadable)
             out.setdefault(split, []).append((path, path.parent))
         else:
             raise DataError(f"--input {inp} does not exist")
     entries: dict[str, list[Entry]] = {}
+    read: dict[tuple[int, int], Path] = {}  # (device, inode) -> first path: a file reached twice is read once
     for s, files in out.items():
         used: set[str] = set()
         entries[s] = []
         for f, root in files:
             kind = _kind(f, input_type)
             try:
-                size = f.stat().st_size
-                with open(f, "rb") as fh:  # unreadable files are reported here, before any work is planned on them
+                st = f.stat()  # follows symlinks; stat never opens (opening a named pipe would block forever)
+                special = _special(st.st_mode)
+                if special:
+                    report.add("special_files_skipped", f, detail=f"{special}, not read")
+                    continue
+                if (st.st_dev, st.st_ino) in read:
+                    report.add("duplicate_inputs", f, detail=f"the same file as {read[st.st_dev, st.st_ino]}: "
+                                                             f"read once")
+                    continue
+                read[st.st_dev, st.st_ino] = f
+                size = st.st_size
+                # unreadable files are reported here, before any work is planned on them; O_NONBLOCK: a regular
+                # file swapped for a pipe since the stat still cannot block
+                with os.fdopen(os.open(f, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+                    if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                        report.add("special_files_skipped", f, detail="not a regular file, not read")
+                        continue
                     head = fh.read(SNIFF_BYTES) if input_type == "auto" and kind != "image" else b""
             except OSError as e:
                 report.add("unreadable_files", f, detail=e.strerror or str(e))

@@ -119,18 +119,18 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         self.module, self.accumulation, self.zero_stage = module, accumulation, zero_stage
-        config = {
+        # What train.* says (config validation refuses deepspeed: keys that contradict it) goes in last: a resume
+        # may have derived another accumulation than the YAML's.
+        owned = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": accumulation,
             "train_batch_size": micro_batch * accumulation * dp_size,
             "gradient_clipping": optim.gradient_clipping,
             "zero_optimization": {"stage": zero_stage},
             "bf16": {"enabled": precision == "bf16"},
-            "steps_per_print": 1 << 30,
-            "wall_clock_breakdown": False,
         }
         from ..config import merge
-        config = merge(config, overrides)
+        config = merge(merge({"steps_per_print": 1 << 30, "wall_clock_breakdown": False}, overrides), owned)
         zero = config.get("zero_optimization", {})
         if zero.get("offload_optimizer", {}).get("device", "none") != "none":
             # We pass torch's AdamW; DeepSpeed's CPU Adam would need a compiled extension.
