@@ -22,12 +22,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import slurm
-from .errors import LaunchError, cli_main
+from .errors import ArgumentParser, LaunchError, bounded, cli_main
 
 DEFAULT_PORT = 29500
+MAX_PER_CORE = 4  # processes per CPU core on a machine without GPUs: more is a typo, not a plan
 DEFAULT_HOSTFILE = "/job/hostfile"  # DeepSpeed's default
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "NODE_RANK")
 Hosts = Dict[str, List[int]]  # host -> its slot indices (GPU ids), hosts in rank order
@@ -298,11 +299,52 @@ def plan_from_args(args, env: Mapping[str, str], per_node_launch: bool = False) 
     elif 0 < gpus < args.num_gpus:
         raise LaunchError(f"--num_gpus {args.num_gpus} but this machine has {gpus} GPU(s) (CUDA_VISIBLE_DEVICES/torch):"
                           f" pass --num_gpus {gpus} or fewer")
+    elif not gpus and args.num_gpus > MAX_PER_CORE * (os.cpu_count() or 1):
+        raise LaunchError(f"--num_gpus {args.num_gpus} would start {args.num_gpus} processes on this machine's "
+                          f"{os.cpu_count()} CPU cores and no GPU: pass at most {MAX_PER_CORE * (os.cpu_count() or 1)} "
+                          f"({MAX_PER_CORE} per core), or run on GPU nodes")
     else:
         active = {"localhost": list(range(args.num_gpus if args.num_gpus > 0 else gpus or 1))}
     first = next(iter(active))
     return Plan(launcher, active, args.master_addr or ("127.0.0.1" if is_local_host(first) else first),
                 args.master_port or DEFAULT_PORT)
+
+
+def checked(check: Callable, *a, dry_run: bool = False) -> None:
+    """Run a check of what the launch needs; under --dry-run its complaint is a warning and the plan still prints."""
+    try:
+        check(*a)
+    except LaunchError as e:
+        if not dry_run:
+            raise
+        _log(f"warning: {e}")
+
+
+def check_master_addr(addr: str) -> None:
+    """The rendezvous host must resolve here: torchrun would retry an unknown name until its own timeout."""
+    try:
+        socket.getaddrinfo(addr, None)
+    except OSError as e:
+        raise LaunchError(f"--master_addr / MASTER_ADDR {addr!r} does not resolve ({e.strerror or e}): pass rank 0's "
+                          f"host name or address") from None
+
+
+def mpi_flavour(mpirun: str) -> Optional[str]:
+    """'openmpi' or 'mpich' from ``mpirun --version`` (None when it says neither)."""
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout + out.stderr).lower()
+    return "openmpi" if "open mpi" in text or "open-mpi" in text else "mpich" if ("hydra" in text or "mpich" in text
+                                                                                 or "intel(r) mpi" in text) else None
+
+
+def check_mpi_flavour(mpirun: str, flavour: str) -> None:
+    found = mpi_flavour(mpirun)
+    if found is not None and found != flavour:  # each takes the other's environment flags as a program to run
+        raise LaunchError(f"--launcher {flavour}, but {mpirun} is {'Open MPI' if found == 'openmpi' else 'MPICH'}: "
+                          f"pass --launcher {found}")
 
 
 def this_node(plan: Plan, args, env: Mapping[str, str], per_node: bool) -> int:
@@ -369,11 +411,12 @@ def srun_command(plan: Plan, cmd: Sequence[str], launcher_args: str = "") -> Lis
 
 
 def mpirun_command(flavour: str, plan: Plan, cmd: Sequence[str], env_vars: Mapping[str, str],
-                   launcher_args: str = "", machinefile: str = "machinefile") -> List[str]:
+                   launcher_args: str = "", machinefile: str = "machinefile", dry_run: bool = False) -> List[str]:
     """``mpirun`` over the plan's hosts; MPICH reads them from ``machinefile`` (``host:N`` lines)."""
     mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
     if not mpirun:
         raise LaunchError(f"mpirun is not on PATH (--launcher {flavour}): pip install mpi4py mpich gives one")
+    checked(check_mpi_flavour, mpirun, flavour, dry_run=dry_run)
     out, remote = [mpirun, "-n", str(plan.world_size)], not all(is_local_host(h) for h in plan.hosts)
     if flavour == "openmpi":
         out += ["-H", ",".join(f"{h}:{len(s)}" for h, s in plan.hosts.items())] if remote else []
@@ -420,14 +463,17 @@ def deepspeed_command(args, plan: Plan, cmd: List[str], hostfile: Path) -> List[
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _to_children(signum, frame) -> None:
-    """Pass a signal on to this process's children (the workers torchrun started here)."""
+def _to_children(signum, frame) -> int:
+    """Pass a signal on to this process's children (the workers torchrun started here); returns how many got it."""
     import psutil  # a DeepSpeed dependency
+    sent = 0
     for child in psutil.Process().children():
         try:
             child.send_signal(signum)
+            sent += 1
         except psutil.NoSuchProcess:
             pass
+    return sent
 
 
 class _StopForwarder:
@@ -444,11 +490,13 @@ class _StopForwarder:
         now = time.monotonic()
         if self.first is not None and now > self.first + self.window_s:
             raise SignalException(f"Process {os.getpid()} got signal: {signum} (a second time)", sigval=signum)
+        if not _to_children(signum, frame):  # no worker yet (rendezvous): nothing to save, stop now
+            raise SignalException(f"Process {os.getpid()} got signal: {signum} before the workers started",
+                                  sigval=signum)
         if self.first is None:
             self.first = now
             _log(f"{signal.Signals(signum).name}: passed on to the workers, which save a checkpoint at their next "
                  f"step boundary and exit; send it again to stop them at once")
-        _to_children(signum, frame)
 
 
 def run_torchrun(argv: List[str], env: Mapping[str, str]) -> int:
@@ -495,18 +543,37 @@ def run_one(cmd: Sequence[str], env: Mapping[str, str]) -> int:
 
 
 # -------------------------------------------------------------------------------------------- command line
+def _or_default(low: int, high: int, default: str):
+    """An argparse type: an integer in [low, high], or -1 (the flag's default: ``default``)."""
+    parse = bounded(int, low, high)
+
+    def f(text: str) -> int:
+        if text.strip() == "-1":
+            return -1
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (or -1: {default})") from None
+    return f
+
+
+PORT = bounded(int, 1, 65535)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Start a distributed job on one node, a hostfile, SLURM or MPI.",
-                                epilog="Example: --num_gpus 2 -- python -m rtdist.train --config configs/tiny.yaml")
+    p = ArgumentParser(prog="launch.py", description="Start a distributed job on one node, a hostfile, SLURM or MPI.",
+                       epilog="Example: --num_gpus 2 -- python -m rtdist.train --config configs/tiny.yaml")
     p.add_argument("-H", "--hostfile", help="'host slots=N' lines (default: /job/hostfile if present)")
     p.add_argument("-i", "--include", default="", help="hosts/slots to use: host[:slot[,slot]][@host...]")
     p.add_argument("-e", "--exclude", default="", help="hosts/slots to leave out, same grammar as --include")
-    p.add_argument("--num_nodes", type=int, default=-1, help="use the first N hosts")
-    p.add_argument("--num_gpus", "--num_accelerators", type=int, default=-1,
+    p.add_argument("--num_nodes", type=_or_default(1, 100_000, "every host"), default=-1,
+                   help="use the first N hosts")
+    p.add_argument("--num_gpus", "--num_accelerators", type=_or_default(1, 1024, "one per GPU"), default=-1,
                    help="processes per node (default: one per GPU; on CPU nodes the allocation's slots, or 1)")
     p.add_argument("--master_addr", help="rank 0's address (default: the first host)")
-    p.add_argument("--master_port", type=int, help=f"default {DEFAULT_PORT}; under SLURM derived from the job id")
-    p.add_argument("--node_rank", type=int, default=-1, help="with --no_ssh: this node's line in the hostfile")
+    p.add_argument("--master_port", type=PORT, help=f"default {DEFAULT_PORT}; under SLURM derived from the job id")
+    p.add_argument("--node_rank", type=_or_default(0, 100_000, "none"), default=-1,
+                   help="with --no_ssh: this node's line in the hostfile")
     p.add_argument("--launcher", default="auto", type=str.lower,
                    choices=("auto", "local", "slurm", "pdsh", "openmpi", "mpich"),
                    help="auto: SLURM allocation > hostfile (pdsh) > this machine (local)")
@@ -516,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_ssh", action="store_true", help="start only this node's processes (with --node_rank)")
     for flag in ("--no_local_rank", "--no_ssh_check", "--force_multi"):
         p.add_argument(flag, action="store_true", help="passed to DeepSpeed's runner")
-    p.add_argument("--ssh_port", type=int, help="passed to DeepSpeed's runner")
+    p.add_argument("--ssh_port", type=PORT, help="passed to DeepSpeed's runner")
     p.add_argument("--env-file", action="append", default=[], help="more KEY=VALUE files for every process")
     p.add_argument("--write-hostfile", metavar="PATH", help="write the hostfile (e.g. of a SLURM allocation), exit")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the command, start nothing")
@@ -573,6 +640,7 @@ def launch(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
         wenv.setdefault(k, v)
     if local and slots != list(range(len(slots))) and "CUDA_VISIBLE_DEVICES" not in env and local_gpu_count(env):
         wenv["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slots))  # the hostfile's slot indices are GPU ids
+    checked(check_master_addr, plan.master_addr, dry_run=args.dry_run)
     if not args.dry_run and node_rank == 0 and (local or is_local_host(hosts[0]) or is_local_host(plan.master_addr)):
         check_port_free(plan.master_port)
     _log(plan.describe() + (f"; this is node {node_rank} ({hosts[node_rank]})" if local and len(hosts) > 1 else ""))
@@ -591,7 +659,7 @@ def launch(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
             (Path(tmp) / "machinefile").write_text("".join(f"{h}:{len(s)}\n" for h, s in plan.hosts.items()))
             master = {"MASTER_ADDR": plan.master_addr, "MASTER_PORT": str(plan.master_port)}
             full = mpirun_command(plan.launcher, plan, ucmd, {**extra_env, **master}, args.launcher_args,
-                                  f"{tmp}/machinefile")
+                                  f"{tmp}/machinefile", dry_run=args.dry_run)
         _log("command: " + shlex.join(full))
         if args.dry_run:
             return 0

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"preprocess": "tools/preprocess.py", "inspect": "tools/inspect_shards.py",
                 "train": "rtdist.train:main", "evaluate": "rtdist.evaluate:main", "generate": "rtdist.generate:main",
                 "checkpoint": "rtdist.checkpoint:main", "plot_runs": "tools/plot_runs.py",
-                "experiment": "tools/experiment.py", "gpu_check": "tools/gpu_check.py",
+                "experiment": "tools/experiment.py", "gpu_check": "tools/gpu_check.py", "launch": "rtdist.launcher:launch",
                 **{f"bench_{b}": f"tools/bench_{b}.py" for b in ("attention", "data", "generate", "memory",
                                                                   "sequence_parallel", "train")}}
 _loaded = {}
@@ -379,10 +379,10 @@ def cfg_row(key_value: str, expected: str, row_id: str = ""):
             [*TINY, "--set", key_value, *RUN], expected)
 
 
-def flag_rows(entry: str, cases: list, base: tuple = ()) -> list:
-    """Rows from ``(flag, value, expected)`` for one tool; an argparse complaint (``must be ...``, ``invalid
-    choice``, ``'value' ...``) is expected as ``argument FLAG: <expected>``."""
-    return [(f"{entry}{flag}-{value}".replace("_", "-"), None, entry, [*base, flag, value],
+def flag_rows(entry: str, cases: list, base: tuple = (), tail: tuple = ()) -> list:
+    """Rows from ``(flag, value, expected)`` for one tool (its argv: ``base``, the flag, ``tail``); an argparse
+    complaint (``must be ...``, ``invalid choice``, ``'value' ...``) is expected as ``argument FLAG: <expected>``."""
+    return [(f"{entry}{flag}-{value}".replace("_", "-"), None, entry, [*base, flag, value, *tail],
              f"argument {flag}: {expected}" if expected.startswith(("must be", "invalid choice", "'")) else expected)
             for flag, value, expected in cases]
 
@@ -698,6 +698,23 @@ ROWS += flag_rows(BT, outside(seq_length=SEQ_R, nproc=("0", "[1, 1,024]"), steps
     ("--models", "huge", "invalid choice: 'huge'"), ("--zero", "4", "invalid choice: 4"),
     ("--checkpointing", "maybe", "invalid choice: 'maybe'"), ("--corpus-mb", "0", "must be a number in (0, 1,048,576]"),
 ])
+
+LA, GPUS = "launch", "--num_accelerators: " + INT_IN + "[1, 1,024], got"  # every row fails while planning
+ROWS += flag_rows(LA, [
+    ("--num_gpus", "0", GPUS + " '0' (or -1: one per GPU)"), ("--num_gpus", "-5", GPUS + " '-5'"),
+    ("--num_gpus", "two", GPUS + " 'two'"), ("--num_gpus", "100000", GPUS + " '100000'"),
+    ("--num_gpus", "1000", "--num_gpus 1000 would start 1000 processes on this machine's"),
+    ("--num_nodes", "0", INT_IN + "[1, 100,000], got '0' (or -1: every host)"),
+    ("--num_nodes", "2", "--num_nodes 2 needs a hostfile or a SLURM allocation"),
+    ("--master_port", "0", INT_IN + "[1, 65,535], got '0'"), ("--master_port", "70000", INT_IN + "[1, 65,535]"),
+    ("--ssh_port", "-1", INT_IN + "[1, 65,535]"), ("--node_rank", "-3", INT_IN + "[0, 100,000], got '-3'"),
+    ("--master_addr", "no-such-host.invalid", "--master_addr / MASTER_ADDR 'no-such-host.invalid' does not resolve"),
+    ("--launcher", "slurmx", "invalid choice: 'slurmx'"),
+    ("--env-file", "missing.env", "environment file missing.env does not exist (--env-file)"),
+    ("-H", "missing-hostfile", "missing-hostfile"),
+], tail=("--", "true")) + [
+    ("launch-no-command", None, LA, ["--num_gpus", "1"], "no command to launch (nothing after '--')"),
+]
 
 
 def flip(path: Path, offset: int = 600) -> None:

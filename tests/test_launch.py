@@ -462,3 +462,16 @@ def test_deepspeed_runner_with_a_localhost_hostfile_trains(manifest, tmp_path):
     assert res["status"] == "completed" and res["step"] == 4
     assert (tmp_path / "run" / "model.safetensors").exists()
     print(f"launch.py -H hostfile (DeepSpeed runner): {r.wall:.1f}s")
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun (pip install mpi4py mpich)")
+def test_an_mpi_flavour_other_than_the_installed_one_is_refused_before_anything_runs(tmp_path):
+    from rtdist.launcher import mpi_flavour
+    installed = mpi_flavour(MPIRUN)
+    assert installed in ("mpich", "openmpi")
+    other = "openmpi" if installed == "mpich" else "mpich"
+    r = run(LAUNCH + ["--launcher", other, "--num_gpus", "2", "--master_port", str(free_port()), "--", "python", "-c",
+                      f"open({str(tmp_path / 'ran')!r}, 'w')"], timeout=60,
+            PATH=os.path.dirname(MPIRUN) + os.pathsep + os.environ.get("PATH", ""))
+    assert r.returncode == 2 and f"pass --launcher {installed}" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not (tmp_path / "ran").exists()
