@@ -164,3 +164,16 @@ def test_memory_exponents_of_the_model(bench):
     assert exp("full_naive") == pytest.approx(2.0, abs=0.1)
     assert bench.fit_exponent([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)
     assert bench.fit_exponent([1], [1]) is None
+
+
+def test_a_table_with_a_failed_row_is_no_result_and_exits_1(tool, capsys):
+    """A benchmark whose table has an errored point exits 1 with one line naming it; out-of-memory and over-budget
+    points are measurements, not failures."""
+    bm = tool("bench_memory")
+    measured = [{"variant": "routing", "seq_length": 4096, "status": "ok"},
+                {"variant": "full", "seq_length": 65536, "status": "oom", "reason": "out of memory"},
+                {"variant": "full", "seq_length": 131072, "status": "max-mem", "reason": "estimated 90 GiB"}]
+    assert bm.exit_status({"results": measured}) == 0
+    failed = measured + [{"variant": "local", "seq_length": 8192, "status": "error", "reason": "RuntimeError: boom"}]
+    assert bm.exit_status({"results": failed}) == 1
+    assert capsys.readouterr().err.strip() == "error: 1 of 4 rows failed: local n=8192: error RuntimeError: boom"

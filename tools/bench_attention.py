@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from benchlib import (BATCH, CLUSTERS, COUNT, HEADS, LAYERS, LOCAL_HEADS, SECONDS, SEQ, THREADS, VOCAB, WIDTH, WINDOW,
-                      check_model, matmul_rate, model_flops, rss_bytes)
+                      check_model, failed_status, matmul_rate, model_flops, rss_bytes)
 from rtdist.config import TRAIN_LIMITS
 from rtdist.errors import ArgumentParser, UsageError, bounded, cli_main, torch_device
 
@@ -270,6 +270,9 @@ def main(argv=None):
         Path(args.out).write_text(json.dumps({"matmul_flops_per_s": rate, "args": vars(args), "results": results},
                                              indent=1))
         print(f"wrote {args.out}")
+    return failed_status(results, lambda r: "error" in r,
+                         lambda r: f"{r.get('impl', 'rtdist')} {r.get('attention', '')} n={r['seq_length']}: "
+                                   f"{r['error']}")
 
 
 if __name__ == "__main__":

@@ -59,8 +59,9 @@ import time
 from pathlib import Path
 
 from benchlib import (BATCH, HEADS, LAYERS, LOCAL_HEADS, MB, SECONDS, SEQ, THREADS, VOCAB, WIDTH, WINDOW,
-                      buffer_bytes, check_model, count_params, estimate, fit_exponent, kept_bytes, model_state_bytes,
-                      peak_rss_bytes, process_tree, reset_peak_rss, rss_bytes, tree_rss_bytes, write_csv)
+                      buffer_bytes, check_model, count_params, estimate, failed_status, fit_exponent, kept_bytes,
+                      model_state_bytes, peak_rss_bytes, process_tree, reset_peak_rss, rss_bytes, tree_rss_bytes,
+                      write_csv)
 from rtdist.config import MODEL_LIMITS, TRAIN_LIMITS
 from rtdist.errors import ArgumentParser, bounded, cli_main
 
@@ -794,6 +795,14 @@ def write_outputs(data: dict, out: Path) -> dict:
     return data
 
 
+def exit_status(data) -> int:
+    """Out of memory, over --max-mem and skipped points are measurements; an error or an invalid point is not."""
+    if not isinstance(data, dict) or "results" not in data:
+        return 0 if data is None or isinstance(data, dict) else data
+    return failed_status(data["results"], lambda r: r.get("status") in ("error", "invalid"),
+                         lambda r: f"{r.get('variant')} n={r.get('seq_length')}: {r.get('status')} {r.get('reason', '')}")
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup of the point in flight
-    sys.exit(cli_main(main))
+    sys.exit(cli_main(lambda argv: exit_status(main(argv))))

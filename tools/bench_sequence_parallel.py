@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (CLUSTERS, HEADS, LAYERS, LOCAL_HEADS, SECONDS, SEQ, WIDTH, WINDOW, check_model,
+from benchlib import (CLUSTERS, HEADS, LAYERS, LOCAL_HEADS, SECONDS, SEQ, WIDTH, WINDOW, check_model, failed_status,
                       rss_bytes)
 from rtdist.errors import ArgumentParser, UsageError, bounded, cli_main
 
@@ -138,6 +138,7 @@ def main(argv=None):
               f"{r['bytes_sent_per_layer'] / 1024:>15.0f}{r['bytes_min_per_layer'] / 1024:>14.0f}{ratio:>7.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
+    return failed_status(results, lambda r: "error" in r, lambda r: f"n={r['seq_length']} sp={r['sp']}: {r['error']}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchlib import SEQ
+from benchlib import SEQ, failed_status
 from rtdist.errors import ArgumentParser, UsageError, bounded, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +92,8 @@ def main(argv=None):
         print(f"{r['model']:<6}{r['zero']:>5}{r['checkpointing']:>6}{r['nproc']:>6}{tail}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
+    return failed_status(results, lambda r: "error" in r,
+                         lambda r: f"{r['model']} zero {r['zero']} ckpt {r['checkpointing']} x{r['nproc']}: {r['error']}")
 
 
 if __name__ == "__main__":

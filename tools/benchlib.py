@@ -77,6 +77,17 @@ def check_model(cfg: ModelConfig, seq_lengths: Iterable[int], flags: dict[str, s
 # ------------------------------------------------------------------------------------------ process memory
 
 
+def failed_status(rows: list[dict], failed, name) -> int:
+    """A benchmark's exit status: 1, with one stderr line naming each, when any row of its table failed (a table
+    with a failed row is no result), else 0. ``failed(row)`` says whether a row failed, ``name(row)`` names it."""
+    import sys
+    bad = [r for r in rows if failed(r)]
+    if bad:
+        sys.stderr.write(f"error: {len(bad)} of {len(rows)} rows failed: "
+                         + "; ".join(name(r) for r in bad[:5]) + ("; ..." if len(bad) > 5 else "") + "\n")
+    return 1 if bad else 0
+
+
 def _status_kb(field: str, pid: int | str = "self") -> Optional[int]:
     try:
         with open(f"/proc/{pid}/status") as f:
