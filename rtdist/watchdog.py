@@ -13,7 +13,7 @@ itself: the main thread sits in C++ and Python signal handlers do not run. So a 
   before the time limit, and preemption); the ranks agree through a collective (:meth:`StopRequest.agreed`).
   The C-level handler also writes the signal number to a wakeup socket this thread reads, so SIGTERM is seen even
   while the main thread is blocked: if no step boundary comes within ``grace_s``, the process exits (143) without a
-  checkpoint; outside a step (start-up) at once; a second SIGTERM always at once.
+  checkpoint; outside a step (start-up) at once; a second SIGTERM (not a copy of the first, below) at once.
 * **One stop, many deliveries.** A signal to the job reaches a rank several times: SLURM, ``kill -TERM -PGID`` and
   Ctrl-C signal the whole process group, and torchrun / srun / our launcher pass the same signal on to each rank.
   Copies within ``DUPLICATE_S`` of the first are the same request; only a later one is the impatient second
