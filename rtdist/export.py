@@ -2,12 +2,12 @@
 of training, read by evaluation and generation."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 from .config import load_config
 from .errors import CheckpointError
+from .fileio import atomic_path
 from .model import RoutingTransformerLM
 
 
@@ -15,13 +15,8 @@ def export_safetensors(state: dict, path: Path, metadata: Optional[dict] = None)
     """One fp32 safetensors file for inference (rank 0)."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_model_for_inference(checkpoint: Path, device: str = "cpu"):

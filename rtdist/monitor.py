@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .fileio import atomic_path
 
 SINKS = ("tensorboard", "csv_monitor", "wandb")
 # DeepSpeed's keys for each sink (deepspeed.monitor.config); the default of ``enabled`` is ours.
@@ -129,10 +130,8 @@ def _drop_rows_after(path: Path, step: int) -> None:
         rows = list(csv.reader(f))
     kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
     if len(kept) != len(rows):
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(kept)
-        os.replace(tmp, path)
 
 
 class _WandbSink:

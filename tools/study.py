@@ -41,7 +41,8 @@ from rtdist.data import ShardLoader, build_demo_corpus, load_manifest, preproces
 from rtdist.errors import ConfigError, TrainingError
 from rtdist.evaluate import bytes_per_token, evaluate, with_bytes
 from rtdist.model import RoutingTransformerLM, count_parameters, lm_loss
-from rtdist.parallel.engines import OptimConfig, TorchEngine, lr_lambda
+from rtdist.parallel.engines import TorchEngine
+from rtdist.parallel.optim import OptimConfig, lr_lambda
 from rtdist.train import drop_step, train_step
 
 from study_report import markdown_report, write_plot
@@ -151,7 +152,7 @@ class TrainSpec:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup: int = 20
-    weight_decay: float = 0.0  # on matrices only, as in training (rtdist.parallel.engines.param_groups)
+    weight_decay: float = 0.0  # on matrices only, as in training (rtdist.parallel.optim.param_groups)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # 0: no clipping
     # retrieval only: train on the answer tokens ("answers") or on every token ("all")
@@ -299,7 +300,7 @@ def optim_config(spec: TrainSpec) -> OptimConfig:
 
 
 def lr_at(step: int, spec: TrainSpec) -> float:
-    """Learning rate of ``step`` (0-based): the library's schedule (:func:`rtdist.parallel.engines.lr_lambda`)."""
+    """Learning rate of ``step`` (0-based): the library's schedule (:func:`rtdist.parallel.optim.lr_lambda`)."""
     return spec.lr * lr_lambda(optim_config(spec))(step)
 
 

@@ -3,7 +3,7 @@ from .attention import AttentionBackend, Projections, RoutingAttention, Routes, 
 from .kernels import (BlockPlan, ClusterBlocks, block_attention, causal_routing_attention, cluster_blocks,
                       full_attention, group_cluster_ids, local_attention, naive_full_attention, plan_causal_blocks,
                       topk_routing_attention)
-from .kmeans import SphericalKMeans, kmeans_stats_suspended, routing_vectors
+from .kmeans import SphericalKMeans, kmeans_stats_suspended, recompute_context, routing_vectors
 from .transformer import Block, FeedForward, RoutingTransformerLM, count_parameters, lm_loss
 
 __all__ = [
@@ -11,5 +11,5 @@ __all__ = [
     "RoutingAttention", "RoutingTransformerLM", "Routes", "SphericalKMeans", "apply_rotary", "block_attention",
     "causal_routing_attention", "cluster_blocks", "count_parameters", "full_attention", "group_cluster_ids",
     "kmeans_stats_suspended", "lm_loss", "local_attention", "naive_full_attention", "plan_causal_blocks",
-    "routing_vectors", "topk_routing_attention",
+    "recompute_context", "routing_vectors", "topk_routing_attention",
 ]

@@ -18,7 +18,6 @@ The backend is an :class:`AttentionBackend` (the whole sequence in this process)
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .kernels import (causal_routing_attention, full_attention, local_attention, naive_full_attention,
                       topk_routing_attention)
-from .kmeans import SphericalKMeans, kmeans_stats_suspended, routing_vectors
+from .kmeans import SphericalKMeans, recompute_context, routing_vectors
 
 
 class Rotary(nn.Module):
@@ -66,11 +65,6 @@ class Routes:
     sims: Optional[torch.Tensor]  # [B, Hr, n, C] fp32 without gradient; top-k routing only
 
 
-def _recompute_context():
-    # A recomputed function that routes tokens must not count their k-means statistics a second time.
-    return contextlib.nullcontext(), kmeans_stats_suspended()
-
-
 class AttentionBackend:
     """Runs a layer's kernels over the whole sequence in this process. With ``recompute`` the kernels keep only
     their inputs for backward and run again there (``model.recompute_attention``): numerically identical."""
@@ -80,7 +74,7 @@ class AttentionBackend:
 
     def run(self, fn, *args, **kwargs):
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_context, **kwargs)
+            return checkpoint(fn, *args, use_reentrant=False, context_fn=recompute_context, **kwargs)
         return fn(*args, **kwargs)
 
     def local(self, q, k, v, window: int, dropout_p: float) -> torch.Tensor:

@@ -33,6 +33,12 @@ def kmeans_stats_suspended():
         _suspended -= 1
 
 
+def recompute_context():
+    """``context_fn`` for torch's non-reentrant checkpoint: the first pass runs as usual, the recomputation in
+    backward with k-means statistics suspended (they were counted by the first pass)."""
+    return contextlib.nullcontext(), kmeans_stats_suspended()
+
+
 def routing_vectors(x: torch.Tensor) -> torch.Tensor:
     """LayerNorm without scale/bias, divided by sqrt(d): unit-norm-like fp32 vectors for spherical k-means."""
     d = x.shape[-1]

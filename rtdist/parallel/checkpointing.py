@@ -17,20 +17,15 @@ routes every token exactly as the first pass did. Parameter names and state-dict
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper, offload_wrapper
 from torch.utils.checkpoint import checkpoint
 
-from ..model import kmeans_stats_suspended
+from ..model import recompute_context
 
 POLICIES = ("none", "selective", "full")
-
-
-def _recompute_context():
-    return contextlib.nullcontext(), kmeans_stats_suspended()
 
 
 class RecomputedChunks:
@@ -43,7 +38,7 @@ class RecomputedChunks:
 
     def run(self, fn, *args):
         if torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_context)
+            return checkpoint(fn, *args, use_reentrant=False, context_fn=recompute_context)
         return fn(*args)
 
     def __repr__(self) -> str:
@@ -67,7 +62,7 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1, policy: str
             block.chunks = RecomputedChunks(chunk_size, attention=policy == "full")
         if policy == "full":
             model.layers[i] = checkpoint_wrapper(block, checkpoint_fn=checkpoint, use_reentrant=False,
-                                                 context_fn=_recompute_context)
+                                                 context_fn=recompute_context)
         changed += 1
     return changed
 

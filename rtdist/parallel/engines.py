@@ -8,9 +8,6 @@ optimizer only steps at the accumulation boundary) and checkpoint save/load into
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,41 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-@dataclass
-class OptimConfig:
-    lr: float
-    min_lr: float
-    warmup_iters: int
-    train_iters: int
-    weight_decay: float
-    betas: tuple[float, float]
-    gradient_clipping: float
-
-
-def lr_lambda(cfg: OptimConfig):
-    """Linear warmup to lr, cosine decay to min_lr at train_iters (as a multiplier of lr)."""
-    def f(step: int) -> float:
-        if cfg.warmup_iters and step < cfg.warmup_iters:
-            return (step + 1) / cfg.warmup_iters
-        span = max(1, cfg.train_iters - cfg.warmup_iters)
-        progress = min(1.0, (step - cfg.warmup_iters) / span)
-        ratio = cfg.min_lr / cfg.lr
-        return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-def param_groups(model: nn.Module, weight_decay: float):
-    """Weight decay on matrices only (not norms, biases or embeddings' 1-D siblings)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+from ..config import merge
+from ..errors import CheckpointError, ConfigError
+from .optim import (ADAM_KEYS, OptimConfig, PortableState, fill_adam_state, load_schedule, make_optimizer,
+                    make_scheduler, param_groups)
 
 
 class Engine:
@@ -92,7 +58,7 @@ class Engine:
     def load(self, path: Path) -> None:
         raise NotImplementedError
 
-    def load_portable(self, state) -> None:
+    def load_portable(self, state: PortableState) -> None:
         """Adam's state, the schedule and the step counters from a ``reshard.PortableState`` written by another
         engine, stage or world (the weights went into ``module`` before this engine wrapped it)."""
         raise NotImplementedError
@@ -129,7 +95,6 @@ class DeepSpeedEngine(Engine):
             "zero_optimization": {"stage": zero_stage},
             "bf16": {"enabled": precision == "bf16"},
         }
-        from ..config import merge
         config = merge(merge({"steps_per_print": 1 << 30, "wall_clock_breakdown": False}, overrides), owned)
         zero = config.get("zero_optimization", {})
         if zero.get("offload_optimizer", {}).get("device", "none") != "none":
@@ -142,7 +107,7 @@ class DeepSpeedEngine(Engine):
         optimizer = make_optimizer(param_groups(module, optim.weight_decay), optim)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, config=config, mpu=mpu,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim)))
+            lr_scheduler=lambda opt: make_scheduler(opt, optim))
         self._grad_norm = None
 
     def backward(self, loss):
@@ -167,10 +132,9 @@ class DeepSpeedEngine(Engine):
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path}")
 
-    def load_portable(self, state) -> None:
+    def load_portable(self, state: PortableState) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        from .reshard import ADAM_KEYS, fill_adam_state, load_schedule
         wrapper = self.model.optimizer
         base = getattr(wrapper, "optimizer", wrapper)  # ZeRO and bf16 step flat fp32 partitions with our AdamW
         # ZeRO-3 attaches its partitions to the AdamW's groups only while it steps or saves
@@ -221,7 +185,7 @@ class _LocalStepEngine(Engine):
         self._micro -= self._micro % self.accumulation  # back to the start of this optimizer step
 
     def _setup_scheduler(self):
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.optim_cfg))
+        self.scheduler = make_scheduler(self.optimizer, self.optim_cfg)
 
     def autocast(self):
         if self.precision == "bf16":
@@ -240,8 +204,7 @@ class _LocalStepEngine(Engine):
             (loss / self.accumulation).backward()
 
     def _clip(self) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.gradient_clipping
-                                              if self.optim_cfg.gradient_clipping > 0 else float("inf"))
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.max_grad_norm)
 
     def step(self) -> bool:
         self._micro += 1
@@ -276,9 +239,7 @@ class _LocalStepEngine(Engine):
         self.scheduler.load_state_dict(state["scheduler"])
         self._micro = state["micro"]
 
-    def load_portable(self, state) -> None:
-        from ..errors import CheckpointError
-        from .reshard import fill_adam_state, load_schedule
+    def load_portable(self, state: PortableState) -> None:
         base = getattr(self.optimizer, "optim", self.optimizer)  # fairscale's OSS steps this rank's shard with it
         if fill_adam_state(base, self.module, state):
             raise CheckpointError(f"engine {self.name} holds flattened parameters here (fairscale's "
@@ -334,7 +295,7 @@ class FairscaleEngine(_LocalStepEngine):
         self.model.zero_grad(set_to_none=False)
 
     def _clip(self) -> torch.Tensor:
-        max_norm = self.optim_cfg.gradient_clipping if self.optim_cfg.gradient_clipping > 0 else float("inf")
+        max_norm = self.optim_cfg.max_grad_norm
         if self.full_shard:
             return self.model.clip_grad_norm_(max_norm)
         return self.optimizer.clip_grad_norm(max_norm)
@@ -370,7 +331,6 @@ class FairscaleEngine(_LocalStepEngine):
 
 def check_engine(kind: str, zero_stage: int) -> None:
     """Engine and ZeRO stage combinations that cannot work, before any process group forms."""
-    from ..errors import ConfigError
     if kind == "torch" and zero_stage:
         raise ConfigError(f"train.zero_stage={zero_stage} needs engine deepspeed or fairscale, not torch")
     if kind == "fairscale" and zero_stage == 3 and not torch.cuda.is_available():

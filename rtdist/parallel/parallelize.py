@@ -21,7 +21,8 @@ from ..monitor import without_sinks
 from .checkpointing import apply_activation_checkpointing, apply_activation_offload
 from .compile import apply_compile, compile_enabled
 from .dims import ParallelDims
-from .engines import Engine, OptimConfig, build_engine
+from .engines import Engine, build_engine
+from .optim import OptimConfig
 from .sequence import Traffic, apply_sequence_parallel
 
 

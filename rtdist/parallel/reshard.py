@@ -12,7 +12,7 @@ memory-maps; the folder is removed after loading, or by the next save when a cra
 - DeepSpeed with ZeRO 1-3 (or bf16): DeepSpeed's universal-checkpoint converter (``ds_to_universal``) undoes the
   partitioning and padding; its per-parameter files are read here.
 - DeepSpeed without ZeRO in fp32, torch and fairscale: their files are whole already (module + torch optimizer
-  state dict, whose parameter indices follow :func:`~rtdist.parallel.engines.param_groups`).
+  state dict, whose parameter indices follow :func:`~rtdist.parallel.optim.param_groups`).
 
 Loading it: the weights and buffers go into the bare model before the engine wraps it (DeepSpeed takes its fp32
 master weights and its ZeRO-3 partitions from the model), Adam's state after (``Engine.load_portable``): directly
@@ -39,19 +39,9 @@ from torch import nn
 
 from .. import dist as rdist
 from ..errors import CheckpointError, user_error_message
+from .optim import ADAM_KEYS, PortableState, param_names_in_optimizer_order
 
 PORTABLE = "portable.pt"
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-@dataclass
-class PortableState:
-    params: dict[str, torch.Tensor]  # fp32 weights by parameter name
-    buffers: dict[str, torch.Tensor]  # persistent buffers by name (k-means centroids, EMA sums and counts)
-    exp_avg: dict[str, torch.Tensor]
-    exp_avg_sq: dict[str, torch.Tensor]
-    step: int  # Adam's step count (the same for every parameter)
-    scheduler: dict  # LambdaLR.state_dict()
 
 
 def whole_files(engine: str, zero_stage: int, precision: str = "fp32") -> bool:
@@ -59,22 +49,29 @@ def whole_files(engine: str, zero_stage: int, precision: str = "fp32") -> bool:
     return engine in ("torch", "fairscale") or (zero_stage == 0 and precision != "bf16")
 
 
-def files_fit(marker: dict, engine: str, zero_stage: int, world_size: int) -> bool:
-    """Whether ``engine`` at ``zero_stage`` on ``world_size`` ranks can load the checkpoint's own files: the same
-    engine and stage, and the same world unless the files are whole."""
-    same = marker.get("engine") == engine and marker.get("zero_stage") == zero_stage
-    precision = (marker.get("config") or {}).get("train", {}).get("precision", "fp32")
-    return same and (marker.get("world_size") == world_size or whole_files(engine, zero_stage, precision))
+@dataclass(frozen=True)
+class Layout:
+    """The shape that writes (or would load) an engine's checkpoint files."""
+    engine: str
+    zero_stage: int
+    world_size: int
+    precision: str = "fp32"
+
+    @property
+    def whole(self) -> bool:
+        return whole_files(self.engine, self.zero_stage, self.precision)
+
+    def loads(self, written: "Layout") -> bool:
+        """Whether this layout can load files ``written`` by another as they are: the same engine and stage, and
+        the same world unless the files are whole."""
+        same = (written.engine, written.zero_stage) == (self.engine, self.zero_stage)
+        return same and (written.world_size == self.world_size or written.whole)
+
+    def __str__(self) -> str:
+        return f"{self.world_size} ranks, engine {self.engine}, zero {self.zero_stage}"
 
 
 # ------------------------------------------------------------------------------------------------ reading
-
-
-def param_names_in_optimizer_order(module: nn.Module) -> list[str]:
-    """Parameter names in the order our optimizers index them (``param_groups``: decayed matrices, then the rest)."""
-    from .engines import param_groups
-    names = {id(p): n for n, p in module.named_parameters()}
-    return [names[id(p)] for group in param_groups(module, 0.0) for p in group["params"]]
 
 
 def _buffers(module: nn.Module, state_dict: dict) -> dict[str, torch.Tensor]:
@@ -99,8 +96,8 @@ def _from_torch_optimizer(module: nn.Module, module_state: dict, optim_state: di
                          steps.pop(), scheduler)
 
 
-def _read_whole(step_dir: Path, marker: dict, module: nn.Module) -> PortableState:
-    if marker.get("engine") == "deepspeed":
+def _read_whole(step_dir: Path, written: Layout, module: nn.Module) -> PortableState:
+    if written.engine == "deepspeed":
         state = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return _from_torch_optimizer(module, state["module"], state["optimizer"], state["lr_scheduler"])
     state = torch.load(step_dir / "engine_states.pt", map_location="cpu", weights_only=False)
@@ -112,7 +109,7 @@ def _universal_tensor(path: Path) -> torch.Tensor:
     return (value["param"] if isinstance(value, dict) else value).detach()  # ZeRO 1/2 wrap it, ZeRO-3 does not
 
 
-def _read_zero(step_dir: Path, marker: dict, module: nn.Module, scratch: Path) -> PortableState:
+def _read_zero(step_dir: Path, module: nn.Module, scratch: Path) -> PortableState:
     """Through DeepSpeed's ``ds_to_universal`` (in this process, quietly: its progress bars would go to the log)."""
     import argparse
 
@@ -145,16 +142,15 @@ def _read_zero(step_dir: Path, marker: dict, module: nn.Module, scratch: Path) -
                          tensors["exp_avg_sq"], step, states["lr_scheduler"])
 
 
-def read_portable(step_dir: Path, marker: dict, module: nn.Module, scratch: Path) -> PortableState:
-    """The portable state of the checkpoint ``step_dir`` (written as ``marker`` says), for a model shaped like
-    ``module`` (the caller has checked that the checkpoint's model has this shape)."""
-    precision = (marker.get("config") or {}).get("train", {}).get("precision", "fp32")
-    if whole_files(marker.get("engine"), marker.get("zero_stage", 0), precision):
-        return _read_whole(step_dir, marker, module)
-    return _read_zero(step_dir, marker, module, scratch)
+def read_portable(step_dir: Path, written: Layout, module: nn.Module, scratch: Path) -> PortableState:
+    """The portable state of the checkpoint ``step_dir`` (its files ``written`` by that layout), for a model shaped
+    like ``module`` (the caller has checked that the checkpoint's model has this shape)."""
+    if written.whole:
+        return _read_whole(step_dir, written, module)
+    return _read_zero(step_dir, module, scratch)
 
 
-def prepare(step_dir: Path, marker: dict, module: nn.Module, log: Callable = print) -> tuple[PortableState, Path]:
+def prepare(step_dir: Path, written: Layout, module: nn.Module, log: Callable = print) -> tuple[PortableState, Path]:
     """Collective: rank 0 converts the checkpoint into a scratch folder next to it, every rank memory-maps the
     result. Returns it and the scratch folder (remove it with :func:`release` once every rank has loaded)."""
     nonce = rdist.broadcast_object(f"{os.getpid()}-{time.time_ns()}" if rdist.rank() == 0 else None)
@@ -164,10 +160,9 @@ def prepare(step_dir: Path, marker: dict, module: nn.Module, log: Callable = pri
         t0 = time.perf_counter()
         try:
             scratch.mkdir()
-            state = read_portable(step_dir, marker, module, scratch)
+            state = read_portable(step_dir, written, module, scratch)
             torch.save(vars(state), scratch / PORTABLE)
-            log(f"resharding {step_dir.name} (written by {marker.get('world_size')} ranks, engine "
-                f"{marker.get('engine')}, zero {marker.get('zero_stage')}): converted in "
+            log(f"resharding {step_dir.name} (written by {written}): converted in "
                 f"{time.perf_counter() - t0:.2f} s", flush=True)
         except Exception as e:  # noqa: BLE001 - every rank raises the same error below
             shutil.rmtree(scratch, ignore_errors=True)
@@ -193,31 +188,3 @@ def load_weights(module: nn.Module, state: PortableState) -> None:
     """Weights and buffers into the bare model, before an engine wraps it."""
     with torch.no_grad():
         module.load_state_dict({**state.params, **state.buffers}, strict=True)
-
-
-def fill_adam_state(optimizer: torch.optim.Optimizer, module: nn.Module, state: PortableState,
-                    stepped: Optional[list] = None) -> list:
-    """Adam's state for every tensor ``optimizer`` steps (``stepped``, by default its param groups' parameters):
-    from ``state`` by name where it steps the model's own parameters, zeros where it steps flat partitions (ZeRO,
-    bf16), which the caller fills by name. Returns those."""
-    names = {id(p): n for n, p in module.named_parameters()}
-    stepped = stepped if stepped is not None else [p for group in optimizer.param_groups for p in group["params"]]
-    flat = []
-    for p in stepped:
-        step = torch.tensor(float(state.step), dtype=torch.float32)
-        if id(p) in names:
-            n = names[id(p)]
-            optimizer.state[p] = {"step": step, **{k: getattr(state, k)[n].to(p).reshape(p.shape).clone()
-                                                   for k in ADAM_KEYS}}
-        else:
-            optimizer.state[p] = {"step": step, **{k: torch.zeros_like(p) for k in ADAM_KEYS}}
-            flat.append(p)
-    return flat
-
-
-def load_schedule(scheduler, state: PortableState) -> None:
-    """The learning-rate schedule, and the rates it last set (its state does not hold them: it sets them when it
-    steps)."""
-    scheduler.load_state_dict(state.scheduler)
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
