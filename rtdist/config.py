@@ -20,124 +20,163 @@ import yaml
 from .errors import ConfigError  # noqa: F401  (re-exported: callers catch it from here)
 
 
+def key(default: Any = dataclasses.MISSING, help: str = "", *, shape: bool = False, factory=dataclasses.MISSING):
+    """A config field with its help text (``python -m rtdist.train --help-config`` prints it). ``shape``: the key
+    sets a tensor's shape or the model's structure, so a checkpoint resumes only with the same value."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "shape": shape})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 257
-    d_model: int = 256
-    n_layers: int = 2
-    n_heads: int = 4
-    head_dim: Optional[int] = None  # default d_model // n_heads
-    emb_dim: Optional[int] = None  # factorised embedding (Wikitext-103 preset); default d_model
-    # "routing": local + routing heads per layer; "local": every head local; "full": dense causal SDPA;
-    # "full_naive": dense attention with a materialised n x n score matrix (the quadratic reference).
-    attention_type: Literal["routing", "local", "full", "full_naive"] = "routing"
-    n_local_attn_heads: int = 2  # per layer; the other heads are routing heads
-    routing_layers: Optional[list[int]] = None  # layer indices (negative from the end) with routing heads; None = all
-    window_size: int = 64  # routing block size w
-    local_window_size: Optional[int] = None  # local attention block; default window_size
-    num_clusters: int = 4
-    routing_mode: Literal["causal", "topk"] = "causal"
-    shared_qk: bool = True  # routing heads use k = normalize(q)
-    kmeans_ema_decay: float = 0.999
-    commitment_factor: float = 1e-4
-    # Re-seed a cluster that received no token for this many steps from recent routing vectors (0 = never). The
-    # study saw routing vectors collapse onto one cluster, leaving the others dead.
-    kmeans_reseed_after: int = 0
-    ff_mult: float = 4.0
-    ff_glu: bool = True  # GEGLU feed-forward
-    pos_emb: Literal["rotary", "none"] = "rotary"
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    tie_embedding: bool = True
-    # Recompute the attention kernels (gathers + SDPA) in backward instead of keeping their inputs: ~3-5% more
-    # time for several activations fewer per head; numerically identical.
-    recompute_attention: bool = True
-    # Tokens per chunk of the LM head + cross-entropy in training and evaluation (0 = the whole sequence at once):
-    # logits exist for one chunk at a time, never [n, vocab] for the whole sequence, which bounded the sequence
-    # length of large-vocabulary models (98304 x 8192 tokens = 3 GiB of fp32 logits, more than all the layers).
-    loss_chunk_size: int = 1024
-    init_std: float = 0.02
-    # Regional torch.compile of each block's position-wise part (residuals, LayerNorm, feed-forward), applied by
-    # rtdist.parallel.parallelize: true, false, or "auto" (CUDA only: on CPU a 16k step measured 1-3% faster than
-    # eager, less than the minute inductor takes to compile it).
-    compile: Literal["auto", True, False] = "auto"
+    vocab_size: int = key(257, "tokens in the vocabulary (at least the tokenizer's; bytes: 257)", shape=True)
+    d_model: int = key(256, "width of the residual stream", shape=True)
+    n_layers: int = key(2, "transformer blocks", shape=True)
+    n_heads: int = key(4, "attention heads per layer (local + routing)", shape=True)
+    head_dim: Optional[int] = key(None, "width of one head; default d_model / n_heads", shape=True)
+    emb_dim: Optional[int] = key(None, "factorised embedding width (the Wikitext-103 preset); default d_model",
+                                 shape=True)
+    attention_type: Literal["routing", "local", "full", "full_naive"] = key(
+        "routing", "routing: local + routing heads per layer; local: every head local; full: dense causal SDPA; "
+        "full_naive: dense attention with a materialised n x n score matrix (the quadratic reference)", shape=True)
+    n_local_attn_heads: int = key(2, "local heads per layer; the layer's other heads route", shape=True)
+    routing_layers: Optional[list[int]] = key(None, "layer indices (negative from the end) with routing heads; "
+                                                    "unset: every layer", shape=True)
+    window_size: int = key(64, "routing block size w: a routed token attends within blocks of w of its cluster")
+    local_window_size: Optional[int] = key(None, "local attention block; default window_size")
+    num_clusters: int = key(4, "k-means clusters per routing layer (the paper: about sqrt(n))", shape=True)
+    routing_mode: Literal["causal", "topk"] = key("causal", "causal: cluster blocks in position order; topk: each "
+                                                            "cluster takes its window_size nearest tokens")
+    shared_qk: bool = key(True, "routing heads use k = normalize(q)", shape=True)
+    kmeans_ema_decay: float = key(0.999, "EMA decay of the centroids' running sums, in [0, 1)")
+    commitment_factor: float = key(1e-4, "weight of the k-means commitment loss pulling routing vectors to their "
+                                         "centroids (the study needed 1.0)")
+    kmeans_reseed_after: int = key(0, "re-seed a cluster that received no token for this many steps from recent "
+                                      "routing vectors (0 = never); routing vectors can collapse onto one cluster, "
+                                      "leaving the others dead")
+    ff_mult: float = key(4.0, "feed-forward hidden width as a multiple of d_model", shape=True)
+    ff_glu: bool = key(True, "GEGLU feed-forward", shape=True)
+    pos_emb: Literal["rotary", "none"] = key("rotary", "position encoding", shape=True)
+    dropout: float = key(0.0, "dropout on the residual branches, in [0, 1)")
+    attn_dropout: float = key(0.0, "dropout on the attention probabilities, in [0, 1)")
+    tie_embedding: bool = key(True, "the output projection is the embedding matrix", shape=True)
+    recompute_attention: bool = key(True, "recompute the attention kernels (gathers + SDPA) in backward instead of "
+                                          "keeping their inputs: ~3-5% more time for several activations fewer per "
+                                          "head; numerically identical")
+    loss_chunk_size: int = key(1024, "tokens per chunk of the LM head + cross-entropy (0 = the whole sequence at "
+                                     "once): logits exist for one chunk at a time, never [n, vocab]")
+    init_std: float = key(0.02, "standard deviation of the initial weights")
+    compile: Literal["auto", True, False] = key(
+        "auto", "regional torch.compile of each block's position-wise part: true, false, or auto (CUDA only: on CPU "
+                "a 16k step measured 1-3% faster than eager, less than the minute inductor takes to compile it)")
 
 
 @dataclass
 class DataConfig:
-    # Manifest written by tools/preprocess.py; None means the built-in demo corpus.
-    manifest: Optional[str] = None
-    train_split: str = "train"
-    eval_split: str = "validation"
-    num_workers: int = 1
-    shuffle_buffer: int = 64
-    skip_corrupt: bool = False
-    # Pre-flight check of every shard the manifest lists, before step 1: "quick" (sizes, first/last member
-    # headers), "full" (also every byte against the manifest's sha256) or "off".
-    verify: Literal["quick", "full", "off"] = "quick"
+    manifest: Optional[str] = key(None, "manifest written by tools/preprocess.py")
+    train_split: str = key("train", "the manifest's split to train on")
+    eval_split: str = key("validation", "the manifest's split to evaluate on")
+    num_workers: int = key(1, "data-loader worker processes per rank (0: read in the training process)")
+    shuffle_buffer: int = key(64, "samples held for shuffling on top of the per-epoch shard order")
+    skip_corrupt: bool = key(False, "replace the samples of corrupt shards by others (with a warning) instead of "
+                                    "stopping")
+    verify: Literal["quick", "full", "off"] = key(
+        "quick", "pre-flight check of every shard the manifest lists, before step 1: quick (sizes, first/last member "
+                 "headers), full (also every byte against the manifest's sha256) or off")
 
 
 @dataclass
 class TrainConfig:
-    seq_length: int = 256
-    train_micro_batch_size_per_gpu: int = 4
-    gradient_accumulation_steps: int = 1
-    train_batch_size: Optional[int] = None  # derived when None; checked against micro x accum x dp when set
-    train_iters: int = 50
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 10
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    gradient_clipping: float = 1.0
-    precision: Literal["fp32", "bf16"] = "fp32"
-    seed: int = 1234
-    log_interval: int = 10
-    eval_interval: int = 0
-    eval_iters: int = 10
-    save_interval: int = 0
-    # Activation checkpointing (rtdist/parallel/checkpointing.py): "none"; "selective" (each block's position-wise
-    # second half, the feed-forward above all, recomputed in sequence chunks: the measured 32k step keeps ~0.4x the
-    # memory of "none"); "full" (blocks keep only their input, and recompute their position-wise parts in chunks).
-    # Unset: "full" if checkpoint_activations (the key older configs use), else "none".
-    checkpoint_policy: Optional[Literal["none", "selective", "full"]] = None
-    checkpoint_activations: bool = False
-    # Tokens per recomputed chunk under "selective"/"full" (0 = no chunks: "full" recomputes whole blocks, as
-    # before chunks existed, and "selective" does nothing): a chunk's activations are all that exists at once.
-    checkpoint_chunk_size: int = 4096
-    checkpoint_num_layers: int = 1  # checkpoint every k-th layer
-    checkpoint_offload: bool = False  # keep saved activations in host memory
-    engine: Literal["deepspeed", "fairscale", "torch"] = "deepspeed"
-    zero_stage: int = 0
-    max_nonfinite_steps: int = 5
-    # Bound on one steady step's collectives and work (a stuck or dead peer ends every rank within it) and on the
-    # rendezvous; the start-up phases (DeepSpeed op builds, a resharding resume, compile and the first step, the
-    # first evaluation) get startup_timeout_s, since one slow rank there is not a dead one.
-    dist_timeout_s: int = 300
-    startup_timeout_s: int = 1800
-    # Initial routing centroids: "random" unit vectors, or "data": k-means++ on the routing vectors of rank 0's
-    # first micro-batch, shared with every rank (not on resume: the checkpoint holds the centroids). The
-    # small-scale study (tools/experiment.py) needed "data" for routing to learn long-range retrieval.
-    kmeans_init: Literal["random", "data"] = "random"
+    seq_length: int = key(256, "tokens per training sequence")
+    train_micro_batch_size_per_gpu: int = key(4, "samples per rank per micro-batch")
+    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step (a resume derives it to keep the "
+                                              "checkpoint's global batch)")
+    train_batch_size: Optional[int] = key(None, "samples per optimizer step; derived when unset, checked against "
+                                                "micro x accumulation x data-parallel size when set")
+    train_iters: int = key(50, "optimizer steps of the whole run")
+    lr: float = key(1e-3, "peak learning rate (after warmup)")
+    min_lr: float = key(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = key(10, "steps of linear warmup")
+    weight_decay: float = key(0.1, "AdamW weight decay (matrices only)")
+    adam_beta1: float = key(0.9, "AdamW beta1, in [0, 1)")
+    adam_beta2: float = key(0.95, "AdamW beta2, in [0, 1)")
+    gradient_clipping: float = key(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    precision: Literal["fp32", "bf16"] = key("fp32", "training precision")
+    seed: int = key(1234, "seed of weights, centroids, data order and dropout, 0..2^32-1")
+    log_interval: int = key(10, "steps between logged metric rows (metrics.jsonl, TensorBoard, the job log)")
+    eval_interval: int = key(0, "steps between evaluations (0 = off)")
+    eval_iters: int = key(10, "batches per evaluation")
+    save_interval: int = key(0, "steps between checkpoints (0 = only at the end)")
+    keep_last: Optional[int] = key(None, "complete checkpoints to keep (unset: all); the one latest names is kept "
+                                         "in any case")
+    checkpoint_policy: Optional[Literal["none", "selective", "full"]] = key(
+        None, "activation checkpointing: none; selective (each block's position-wise second half, the feed-forward "
+              "above all, recomputed in sequence chunks: ~0.4x the memory of none at 32k); full (blocks keep only "
+              "their input and recompute their position-wise parts in chunks). Unset: full if "
+              "checkpoint_activations, else none")
+    checkpoint_activations: bool = key(False, "the older key for checkpoint_policy: full")
+    checkpoint_chunk_size: int = key(4096, "tokens per recomputed chunk under selective/full (0 = no chunks: full "
+                                           "recomputes whole blocks and selective does nothing)")
+    checkpoint_num_layers: int = key(1, "checkpoint every k-th layer")
+    checkpoint_offload: bool = key(False, "keep saved activations in host memory (CUDA)")
+    engine: Literal["deepspeed", "fairscale", "torch"] = key("deepspeed", "the training engine")
+    zero_stage: int = key(0, "ZeRO stage 0-3 (deepspeed; fairscale: 1-2 as OSS + ShardedDataParallel, 3 on CUDA)")
+    max_nonfinite_steps: int = key(5, "stop after this many steps in a row with a non-finite loss")
+    dist_timeout_s: int = key(300, "bound on one steady step's collectives and work and on the rendezvous: a stuck "
+                                   "or dead peer ends every rank within it")
+    startup_timeout_s: int = key(1800, "bound on the start-up phases (DeepSpeed op builds, a resharding resume, "
+                                       "compile and the first step, the first evaluation): one slow rank there is "
+                                       "not a dead one")
+    kmeans_init: Literal["random", "data"] = key(
+        "random", "initial routing centroids: random unit vectors, or data: k-means++ on the routing vectors of "
+                  "rank 0's first micro-batch, shared with every rank (not on resume). The study needed data")
 
 
 @dataclass
 class ParallelConfig:
-    sequence_parallel_size: int = 1
+    sequence_parallel_size: int = key(1, "ranks that share one sequence, each a slice of its tokens (and of the "
+                                         "routing clusters)")
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    # DeepSpeed keys pass through unchanged (zero_optimization.*, bf16, optimizer, ...).
-    deepspeed: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = key(factory=ModelConfig)
+    data: DataConfig = key(factory=DataConfig)
+    train: TrainConfig = key(factory=TrainConfig)
+    parallel: ParallelConfig = key(factory=ParallelConfig)
+    deepspeed: dict[str, Any] = key(factory=dict, help="DeepSpeed's own keys, passed through (zero_optimization.*, "
+                                                       "offload, ...) except those a train.* key sets; and the "
+                                                       "metric sinks (tensorboard, csv_monitor, wandb)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def shape_keys() -> list[str]:
+    """The ``model.*`` keys a checkpoint resumes only with unchanged (marked ``shape`` in their field)."""
+    return [f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("shape")]
+
+
+def _type_text(tp) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in args)
+    if typing.get_origin(tp) is Union:
+        return " or ".join("null" if a is type(None) else _type_text(a) for a in args)
+    return str(tp).replace("typing.", "") if args else _type_name(tp)
+
+
+def describe_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every key with its type, default and meaning, one line each (``--help-config``)."""
+    out = []
+    for f in dataclasses.fields(cls or Config):
+        name = f"{prefix}{f.name}"
+        tp = typing.get_type_hints(cls or Config)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += [f"{name}:"] + describe_keys(tp, f"{name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append(f"  {name} ({_type_text(tp)}, default {default!r}): {f.metadata.get('help', '')}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -400,6 +439,7 @@ def validate(cfg: Config) -> None:
     _positive("train", t, "train_iters", "min_lr", "warmup_iters", "weight_decay", "gradient_clipping",
               allow_zero=True)
     _positive("train", t, "eval_interval", "save_interval", allow_zero=True, what=" (0 = off)")
+    _positive("train", t, "keep_last", what=" (unset: keep every checkpoint)")
     for name in ("adam_beta1", "adam_beta2"):
         _check(0.0 <= getattr(t, name) < 1.0, f"train.{name} must be in [0, 1), got {getattr(t, name)}")
     _check(t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr}): the schedule warms up to "
@@ -426,7 +466,6 @@ def validate(cfg: Config) -> None:
                f"({sp} x {w}): use parallel.sequence_parallel_size in {fits}, or a train.seq_length that is a "
                f"multiple of {sp * w}")
     check_deepspeed(cfg)
-    from .monitor import sink_settings
     sink_settings(cfg.deepspeed)  # deepspeed.tensorboard / csv_monitor / wandb: DeepSpeed's keys only
 
 
@@ -473,3 +512,40 @@ def check_deepspeed(cfg: Config) -> None:
             raise ConfigError(f"deepspeed.{ds_key} would be ignored: rtdist gives DeepSpeed its own "
                               f"{'AdamW' if ds_key == 'optimizer' else 'warmup + cosine schedule'} from {keys}; "
                               f"remove deepspeed.{ds_key} and set those")
+
+
+# ------------------------------------------------------------------------------------------- metric sinks
+
+SINKS = ("tensorboard", "csv_monitor", "wandb")
+# DeepSpeed's keys for each sink (deepspeed.monitor.config); the default of ``enabled`` is ours.
+_KEYS = {
+    "tensorboard": {"enabled": True, "output_path": "", "job_name": "tensorboard"},
+    "csv_monitor": {"enabled": False, "output_path": "", "job_name": "csv_monitor"},
+    "wandb": {"enabled": False, "project": "rtdist", "team": None, "group": None},
+}
+
+
+def without_sinks(deepspeed_config: dict) -> dict:
+    """The ``deepspeed:`` section less the sinks this module writes (what to pass to ``deepspeed.initialize``)."""
+    return {k: v for k, v in deepspeed_config.items() if k not in SINKS}
+
+
+def sink_settings(deepspeed_config: dict) -> dict[str, dict]:
+    """Each sink's settings with defaults filled in; a key DeepSpeed does not know, or a wrong type, raises a
+    ConfigError naming ``deepspeed.<sink>.<key>``."""
+    out = {}
+    for sink, defaults in _KEYS.items():
+        given = deepspeed_config.get(sink) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"deepspeed.{sink}: expected a mapping such as {{enabled: true}}, got {given!r}")
+        for key, value in given.items():
+            if key not in defaults:
+                close = difflib.get_close_matches(str(key), list(defaults), n=1)
+                hint = f" (did you mean 'deepspeed.{sink}.{close[0]}'?)" if close else ""
+                raise ConfigError(f"unknown key 'deepspeed.{sink}.{key}'{hint}; known keys: {', '.join(defaults)}")
+            if key == "enabled" and not isinstance(value, bool):
+                raise ConfigError(f"deepspeed.{sink}.enabled: expected true/false, got {value!r}")
+            if key != "enabled" and value is not None and not isinstance(value, str):
+                raise ConfigError(f"deepspeed.{sink}.{key}: expected a string, got {value!r}")
+        out[sink] = {**defaults, **given}
+    return out

@@ -22,48 +22,21 @@ These sections must not also reach ``deepspeed.initialize``: DeepSpeed would ope
 from __future__ import annotations
 
 import csv
-import difflib
+import json
 import os
+import resource
+import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from .errors import ConfigError
+import torch
+
+from .config import SINKS, sink_settings, without_sinks  # noqa: F401  (validated with the config)
 from .fileio import atomic_path
+from .flops import flops_per_token, mfu, peak_flops
 
-SINKS = ("tensorboard", "csv_monitor", "wandb")
-# DeepSpeed's keys for each sink (deepspeed.monitor.config); the default of ``enabled`` is ours.
-_KEYS = {
-    "tensorboard": {"enabled": True, "output_path": "", "job_name": "tensorboard"},
-    "csv_monitor": {"enabled": False, "output_path": "", "job_name": "csv_monitor"},
-    "wandb": {"enabled": False, "project": "rtdist", "team": None, "group": None},
-}
 _PREFIXES = (("eval_", "eval/"), ("kmeans_", "kmeans/"))
-
-
-def without_sinks(deepspeed_config: dict) -> dict:
-    """The ``deepspeed:`` section less the sinks this module writes (what to pass to ``deepspeed.initialize``)."""
-    return {k: v for k, v in deepspeed_config.items() if k not in SINKS}
-
-
-def sink_settings(deepspeed_config: dict) -> dict[str, dict]:
-    """Each sink's settings with defaults filled in; a key DeepSpeed does not know, or a wrong type, raises a
-    ConfigError naming ``deepspeed.<sink>.<key>``."""
-    out = {}
-    for sink, defaults in _KEYS.items():
-        given = deepspeed_config.get(sink) or {}
-        if not isinstance(given, dict):
-            raise ConfigError(f"deepspeed.{sink}: expected a mapping such as {{enabled: true}}, got {given!r}")
-        for key, value in given.items():
-            if key not in defaults:
-                close = difflib.get_close_matches(str(key), list(defaults), n=1)
-                hint = f" (did you mean 'deepspeed.{sink}.{close[0]}'?)" if close else ""
-                raise ConfigError(f"unknown key 'deepspeed.{sink}.{key}'{hint}; known keys: {', '.join(defaults)}")
-            if key == "enabled" and not isinstance(value, bool):
-                raise ConfigError(f"deepspeed.{sink}.enabled: expected true/false, got {value!r}")
-            if key != "enabled" and value is not None and not isinstance(value, str):
-                raise ConfigError(f"deepspeed.{sink}.{key}: expected a string, got {value!r}")
-        out[sink] = {**defaults, **given}
-    return out
 
 
 def tag(key: str) -> str:
@@ -149,20 +122,45 @@ class _WandbSink:
         self.run.finish()
 
 
+def peak_memory_mb() -> float:
+    """The peak memory of this process: the GPU allocator's on CUDA, the resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 class Monitor:
-    """Writes each logged step's numeric metrics to the configured sinks; does nothing unless ``enabled`` (rank 0).
+    """A run's metrics: each logged step's row goes to ``metrics.jsonl``, to the sinks configured under
+    ``deepspeed:`` and, as one plain line, to the job log (or a tqdm bar on a terminal). Rank 0 writes
+    (``enabled``); every rank validates the sink settings.
+
+    For training (:meth:`for_training`) it also keeps the log interval, tokens/s, peak memory and MFU (model FLOPs
+    per token against the peak FLOP/s of the device it runs on; on a CPU, its measured fp32 matmul rate). To add a
+    metric, add it to :meth:`step_row`.
 
     ``start_step``: the step a resumed run starts after; what an earlier segment logged past it is hidden
     (TensorBoard) or dropped (CSV), as the resumed run logs those steps again."""
 
     def __init__(self, run_dir: Path, deepspeed_config: Optional[dict], enabled: bool, start_step: int = 0,
-                 warn=print):
+                 warn=print, metrics_file: Optional[Path] = None):
         self.enabled = enabled
         self.sinks: list[Any] = []
+        self.warn = warn
+        self.last: dict = {}
+        self._file = None
+        self._bar = None
+        self._training: Optional[dict] = None
         settings = sink_settings(deepspeed_config or {})  # every rank checks, so a typo fails everywhere alike
         if not enabled:
             return
         run_dir = Path(run_dir)
+        if metrics_file is not None:
+            self._file = open(metrics_file, "a")
         tb, cs, wb = settings["tensorboard"], settings["csv_monitor"], settings["wandb"]
         if tb["enabled"]:
             try:
@@ -181,22 +179,94 @@ class Monitor:
             else:
                 self.sinks.append(_WandbSink(run_dir, wb))
 
+    @classmethod
+    def for_training(cls, run_dir: Path, cfg, world_size: int, enabled: bool, state, device: torch.device,
+                     progress: Optional[bool] = None, log: Callable = print) -> "Monitor":
+        """The monitor of a training run: ``RUN_DIR/metrics.jsonl`` and the sinks, with the throughput figures of
+        ``cfg`` (a :class:`rtdist.config.Config`) on ``world_size`` ranks of ``device``, from ``state`` (the
+        :class:`rtdist.checkpoint.TrainState` it starts at). ``progress``: a tqdm bar (default: when stderr is a
+        terminal); without one, rank 0 prints a line per logged step."""
+        t, start_step = cfg.train, state.step
+        self = cls(run_dir, cfg.deepspeed, enabled, start_step, warn=log, metrics_file=Path(run_dir) / "metrics.jsonl")
+        peak, source = peak_flops(device, t.precision) if enabled else (None, "")
+        self._training = {"interval": t.log_interval, "total": t.train_iters, "devices": world_size, "peak": peak,
+                          "flops_per_token": flops_per_token(cfg.model, t.seq_length), "log": log,
+                          "since": time.perf_counter(), "since_tokens": state.tokens, "start_step": start_step,
+                          "started": time.perf_counter(), "kmeans": KMeansWatch(log)}
+        if enabled and (progress if progress is not None else sys.stderr.isatty()):
+            from tqdm import tqdm
+            self._bar = tqdm(total=t.train_iters, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if enabled and peak:
+            log(f"mfu: against {peak / 1e12:.2f} TFLOP/s per device ({source}); "
+                f"{self._training['flops_per_token'] / 1e6:.1f} MFLOP per token", flush=True)
+        return self
+
+    def step_row(self, state, loss: float, engine, model, epoch: int) -> dict:
+        """The metrics of training step ``state.step`` (a :class:`rtdist.checkpoint.TrainState`): at the log interval
+        (and the last step) every figure, otherwise the loss; always the time and tokens so far."""
+        tr = self._training
+        step = state.step
+        row = {"step": step, "loss": round(loss, 6)}
+        if step % tr["interval"] == 0 or step == tr["total"]:
+            now = time.perf_counter()
+            tokens_per_s = (state.tokens - tr["since_tokens"]) / max(now - tr["since"], 1e-9)
+            util = mfu(tokens_per_s, tr["flops_per_token"], tr["peak"], tr["devices"])
+            row.update(lr=engine.lr(), grad_norm=engine.grad_norm(), tokens_per_s=round(tokens_per_s, 1),
+                       mfu=round(util, 5) if util is not None else None, max_mem_mb=round(peak_memory_mb(), 1),
+                       skipped_steps=state.skipped_steps, epoch=epoch, **tr["kmeans"].metrics(model))
+            tr.update(since=now, since_tokens=state.tokens)
+        row.update(time_s=round(state.elapsed(), 3), tokens=state.tokens)
+        return row
+
     @property
     def destinations(self) -> list[Path]:
         """Where each open sink writes (for the run's log)."""
         return [s.where for s in self.sinks]
 
     def log(self, step: int, metrics: dict) -> None:
-        if not self.sinks:
+        """One row: to metrics.jsonl, the sinks, and the job log's line or bar."""
+        self.last = metrics
+        if not self.enabled:
             return
+        if self._file is not None:
+            self._file.write(json.dumps(metrics) + "\n")
+            self._file.flush()
         values = numeric_items(metrics)
         for sink in self.sinks:
             sink.write(step, values)
+        if self._training is not None:
+            self._show(step, metrics)
+
+    def _show(self, step: int, m: dict) -> None:
+        tr = self._training
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix({k: f"{m[k]:.3f}" if k == "loss" else f"{m[k]:.0f}" for k in ("loss", "tokens_per_s")
+                                   if m.get(k) is not None})
+        elif "lr" in m:
+            done = step - tr["start_step"]
+            spent = time.perf_counter() - tr["started"]
+            eta = spent / done * (tr["total"] - step) if done else 0.0
+            parts = [f"step {step}/{tr['total']}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.3g}",
+                     f"grad_norm {m['grad_norm']:.3g}" if m.get("grad_norm") is not None else "grad_norm -",
+                     f"tok/s {m['tokens_per_s']:,.0f}", f"mfu {m['mfu']:.2%}" if m.get("mfu") is not None else "",
+                     f"mem {m['max_mem_mb']:,.0f} MiB", f"elapsed {_clock(m['time_s'])}", f"eta {_clock(eta)}"]
+            tr["log"]("  ".join(p for p in parts if p), flush=True)
+        if "eval_loss" in m and self._bar is None:
+            figures = [f"loss {m['eval_loss']:.4f}", f"ppl {m['eval_perplexity']:.2f}" if "eval_perplexity" in m
+                       else "", f"bits/byte {m['eval_bits_per_byte']:.3f}" if "eval_bits_per_byte" in m else ""]
+            tr["log"](f"eval at step {step}: " + "  ".join(f for f in figures if f), flush=True)
 
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def __enter__(self) -> "Monitor":
         return self

@@ -68,12 +68,12 @@ def test_optimizer_state_step_counts_and_centroids_carry_over(reshaped):
     tmp, _ = reshaped
     ends = [tmp / name / "checkpoints" / f"global_step{STEPS}" for name in ("straight", "reshaped")]
     markers = [ckpt.read_marker(d) for d in ends]
-    assert [(m["engine"], m["zero_stage"]) for m in markers] == [("deepspeed", 1), ("torch", 0)]
+    assert [(m.engine, m.zero_stage) for m in markers] == [("deepspeed", 1), ("torch", 0)]
     from rtdist.config import load_config
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["train.seq_length=64", "model.window_size=16"])
     module = RoutingTransformerLM(cfg.model)
     (tmp / "scratch").mkdir(exist_ok=True)
-    a, b = (reshard.read_portable(d, m, module, tmp / "scratch") for d, m in zip(ends, markers))
+    a, b = (reshard.read_portable(d, m.layout, module, tmp / "scratch") for d, m in zip(ends, markers))
     assert a.step == b.step == STEPS and a.scheduler == b.scheduler
     for field in ("params", "buffers", "exp_avg", "exp_avg_sq"):
         x, y = getattr(a, field), getattr(b, field)
@@ -101,7 +101,7 @@ def test_the_ledger_reads_every_sample_of_the_epochs_order_once(reshaped):
     assert len(ledger) == len(set(ledger)) == STEPS * 4  # no sample twice
     assert ledger == straight  # none skipped: the uninterrupted run's samples, in its order
     marker = ckpt.read_marker(tmp / "reshaped" / "checkpoints" / f"global_step{STEPS}")
-    assert (marker["data"]["epoch"], marker["data"]["position"]) == (0, STEPS * 4)
+    assert (marker.data["epoch"], marker.data["position"]) == (0, STEPS * 4)
 
 
 def test_checkpoint_info_says_what_a_checkpoint_holds_and_resumes_on(reshaped):
@@ -147,13 +147,12 @@ def test_a_resume_that_cannot_work_fails_before_training_naming_the_key_and_what
 def test_the_global_batch_is_kept_on_a_world_it_divides_and_refused_on_one_it_does_not(reshaped):
     from rtdist.config import ConfigError, load_config
     from rtdist.parallel import ParallelDims
-    from rtdist.train import keep_global_batch
     tmp, _ = reshaped
     step_dir = tmp / "reshaped" / "checkpoints" / f"global_step{STEPS}"
     marker = ckpt.read_marker(step_dir)
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["train.train_micro_batch_size_per_gpu=1"])
-    keep_global_batch(step_dir, marker, cfg, ParallelDims(1, 2), log=lambda *a, **k: None)
-    assert cfg.train.gradient_accumulation_steps == 2  # 2 ranks x micro 1 x 2 = 4
+    accumulation = ckpt.kept_accumulation(step_dir, marker, cfg.train, ParallelDims(1, 2), log=lambda *a, **k: None)
+    assert accumulation == 2  # 2 ranks x micro 1 x 2 = 4
     with pytest.raises(ConfigError, match=r"x data-parallel size \(3 = world 3 / parallel.sequence_parallel_size 1\); "
                                           r"with micro batch 1 it needs a data-parallel size in \[1, 2, 4\]"):
-        keep_global_batch(step_dir, marker, cfg, ParallelDims(1, 3), log=lambda *a, **k: None)
+        ckpt.kept_accumulation(step_dir, marker, cfg.train, ParallelDims(1, 3), log=lambda *a, **k: None)

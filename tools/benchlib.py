@@ -34,13 +34,13 @@ from __future__ import annotations
 import math
 import os
 import resource
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
 from rtdist.config import MODEL_LIMITS, TRAIN_LIMITS, ConfigError, ModelConfig, layer_head_split, validate_model
 from rtdist.errors import UsageError, bounded
+from rtdist.flops import matmul_rate, model_flops  # noqa: F401  (the tools' FLOP counts are the library's)
 
 MB = 2 ** 20
 
@@ -183,40 +183,6 @@ def tree_rss_bytes(pid: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- compute
-
-
-def matmul_rate(n: int = 4096, reps: int = 3) -> float:
-    """Measured fp32 matmul FLOP/s on an n x n product."""
-    import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
-def model_flops(cfg: ModelConfig, n: int, batch: int) -> float:
-    """Matmul FLOPs of one forward+backward (3x forward) of the LM on ``batch`` x ``n`` tokens: the attention FLOPs
-    the causal attention needs (no masked-out work counted)."""
-    d, hd, H = cfg.d_model, cfg.head_dim or cfg.d_model // cfg.n_heads, cfg.n_heads
-    hidden = int(d * cfg.ff_mult)
-    per_token = 0.0
-    for n_local in layer_head_split(cfg):
-        if cfg.attention_type in ("full", "full_naive"):
-            n_local, n_routing, proj = 0, 0, 4 * d * H * hd
-            attn = H * hd * 2 * (n / 2)  # causal: on average n/2 keys, QK^T and PV
-        else:
-            n_routing = H - n_local
-            proj = d * H * hd * (4 if not (cfg.shared_qk and n_routing) else 3) + (d * n_local * hd if cfg.shared_qk and n_routing else 0)
-            lw = cfg.local_window_size or cfg.window_size
-            # a query sees its own block causally (on average half of it) and the whole block before: 1.5 blocks
-            attn = n_local * hd * 2 * (1.5 * lw) + n_routing * hd * 2 * (1.5 * cfg.window_size)
-            attn += n_routing * hd * cfg.num_clusters  # nearest-centroid scores
-        ff = d * hidden * (3 if cfg.ff_glu else 2)
-        per_token += proj + ff + attn
-    per_token += d * cfg.vocab_size  # tied output projection
-    return 3 * 2 * per_token * n * batch
 
 
 def fit_exponent(xs: Iterable[float], ys: Iterable[float]) -> Optional[float]:

@@ -40,10 +40,10 @@ from rtdist.config import MAX_SEED, ModelConfig, build, load_yaml, merge, parse_
 from rtdist.data import ShardLoader, build_demo_corpus, load_manifest, preprocess
 from rtdist.errors import ConfigError, TrainingError
 from rtdist.evaluate import bytes_per_token, evaluate, with_bytes
-from rtdist.model import RoutingTransformerLM, count_parameters, lm_loss
+from rtdist.model import RoutingTransformerLM, count_parameters
 from rtdist.parallel.engines import TorchEngine
 from rtdist.parallel.optim import OptimConfig, lr_lambda
-from rtdist.train import drop_step, train_step
+from rtdist.train import train_step
 
 from study_report import markdown_report, write_plot
 
@@ -304,23 +304,6 @@ def lr_at(step: int, spec: TrainSpec) -> float:
     return spec.lr * lr_lambda(optim_config(spec))(step)
 
 
-def answers_step(engine, model, tokens: torch.Tensor, answers: torch.Tensor) -> Optional[float]:
-    """:func:`rtdist.train.train_step` for one micro-batch, with the loss on the answer targets only (``answers``
-    [B, n] marks them). The library's step scores every target; the retrieval task's ``train.loss: answers`` scores
-    only the query answers, the one part of a sequence that is not random filler or bookkeeping. Returns the loss,
-    or None when it was not finite (the step dropped)."""
-    with engine.autocast():
-        logits, aux = engine.model(tokens[:, :-1])
-        loss = lm_loss(logits, tokens[:, 1:], answers)
-    if not torch.isfinite(loss).item():
-        drop_step(engine, model)
-        return None
-    engine.backward(loss + aux)
-    engine.step()
-    model.update_kmeans()
-    return loss.item()
-
-
 def train_loop(model, spec: TrainSpec, next_batch: Callable[[int], tuple], evaluate_fn: Callable[[], dict],
                every: int, log: Callable[[str], None], name: str, bar=None) -> dict:
     """Train ``model`` as rtdist does on one process (:class:`TorchEngine`: AdamW, warmup + cosine, clipping;
@@ -339,10 +322,9 @@ def train_loop(model, spec: TrainSpec, next_batch: Callable[[int], tuple], evalu
     try:
         for step in range(total):
             tokens, answers = next_batch(step)
-            if answers is None:
-                loss = train_step(engine, model, [tokens])
-            else:
-                loss = answers_step(engine, model, tokens, answers)
+            # the retrieval task's train.loss: answers scores only the query answers (``answers`` [B, n]), the one
+            # part of a sequence that is not random filler or bookkeeping
+            loss = train_step(engine, model, [tokens], loss_masks=None if answers is None else [answers])
             if loss is None:
                 raise TrainingError(f"variant {name}: non-finite training loss at step {step + 1}: lower the task's "
                                     f"train.lr or raise its train.warmup")

@@ -527,21 +527,14 @@ def shard_problem(manifest: dict, shard: dict, full: bool) -> str | None:
     return None
 
 
-def check_shards(manifest: dict, splits=None, mode: str = "quick", shards=None, progress=None) -> None:
-    """Pre-flight check of the shards a manifest lists, before training reads them (``data.verify``):
-
-    - ``quick``: every shard is present, its size is the manifest's, its first and last member's tar and npy
-      headers are valid and its tar end is zeros (a few KB read per shard);
-    - ``full``: also every member and the sha256 of the whole file (reads everything);
-    - ``off``: nothing.
-
-    ``splits`` (default: all) picks the shards; ``shards`` (entries or names among them) checks only those, e.g.
-    this rank's slice of ``manifest_shards(manifest, splits)``. Raises one ``CorruptShardError`` naming every bad
-    shard and what is wrong with it."""
+def shard_problems(manifest: dict, splits=None, mode: str = "quick", shards=None, progress=None) -> list[str]:
+    """One line per bad shard (path: what is wrong) among the shards of ``splits`` (default: all), or only
+    ``shards`` (entries or names among them, e.g. this rank's slice of ``manifest_shards(manifest, splits)``), by
+    the ``mode`` check of :func:`check_shards`."""
     if mode not in VERIFY_MODES:
         raise DataError(f"verify mode {mode!r}: expected one of {', '.join(VERIFY_MODES)}")
     if mode == "off":
-        return
+        return []
     listed = manifest_shards(manifest, splits)
     if shards is None:
         todo = listed
@@ -560,13 +553,32 @@ def check_shards(manifest: dict, splits=None, mode: str = "quick", shards=None, 
             bad.append(f"{manifest_dir(manifest) / shard['name']}: {problem}")
         if progress is not None:
             progress.update(shard["bytes"])
+    return bad
+
+
+def corrupt_shards_message(manifest: dict, bad: list[str], checked: int, mode: str) -> str:
+    """What :func:`check_shards` says of the ``bad`` lines among ``checked`` shards (without the remedy)."""
+    shown = "; ".join(bad[:MAX_LISTED]) + (f"; ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED
+                                            else "")
+    return f"{len(bad)} of {checked} shards of {manifest['manifest_path']} failed the {mode} check: {shown}"
+
+
+def check_shards(manifest: dict, splits=None, mode: str = "quick", shards=None, progress=None) -> None:
+    """Pre-flight check of the shards a manifest lists, before training reads them (``data.verify``):
+
+    - ``quick``: every shard is present, its size is the manifest's, its first and last member's tar and npy
+      headers are valid and its tar end is zeros (a few KB read per shard);
+    - ``full``: also every member and the sha256 of the whole file (reads everything);
+    - ``off``: nothing.
+
+    ``splits`` and ``shards`` pick the shards as in :func:`shard_problems`. Raises one ``CorruptShardError`` naming
+    every bad shard and what is wrong with it."""
+    bad = shard_problems(manifest, splits, mode, shards, progress)
     if bad:
-        shown = "; ".join(bad[:MAX_LISTED]) + (f"; ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED
-                                                else "")
-        raise CorruptShardError(
-            f"{len(bad)} of {len(todo)} shards of {manifest['manifest_path']} failed the {mode} check: {shown}. "
-            "Re-run tools/preprocess.py with the same flags to rewrite them, or set data.skip_corrupt: true to "
-            "train without them")
+        checked = len(shards) if shards is not None else len(manifest_shards(manifest, splits))
+        raise CorruptShardError(f"{corrupt_shards_message(manifest, bad, checked, mode)}. Re-run tools/preprocess.py "
+                                f"with the same flags to rewrite them, or set data.skip_corrupt: true to train "
+                                f"without them")
 
 
 def verify_shards(manifest: dict, splits=None, progress=None) -> list[str]:

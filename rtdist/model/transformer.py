@@ -287,22 +287,28 @@ class RoutingTransformerLM(nn.Module):
         """The last block's output [B, n, d_model] -> logits [B, n, vocab]."""
         return F.linear(self.head_input(x), self.head_weight)
 
-    def loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token cross-entropy of the last block's output ``x`` [B, n, d_model] against ``targets`` [B, n] (fp32;
         ``reduction`` "mean" or "sum"), without logits for the whole sequence: the head runs over chunks of
-        ``cfg.loss_chunk_size`` tokens (:func:`chunked_lm_loss`). Equal to ``lm_loss(self.logits(x), targets)``."""
+        ``cfg.loss_chunk_size`` tokens (:func:`chunked_lm_loss`). Equal to ``lm_loss(self.logits(x), targets,
+        mask)``: ``mask`` [B, n] bool scores only its True targets (the mean is over them)."""
         h = self.head_input(x)
-        total = chunked_lm_loss(h.reshape(-1, h.shape[-1]), self.head_weight, targets.reshape(-1),
-                                self.cfg.loss_chunk_size)
-        return total / targets.numel() if reduction == "mean" else total
+        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        count = targets.numel()
+        if mask is not None:
+            keep = mask.reshape(-1)
+            h, targets, count = h[keep], targets[keep], keep.sum().clamp(min=1)
+        total = chunked_lm_loss(h, self.head_weight, targets, self.cfg.loss_chunk_size)
+        return total / count if reduction == "mean" else total
 
     def forward(self, tokens: torch.Tensor, valid: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
-                reduction: str = "mean"):
+                reduction: str = "mean", loss_mask: Optional[torch.Tensor] = None):
         """``tokens`` [B, n] long; ``valid`` [B, n] bool (False = padding, kept out of k-means);
         ``positions`` [n] absolute positions (default 0..n-1). Returns (logits [B, n, vocab], aux), or with
         ``targets`` [B, n] (loss, aux): the loss of :meth:`loss` (training and evaluation ask for this, so the
-        logits of the whole sequence never exist)."""
+        logits of the whole sequence never exist); ``loss_mask`` [B, n] bool: the targets it scores."""
         x = self.embed(tokens)
         rope = self.rope(torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions)
         aux = x.new_zeros((), dtype=torch.float32)
@@ -310,7 +316,7 @@ class RoutingTransformerLM(nn.Module):
             x, a = layer(x, rope, valid)
             aux = aux + a
         if targets is not None:
-            return self.loss(x, targets, reduction), aux
+            return self.loss(x, targets, reduction, loss_mask), aux
         return self.logits(x), aux
 
     # ---------------------------------------------------------------------------------------------- k-means

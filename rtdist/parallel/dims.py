@@ -69,9 +69,14 @@ class ParallelDims:
     def dp_group(self):
         return self.mesh["dp"].get_group() if self.mesh is not None else None
 
+    def global_batch(self, micro_batch: int, accumulation: int) -> int:
+        """Samples per optimizer step: data-parallel replicas x micro batch x accumulation (sequence-parallel ranks
+        share their samples)."""
+        return micro_batch * accumulation * self.dp
+
     def check_batch(self, micro_batch: int, accumulation: int, train_batch_size: Optional[int]) -> None:
         """The global batch triple against the data-parallel size."""
-        derived = micro_batch * accumulation * self.dp
+        derived = self.global_batch(micro_batch, accumulation)
         if train_batch_size is not None and train_batch_size != derived:
             raise ConfigError(f"train.train_batch_size ({train_batch_size}) must equal train_micro_batch_size_per_gpu "
                               f"({micro_batch}) x gradient_accumulation_steps ({accumulation}) x data-parallel size "

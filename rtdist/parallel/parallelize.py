@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import Config, checkpoint_policy
-from ..monitor import without_sinks
+from ..config import Config, checkpoint_policy, without_sinks
 from .checkpointing import apply_activation_checkpointing, apply_activation_offload
 from .compile import apply_compile, compile_enabled
 from .dims import ParallelDims
