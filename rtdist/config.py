@@ -419,6 +419,12 @@ def validate_model(m: ModelConfig, seq_length: Optional[int] = None) -> None:
                    f"model.window_size ({m.window_size}) cannot exceed train.seq_length ({seq_length}) in topk mode")
 
 
+def sequence_parallel_sizes(seq_length: int, window: int) -> list[int]:
+    """The sequence-parallel sizes a sequence of ``seq_length`` splits into: each rank's slice a whole number of
+    attention windows (the larger of the local and the routing window)."""
+    return [d for d in range(1, seq_length // window + 1) if seq_length % (d * window) == 0]
+
+
 def checkpoint_policy(t: TrainConfig) -> str:
     """The activation checkpointing policy: ``train.checkpoint_policy``, else "full" if
     ``train.checkpoint_activations``, else "none"."""
@@ -460,8 +466,8 @@ def validate(cfg: Config) -> None:
     sp = cfg.parallel.sequence_parallel_size
     if sp > 1:
         w = max(cfg.model.window_size, cfg.model.local_window_size or cfg.model.window_size)
-        fits = [d for d in range(1, t.seq_length // w + 1) if t.seq_length % (d * w) == 0]
-        _check(t.seq_length % (sp * w) == 0,
+        fits = sequence_parallel_sizes(t.seq_length, w)
+        _check(sp in fits,
                f"train.seq_length ({t.seq_length}) must be divisible by parallel.sequence_parallel_size x window "
                f"({sp} x {w}): use parallel.sequence_parallel_size in {fits}, or a train.seq_length that is a "
                f"multiple of {sp * w}")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .checkpoint.store import complete_steps
 from .errors import RtdistError
 
 
@@ -31,25 +32,12 @@ from .errors import RtdistError
 class RunDir:
     path: Path
 
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def export(self) -> Path:
-        return self.path / "model.safetensors"
-
-    @property
-    def result(self) -> Path:
-        return self.path / "result.json"
+    # The files of a run, by what they hold.
+    config = property(lambda self: self.path / "config.yaml", doc="the resolved config of the last segment")
+    metrics = property(lambda self: self.path / "metrics.jsonl", doc="one JSON row per logged step")
+    checkpoints = property(lambda self: self.path / "checkpoints", doc="DeepSpeed's layout (rtdist.checkpoint)")
+    export = property(lambda self: self.path / "model.safetensors", doc="the fp32 export of a completed run")
+    result = property(lambda self: self.path / "result.json", doc="how the last segment ended")
 
     def create(self) -> None:
         try:
@@ -66,7 +54,6 @@ class RunDir:
 
     def earlier_run(self) -> Optional[str]:
         """What an earlier run left here, in words (its last complete checkpoint first); None when nothing."""
-        from .checkpoint import complete_steps
         steps = complete_steps(self.checkpoints) if self.path.is_dir() else []
         left = [f"last complete checkpoint {self.checkpoints / f'global_step{steps[-1]}'}" if steps else
                 "no complete checkpoint"]

@@ -96,3 +96,27 @@ def test_batch_triple_must_match_world():
                                        t.train_batch_size)
     with pytest.raises(ConfigError, match="world size 3 is not divisible"):
         ParallelDims(2, 3)
+
+
+def test_every_key_is_documented_once_and_help_config_prints_them_all():
+    import dataclasses
+    import subprocess
+    import sys
+
+    from rtdist.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig
+    undocumented = [f"{cls.__name__}.{f.name}" for cls in (Config, ModelConfig, DataConfig, TrainConfig, ParallelConfig)
+                    for f in dataclasses.fields(cls) if not f.metadata.get("help") and cls is not Config]
+    assert undocumented == []
+    out = subprocess.run([sys.executable, "-m", "rtdist.train", "--help-config"], capture_output=True, text=True,
+                         check=True).stdout
+    for cls, section in ((ModelConfig, "model"), (DataConfig, "data"), (TrainConfig, "train")):
+        for f in dataclasses.fields(cls):
+            assert f"  {section}.{f.name} (" in out
+    assert "  train.keep_last (int or null, default None): complete checkpoints to keep" in out
+
+
+def test_the_keys_a_resume_must_match_are_the_models_shape():
+    from rtdist.config import shape_keys
+    assert shape_keys() == ["vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "emb_dim", "attention_type",
+                            "n_local_attn_heads", "routing_layers", "num_clusters", "shared_qk", "ff_mult", "ff_glu",
+                            "pos_emb", "tie_embedding"]

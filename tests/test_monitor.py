@@ -115,3 +115,54 @@ def test_wandb_writes_an_offline_run_in_the_run_dir(tmp_path, monkeypatch):
     log_all(Monitor(tmp_path, {"wandb": {"enabled": True, "project": "p", "group": "g"}}, enabled=True), STEPS)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def training_monitor(tmp_path, lines, progress=False, **sets):
+    import torch
+
+    from rtdist.checkpoint import TrainState
+    from rtdist.config import load_config
+    cfg = load_config("configs/tiny.yaml", ["train.log_interval=2", "train.train_iters=4", "train.seq_length=64",
+                                            "model.window_size=16", *[f"{k}={v}" for k, v in sets.items()]])
+    state = TrainState()
+    monitor = Monitor.for_training(tmp_path, cfg, 1, True, state, torch.device("cpu"), progress=progress,
+                                   log=lambda line, **k: lines.append(line))
+    return cfg, state, monitor
+
+
+def test_a_training_run_logs_throughput_memory_and_mfu_to_every_sink_and_one_plain_line_per_log_step(tmp_path):
+    import json
+    import re
+    from types import SimpleNamespace
+
+    from rtdist.model import RoutingTransformerLM
+    lines = []
+    cfg, state, monitor = training_monitor(tmp_path, lines)
+    model = RoutingTransformerLM(cfg.model)
+    engine = SimpleNamespace(lr=lambda: 1e-3, grad_norm=lambda: 0.5)
+    with monitor:
+        for _ in range(4):
+            state.stepped(4 * 64)
+            monitor.log(state.step, monitor.step_row(state, 2.0, engine, model, epoch=0))
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and logged[0].keys() == {"step", "loss", "time_s", "tokens"}
+    full = logged[1]
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "max_mem_mb", "skipped_steps", "epoch"} <= full.keys()
+    assert 0 < full["mfu"] < 1 and full["tokens_per_s"] > 0 and full["tokens"] == 2 * 256
+    assert any(k.startswith("kmeans_l") for k in full)
+    assert {"train/mfu", "train/tokens_per_s", "train/max_mem_mb"} <= set(scalars(tmp_path / "tensorboard"))
+    step_lines = [x for x in lines if x.startswith("step ")]
+    assert len(step_lines) == 2 and not any("\r" in x for x in lines)
+    assert re.fullmatch(r"step 2/4  loss 2\.0000  lr 0\.001  grad_norm 0\.5  tok/s [\d,]+  mfu \d+\.\d\d%  "
+                        r"mem [\d,]+ MiB  elapsed 0:00:\d\d  eta 0:00:\d\d", step_lines[0]), step_lines[0]
+    assert lines[0].startswith("mfu: against ") and "measured fp32 matmul of this CPU" in lines[0]
+
+
+def test_with_a_progress_bar_the_job_log_gets_no_step_lines(tmp_path):
+    lines = []
+    _, state, monitor = training_monitor(tmp_path, lines, progress=True)
+    with monitor:
+        state.stepped(256)
+        monitor.log(1, {"step": 1, "loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0, "mfu": 0.1,
+                        "max_mem_mb": 5.0, "time_s": 1.0, "tokens": 256})
+    assert not [x for x in lines if x.startswith("step ")]

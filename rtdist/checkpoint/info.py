@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import sequence_parallel_sizes
 from ..errors import ArgumentParser, CheckpointError, cli_main
 from ..parallel.reshard import whole_files
 from .marker import MARKER, Marker, marker_or_problem, read_marker
@@ -29,7 +30,7 @@ def resume_shapes(marker: Marker) -> list[str]:
                      f"{[d for d in range(1, batch + 1) if batch % d == 0]} with a smaller one")
     seq, w = t.get("seq_length"), max(m.get("window_size") or 1, m.get("local_window_size") or 1)
     if seq:
-        lines.append(f"parallel.sequence_parallel_size {[s for s in range(1, seq // w + 1) if seq % (s * w) == 0]} "
+        lines.append(f"parallel.sequence_parallel_size {sequence_parallel_sizes(seq, w)} "
                      f"(train.seq_length {seq}, window {w}); world = data-parallel size x that")
     return lines
 

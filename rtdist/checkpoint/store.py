@@ -204,9 +204,10 @@ def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
     a save: no rank reads an older one then). The one ``latest`` names is never removed. Each goes by a rename to a
     ``.stale-`` name first, so a crash mid-removal leaves debris the next save cleans, never a checkpoint that
     looks complete and is not. Returns the names removed."""
-    keep = set(candidates(ckpt_dir)[:keep_last]) | {_latest_named(ckpt_dir)}
+    steps = complete_steps(ckpt_dir)
+    keep = {ckpt_dir / f"global_step{s}" for s in steps[-keep_last:]} | {_latest_named(ckpt_dir)}
     removed = []
-    for step in complete_steps(ckpt_dir):
+    for step in steps:
         path = ckpt_dir / f"global_step{step}"
         if path in keep:
             continue
