@@ -35,7 +35,7 @@ from .data.prefetch import DevicePrefetcher
 from .data.shards import CorruptShardError, corrupt_shards_message, manifest_shards, shard_problems
 from .errors import (ArgumentParser, PeerTimeoutError, RtdistError, TrainingError, UsageError, cli_main,
                      is_peer_failure)
-from .evaluate import bytes_per_token, evaluate, with_bytes
+from .evaluate import evaluate, with_text_figures
 from .export import export_safetensors
 from .fileio import atomic_write_text
 from .launcher import nccl_env
@@ -308,29 +308,46 @@ def check_nonfinite_streak(state: TrainState, limit: int, rd: RunDir) -> None:
 
 class Evaluator:
     """Periodic and final evaluation on ``data.eval_split``, bounded by the watchdog (the first one gets the
-    start-up bound) and abandoned, on every rank at once, by a stop signal."""
+    start-up bound) and abandoned, on every rank at once, by a stop signal.
+
+    Every evaluation scores the same tokens: the first ``eval_iters x micro batch x data-parallel size`` windows of
+    the split's fixed evaluation order (:mod:`rtdist.data.evalset`), split between the ranks with padding, never
+    repeating one; ``python -m rtdist.evaluate --max-batches eval_iters x dp --batch-size micro`` scores them too."""
 
     def __init__(self, cfg: Config, dims: ParallelDims, engine, device, manifest: dict, stop: StopRequest,
                  watchdog: Watchdog):
+        from .data.evalset import EvalWindows
         self.cfg, self.dims, self.engine, self.device, self.stop, self.watchdog = cfg, dims, engine, device, stop, \
             watchdog
-        self.loader = build_loader(cfg, cfg.data.eval_split, dims.dp_rank, dims.dp, train=False)
-        self.bytes_per_token = bytes_per_token(manifest, cfg.data.eval_split)
+        t = cfg.train
+        if manifest["seq_length"] < t.seq_length:
+            raise ConfigError(f"train.seq_length ({t.seq_length}) exceeds the shards' seq_length "
+                              f"({manifest['seq_length']}) in {cfg.data.manifest}")
+        self.windows = EvalWindows(manifest, cfg.data.eval_split, t.seq_length, None,
+                                   t.train_micro_batch_size_per_gpu, dims.dp_rank, dims.dp,
+                                   max_windows=t.eval_iters * t.train_micro_batch_size_per_gpu * dims.dp)
+        self.manifest = manifest
         self.runs = 0
 
     def due(self, step: int) -> bool:
         return step % self.cfg.train.eval_interval == 0
 
     def run(self, step: int) -> Optional[dict]:
-        """The eval metrics, or None when a stop signal abandoned the evaluation."""
+        """The periodic eval metrics (numbers only, for metrics.jsonl), or None when a stop signal abandoned it."""
+        m = self.final(step)
+        if m is not None:
+            m.pop("loss_by_position")  # a list; result.json's final evaluation keeps it
+        return m
+
+    def final(self, step: int) -> Optional[dict]:
+        """The eval metrics with the loss by position, or None when a stop signal abandoned the evaluation."""
         t = self.cfg.train
         self.runs += 1
         with self.watchdog.phase("eval", step, t.startup_timeout_s if self.runs == 1 else None):
-            m = evaluate(self.engine.model, self.loader, t.eval_iters, seq_length=t.seq_length,
-                         autocast=self.engine.autocast(), device=str(self.device),
+            m = evaluate(self.engine.model, self.windows, autocast=self.engine.autocast(), device=str(self.device),
                          dims=self.dims if self.dims.sp_enabled else None,
                          should_stop=lambda: self.stop.agreed(rdist.all_reduce_max))
-        return with_bytes(m, self.bytes_per_token) if m is not None else None
+        return with_text_figures(m, self.manifest, self.cfg.data.eval_split) if m is not None else None
 
 
 def finish(status: str, state: TrainState, step_dir: Path, engine, evaluator: Optional[Evaluator], last: dict,
@@ -345,7 +362,7 @@ def finish(status: str, state: TrainState, step_dir: Path, engine, evaluator: Op
                 export_safetensors(weights, rd.export, {"step": state.step})
                 result["export"] = str(rd.export)
         if evaluator is not None:
-            ev = evaluator.run(state.step)
+            ev = evaluator.final(state.step)
             if ev is None:  # the checkpoint and the export are complete: a resubmission only evaluates
                 result["status"] = f"stopped by {stop.received or 'a signal on another rank'} during the final evaluation"
             else:

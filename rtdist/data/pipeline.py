@@ -36,6 +36,7 @@ from .shards import (BLOCK, SampleLayout, ShardWriter, build_manifest, find_shar
                      os_error_at, shard_capacity, shard_name, token_dtype, write_json_atomic)
 from .sources import (SPLITS, Item, ReadConfig, Report, discover, group_items, init_reader, iter_texts, one_line,
                       plan_items, read_task, utf8_error)
+from .textstats import split_text_stats
 from .tokenizers import BytesTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 
@@ -476,6 +477,7 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
                 report.add("empty_splits", s, detail=f"{stats['corpus_tokens']} tokens < seq_length + 1, no sample")
             split_out[s] = {**stats, "shards": shards[s],
                             "files": [{"path": e.path, "bytes": e.size} for e in entries[s]]}
+            split_out[s].update(split_text_stats(entries[s], json_keys))  # words: word-level perplexity
         bar.update(total_bytes - bar.n)
     except BaseException:
         if writer is not None:

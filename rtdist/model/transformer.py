@@ -292,8 +292,11 @@ class RoutingTransformerLM(nn.Module):
         """Token cross-entropy of the last block's output ``x`` [B, n, d_model] against ``targets`` [B, n] (fp32;
         ``reduction`` "mean" or "sum"), without logits for the whole sequence: the head runs over chunks of
         ``cfg.loss_chunk_size`` tokens (:func:`chunked_lm_loss`). Equal to ``lm_loss(self.logits(x), targets,
-        mask)``: ``mask`` [B, n] bool scores only its True targets (the mean is over them)."""
+        mask)``: ``mask`` [B, n] bool scores only its True targets (the mean is over them). ``reduction="none"``
+        (evaluation, no gradient): every target's loss, [B, n] fp32, ``mask`` ignored."""
         h = self.head_input(x)
+        if reduction == "none":
+            return token_losses(h, self.head_weight, targets, self.cfg.loss_chunk_size)
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         count = targets.numel()
         if mask is not None:
@@ -452,6 +455,26 @@ def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         h, weight = h.to(dtype), weight.to(dtype)
     with torch.autocast(dev, enabled=False):
         return _ChunkedLMLoss.apply(h, weight, targets, chunk if chunk > 0 else max(1, h.shape[0]))
+
+
+@torch.no_grad()
+def token_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Cross-entropy of every target (fp32, shaped like ``targets``) of ``F.linear(h, weight)``, over chunks of
+    ``chunk`` rows as :func:`chunked_lm_loss` (same dtypes), so at most one chunk's logits exist."""
+    shape = targets.shape
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        h, weight = h.to(dtype), weight.to(dtype)
+    chunk = chunk if chunk > 0 else max(1, h.shape[0])
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    with torch.autocast(dev, enabled=False):
+        for start in range(0, h.shape[0], chunk):
+            logits = (h[start:start + chunk] @ weight.T).float()
+            tc = targets[start:start + chunk]
+            out[start:start + chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, tc[:, None])[:, 0]
+    return out.reshape(shape)
 
 
 def count_parameters(model: nn.Module) -> int:
