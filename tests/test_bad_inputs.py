@@ -535,9 +535,15 @@ ROWS += [
 CHECKPOINT = ("--checkpoint", "run")  # the flags fail before the run is looked at
 ROWS += flag_rows(EV, [
     ("--batch-size", "99999999", INT_IN + "[1, 1,048,576], got '99999999'"), ("--batch-size", "two", "must be an integer"),
-    ("--max-batches", "0", "must be an integer >= 1, got '0'"), ("--num-workers", "-1", INT_IN + "[0, 256], got '-1'"),
-    ("--num-workers", "5000", INT_IN + "[0, 256]"),
+    ("--max-batches", "0", "must be an integer >= 1, got '0'"), ("--stride", "0", "must be an integer >= 1, got '0'"),
+    ("--seq-length", "0", INT_IN + "[1, "),
 ], CHECKPOINT)
+ROWS += [
+    ("evaluate-stride-past-the-window", finished_run, EV, ["--checkpoint", "run", "--stride", "100000"],
+     "--stride 100000 must be in 1..64 (the sequence length)"),
+    ("evaluate-preset-unknown-key", lambda t: write_files(t, {"e.yaml": "strid: 4\n"}), EV,
+     ["--checkpoint", "run", "--config", "e.yaml"], "--config e.yaml: unknown key(s) ['strid']"),
+]
 ROWS += flag_rows(GE, [
     ("--temperature", "-0.5", "must be a number in [0, 1,000,000], got '-0.5'"),
     ("--temperature", "nan", "must be a number in [0, 1,000,000], got 'nan'"),

@@ -288,3 +288,8 @@ def test_periodic_final_and_command_line_evaluations_agree(manifest, tmp_path):
     assert periodic[-1]["eval_loss"] == pytest.approx(final["loss"], abs=1e-6)
     assert cli["loss"] == pytest.approx(final["loss"], abs=1e-6) and cli["tokens"] == final["tokens"]
     assert "eval_word_perplexity" in periodic[-1] and final["loss_by_position"]
+
+
+def test_the_pg19_preset_scores_the_whole_test_split_with_a_quarter_stride():
+    from rtdist.evaluate import load_preset
+    assert load_preset(ROOT / "configs" / "eval" / "pg19.yaml") == {"split": "test", "stride": 2048, "batch_size": 1}

@@ -115,3 +115,16 @@ def test_a_command_that_cannot_work_says_why_in_one_line(tmp_path, capsys, argv,
     assert cli_main(plot_runs.main, [a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and all(w in err[0] for w in words), err
+
+
+def test_the_runs_loss_by_position_is_drawn_on_one_plot(two_runs, tmp_path, capsys):
+    """From each run's final evaluation (result.json); a run without one is named with what to do."""
+    out, positions = tmp_path / "cmp.png", tmp_path / "pos.png"
+    assert plot_runs.main([str(two_runs[0]), str(two_runs[1]), "--out", str(out), "--positions", str(positions)]) == 0
+    assert positions.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "loss by position: fast, slow" in capsys.readouterr().out
+    final = json.loads((two_runs[0] / "result.json").read_text())["eval"]
+    assert sum(r["tokens"] for r in final["loss_by_position"]) == final["tokens"]
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(Exception, match="empty.json has no loss_by_position"):
+        plot_runs.positions_of([two_runs[0]], ["fast"], [tmp_path / "empty.json"])

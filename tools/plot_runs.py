@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Overlay training runs in one PNG and print a comparison table.
 
-    python tools/plot_runs.py runs/a runs/b [--out runs.png] [--labels A B] [--smooth 0.6]
+    python tools/plot_runs.py runs/a runs/b [--out runs.png] [--labels A B] [--smooth 0.6] \
+        [--positions positions.png [--eval a.json b.json]]
 
 Reads each run directory's metrics.jsonl (and config.yaml for the tokens per step of runs that do not log
 ``tokens``). Three panels: loss against step, against tokens trained (log scale) and against wall time; the loss
@@ -10,6 +11,10 @@ same curves. A run that is still training can be plotted: a half-written last li
 
 Runs written before ``time_s`` and ``tokens`` were logged: tokens are step x tokens per step (from config.yaml and
 the data-parallel size its checkpoints record), and such a run has no wall-time curve.
+
+``--positions PNG`` draws the runs' loss by position in the context (the mean loss of the targets that see 1,
+2-3, 4-7, ... tokens) on one plot: from each run's final evaluation (``result.json``), or from the files of
+``python -m rtdist.evaluate --output`` given with ``--eval`` (one per run, e.g. the same split and stride for all).
 """
 from __future__ import annotations
 
@@ -239,6 +244,11 @@ def main(argv=None) -> int:
     p.add_argument("--smooth", type=float, default=0.6,
                    help="TensorBoard-style smoothing of the train loss in [0, 1) (0 = off; raw points stay faint)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--positions", type=Path, default=None,
+                   help="also draw the runs' loss by position in the context to this PNG")
+    p.add_argument("--eval", nargs="+", type=Path, default=None, metavar="EVAL_JSON",
+                   help="with --positions: rtdist.evaluate --output files, one per run (default: result.json's "
+                        "final evaluation)")
     p.add_argument("--debug", action="store_true", help="show the traceback of every error")
     args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
@@ -268,7 +278,33 @@ def main(argv=None) -> int:
             print(f"  {r.label}: {'; '.join(notes)}")
     print(f"wrote {args.out} ({len(runs)} run{'s' if len(runs) > 1 else ''}: loss vs step, tokens and wall time; "
           f"{sum(len(r.evals) for r in runs)} eval points)")
+    if args.positions:
+        curves = positions_of(args.runs, labels, args.eval)
+        from rtdist.evaluate import plot_loss_by_position
+        plot_loss_by_position(curves, args.positions)
+        print(f"wrote {args.positions} (loss by position: {', '.join(curves)})")
     return 0
+
+
+def positions_of(run_dirs: list[Path], labels: list[str], eval_files: Optional[list[Path]]) -> dict:
+    """label -> loss_by_position rows, from ``eval_files`` (one per run) or each run's result.json."""
+    if eval_files is not None and len(eval_files) != len(run_dirs):
+        raise UsageError(f"--eval has {len(eval_files)} files for {len(run_dirs)} runs: give one per run")
+    curves = {}
+    for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
+        path = eval_files[i] if eval_files else run_dir / "result.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read it ({e})") from None
+        rows = (data.get("eval") or {}).get("loss_by_position") if not eval_files else data.get("loss_by_position")
+        if not rows:
+            raise DataError(f"{path} has no loss_by_position: " + ("evaluate the run with python -m rtdist.evaluate "
+                            "--output FILE and pass it with --eval" if not eval_files else
+                            "write it with python -m rtdist.evaluate --output"))
+        stride = f", stride {data['stride']}" if eval_files and "stride" in data else ""
+        curves[f"{label}{stride}"] = rows
+    return curves
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from tqdm import tqdm
 from rtdist.config import MAX_SEED, ModelConfig, build, load_yaml, merge, parse_override, validate_model
 from rtdist.data import ShardLoader, build_demo_corpus, load_manifest, preprocess
 from rtdist.errors import ConfigError, TrainingError
-from rtdist.evaluate import bytes_per_token, evaluate, with_bytes
+from rtdist.data.evalset import EvalWindows
+from rtdist.evaluate import bytes_per_token, evaluate, plot_loss_by_position, with_bytes, with_text_figures
 from rtdist.model import RoutingTransformerLM, count_parameters
 from rtdist.parallel.engines import TorchEngine
 from rtdist.parallel.optim import OptimConfig, lr_lambda
@@ -177,6 +178,9 @@ class EvalSpec:
     # text only: also score this many positions per validation sample, each from its prefix alone for a model
     # that is not causal (topk routing), so that every variant has one honest, comparable number
     sampled_positions: int = 16
+    # text only: after training, score the first this many validation targets at stride = the sequence length and
+    # at a quarter of it (every token once, fixed order), with the loss by position (0 = off)
+    final_targets: int = 0
 
 
 @dataclass
@@ -482,13 +486,20 @@ def run_text(study: Study, variant: str, manifest_path: str, log, bar=None) -> d
     def next_batch(step):
         return next(stream), None
 
+    val = EvalWindows(manifest, "validation", spec.seq_length, None, spec.eval.batch_size,
+                      max_windows=spec.eval.batches * spec.eval.batch_size)  # the same windows every time
+
     def evaluate_fn():
-        val = ShardLoader(manifest_path, "validation", spec.eval.batch_size, num_workers=0, seed=study.seed,
-                          shuffle=False, policy="wrap")  # fresh each time: the same first batches
-        m = with_bytes(evaluate(model, val, max_batches=spec.eval.batches), bpt)
+        m = with_bytes(evaluate(model, val), bpt)
         return {"val_loss": m["loss"], "val_bpb": m.get("bits_per_byte", m["bits_per_token"])}
 
     out = train_loop(model, spec.train, next_batch, evaluate_fn, spec.eval.every, log, variant, bar)
+    if spec.eval.final_targets:
+        out["final_eval"] = {}
+        for stride in (spec.seq_length, spec.seq_length // 4):
+            windows = EvalWindows(manifest, "validation", spec.seq_length, stride, spec.eval.batch_size,
+                                  max_targets=spec.eval.final_targets)
+            out["final_eval"][str(stride)] = with_text_figures(evaluate(model, windows), manifest, "validation")
     out["causal"] = is_causal(model, train.vocab_size, min(spec.seq_length, 512), study.seed)
     out["sampled"] = text_sampled_bpb(model, manifest_path, spec, study.seed, bpt, prefix_only=not out["causal"])
     return {"params": params, "model": asdict(cfg), **out}
@@ -578,6 +589,11 @@ def run_study(study: Study, out_dir, command: str = "", variants: Optional[list[
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_plot(results, out_dir / "curves.png")
+    text = results["tasks"].get("text", {})
+    curves = {f"{v} (stride {spec})": r["final_eval"][spec]["loss_by_position"] for v, r in text.items()
+              if "final_eval" in r for spec in list(r["final_eval"])[:1]}
+    if curves:  # where in the context each variant's loss falls: routing's gain is at long context, if anywhere
+        plot_loss_by_position(curves, out_dir / "positions.png", "text: validation loss by position")
     (out_dir / "results.md").write_text(markdown_report(results))
     return results
 

@@ -75,11 +75,13 @@ class EvalWindows:
     """Batches ``(tokens [B, seq_length + 1] int64, mask [B, seq_length] bool)`` of the evaluation set of ``split``
     (module docstring) for data-parallel rank ``dp_rank`` of ``dp_world_size``: ``mask`` marks the targets this
     row scores (none on a padding row). ``len()`` batches, the same on every rank. ``tokens`` counts the targets the
-    set scores over all ranks (every target of the split when ``max_windows`` is None)."""
+    set scores over all ranks (every target of the split when ``max_windows`` and ``max_targets`` are None).
+    ``max_targets``: the first windows that score at most that many targets: the same targets at every stride
+    when it is a multiple of the stride and of the sequence length (so figures of two strides compare)."""
 
     def __init__(self, manifest: dict, split: str, seq_length: int, stride: Optional[int] = None,
                  micro_batch_size: int = 1, dp_rank: int = 0, dp_world_size: int = 1,
-                 max_windows: Optional[int] = None, cache_samples: int = 8):
+                 max_windows: Optional[int] = None, max_targets: Optional[int] = None, cache_samples: int = 8):
         L = manifest["seq_length"]
         stride = seq_length if stride is None else stride
         where = manifest.get("manifest_path", "the manifest")
@@ -106,6 +108,8 @@ class EvalWindows:
             if max_windows < 1:
                 raise ValueError(f"max_windows {max_windows} must be >= 1")
             windows = windows[:max_windows]
+        if max_targets is not None:  # the windows that together score at most the first max_targets targets
+            windows = windows[:max(1, int(np.searchsorted(np.cumsum(windows[:, 3]), max_targets, side="right")))]
         self.windows = windows
         self.tokens = int(windows[:, 3].sum())
         per_round = micro_batch_size * dp_world_size
