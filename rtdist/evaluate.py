@@ -245,7 +245,7 @@ def _main(argv) -> int:
                               max_windows=max_batches * batch_size if max_batches else None)
         if info.is_main:
             print(f"evaluate: split {split}, {windows.tokens:,} target tokens in {len(windows.windows):,} windows "
-                  f"of {seq_length} (stride {windows.stride}) over {windows.segments:,} document streams, "
+                  f"of {seq_length} (stride {windows.stride}) over {windows.segments:,} document stream(s), "
                   f"{len(windows):,} batches of {batch_size} per rank on {info.world_size} rank(s)",
                   file=sys.stderr, flush=True)
         metrics = evaluate(model, windows)
@@ -253,7 +253,7 @@ def _main(argv) -> int:
             raise DataError(f"scored {metrics['tokens']} targets, expected {windows.tokens}")
         metrics = with_text_figures(metrics, manifest, split)
         metrics.update(split=split, seq_length=seq_length, stride=windows.stride, windows=len(windows.windows),
-                       of_windows=windows.all_windows)
+                       whole_split=windows.tokens == manifest["splits"][split]["tokens"])
         if info.is_main:
             note = no_word_count_note(manifest, split)
             if note:

@@ -320,9 +320,6 @@ class Evaluator:
         self.cfg, self.dims, self.engine, self.device, self.stop, self.watchdog = cfg, dims, engine, device, stop, \
             watchdog
         t = cfg.train
-        if manifest["seq_length"] < t.seq_length:
-            raise ConfigError(f"train.seq_length ({t.seq_length}) exceeds the shards' seq_length "
-                              f"({manifest['seq_length']}) in {cfg.data.manifest}")
         self.windows = EvalWindows(manifest, cfg.data.eval_split, t.seq_length, None,
                                    t.train_micro_batch_size_per_gpu, dims.dp_rank, dims.dp,
                                    max_windows=t.eval_iters * t.train_micro_batch_size_per_gpu * dims.dp)

@@ -123,6 +123,8 @@ def test_windows_of_per_document_shards_never_reach_into_another_document(docume
         assert token == stream[p] and (window == stream[max(0, p + 1 - len(window)):p + 1]).all()
     for doc in docs.values():
         assert sorted(p for f, p, _, _ in got if f == doc[0]) == list(range(1, 32 * len(doc) + 1))
+    # a set of the first windows reads the keys of the documents it needs, not of the whole split
+    assert EvalWindows(m, "validation", 32, 8, max_windows=2).segments == 1
 
 
 # ------------------------------------------------------------------------------------------- words and bytes

@@ -30,24 +30,28 @@ from ..errors import DataError
 from .shards import ShardReader, split_info
 
 
-def segment_starts(manifest: dict, split: str, keys=None) -> list[int]:
-    """Indices (in manifest order) of the samples that start a segment of ``split`` (module docstring). With
-    ``tail: drop`` these come from the keys, which are read from the shards unless given."""
-    info = split_info(manifest, split)
-    total = sum(s["samples"] for s in info["shards"])
+def iter_segments(manifest: dict, split: str, keys=None):
+    """(first sample, samples) of each segment of ``split`` (module docstring), in order. With ``tail: drop`` the
+    keys tell where one starts: they are read from the shards as far as the caller iterates, unless given."""
+    total = sum(s["samples"] for s in split_info(manifest, split)["shards"])
     tail = (manifest.get("config") or {}).get("tail", "pack")
-    if tail == "pack" or not total:
-        return [0] if total else []
-    if keys is None:
-        keys = list(_read_keys(manifest, info["shards"]))
-    starts = [i for i, key in enumerate(keys) if i == 0 or key.rsplit("_", 1)[-1] == "000000"]
-    return starts
+    if tail == "pack":
+        if total:
+            yield 0, total
+        return
+    start = 0
+    for i, key in enumerate(_read_keys(manifest, split) if keys is None else keys):
+        if i and key.rsplit("_", 1)[-1] == "000000":
+            yield start, i - start
+            start = i
+    if total:
+        yield start, total - start
 
 
-def _read_keys(manifest: dict, shards: list[dict]):
+def _read_keys(manifest: dict, split: str):
     reader = ShardReader(manifest)
     try:
-        for shard in shards:
+        for shard in split_info(manifest, split)["shards"]:
             for i in range(shard["samples"]):
                 yield reader.read(shard, i)[0]
     finally:
@@ -90,8 +94,9 @@ class EvalWindows:
         if not 1 <= stride <= seq_length:
             raise DataError(f"--stride {stride} must be in 1..{seq_length} (the sequence length): a window scores "
                             f"its last stride tokens")
-        if not 0 <= dp_rank < dp_world_size or micro_batch_size < 1:
-            raise ValueError(f"dp_rank {dp_rank} of {dp_world_size}, micro_batch_size {micro_batch_size}")
+        if not 0 <= dp_rank < dp_world_size or micro_batch_size < 1 or (max_windows or 1) < 1:
+            raise ValueError(f"dp_rank {dp_rank} of {dp_world_size}, micro_batch_size {micro_batch_size}, "
+                             f"max_windows {max_windows}")
         self.manifest, self.split, self.L, self.n, self.stride = manifest, split, L, seq_length, stride
         self.B, self.rank, self.world = micro_batch_size, dp_rank, dp_world_size
         self.shards = [s for s in split_info(manifest, split)["shards"] if s["samples"]]
@@ -99,14 +104,17 @@ class EvalWindows:
         if not total:
             raise DataError(f"split {split!r} of {where} has no samples")
         self._ends = np.cumsum([s["samples"] for s in self.shards])
-        starts = segment_starts(manifest, split)
-        segments = [(a, b - a) for a, b in zip(starts, starts[1:] + [total])]
-        self.segments = len(segments)
-        windows = plan_windows(segments, L, seq_length, stride)
-        self.all_windows = len(windows)
+        # Only as many segments as the windows asked for need their keys read (a few images of a large split).
+        parts, count, scored, self.segments = [], 0, 0, 0
+        for segment in iter_segments(manifest, split):
+            part = plan_windows([segment], L, seq_length, stride)
+            parts.append(part)
+            count, scored, self.segments = count + len(part), scored + int(part[:, 3].sum()), self.segments + 1
+            if (max_windows is not None and count >= max_windows) or (max_targets is not None and
+                                                                       scored >= max_targets):
+                break
+        windows = np.concatenate(parts)
         if max_windows is not None:
-            if max_windows < 1:
-                raise ValueError(f"max_windows {max_windows} must be >= 1")
             windows = windows[:max_windows]
         if max_targets is not None:  # the windows that together score at most the first max_targets targets
             windows = windows[:max(1, int(np.searchsorted(np.cumsum(windows[:, 3]), max_targets, side="right")))]
