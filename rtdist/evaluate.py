@@ -16,7 +16,7 @@ Figures: ``loss`` (nats per token), ``perplexity``, ``bits_per_token``; ``bits_p
 split's UTF-8 bytes / tokens); ``word_perplexity`` = exp(loss x tokens / words), words counted by whitespace at
 preprocessing, as the PG-19 literature counts them (the split's words over its tokens, so a partial evaluation
 gives the estimate its mean loss implies); ``loss_by_position``: the mean loss of the targets at context positions
-1, 2-3, 4-7, ... (powers of two) of their window.
+1, 2-3, 4-7, ..., n/2-n (powers of two) of their window.
 """
 from __future__ import annotations
 
@@ -39,11 +39,13 @@ from .fileio import atomic_write_text
 
 def position_buckets(n: int) -> list[tuple[int, int]]:
     """Context-length ranges [lo, hi] of the buckets over a window of ``n`` targets: target j (0-based) sees j + 1
-    tokens and falls in the bucket with lo <= j + 1 <= hi: [1, 1], [2, 3], [4, 7], ..., up to n."""
+    tokens and falls in the bucket with lo <= j + 1 <= hi: [1, 1], [2, 3], [4, 7], ..., [n/2, n] (the last one
+    takes position n too, rather than leaving it a bucket of one position)."""
     out, lo = [], 1
     while lo <= n:
-        out.append((lo, min(2 * lo - 1, n)))
-        lo *= 2
+        hi = n if 2 * lo >= n else 2 * lo - 1
+        out.append((lo, hi))
+        lo = hi + 1
     return out
 
 

@@ -156,8 +156,10 @@ def test_word_perplexity_is_the_token_loss_over_the_words():
 
 
 def test_position_buckets_are_powers_of_two_up_to_the_length():
-    assert position_buckets(8) == [(1, 1), (2, 3), (4, 7), (8, 8)]
-    assert position_buckets(64)[-1] == (64, 64) and sum(hi - lo + 1 for lo, hi in position_buckets(100)) == 100
+    assert position_buckets(8) == [(1, 1), (2, 3), (4, 8)]
+    assert position_buckets(1) == [(1, 1)] and position_buckets(2) == [(1, 2)]
+    assert position_buckets(100)[-2:] == [(32, 63), (64, 100)]
+    assert all(sum(hi - lo + 1 for lo, hi in position_buckets(n)) == n for n in range(1, 300))
 
 
 # ------------------------------------------------------------------------------- a tiny model, long repetition
