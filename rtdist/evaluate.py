@@ -32,7 +32,7 @@ import yaml
 
 from . import dist as rdist
 from .config import TRAIN_LIMITS
-from .errors import ArgumentParser, ConfigError, DataError, bounded, cli_main
+from .errors import ArgumentParser, ConfigError, DataError, UsageError, bounded, cli_main
 from .export import load_model_for_inference
 from .fileio import atomic_write_text
 
@@ -158,7 +158,11 @@ def no_word_count_note(manifest: dict, split: str) -> Optional[str]:
 def plot_loss_by_position(curves: dict, path: Path, title: str = "loss by position in the context") -> None:
     """One line per entry of ``curves`` (label -> an eval dict's ``loss_by_position``): mean loss against the
     context length (log2 axis), written to ``path`` (PNG) through a temporary name."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError(f"drawing {path} needs matplotlib, which is not installed: pip install matplotlib "
+                         f"(the dev extra has it), or leave out the plot") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -177,6 +181,21 @@ def plot_loss_by_position(curves: dict, path: Path, title: str = "loss by positi
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+class _Progress:
+    """The batches, with a progress bar on stderr when it is a terminal (``enabled``: this rank shows it)."""
+
+    def __init__(self, batches, enabled: bool):
+        self.batches, self.enabled = batches, enabled
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        from tqdm import tqdm
+        yield from tqdm(self.batches, total=len(self.batches), desc="evaluate", unit="batch",
+                        disable=None if self.enabled else True)
 
 
 PRESET_KEYS = {"split", "stride", "batch_size", "max_batches"}
@@ -250,7 +269,7 @@ def _main(argv) -> int:
                   f"of {seq_length} (stride {windows.stride}) over {windows.segments:,} document stream(s), "
                   f"{len(windows):,} batches of {batch_size} per rank on {info.world_size} rank(s)",
                   file=sys.stderr, flush=True)
-        metrics = evaluate(model, windows)
+        metrics = evaluate(model, _Progress(windows, info.is_main))
         if metrics["tokens"] != windows.tokens:  # the padding and the split between ranks lost or doubled some
             raise DataError(f"scored {metrics['tokens']} targets, expected {windows.tokens}")
         metrics = with_text_figures(metrics, manifest, split)
