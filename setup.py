@@ -21,6 +21,12 @@ setup(
         "sentencepiece",
         "pillow",
         "tensorboard",  # event files of every run (rtdist.monitor)
+        # corpora as they ship (tools/preprocess.py): .zst streams, parquet, tokenizer.json, URL inputs
+        "zstandard",
+        "pyarrow",
+        "tokenizers",
+        "fsspec",
+        "aiohttp",  # fsspec's http(s) filesystem
     ],
     entry_points={
         "console_scripts": [

@@ -460,7 +460,9 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
         if not Path(tokenizer_model).is_file():
             raise DataError(f"--tokenizer-model {tokenizer_model} does not exist")
         if tokenizer == "hf":
-            vocab_bound = HFTokenizer(tokenizer_model, eod_token).vocab_size  # a file that is no tokenizer fails here
+            hf = HFTokenizer(tokenizer_model, eod_token)  # a file that is no tokenizer fails here
+            # the EOD found next to the file (tokenizer_config.json) is recorded: the copy made below stands alone
+            vocab_bound, eod_token = hf.vocab_size, hf.eod_token
         else:
             vocab_bound = SentencePieceTokenizer(tokenizer_model).vocab_size  # a file that is no model fails here
         if vocab_bound > MODEL_LIMITS["vocab_size"]:

@@ -453,7 +453,7 @@ def discover(inputs, split: str = "train", splits=None, input_type: str = "auto"
                     continue
                 if size == 0:
                     raise Skip("empty_files", "skipped")
-                kind, codec = classify(name, head, input_type)
+                kind, codec = classify(str(f), head, input_type)
                 if codec:
                     _check_stream(str(f), codec, storage_options, input_type)
                 if kind == "parquet":
