@@ -270,7 +270,7 @@ def _check_stream(path: str, codec: str, storage_options, input_type: str) -> No
     before any work is planned; in auto mode, a NUL byte in the decompressed start makes it binary."""
     with open_input(path, storage_options) as fh:
         head = b""
-        for chunk in iter_decompressed(fh, codec, path):
+        for chunk in iter_decompressed(fh, codec, path, chunk=1 << 14):
             head += chunk
             if len(head) >= SNIFF_BYTES:
                 break
@@ -641,7 +641,12 @@ def _parquet_texts(path: str, columns, max_bytes: int, storage_options=None):
 
 def _decompressor(codec: str):
     if codec == "gzip":
-        return zlib.decompressobj(wbits=31)
+        try:  # ISA-L's inflate: the same output, about twice zlib's speed (setup.py installs it)
+            from isal import isal_zlib
+
+            return isal_zlib.decompressobj(wbits=31)
+        except ImportError:
+            return zlib.decompressobj(wbits=31)
     if codec == "zstd":
         import zstandard
 
@@ -655,12 +660,11 @@ def _decompressor(codec: str):
 
 def _codec_errors() -> tuple:
     errors = [zlib.error, OSError, EOFError, lzma.LZMAError, ValueError]
-    try:
-        import zstandard
-
-        errors.append(zstandard.ZstdError)
-    except ImportError:
-        pass
+    for module, name in (("zstandard", "ZstdError"), ("isal.isal_zlib", "error")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except ImportError:
+            pass
     return tuple(errors)
 
 
