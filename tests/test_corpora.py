@@ -125,6 +125,20 @@ def test_parquet_rows_are_the_documents_of_the_same_jsonl(tmp_path):
     assert any(k.startswith("d-0000000059_") for k, _ in samples(b)) or b["splits"]["train"]["dropped_tokens"]
 
 
+def test_sentencepiece_trains_on_compressed_and_parquet_inputs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = docs(40)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": texts[:20]}), tmp_path / "in" / "a.parquet")
+    (tmp_path / "in" / "b.jsonl.zst").write_bytes(zstd(jsonl(texts[20:])))
+    m = run([tmp_path / "in"], tmp_path / "o" / "c", seq_length=L, append_eod=True, tokenizer="sentencepiece",
+            train_tokenizer=True, vocab_size=300)["manifest"]
+    decoded = build_tokenizer(m).decode(stream_of(m, "train"), eod_text="\0").split("\0")
+    assert decoded[:-1] == texts[:len(decoded) - 1] and len(decoded) > 30
+
+
 def test_parquet_nulls_and_empty_texts_are_counted(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -350,6 +364,8 @@ def test_urls_and_input_lists_give_the_shards_of_local_files(tmp_path, http_fold
     assert [f["path"] for f in m["splits"]["train"]["files"]] == [f"{base}/{n}" for n in files]
     with pytest.raises(DataError, match=f"--input {base}/nope.jsonl does not exist"):
         run([f"{base}/nope.jsonl"], tmp_path / "d" / "c", seq_length=L)
+    with pytest.raises(DataError, match="--input nosuchscheme://x/a.jsonl: cannot be read .*Protocol not known"):
+        run(["nosuchscheme://x/a.jsonl"], tmp_path / "d" / "c", seq_length=L)
 
 
 def test_an_input_list_that_names_nothing_is_refused(tmp_path):

@@ -620,7 +620,7 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
 def _file_entry(e) -> dict:
     """An input file in the manifest: path, bytes (on disk), the id its documents' keys start with, and what
     PG-19's metadata.csv says of it (title, published, url)."""
-    out = {"path": e.path, "bytes": e.size, "doc": e.doc}
+    out = {"path": e.path, "bytes": e.size if e.size >= 0 else None, "doc": e.doc}  # (a URL may not say its size)
     if e.codec:
         out["compression"] = e.codec
     return {**out, **dict(e.meta)}

@@ -471,7 +471,13 @@ def discover(inputs, split: str = "train", splits=None, input_type: str = "auto"
                     raise
                 report.add("corrupt_files", f, detail=str(e).split(": ", 1)[-1])
                 continue
-            except OSError as e:
+            except Exception as e:
+                if url:  # a scheme without its fsspec package, refused credentials, a host that does not answer
+                    raise DataError(f"--input {f}: cannot be read ({one_line(e, 200)}); check the URL, its "
+                                    "credentials (--storage-options) and, for s3:// or gs://, that s3fs or gcsfs "
+                                    "is installed") from None
+                if not isinstance(e, OSError):
+                    raise
                 report.add("unreadable_files", f, detail=getattr(e, "strerror", None) or one_line(e))
                 continue
             rel = strip_suffixes(name) if url else str(Path(f.relative_to(root).parent) / strip_suffixes(f.name))
