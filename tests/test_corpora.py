@@ -60,7 +60,7 @@ def tars(prefix: Path) -> dict:
 
 @pytest.mark.parametrize("name", ["a.jsonl.gz", "a.jsonl.zst", "a.json.gz", "a.jsonl.bz2", "a.jsonl.xz"])
 def test_compressed_jsonl_gives_the_shards_of_the_plain_jsonl(tmp_path, name):
-    parts = [docs(30, 0), docs(30, 100)]
+    parts = [docs(30, 0) + [book(7, 9000)] + docs(5, 50), docs(30, 100)]  # one line longer than a block (2000)
     plain = write_files(tmp_path / "plain", {f"{k}.jsonl": jsonl(p) for k, p in enumerate(parts)})
     suffix = name.split(".", 1)[1]
     packed = write_files(tmp_path / "packed", {f"{k}.{suffix}": COMPRESS[Path(name).suffix](jsonl(p))

@@ -17,9 +17,10 @@ work unit (spread over --workers by file); parquet files are read by row group. 
 gives each book its title in the manifest.
 
 Bad input files (unreadable, empty, binary, corrupt compressed data, parquet without the text column, broken
-images, bad JSON lines) are skipped and counted in the manifest's
-warnings; so are special files (named pipes, sockets, devices: never opened) and files or folders reached a second
-time (given twice, through a symlink or a hard link, a symlink loop: each read once). Symlinked folders are followed.
+images, bad JSON lines) are skipped and counted in the manifest's warnings; so are special files (named pipes,
+sockets, devices: never opened) and files or folders reached a second time (given twice, through a symlink or a hard
+link, a symlink loop: each read once). Symlinked folders are followed. A compressed file found damaged or truncated
+after its start stops the run, naming it.
 When nothing usable is left, or a flag cannot work, it stops with one "error:" line and exit status 2.
 """
 

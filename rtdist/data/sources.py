@@ -772,6 +772,7 @@ def read_stream(item: Item):
                 del buf[:cut]
                 offset, first = offset + cut, False
         elif item.kind == "jsonl":
+            searched = 0  # buf[:searched] holds no newline (a line longer than a block is not scanned again)
             while not done:
                 while not done and len(buf) < block:
                     piece = next(pieces, None)
@@ -779,8 +780,9 @@ def read_stream(item: Item):
                         done = True
                     else:
                         buf += piece
-                end = len(buf) if done else buf.rfind(b"\n") + 1
+                end = len(buf) if done else buf.rfind(b"\n", searched) + 1
                 if end <= 0:  # one line longer than a block: read on
+                    searched = len(buf)
                     piece = next(pieces, None)
                     if piece is None:
                         done = True
@@ -789,6 +791,7 @@ def read_stream(item: Item):
                     continue
                 data = bytes(buf[:end])
                 del buf[:end]
+                searched = len(buf)
                 text_bytes += _read_jsonl(item, data, cfg, tok, docs, events, offset)
                 offset += len(data)
                 yield result(len(data))
