@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=bounded(int, 1, 100), default=3, help="runs of every format, alternating (3)")
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     p.add_argument("--tokenizer", choices=["bytes", "hf"], default="bytes",
-                   help="bytes, or hf: a byte-level BPE tokenizer.json trained here on the first 4 MB")
+                   help="bytes, or hf: a byte-level BPE tokenizer.json trained here on the first 4 MB of the corpus")
     p.add_argument("--vocab-size", type=bounded(int, 300, 1 << 17), default=8192, help="hf vocabulary (8192)")
     p.add_argument("--seq-length", type=bounded(int, 1, 1 << 20), default=8192)
     p.add_argument("--work-dir", default="runs/bench_formats", help="corpus and shards go here")
@@ -165,7 +165,8 @@ def main(argv=None) -> int:
         ratio = f"{row['ratio_to_plain']:.2f}x {row['plain']}" if row["ratio_to_plain"] else "-"
         same = {True: "yes", False: "NO", None: "-"}[row["same_shards_as_plain"]]
         if args.markdown:
-            print(f"| `{row['format']}` | {row['input_mb']:.1f} MB | {row['mb_per_s_per_worker']:.1f} | {ratio} | {same} |")
+            rate = row["mb_per_s_per_worker"]
+            print(f"| `{row['format']}` | {row['input_mb']:.1f} MB | {rate:.{2 if rate < 10 else 1}f} | {ratio} | {same} |")
         else:
             print(f"{row['format']:<10} {row['input_mb']:7.1f} MB on disk  {row['mb_per_s_per_worker']:7.1f} MB/s per "
                   f"worker  {ratio:<14} same shards: {same}")

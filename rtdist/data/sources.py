@@ -908,8 +908,10 @@ def _read_item(item: Item, docs: list, events: list) -> tuple[int, int, int]:
         return tuple(map(int, counts))
     try:
         if item.kind == "image":
+            before = len(docs)
             n = _read_image(item, cfg, tok, docs, events)
-            return n, n, n
+            dims = sum(len(tokens) - 1 for _, tokens, _ in docs[before:])  # pixel values: bits per dim
+            return n, n, dims
         if item.kind == "parquet":
             n = _read_parquet(item, cfg, tok, docs, events)
             return item.nbytes, n, n
