@@ -161,7 +161,33 @@ def test_concatenated_gzip_members_and_zstd_frames_are_all_read(tmp_path):
     assert m["splits"]["train"]["input_bytes"] == 2 * len("".join(text).encode())
 
 
+def test_compressed_inputs_give_the_same_shards_for_any_worker_count(tmp_path):
+    write_files(tmp_path / "in", {f"{k}.jsonl.zst": zstd(jsonl(docs(15, 20 * k))) for k in range(4)})
+    summaries = [run([tmp_path / "in"], tmp_path / f"w{w}" / "c", seq_length=L, append_eod=True, workers=w,
+                     block_bytes=1500) for w in (1, 3)]
+    assert shard_set(tmp_path / "w1" / "c") == shard_set(tmp_path / "w3" / "c")  # the manifest too
+    assert summaries[0]["samples"] > 10
+
+
 # ------------------------------------------------------------------------------------------------- bad input
+
+def test_a_stream_reader_that_dies_is_named_and_nothing_hangs(tmp_path, monkeypatch):
+    """A worker killed under a stream (out of memory, say) ends the run with a line naming the file (the main
+    process would otherwise wait on its queue for ever)."""
+    import os
+
+    def killed(item):
+        os._exit(9)
+        yield
+
+    write_files(tmp_path / "in", {"a.jsonl.zst": zstd(jsonl(docs(10)))})
+    monkeypatch.setattr(sources, "read_stream", killed)  # the forked reader process runs this
+    with pytest.raises(DataError) as e:
+        run([tmp_path / "in"], tmp_path / "o" / "c", seq_length=L, workers=2)
+    assert str(e.value) == (f"{tmp_path / 'in' / 'a.jsonl.zst'}: the process reading it ended without finishing "
+                            "(exit status 9; out of memory?)")
+    assert not list((tmp_path / "o").glob("c-*"))
+
 
 def test_a_corrupt_zst_alone_ends_in_one_line_naming_it(tmp_path):
     good = zstd(jsonl(docs(20)))
@@ -362,6 +388,14 @@ def test_urls_and_input_lists_give_the_shards_of_local_files(tmp_path, http_fold
     assert tars(tmp_path / "a" / "c") == tars(tmp_path / "b" / "c")
     m = load_manifest(tmp_path / "b" / "c")
     assert [f["path"] for f in m["splits"]["train"]["files"]] == [f"{base}/{n}" for n in files]
+    # parquet over HTTP: read by row group through fsspec's random access
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": docs(20)}), served / "d.parquet", row_group_size=6)
+    m = run([f"{base}/d.parquet"], tmp_path / "p" / "c", seq_length=L, workers=2)["manifest"]
+    assert m["splits"]["train"]["documents"] == 20
+    assert m["splits"]["train"]["text_bytes"] == sum(len(t.encode()) for t in docs(20))
     with pytest.raises(DataError, match=f"--input {base}/nope.jsonl does not exist"):
         run([f"{base}/nope.jsonl"], tmp_path / "d" / "c", seq_length=L)
     with pytest.raises(DataError, match="--input nosuchscheme://x/a.jsonl: cannot be read .*Protocol not known"):

@@ -70,8 +70,9 @@ class Entry:
 
     @property
     def stream(self) -> bool:
-        """Read once from its start (no seeking, no blocks): a compressed file or a URL."""
-        return self.codec is not None or is_url(self.path)
+        """Read once from its start (no seeking, no blocks): a compressed file, or a URL (but parquet, which is read
+        by row group through fsspec's random access)."""
+        return self.codec is not None or (is_url(self.path) and self.kind != "parquet")
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Item:
 
     @property
     def stream(self) -> bool:
-        return self.codec is not None or is_url(self.path)
+        return self.codec is not None or (is_url(self.path) and self.kind != "parquet")
 
 
 @dataclass
@@ -242,6 +243,8 @@ def classify(name: str, head: bytes, input_type: str) -> tuple[str, str | None]:
             raise DataError(f"{name} is {container}: --input-type {input_type} would tokenize its raw bytes; {fix}")
         return input_type, codec
     if codec:
+        if inner in (".parquet", ".arrow") or inner in IMAGE_SUFFIXES:
+            raise Skip("binary_files_skipped", f"{inner} inside {codec} compression: decompress it first")
         return _kind(name, "auto", compressed=True), codec
     if codec_suffix:
         raise Skip("corrupt_files", f"named {codec_suffix} but not {CODEC_SUFFIXES[codec_suffix]} data "
@@ -560,9 +563,7 @@ def plan_items(entries: list[Entry], block_bytes: int, report: Report, columns=(
     """Work units: blocks of large local text/JSONL files, one item per parquet row group, one per stream."""
     items = []
     for e in entries:
-        if e.stream:
-            items.append(Item(e.kind, e.path, e.doc, 0, None, codec=e.codec, size=max(e.size, 0)))
-        elif e.kind == "parquet":
+        if e.kind == "parquet":
             try:
                 rows, sizes = parquet_columns(e.path, columns, storage_options)
             except Skip as err:  # checked at discovery: the file changed since
@@ -571,6 +572,8 @@ def plan_items(entries: list[Entry], block_bytes: int, report: Report, columns=(
             first = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int) if rows else []
             items += [Item("parquet", e.path, e.doc, g, g + 1, size=sizes[g], row=int(first[g]))
                       for g in range(len(rows)) if rows[g]]
+        elif e.stream:
+            items.append(Item(e.kind, e.path, e.doc, 0, None, codec=e.codec, size=max(e.size, 0)))
         elif e.kind in ("text", "jsonl") and e.size > block_bytes:
             try:
                 starts = _block_starts(e.path, e.size, block_bytes, e.kind)
