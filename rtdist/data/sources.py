@@ -520,7 +520,7 @@ def _local_head(f: Path, read: dict, input_type: str, report: Report):
 
 def _url_head(url: str, storage_options, read: dict):
     if url in read:
-        raise Skip("duplicate_inputs", f"given twice: read once")
+        raise Skip("duplicate_inputs", "given twice: read once")
     read[url] = url
     size = _url_info(url, storage_options).get("size")
     with open_input(url, storage_options) as fh:
