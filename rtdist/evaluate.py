@@ -69,9 +69,12 @@ def with_bytes(metrics: dict, bytes_per_token: Optional[float]) -> dict:
 
 
 def bytes_per_token(manifest: dict, split: str) -> Optional[float]:
-    """From the manifest: source bytes / tokens of the split (1.0-ish for the bytes tokenizer)."""
+    """From the manifest: source bytes / tokens of the split (1.0-ish for the bytes tokenizer). Source bytes are the
+    documents' UTF-8 bytes (``text_bytes``: JSON syntax, parquet encoding and compression not counted), or the bytes
+    read (``input_bytes``) in manifests written before text_bytes was recorded."""
     info = manifest.get("splits", {}).get(split, {})
-    nbytes, tokens = info.get("input_bytes"), info.get("corpus_tokens") or info.get("tokens")
+    nbytes = info.get("text_bytes") or info.get("input_bytes")
+    tokens = info.get("corpus_tokens") or info.get("tokens")
     if nbytes and tokens:
         return nbytes / tokens
     if manifest.get("tokenizer", {}).get("type") == "bytes":

@@ -589,6 +589,58 @@ ROWS += [
     ("inspect-no-manifest-argument", None, I, [], "the following arguments are required: manifest"),
 ]
 
+# --- preprocess: corpora as they ship (compressed, parquet, URLs, input lists, Hugging Face tokenizers)
+def parquet_without_text(tmp: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp / "pq").mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "body": ["a b", "c d"]}), tmp / "pq" / "d.parquet")
+
+
+def zstd_garbage(tmp: Path) -> None:
+    write_files(tmp, {"in/bad.jsonl.zst": b"\x28\xb5\x2f\xfd" + b"\x07" * 300})
+
+
+def hf_tokenizer(tmp: Path) -> None:
+    from data_helpers import train_hf_tokenizer
+
+    text(tmp)
+    train_hf_tokenizer(tmp / "tok" / "tokenizer.json", [book(1, 2000)], 300, eod="<|im_end|>")
+
+
+ROWS += [
+    ("corrupt-zst", zstd_garbage, P, ["--input", "in", *OUT], "bad.jsonl.zst: corrupt zstd data"),
+    ("parquet-without-the-column", parquet_without_text, P, ["--input", "pq", *OUT],
+     "d.parquet: no column 'text' (it has id, body): name one with --text-column"),
+    ("parquet-column-not-text", parquet_without_text, P, ["--input", "pq", *OUT, "--text-column", "id"],
+     "d.parquet: column 'id' is int64, not text"),
+    ("parquet-as-text", parquet_without_text, P, ["--input", "pq", *OUT, "--input-type", "text"],
+     "d.parquet is a parquet file: --input-type text would tokenize its raw bytes"),
+    ("input-list-missing", None, P, ["--input-list", "nope.txt", *OUT], "--input-list nope.txt: cannot be read"),
+    ("input-list-empty", lambda t: write_files(t, {"list.txt": "# none\n"}), P, ["--input-list", "list.txt", *OUT],
+     "--input-list list.txt names no input"),
+    ("no-input-at-all", None, P, OUT, "one of --input or --input-list is required"),
+    ("storage-options-not-json", text, P, ["--input", "in", *OUT, "--storage-options", "anon=true"],
+     "--storage-options: not JSON: 'anon=true'"),
+    ("storage-options-not-an-object", text, P, ["--input", "in", *OUT, "--storage-options", "[1]"],
+     "expected a JSON object"),
+    ("hf-without-model", text, P, ["--input", "in", *OUT, "--tokenizer-type", "hf"],
+     "--tokenizer-type hf needs --tokenizer-model path/to/tokenizer.json"),
+    ("hf-model-not-a-tokenizer", lambda t: (text(t), write_files(t, {"tok.json": "{}"})), P,
+     ["--input", "in", *OUT, "--tokenizer-type", "hf", "--tokenizer-model", "tok.json"],
+     "cannot load Hugging Face tokenizer tok.json"),
+    ("hf-without-eod", hf_tokenizer, P, ["--input", "in", *OUT, "--tokenizer-type", "hf", "--tokenizer-model",
+                                         "tok/tokenizer.json"], "no end-of-document token"),
+    ("hf-eod-token-unknown", hf_tokenizer, P, ["--input", "in", *OUT, "--tokenizer-type", "hf", "--tokenizer-model",
+                                               "tok/tokenizer.json", "--eod-token", "</s>"],
+     "--eod-token '</s>' is not in it"),
+    ("hf-train-tokenizer", text, P, ["--input", "in", *OUT, "--tokenizer-type", "hf", "--train-tokenizer"],
+     "--train-tokenizer : only --tokenizer-type sentencepiece trains"),
+    ("eod-token-with-bytes", text, P, ["--input", "in", *OUT, "--eod-token", "</s>"],
+     "--eod-token </s>: only --tokenizer-type hf uses it"),
+]
+
 # --- tools/plot_runs.py, tools/experiment.py, tools/gpu_check.py
 PR, EX, GC = "plot_runs", "experiment", "gpu_check"
 

@@ -5,8 +5,9 @@ Two ways to the same bytes, both with work split into bounded tasks run by ``wor
 
 - direct (bytes tokenizer, text, ``tail="pack"``): every token count is known from file sizes, so the sample
   layout is computed up front and each worker writes whole shards straight from the input files;
-- streaming (everything else): workers tokenize blocks of ~``block_bytes``; the main process cuts the token
-  stream (in input order) into samples and writes the shards.
+- streaming (everything else): workers tokenize blocks of ~``block_bytes`` (a compressed file or a URL is read
+  by one worker from its start, which sends its tokens back in pieces of ~``block_bytes``); the main process cuts
+  the token stream (in input order) into samples and writes the shards.
 
 Samples hold ``seq_length + 1`` tokens: inputs are ``tokens[:-1]``, targets ``tokens[1:]``, and consecutive samples
 of a stream share one token, so every token but the first of a stream is a target exactly once.
@@ -20,6 +21,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import signal
 import time
 from collections import deque
@@ -34,9 +36,9 @@ from ..config import MODEL_LIMITS, TRAIN_LIMITS
 from ..errors import DataError
 from .shards import (BLOCK, SampleLayout, ShardWriter, build_manifest, find_shard_files, manifest_path_for,
                      os_error_at, shard_capacity, shard_name, token_dtype, write_json_atomic)
-from .sources import (SPLITS, Item, ReadConfig, Report, discover, group_items, init_reader, iter_texts, one_line,
-                      plan_items, read_task, utf8_error)
-from .tokenizers import BytesTokenizer, SentencePieceTokenizer, train_sentencepiece
+from .sources import (SPLITS, Item, ReadConfig, Report, discover, group_items, init_reader, iter_stream, iter_texts,
+                      one_line, plan_items, read_task, utf8_error)
+from .tokenizers import BytesTokenizer, HFTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 
 class Chunker:
@@ -111,6 +113,82 @@ def _ordered(fn, tasks, workers: int, pool):
         yield pending.popleft().get()
 
 
+def _stream_process(item: Item, results, cfg: ReadConfig) -> None:
+    """A process that reads one stream (``sources.read_stream``) and puts its pieces on ``results`` in order, then
+    ("done", None); an error is put as ("error", message). Signals as in the pool's workers."""
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        if "tok" not in sources._worker:  # spawned, not forked from a process that has the tokenizer
+            init_reader(cfg)
+        for piece in iter_stream(item):
+            results.put(("piece", piece))
+        results.put(("done", None))
+    except BaseException as e:  # noqa: BLE001 - the main process raises it, with the file named
+        results.put(("error", str(e) if isinstance(e, DataError) else f"{item.path}: {one_line(e)}"))
+
+
+def _stream_pieces(item: Item, process, results):
+    """The pieces a stream process sends, in order, until it is done. Never hangs on a process that died."""
+    while True:
+        try:
+            what, value = results.get(timeout=1.0)
+        except queue.Empty:
+            if process.is_alive():
+                continue
+            try:
+                what, value = results.get(timeout=1.0)  # what it put just before it ended
+            except queue.Empty:
+                raise DataError(f"{item.path}: the process reading it ended without finishing (exit status "
+                                f"{process.exitcode}; out of memory?)") from None
+        if what == "piece":
+            yield value
+        elif what == "done":
+            process.join()
+            return
+        else:
+            process.join()
+            raise DataError(value)
+
+
+def _ordered_units(tasks, workers: int, pool, context, processes: list, cfg: ReadConfig):
+    """Results of ``tasks`` in order: a pool task gives one ``read_task`` result, a stream (a task of one stream
+    item) the pieces of ``read_stream``. Streams run in their own processes (at most ``workers`` at once, each
+    with at most 2 pieces waiting); at most ``2 * workers`` tasks are in flight, so memory stays bounded.
+    ``processes`` collects the stream processes started, for the caller to end on failure."""
+    if pool is None:
+        for task in tasks:
+            if len(task) == 1 and task[0].stream:
+                yield from iter_stream(task[0])
+            else:
+                yield read_task(task)
+        return
+    pending = deque()
+
+    def drain():
+        kind, *handle = pending.popleft()
+        if kind == "task":
+            yield handle[0].get()
+        else:
+            yield from _stream_pieces(*handle)
+
+    for task in tasks:
+        stream = len(task) == 1 and task[0].stream
+        while pending and (len(pending) >= 2 * workers
+                           or stream and sum(p[0] == "stream" for p in pending) >= workers):
+            yield from drain()
+        if stream:
+            results = context.Queue(maxsize=2)
+            process = context.Process(target=_stream_process, args=(task[0], results, cfg), daemon=True)
+            process.start()
+            processes.append(process)
+            pending.append(("stream", task[0], process, results))
+        else:
+            pending.append(("task", pool.apply_async(read_task, (task,))))
+    while pending:
+        yield from drain()
+
+
 @dataclass(frozen=True)
 class DirectShard:
     """One shard of the direct path: samples [first, first + count) of a split's packed stream."""
@@ -143,7 +221,8 @@ def plan_direct(prefix, split: str, entries, seq_length: int, append_eod: bool, 
         tasks.append(DirectShard(str(prefix), split, index, first, count, L, docs, total if last else None,
                                  block_bytes))
     stats = {"samples": n, "tokens": n * L, "documents": len(entries), "corpus_tokens": total,
-             "dropped_tokens": total - n * L - 1 if n else total, "input_bytes": int(sizes.sum())}
+             "dropped_tokens": total - n * L - 1 if n else total, "input_bytes": int(sizes.sum()),
+             "text_bytes": int(sizes.sum())}
     return tasks, stats
 
 
@@ -206,7 +285,8 @@ def write_direct_shard(task: DirectShard):
 
 
 def _check_flags(seq_length, maxcount, maxsize, image_size, workers, block_bytes, tokenizer, tokenizer_model,
-                 train_tokenizer, vocab_size, sp_model_type, tokenizer_train_bytes, tail, json_keys) -> None:
+                 train_tokenizer, vocab_size, sp_model_type, tokenizer_train_bytes, tail, json_keys,
+                 eod_token=None) -> None:
     """Every flag that cannot work, named before any work is done: ``--flag value: what would be right``."""
     def need(ok: bool, flag: str, value, right: str) -> None:
         if not ok:
@@ -224,11 +304,21 @@ def _check_flags(seq_length, maxcount, maxsize, image_size, workers, block_bytes
     need(tail in (None, "pack", "drop"), "--tail", tail, "expected pack or drop")
     need(bool(json_keys) and all(isinstance(k, str) and k for k in json_keys), "--json-keys", list(json_keys),
          "expected one or more non-empty key names")
-    need(tokenizer in ("bytes", "sentencepiece"), "--tokenizer-type", tokenizer, "expected bytes or sentencepiece")
+    need(tokenizer in ("bytes", "sentencepiece", "hf"), "--tokenizer-type", tokenizer,
+         "expected bytes, sentencepiece or hf")
+    need(eod_token is None or tokenizer == "hf", "--eod-token", eod_token,
+         "only --tokenizer-type hf uses it (bytes: EOD is 256; sentencepiece: its eos piece)")
     if tokenizer == "bytes":
         for flag, value in (("--tokenizer-model", tokenizer_model), ("--vocab-size", vocab_size)):
             need(value is None, flag, value, "only --tokenizer-type sentencepiece uses it")
         need(not train_tokenizer, "--train-tokenizer", "", "only --tokenizer-type sentencepiece trains a tokenizer")
+        return
+    if tokenizer == "hf":
+        need(not train_tokenizer, "--train-tokenizer", "", "only --tokenizer-type sentencepiece trains a tokenizer; "
+             "hf loads --tokenizer-model path/to/tokenizer.json")
+        need(vocab_size is None, "--vocab-size", vocab_size, "only --train-tokenizer uses it (the file fixes it)")
+        if not tokenizer_model:
+            raise DataError("--tokenizer-type hf needs --tokenizer-model path/to/tokenizer.json")
         return
     if train_tokenizer == bool(tokenizer_model):
         raise DataError("sentencepiece needs exactly one of --tokenizer-model FILE or --train-tokenizer")
@@ -292,7 +382,8 @@ def _check_output(prefix: Path, config: dict, overwrite: bool) -> None:
         raise DataError(f"output prefix {prefix} holds {len(shards)} shards ({shards[0].name}, ...) that no "
                         f"manifest describes: remove them or pass --overwrite")
     # clean start: a rerun (same flags) rewrites everything; nothing of an interrupted run survives
-    for path in shards + _tmp_files(prefix) + [manifest, prefix.parent / f"{prefix.name}-tokenizer.model"]:
+    tokenizer_files = [prefix.parent / f"{prefix.name}-tokenizer.{ext}" for ext in ("model", "json")]
+    for path in shards + _tmp_files(prefix) + [manifest, *tokenizer_files]:
         path.unlink(missing_ok=True)
     write_json_atomic(marker, {"config": config, "note": "preprocessing in progress or interrupted"})
 
@@ -316,21 +407,25 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
                splits=None, json_keys=("text",), seq_length: int | None = None, append_eod: bool = False,
                tail: str | None = None, maxcount: int = 10000, maxsize: int = 1 << 30, image_size: int = 64,
                workers: int = 1, block_bytes: int = 8 << 20, overwrite: bool = False, progress: bool = True,
-               direct: bool = True, log=print) -> dict:
+               direct: bool = True, log=print, eod_token: str | None = None,
+               storage_options: dict | None = None) -> dict:
     """Tokenize ``inputs`` into ``{output_prefix}-{split}-%06d.tar`` shards and ``{output_prefix}-manifest.json``.
 
     ``seq_length`` defaults to 8192 (text) or the pixels of one image (images); ``tail`` to ``pack`` (text) or
     ``drop`` (images: one image per sample). ``direct=False`` streams even where workers could write shards
-    straight from the files (same bytes, slower). Returns a summary dict (with the manifest under ``manifest``).
+    straight from the files (same bytes, slower). ``tokenizer="hf"`` loads ``tokenizer_model``, a Hugging Face
+    tokenizer.json, with ``eod_token`` as its end of document (default: from the file). ``json_keys`` are also the
+    text columns of parquet files. ``storage_options`` go to fsspec for URL inputs (never into the manifest).
+    Returns a summary dict (with the manifest under ``manifest``).
     Bad input files are skipped, counted in ``manifest['warnings']`` and printed; bad flags, and input of which
     nothing usable is left, raise ``DataError``. ``progress`` shows a bar when stderr is a terminal."""
     t0 = time.time()
     json_keys, splits = tuple(json_keys), tuple(splits) if splits else None
     _check_flags(seq_length, maxcount, maxsize, image_size, workers, block_bytes, tokenizer, tokenizer_model,
-                 train_tokenizer, vocab_size, sp_model_type, tokenizer_train_bytes, tail, json_keys)
+                 train_tokenizer, vocab_size, sp_model_type, tokenizer_train_bytes, tail, json_keys, eod_token)
     prefix = _check_prefix(output_prefix)
     report = Report()
-    entries = discover(inputs, split, splits, input_type, report)
+    entries = discover(inputs, split, splits, input_type, report, json_keys, storage_options)
     if not entries:
         skipped = report.summary(exclude=("empty_splits",))
         raise DataError(f"no usable input in {', '.join(map(str, inputs))}: "
@@ -364,9 +459,19 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
     elif tokenizer_model:
         if not Path(tokenizer_model).is_file():
             raise DataError(f"--tokenizer-model {tokenizer_model} does not exist")
-        vocab_bound = SentencePieceTokenizer(tokenizer_model).vocab_size  # a file that is no model fails here
+        if tokenizer == "hf":
+            hf = HFTokenizer(tokenizer_model, eod_token)  # a file that is no tokenizer fails here
+            # the EOD found next to the file (tokenizer_config.json) is recorded: the copy made below stands alone
+            vocab_bound, eod_token = hf.vocab_size, hf.eod_token
+        else:
+            vocab_bound = SentencePieceTokenizer(tokenizer_model).vocab_size  # a file that is no model fails here
+        if vocab_bound > MODEL_LIMITS["vocab_size"]:
+            raise DataError(f"--tokenizer-model {tokenizer_model}: {vocab_bound:,} ids, more than model.vocab_size's "
+                            f"limit {MODEL_LIMITS['vocab_size']:,}")
         model_bytes = Path(tokenizer_model).read_bytes()  # (it may live at the prefix we are about to clear)
         tok_flags.update(model_sha256=hashlib.sha256(model_bytes).hexdigest())
+        if tokenizer == "hf":
+            tok_flags.update(eod_token=eod_token)
     smallest = SampleLayout(token_dtype(vocab_bound), seq_length + 1).member_bytes + 2 * BLOCK
     if maxsize < smallest:
         raise DataError(f"--maxsize {maxsize}: a shard must hold at least one sample of {seq_length + 1} "
@@ -383,7 +488,7 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
                         f"({e.strerror or e})") from None
     _check_output(prefix, config, overwrite)
     try:
-        summary = _run(prefix, entries, report, config, model_bytes, workers, progress, direct, log)
+        summary = _run(prefix, entries, report, config, model_bytes, workers, progress, direct, log, storage_options)
     except BaseException:
         _after_failure(prefix)
         raise
@@ -401,19 +506,20 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
 
 
 def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes, workers: int, progress: bool,
-         direct: bool, log) -> dict:
+         direct: bool, log, storage_options: dict | None = None) -> dict:
     """Tokenize and write the shards and the manifest of checked flags (``config``); the summary of ``preprocess``."""
     seq_length, tail, append_eod = config["seq_length"], config["tail"], config["append_eod"]
     json_keys, block_bytes = tuple(config["json_keys"]), config["block_bytes"]
     tok_flags = config["tokenizer"]
-    model_path = prefix.parent / f"{prefix.name}-tokenizer.model"
+    model_path = prefix.parent / f"{prefix.name}-tokenizer.{'json' if tok_flags['type'] == 'hf' else 'model'}"
     if tok_flags["type"] == "bytes":
         tok = BytesTokenizer()
     elif tok_flags.get("train"):
         train_split = "train" if "train" in entries else next(iter(entries))
         log(f"training sentencepiece (vocab {tok_flags['vocab_size']}, {tok_flags['model_type']}) on split "
             f"{train_split} ...")
-        tok = train_sentencepiece(iter_texts(entries[train_split], json_keys, tok_flags["train_bytes"]),
+        tok = train_sentencepiece(iter_texts(entries[train_split], json_keys, tok_flags["train_bytes"],
+                                             storage_options),
                                   model_path, tok_flags["vocab_size"], tok_flags["model_type"],
                                   num_threads=max(1, workers))
     else:
@@ -421,13 +527,14 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
             model_path.write_bytes(model_bytes)  # shards travel with their tokenizer
         except OSError as e:
             raise os_error_at(e, model_path) from None
-        tok = SentencePieceTokenizer(model_path)
+        tok = (HFTokenizer(model_path, tok_flags.get("eod_token")) if tok_flags["type"] == "hf"
+               else SentencePieceTokenizer(model_path))
     spec = tok.spec()
     layout = SampleLayout(tok.dtype, seq_length + 1)
     maxcount, maxsize = config["maxcount"], config["maxsize"]
 
     order = [s for s in SPLITS if s in entries] + sorted(s for s in entries if s not in SPLITS)
-    direct = {s: direct and tok.takes_bytes and tail == "pack" and all(e.kind == "text" for e in entries[s])
+    direct = {s: direct and tok.takes_bytes and tail == "pack" and all(e.kind == "text" and not e.stream for e in entries[s])
               for s in order}
     plans = {s: plan_direct(prefix, s, entries[s], seq_length, append_eod,
                             shard_capacity(layout, maxcount, maxsize), block_bytes) if direct[s] else None
@@ -435,15 +542,16 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
     for s in order:
         if direct[s] and not plans[s][0]:  # too small for a sample: stream it, so its files are still checked
             direct[s] = False
-    items = {s: None if direct[s] else plan_items(entries[s], block_bytes, report) for s in order}
+    items = {s: None if direct[s] else plan_items(entries[s], block_bytes, report, json_keys, storage_options)
+             for s in order}
     total_bytes = sum(plans[s][1]["input_bytes"] if direct[s] else sum(i.nbytes for i in items[s]) for s in order)
-    read_cfg = ReadConfig(spec, str(model_path.parent), append_eod, json_keys, config["image_size"])
+    read_cfg = ReadConfig(spec, str(model_path.parent), append_eod, json_keys, config["image_size"], block_bytes,
+                          storage_options)
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    init_reader(read_cfg)  # before any fork: stream processes start with the tokenizer built
     pool = context.Pool(workers, _init_worker, (read_cfg,)) if workers > 1 else None
-    if pool is None:
-        init_reader(read_cfg)
     bar = _progress(total_bytes, progress)
-    split_out, writer = {}, None
+    split_out, writer, processes = {}, None, []
     try:
         # direct splits first, all their shards in one queue: parallel even when a split has few shards
         tasks = [t for s in order if direct[s] for t in plans[s][0]]
@@ -459,27 +567,32 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
             else:
                 writer = ShardWriter(prefix, s, layout, seq_length, maxcount, maxsize)
                 chunker = Chunker(seq_length, tail == "pack", writer.write_many, tok.dtype)
-                read = 0
-                for docs, events, nbytes in _ordered(read_task, group_items(items[s], block_bytes), workers, pool):
+                read = text = 0
+                tasks = group_items(items[s], block_bytes)
+                for docs, events, done, nbytes, text_bytes in _ordered_units(tasks, workers, pool, context,
+                                                                             processes, read_cfg):
                     for category, path, n, detail in events:
                         report.add(category, path, n, detail)
                     for doc, tokens, first in docs:
                         chunker.add(doc, tokens, first)
-                    read += nbytes
-                    bar.update(nbytes)
+                    read, text = read + nbytes, text + text_bytes
+                    bar.update(done)
                 chunker.finish()
                 shards[s] = writer.close()
                 stats = {"samples": chunker.samples, "tokens": chunker.samples * seq_length,
                          "documents": chunker.documents, "corpus_tokens": chunker.tokens,
-                         "dropped_tokens": chunker.dropped, "input_bytes": read}
+                         "dropped_tokens": chunker.dropped, "input_bytes": read, "text_bytes": text}
             if not stats["samples"]:
                 report.add("empty_splits", s, detail=f"{stats['corpus_tokens']} tokens < seq_length + 1, no sample")
-            split_out[s] = {**stats, "shards": shards[s],
-                            "files": [{"path": e.path, "bytes": e.size} for e in entries[s]]}
+            split_out[s] = {**stats, "shards": shards[s], "files": [_file_entry(e) for e in entries[s]]}
         bar.update(total_bytes - bar.n)
     except BaseException:
         if writer is not None:
             writer.abort()
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
         if pool is not None:
             pool.terminate()  # workers killed mid-shard leave .tmp files: removed once they are gone
             pool.join()
@@ -498,9 +611,19 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
     Path(f"{prefix}-incomplete.json").unlink(missing_ok=True)
     return {"manifest_path": str(path), "manifest": {**manifest, "manifest_path": str(path.resolve())},
             "input_bytes": sum(v["input_bytes"] for v in split_out.values()),
+            "text_bytes": sum(v["text_bytes"] for v in split_out.values()),
             "documents": sum(v["documents"] for v in split_out.values()),
             "tokens": manifest["total_tokens"], "samples": manifest["total_samples"],
             "shards": sum(len(v["shards"]) for v in split_out.values()), "warnings": report.to_dict()}
+
+
+def _file_entry(e) -> dict:
+    """An input file in the manifest: path, bytes (on disk), the id its documents' keys start with, and what
+    PG-19's metadata.csv says of it (title, published, url)."""
+    out = {"path": e.path, "bytes": e.size if e.size >= 0 else None, "doc": e.doc}  # (a URL may not say its size)
+    if e.codec:
+        out["compression"] = e.codec
+    return {**out, **dict(e.meta)}
 
 
 def _nothing_usable(config: dict, split_out: dict, report: Report) -> str:
