@@ -392,7 +392,36 @@ def discover(inputs, split: str = "train", splits=None, input_type: str = "auto"
     for name in (split, *(splits or ())):
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
             raise DataError(f"split name {name!r}: use letters, digits and '_' only")
-    out: dict[str, list[tuple]] = {}  # split -> [(path or URL, root for its id or None, metadata)]
+    entries: dict[str, list[Entry]] = {}
+    read: dict = {}  # (device, inode) or URL -> first path: a file reached twice is read once
+    for s, files in _files_by_split(inputs, split, splits, report).items():
+        used: set[str] = set()
+        entries[s] = []
+        for f, root, meta in files:
+            found = _probe(f, input_type, report, read, columns, storage_options)
+            if found is None:
+                continue
+            size, kind, codec = found
+            url = isinstance(f, str)
+            name = PurePosixPath(f.split("://", 1)[1]).name if url else f.name
+            rel = strip_suffixes(name) if url else str(Path(f.relative_to(root).parent) / strip_suffixes(f.name))
+            ident = base = doc_id(rel[2:] if rel.startswith("./") else rel)
+            n = 1
+            while ident in used:  # distinct files whose names sanitise alike
+                n += 1
+                ident = f"{base}-{n}"
+            used.add(ident)
+            entries[s].append(Entry(str(f), size, kind, ident, codec, meta))
+    for s in [s for s, e in entries.items() if not e]:
+        report.add("empty_splits", s, detail="no readable, non-empty input file")
+        del entries[s]
+    return entries
+
+
+def _files_by_split(inputs, split: str, splits, report: Report) -> dict[str, list[tuple]]:
+    """{split: [(path or URL, the root its id is relative to, metadata)]} of every input: URLs, globs, folders
+    (a PG-19 layout by its split folders) and files; what is not read is counted in ``report``."""
+    out: dict[str, list[tuple]] = {}
     folders: dict[str, Path] = {}  # real path -> first path, of every folder walked (see _walk)
     for inp in map(str, inputs):
         path = Path(inp)
@@ -411,90 +440,82 @@ def discover(inputs, split: str = "train", splits=None, input_type: str = "auto"
             root = Path(os.path.commonpath([m.parent for m in matches]))
             out.setdefault(split, []).extend((m, root, ()) for m in matches)
         elif path.is_dir():
-            layout = [s for s in SPLITS if (path / s).is_dir()]
-            if layout:
-                metadata = path / "metadata.csv"
-                books = read_metadata_csv(metadata, report) if metadata.is_file() else None
-                for s in splits or SPLITS:
-                    if not (path / s).is_dir():
-                        if splits:
-                            raise DataError(f"--splits asks for {s!r} but {path} has no {s}/ folder "
-                                            f"(it has {', '.join(layout)})")
-                        report.add("missing_splits", path / s, detail="no such folder, split not written")
-                        continue
-                    for f in _walk(path / s, report, folders):
-                        meta = ()
-                        if books is not None:
-                            meta = books.get(strip_suffixes(f.name), ())
-                            if not meta:
-                                report.add("books_without_metadata", f, detail=f"no row in {metadata}")
-                        out.setdefault(s, []).append((f, path / s, meta))
-                for f in sorted(path.iterdir()):  # anything else there is said, never opened
-                    if f.name.startswith(".") or (f.name in SPLITS and f.is_dir()) or (books is not None and f == metadata):
-                        continue
-                    report.add("ignored_files", f, detail="outside the train/validation/test folders")
+            if any((path / s).is_dir() for s in SPLITS):
+                for s, files in _split_layout(path, splits, report, folders).items():
+                    out.setdefault(s, []).extend(files)
             else:
                 out.setdefault(split, []).extend((f, path, ()) for f in _walk(path, report, folders))
         elif os.path.lexists(path):  # a file, a special file (counted below) or a broken symlink (unreadable)
             out.setdefault(split, []).append((path, path.parent, ()))
         else:
             raise DataError(f"--input {inp} does not exist")
-    entries: dict[str, list[Entry]] = {}
-    read: dict = {}  # (device, inode) or URL -> first path: a file reached twice is read once
-    for s, files in out.items():
-        used: set[str] = set()
-        entries[s] = []
-        for f, root, meta in files:
-            url, codec = isinstance(f, str), None
-            name = PurePosixPath(f.split("://", 1)[1]).name if url else f.name
-            try:
-                if url:
-                    size, head = _url_head(f, storage_options, read)
-                else:
-                    size, head = _local_head(f, read, input_type, report)
-                if head is None:
-                    continue
-                if size == 0:
-                    raise Skip("empty_files", "skipped")
-                kind, codec = classify(str(f), head, input_type)
-                if codec:
-                    _check_stream(str(f), codec, storage_options, input_type)
-                if kind == "parquet":
-                    parquet_columns(str(f), columns, storage_options)
-            except Skip as e:
-                report.add(e.category, f, detail=e.detail)
-                continue
-            except FileNotFoundError as e:
-                if url:
-                    raise DataError(f"--input {f} does not exist ({one_line(e)})") from None
-                report.add("unreadable_files", f, detail=e.strerror or str(e))
-                continue
-            except DataError as e:  # decompression of the start failed
-                if codec is None:
-                    raise
-                report.add("corrupt_files", f, detail=str(e).split(": ", 1)[-1])
-                continue
-            except Exception as e:
-                if url:  # a scheme without its fsspec package, refused credentials, a host that does not answer
-                    raise DataError(f"--input {f}: cannot be read ({one_line(e, 200)}); check the URL, its "
-                                    "credentials (--storage-options) and, for s3:// or gs://, that s3fs or gcsfs "
-                                    "is installed") from None
-                if not isinstance(e, OSError):
-                    raise
-                report.add("unreadable_files", f, detail=getattr(e, "strerror", None) or one_line(e))
-                continue
-            rel = strip_suffixes(name) if url else str(Path(f.relative_to(root).parent) / strip_suffixes(f.name))
-            ident = base = doc_id(rel[2:] if rel.startswith("./") else rel)
-            n = 1
-            while ident in used:  # distinct files whose names sanitise alike
-                n += 1
-                ident = f"{base}-{n}"
-            used.add(ident)
-            entries[s].append(Entry(str(f), size, kind, ident, codec, meta))
-    for s in [s for s, e in entries.items() if not e]:
-        report.add("empty_splits", s, detail="no readable, non-empty input file")
-        del entries[s]
-    return entries
+    return out
+
+
+def _split_layout(path: Path, splits, report: Report, folders: dict) -> dict[str, list[tuple]]:
+    """The files of a PG-19 layout (``train/``, ``validation/``, ``test/`` under ``path``), by split, each with its
+    book's row of ``metadata.csv`` when there is one; anything else there is counted, never opened."""
+    layout = [s for s in SPLITS if (path / s).is_dir()]
+    metadata = path / "metadata.csv"
+    books = read_metadata_csv(metadata, report) if metadata.is_file() else None
+    out: dict[str, list[tuple]] = {}
+    for s in splits or SPLITS:
+        if not (path / s).is_dir():
+            if splits:
+                raise DataError(f"--splits asks for {s!r} but {path} has no {s}/ folder (it has {', '.join(layout)})")
+            report.add("missing_splits", path / s, detail="no such folder, split not written")
+            continue
+        for f in _walk(path / s, report, folders):
+            meta = ()
+            if books is not None:
+                meta = books.get(strip_suffixes(f.name), ())
+                if not meta:
+                    report.add("books_without_metadata", f, detail=f"no row in {metadata}")
+            out.setdefault(s, []).append((f, path / s, meta))
+    for f in sorted(path.iterdir()):
+        if f.name.startswith(".") or (f.name in SPLITS and f.is_dir()) or (books is not None and f == metadata):
+            continue
+        report.add("ignored_files", f, detail="outside the train/validation/test folders")
+    return out
+
+
+def _probe(f, input_type: str, report: Report, read: dict, columns, storage_options):
+    """(size, kind, codec) of one input file or URL, or None when it is counted in ``report`` and left out
+    (empty, unreadable, binary, corrupt at its start, read already); a URL that cannot be read is an error."""
+    url, codec = isinstance(f, str), None
+    try:
+        if url:
+            size, head = _url_head(f, storage_options, read)
+        else:
+            size, head = _local_head(f, read, input_type, report)
+        if head is None:
+            return None
+        if size == 0:
+            raise Skip("empty_files", "skipped")
+        kind, codec = classify(str(f), head, input_type)
+        if codec:
+            _check_stream(str(f), codec, storage_options, input_type)
+        if kind == "parquet":
+            parquet_columns(str(f), columns, storage_options)
+        return size, kind, codec
+    except Skip as e:
+        report.add(e.category, f, detail=e.detail)
+    except FileNotFoundError as e:
+        if url:
+            raise DataError(f"--input {f} does not exist ({one_line(e)})") from None
+        report.add("unreadable_files", f, detail=e.strerror or str(e))
+    except DataError as e:  # decompression of the start failed
+        if codec is None:
+            raise
+        report.add("corrupt_files", f, detail=str(e).split(": ", 1)[-1])
+    except Exception as e:
+        if url:  # a scheme without its fsspec package, refused credentials, a host that does not answer
+            raise DataError(f"--input {f}: cannot be read ({one_line(e, 200)}); check the URL, its credentials "
+                            "(--storage-options) and, for s3:// or gs://, that s3fs or gcsfs is installed") from None
+        if not isinstance(e, OSError):
+            raise
+        report.add("unreadable_files", f, detail=getattr(e, "strerror", None) or one_line(e))
+    return None
 
 
 def _local_head(f: Path, read: dict, input_type: str, report: Report):
