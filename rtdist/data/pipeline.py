@@ -430,48 +430,10 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
         skipped = report.summary(exclude=("empty_splits",))
         raise DataError(f"no usable input in {', '.join(map(str, inputs))}: "
                         f"{skipped or 'no file found (hidden files are ignored)'}")
-    files = {}  # kind -> paths
-    for e in (e for split_entries in entries.values() for e in split_entries):
-        files.setdefault(e.kind, []).append(e.path)
-    images = "image" in files
-    if images and len(files) > 1:
-        others = "; ".join(f"{kind} ({_names(paths)})" for kind, paths in files.items() if kind != "image")
-        raise DataError(f"inputs mix images ({_names(files['image'])}) with {others}: preprocess them separately "
-                        "(or force one kind with --input-type)")
-    pixels = 3 * image_size * image_size
-    if images and (seq_length not in (None, pixels) or tail == "pack"):
-        given = f"--seq-length {seq_length}" if seq_length not in (None, pixels) else "--tail pack"
-        raise DataError(f"image inputs ({_names(files['image'])}) make one sample per image of --image-size "
-                        f"{image_size} ({image_size}x{image_size}x3 = {pixels} tokens), so --seq-length is implied "
-                        f"and --tail is drop: drop {given}, or set --image-size to the size of the images")
-    seq_length = seq_length if seq_length is not None else pixels if images else 8192
-    tail = tail or ("drop" if images else "pack")
-    if images and tokenizer != "bytes":
-        raise DataError(f"image inputs ({_names(files['image'])}) are pixel bytes: use --tokenizer-type bytes, "
-                        f"not {tokenizer}")
-
+    seq_length, tail = _sample_shape(entries, seq_length, tail, tokenizer, image_size)
     # flags that decide the output bytes (workers and progress do not)
-    tok_flags, model_bytes = {"type": tokenizer}, None
-    vocab_bound = BytesTokenizer.vocab_size
-    if train_tokenizer:
-        tok_flags.update(train=True, vocab_size=vocab_size, model_type=sp_model_type, train_bytes=tokenizer_train_bytes)
-        vocab_bound = vocab_size  # at most: a small corpus may give fewer
-    elif tokenizer_model:
-        if not Path(tokenizer_model).is_file():
-            raise DataError(f"--tokenizer-model {tokenizer_model} does not exist")
-        if tokenizer == "hf":
-            hf = HFTokenizer(tokenizer_model, eod_token)  # a file that is no tokenizer fails here
-            # the EOD found next to the file (tokenizer_config.json) is recorded: the copy made below stands alone
-            vocab_bound, eod_token = hf.vocab_size, hf.eod_token
-        else:
-            vocab_bound = SentencePieceTokenizer(tokenizer_model).vocab_size  # a file that is no model fails here
-        if vocab_bound > MODEL_LIMITS["vocab_size"]:
-            raise DataError(f"--tokenizer-model {tokenizer_model}: {vocab_bound:,} ids, more than model.vocab_size's "
-                            f"limit {MODEL_LIMITS['vocab_size']:,}")
-        model_bytes = Path(tokenizer_model).read_bytes()  # (it may live at the prefix we are about to clear)
-        tok_flags.update(model_sha256=hashlib.sha256(model_bytes).hexdigest())
-        if tokenizer == "hf":
-            tok_flags.update(eod_token=eod_token)
+    tok_flags, model_bytes, vocab_bound = _tokenizer_flags(tokenizer, tokenizer_model, train_tokenizer, vocab_size,
+                                                           sp_model_type, tokenizer_train_bytes, eod_token)
     smallest = SampleLayout(token_dtype(vocab_bound), seq_length + 1).member_bytes + 2 * BLOCK
     if maxsize < smallest:
         raise DataError(f"--maxsize {maxsize}: a shard must hold at least one sample of {seq_length + 1} "
@@ -505,39 +467,96 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
     return summary
 
 
+def _sample_shape(entries: dict, seq_length, tail, tokenizer: str, image_size: int) -> tuple[int, str]:
+    """(seq_length, tail) for these inputs: text 8192 tokens packed, images one sample of their pixels each; inputs
+    that mix images with text, or flags that contradict images, raise ``DataError``."""
+    files = {}  # kind -> paths
+    for e in (e for split_entries in entries.values() for e in split_entries):
+        files.setdefault(e.kind, []).append(e.path)
+    images = "image" in files
+    if images and len(files) > 1:
+        others = "; ".join(f"{kind} ({_names(paths)})" for kind, paths in files.items() if kind != "image")
+        raise DataError(f"inputs mix images ({_names(files['image'])}) with {others}: preprocess them separately "
+                        "(or force one kind with --input-type)")
+    pixels = 3 * image_size * image_size
+    if images and (seq_length not in (None, pixels) or tail == "pack"):
+        given = f"--seq-length {seq_length}" if seq_length not in (None, pixels) else "--tail pack"
+        raise DataError(f"image inputs ({_names(files['image'])}) make one sample per image of --image-size "
+                        f"{image_size} ({image_size}x{image_size}x3 = {pixels} tokens), so --seq-length is implied "
+                        f"and --tail is drop: drop {given}, or set --image-size to the size of the images")
+    if images and tokenizer != "bytes":
+        raise DataError(f"image inputs ({_names(files['image'])}) are pixel bytes: use --tokenizer-type bytes, "
+                        f"not {tokenizer}")
+    seq_length = seq_length if seq_length is not None else pixels if images else 8192
+    return seq_length, tail or ("drop" if images else "pack")
+
+
+def _tokenizer_flags(tokenizer: str, tokenizer_model, train_tokenizer: bool, vocab_size, sp_model_type: str,
+                     train_bytes: int, eod_token) -> tuple[dict, bytes | None, int]:
+    """(the tokenizer's flags for the manifest, the model file's bytes, the largest token id + 1 it can give);
+    a model file that is missing or no tokenizer raises ``DataError``."""
+    tok_flags, model_bytes = {"type": tokenizer}, None
+    vocab_bound = BytesTokenizer.vocab_size
+    if train_tokenizer:
+        tok_flags.update(train=True, vocab_size=vocab_size, model_type=sp_model_type, train_bytes=train_bytes)
+        vocab_bound = vocab_size  # at most: a small corpus may give fewer
+    elif tokenizer_model:
+        if not Path(tokenizer_model).is_file():
+            raise DataError(f"--tokenizer-model {tokenizer_model} does not exist")
+        if tokenizer == "hf":
+            hf = HFTokenizer(tokenizer_model, eod_token)  # a file that is no tokenizer fails here
+            # the EOD found next to the file (tokenizer_config.json) is recorded: the copy made below stands alone
+            vocab_bound, eod_token = hf.vocab_size, hf.eod_token
+        else:
+            vocab_bound = SentencePieceTokenizer(tokenizer_model).vocab_size  # a file that is no model fails here
+        if vocab_bound > MODEL_LIMITS["vocab_size"]:
+            raise DataError(f"--tokenizer-model {tokenizer_model}: {vocab_bound:,} ids, more than model.vocab_size's "
+                            f"limit {MODEL_LIMITS['vocab_size']:,}")
+        model_bytes = Path(tokenizer_model).read_bytes()  # (it may live at the prefix we are about to clear)
+        tok_flags.update(model_sha256=hashlib.sha256(model_bytes).hexdigest())
+        if tokenizer == "hf":
+            tok_flags.update(eod_token=eod_token)
+    return tok_flags, model_bytes, vocab_bound
+
+
+def _build_tokenizer(prefix: Path, entries: dict, tok_flags: dict, model_bytes, json_keys, storage_options,
+                     workers: int, log):
+    """(the tokenizer, where its model file goes): bytes, sentencepiece trained on the train split, or the given
+    model file copied beside the shards (shards travel with their tokenizer)."""
+    model_path = prefix.parent / f"{prefix.name}-tokenizer.{'json' if tok_flags['type'] == 'hf' else 'model'}"
+    if tok_flags["type"] == "bytes":
+        return BytesTokenizer(), model_path
+    if tok_flags.get("train"):
+        train_split = "train" if "train" in entries else next(iter(entries))
+        log(f"training sentencepiece (vocab {tok_flags['vocab_size']}, {tok_flags['model_type']}) on split "
+            f"{train_split} ...")
+        return train_sentencepiece(iter_texts(entries[train_split], json_keys, tok_flags["train_bytes"],
+                                              storage_options),
+                                   model_path, tok_flags["vocab_size"], tok_flags["model_type"],
+                                   num_threads=max(1, workers)), model_path
+    try:
+        model_path.write_bytes(model_bytes)
+    except OSError as e:
+        raise os_error_at(e, model_path) from None
+    return (HFTokenizer(model_path, tok_flags.get("eod_token")) if tok_flags["type"] == "hf"
+            else SentencePieceTokenizer(model_path)), model_path
+
+
 def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes, workers: int, progress: bool,
          direct: bool, log, storage_options: dict | None = None) -> dict:
     """Tokenize and write the shards and the manifest of checked flags (``config``); the summary of ``preprocess``."""
     seq_length, tail, append_eod = config["seq_length"], config["tail"], config["append_eod"]
     json_keys, block_bytes = tuple(config["json_keys"]), config["block_bytes"]
-    tok_flags = config["tokenizer"]
-    model_path = prefix.parent / f"{prefix.name}-tokenizer.{'json' if tok_flags['type'] == 'hf' else 'model'}"
-    if tok_flags["type"] == "bytes":
-        tok = BytesTokenizer()
-    elif tok_flags.get("train"):
-        train_split = "train" if "train" in entries else next(iter(entries))
-        log(f"training sentencepiece (vocab {tok_flags['vocab_size']}, {tok_flags['model_type']}) on split "
-            f"{train_split} ...")
-        tok = train_sentencepiece(iter_texts(entries[train_split], json_keys, tok_flags["train_bytes"],
-                                             storage_options),
-                                  model_path, tok_flags["vocab_size"], tok_flags["model_type"],
-                                  num_threads=max(1, workers))
-    else:
-        try:
-            model_path.write_bytes(model_bytes)  # shards travel with their tokenizer
-        except OSError as e:
-            raise os_error_at(e, model_path) from None
-        tok = (HFTokenizer(model_path, tok_flags.get("eod_token")) if tok_flags["type"] == "hf"
-               else SentencePieceTokenizer(model_path))
+    tok, model_path = _build_tokenizer(prefix, entries, config["tokenizer"], model_bytes, json_keys, storage_options,
+                                       workers, log)
     spec = tok.spec()
     layout = SampleLayout(tok.dtype, seq_length + 1)
-    maxcount, maxsize = config["maxcount"], config["maxsize"]
 
     order = [s for s in SPLITS if s in entries] + sorted(s for s in entries if s not in SPLITS)
     direct = {s: direct and tok.takes_bytes and tail == "pack" and all(e.kind == "text" and not e.stream for e in entries[s])
               for s in order}
-    plans = {s: plan_direct(prefix, s, entries[s], seq_length, append_eod,
-                            shard_capacity(layout, maxcount, maxsize), block_bytes) if direct[s] else None
+    capacity = shard_capacity(layout, config["maxcount"], config["maxsize"])
+    plans = {s: plan_direct(prefix, s, entries[s], seq_length, append_eod, capacity, block_bytes) if direct[s] else None
              for s in order}
     for s in order:
         if direct[s] and not plans[s][0]:  # too small for a sample: stream it, so its files are still checked
@@ -565,23 +584,11 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
             if direct[s]:
                 stats = plans[s][1]
             else:
-                writer = ShardWriter(prefix, s, layout, seq_length, maxcount, maxsize)
-                chunker = Chunker(seq_length, tail == "pack", writer.write_many, tok.dtype)
-                read = text = 0
-                tasks = group_items(items[s], block_bytes)
-                for docs, events, done, nbytes, text_bytes in _ordered_units(tasks, workers, pool, context,
-                                                                             processes, read_cfg):
-                    for category, path, n, detail in events:
-                        report.add(category, path, n, detail)
-                    for doc, tokens, first in docs:
-                        chunker.add(doc, tokens, first)
-                    read, text = read + nbytes, text + text_bytes
-                    bar.update(done)
-                chunker.finish()
+                writer = ShardWriter(prefix, s, layout, seq_length, config["maxcount"], config["maxsize"])
+                stats = _stream_split(writer, Chunker(seq_length, tail == "pack", writer.write_many, tok.dtype),
+                                      group_items(items[s], block_bytes), report, bar,
+                                      lambda tasks: _ordered_units(tasks, workers, pool, context, processes, read_cfg))
                 shards[s] = writer.close()
-                stats = {"samples": chunker.samples, "tokens": chunker.samples * seq_length,
-                         "documents": chunker.documents, "corpus_tokens": chunker.tokens,
-                         "dropped_tokens": chunker.dropped, "input_bytes": read, "text_bytes": text}
             if not stats["samples"]:
                 report.add("empty_splits", s, detail=f"{stats['corpus_tokens']} tokens < seq_length + 1, no sample")
             split_out[s] = {**stats, "shards": shards[s], "files": [_file_entry(e) for e in entries[s]]}
@@ -615,6 +622,22 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
             "documents": sum(v["documents"] for v in split_out.values()),
             "tokens": manifest["total_tokens"], "samples": manifest["total_samples"],
             "shards": sum(len(v["shards"]) for v in split_out.values()), "warnings": report.to_dict()}
+
+
+def _stream_split(writer: ShardWriter, chunker: "Chunker", tasks, report: Report, bar, units) -> dict:
+    """Tokenize one split's work ``units(tasks)`` (in order) into ``writer`` through ``chunker``; its statistics."""
+    read = text = 0
+    for docs, events, done, nbytes, text_bytes in units(tasks):
+        for category, path, n, detail in events:
+            report.add(category, path, n, detail)
+        for doc, tokens, first in docs:
+            chunker.add(doc, tokens, first)
+        read, text = read + nbytes, text + text_bytes
+        bar.update(done)
+    chunker.finish()
+    return {"samples": chunker.samples, "tokens": chunker.samples * chunker.L, "documents": chunker.documents,
+            "corpus_tokens": chunker.tokens, "dropped_tokens": chunker.dropped, "input_bytes": read,
+            "text_bytes": text}
 
 
 def _file_entry(e) -> dict:
