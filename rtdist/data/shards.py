@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CorruptShardError, DataError
+from ..fileio import atomic_path
 
 FORMAT = "rtdist-shards/1"
 MEMBER_SUFFIX = ".tokens.npy"
@@ -317,13 +318,11 @@ def split_info(manifest: dict, split: str) -> dict:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+        with atomic_path(path, suffix=".tmp") as tmp:  # ".tmp": what a failed run's clean-up looks for
+            tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise os_error_at(e, tmp) from None
-    os.replace(tmp, path)
+        raise os_error_at(e, Path(f"{path}.tmp")) from None
 
 
 # --------------------------------------------------------------------------------------------------- reading

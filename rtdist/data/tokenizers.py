@@ -8,7 +8,6 @@ the model file against the recorded sha256.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import io
 import json
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..fileio import atomic_path, sha256_file
 from .shards import manifest_dir, os_error_at, token_dtype
 
 # Text tokenizers read bytes with errors="replace"; this handler also counts the replacements (per process).
@@ -37,10 +37,6 @@ def decode_text(data: bytes) -> tuple[str, int]:
     before = _replaced[0]
     text = data.decode("utf-8", "rtdist_replace")
     return text, _replaced[0] - before
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class Tokenizer:
@@ -219,13 +215,11 @@ def train_sentencepiece(texts, model_path: str | os.PathLike, vocab_size: int, m
             num_threads=num_threads, minloglevel=2)
     except RuntimeError as e:
         raise DataError(_training_failure(str(e), vocab_size, model_type)) from None
-    tmp = Path(f"{model_path}.tmp")
     try:
-        tmp.write_bytes(model.getvalue())
+        with atomic_path(Path(model_path), suffix=".tmp") as tmp:
+            tmp.write_bytes(model.getvalue())
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise os_error_at(e, tmp) from None
-    os.replace(tmp, model_path)
+        raise os_error_at(e, Path(f"{model_path}.tmp")) from None
     return SentencePieceTokenizer(model_path)
 
 
