@@ -77,6 +77,9 @@ def main(argv=None) -> int:
                          "manifest)")
     io.add_argument("--split", default="train", help="split name for inputs without split folders (train)")
     io.add_argument("--splits", nargs="+", help="take only these split folders (and require them)")
+    io.add_argument("--validation-fraction", type=float, default=0.0, metavar="F",
+                    help="for inputs without split folders: hold out this fraction of the input files (at least "
+                         "one), chosen by a hash of their names, as the validation split (0 = none)")
     io.add_argument("--output-prefix", required=True,
                     help="writes {prefix}-{split}-%%06d.tar, {prefix}-manifest.json (and -tokenizer.model)")
     io.add_argument("--overwrite", action="store_true", help="replace shards written under other flags")
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
                    append_eod=args.append_eod, tail=args.tail, maxcount=args.maxcount, maxsize=args.maxsize,
                    image_size=args.image_size, workers=args.workers, block_bytes=args.block_size,
                    overwrite=args.overwrite, progress=not args.no_progress, eod_token=args.eod_token,
-                   storage_options=args.storage_options)
+                   storage_options=args.storage_options, validation_fraction=args.validation_fraction)
     except KeyboardInterrupt:
         print("interrupted: no partial shard was kept; run the same command again to start clean", file=sys.stderr)
         return 130

@@ -408,7 +408,7 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
                tail: str | None = None, maxcount: int = 10000, maxsize: int = 1 << 30, image_size: int = 64,
                workers: int = 1, block_bytes: int = 8 << 20, overwrite: bool = False, progress: bool = True,
                direct: bool = True, log=print, eod_token: str | None = None,
-               storage_options: dict | None = None) -> dict:
+               storage_options: dict | None = None, validation_fraction: float = 0.0) -> dict:
     """Tokenize ``inputs`` into ``{output_prefix}-{split}-%06d.tar`` shards and ``{output_prefix}-manifest.json``.
 
     ``seq_length`` defaults to 8192 (text) or the pixels of one image (images); ``tail`` to ``pack`` (text) or
@@ -416,6 +416,8 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
     straight from the files (same bytes, slower). ``tokenizer="hf"`` loads ``tokenizer_model``, a Hugging Face
     tokenizer.json, with ``eod_token`` as its end of document (default: from the file). ``json_keys`` are also the
     text columns of parquet files. ``storage_options`` go to fsspec for URL inputs (never into the manifest).
+    ``validation_fraction``: inputs without split folders give that fraction of their files to ``validation``
+    (:func:`hold_out`); without it such inputs make no validation split, which a line says.
     Returns a summary dict (with the manifest under ``manifest``).
     Bad input files are skipped, counted in ``manifest['warnings']`` and printed; bad flags, and input of which
     nothing usable is left, raise ``DataError``. ``progress`` shows a bar when stderr is a terminal."""
@@ -430,6 +432,7 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
         skipped = report.summary(exclude=("empty_splits",))
         raise DataError(f"no usable input in {', '.join(map(str, inputs))}: "
                         f"{skipped or 'no file found (hidden files are ignored)'}")
+    entries = hold_out(entries, split, validation_fraction, log)
     seq_length, tail = _sample_shape(entries, seq_length, tail, tokenizer, image_size)
     # flags that decide the output bytes (workers and progress do not)
     tok_flags, model_bytes, vocab_bound = _tokenizer_flags(tokenizer, tokenizer_model, train_tokenizer, vocab_size,
@@ -441,6 +444,7 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
                         f"--maxsize {smallest} or more (or a smaller --seq-length)")
     config = {"inputs": [str(i) for i in inputs], "input_type": input_type, "split": split,
               "splits": list(splits) if splits else None, "json_keys": list(json_keys), "tokenizer": tok_flags,
+              **({"validation_fraction": validation_fraction} if validation_fraction else {}),
               "seq_length": seq_length, "append_eod": append_eod, "tail": tail, "maxcount": maxcount,
               "maxsize": maxsize, "image_size": image_size, "block_bytes": block_bytes}
     try:
@@ -465,6 +469,32 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
         log(f"warnings ({sum(report.counts.values())}):\n" + "\n".join(report.lines()))
     log(f"manifest: {summary['manifest_path']}")
     return summary
+
+
+def hold_out(entries: dict, split: str, fraction: float, log=print) -> dict:
+    """``entries`` with ``fraction`` of split ``split``'s files (at least one, never all) moved to ``validation``,
+    chosen by a hash of their document ids: the same inputs give the same split, and adding files moves none of the
+    others. Without a fraction, inputs that make no validation split get one warning line."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"--validation-fraction {fraction}: expected a fraction in [0, 1)")
+    if fraction == 0.0:
+        if "validation" not in entries:
+            log(f"warning: no validation split (the inputs have no validation/ folder): training's evaluation "
+                f"(train.eval_interval) and rtdist.evaluate need one; pass --validation-fraction 0.01 to hold out "
+                f"1% of the files")
+        return entries
+    if "validation" in entries:
+        raise DataError(f"--validation-fraction {fraction}: the inputs have a validation/ folder already; drop the "
+                        f"flag, or give the files without their split folders")
+    files = entries.get(split, [])
+    if len(files) < 2:
+        raise DataError(f"--validation-fraction {fraction}: split {split!r} has {len(files)} input file(s); holding "
+                        f"out needs 2 or more (it moves whole files)")
+    ranked = sorted(files, key=lambda e: hashlib.sha1(e.doc.encode()).hexdigest())
+    held = {id(e) for e in ranked[:min(len(files) - 1, max(1, round(fraction * len(files))))]}
+    out = {**entries, split: [e for e in files if id(e) not in held], "validation": [e for e in files if id(e) in held]}
+    log(f"--validation-fraction {fraction}: {len(out['validation'])} of {len(files)} files held out as validation")
+    return out
 
 
 def _sample_shape(entries: dict, seq_length, tail, tokenizer: str, image_size: int) -> tuple[int, str]:
