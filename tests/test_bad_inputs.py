@@ -144,6 +144,8 @@ ROWS = [
     ("seq-length-negative", text, P, ["--input", "in", *OUT, "--seq-length", "-5"], "--seq-length -5: "),
     ("seq-length-not-int", text, P, ["--input", "in", *OUT, "--seq-length", "1.5"], "--seq-length: invalid int"),
     ("maxcount-0", text, P, ["--input", "in", *OUT, "--maxcount", "0"], "--maxcount 0: "),
+    ("validation-fraction-1.5", text, P, ["--input", "in", *OUT, "--validation-fraction", "1.5"],
+     "--validation-fraction 1.5: expected a fraction in [0, 1)"),
     ("maxsize-0", text, P, ["--input", "in", *OUT, "--maxsize", "0"], "--maxsize 0: "),
     ("maxsize-below-one-sample", text, P, ["--input", "in", *OUT, "--seq-length", "4096", "--maxsize", "4k"],
      "--maxsize 4096: "),
