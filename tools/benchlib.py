@@ -242,24 +242,31 @@ def _heads(cfg: ModelConfig, n_local_split: int) -> tuple[int, int]:
     return 0, 0
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """Parameters of ``RoutingTransformerLM(cfg)``, from the config alone."""
+def layer_param_count(cfg: ModelConfig, n_local_split: int) -> int:
+    """Parameters of one block (``Block(cfg, n_local_split)``): two LayerNorms, q/k/v/out, the feed-forward."""
     d, H = cfg.d_model, cfg.n_heads
     hd = cfg.head_dim or d // H
+    _, nr = _heads(cfg, n_local_split)
+    n_k = H - (nr if cfg.shared_qk else 0)
+    return 4 * d + d * H * hd * 3 + d * n_k * hd + ff_param_count(cfg)
+
+
+def ff_param_count(cfg: ModelConfig) -> int:
+    """Parameters of one block's feed-forward (w_in, w_out)."""
+    hidden = int(cfg.d_model * cfg.ff_mult)
+    return cfg.d_model * hidden * (2 if cfg.ff_glu else 1) + hidden * cfg.d_model
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters of ``RoutingTransformerLM(cfg)``, from the config alone."""
+    d = cfg.d_model
     e = cfg.emb_dim or d
-    hidden = int(d * cfg.ff_mult)
     total = cfg.vocab_size * e + 2 * d  # embedding, final norm
     if e != d:
         total += 2 * e * d  # emb_proj, out_proj
     if not cfg.tie_embedding:
         total += cfg.vocab_size * e
-    for nl in layer_head_split(cfg):
-        _, nr = _heads(cfg, nl)
-        n_k = H - (nr if cfg.shared_qk else 0)
-        total += 4 * d  # two LayerNorms
-        total += d * H * hd * 3 + d * n_k * hd  # q, v, out; k
-        total += d * hidden * (2 if cfg.ff_glu else 1) + hidden * d
-    return total
+    return total + sum(layer_param_count(cfg, nl) for nl in layer_head_split(cfg))
 
 
 def buffer_bytes(cfg: ModelConfig) -> int:
@@ -393,38 +400,71 @@ def working_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> di
 
 
 def layer_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int, checkpointing: str = "none",
-                           chunked: bool = False) -> dict[str, float]:
-    """One layer under a checkpoint policy, per token: ``kept`` (from its forward until its backward), and during
-    the layer's own backward, what it holds once recomputed in its two phases, ``ff`` (its second half) and
-    ``attn`` (its attention), temporaries included. ``chunked``: the policy runs position-wise parts in sequence
-    chunks (``train.checkpoint_chunk_size`` > 0); the chunk's own activations are counted apart (per chunk token,
-    :func:`chunk_floats_per_token`)."""
+                           chunk: float = 0) -> dict[str, float]:
+    """One layer under a checkpoint policy: ``kept`` (per token, from its forward until its backward), and during the
+    layer's own backward its two phases, ``ff`` (its second half) and ``attn`` (its attention), each as what it holds
+    per token of the sequence (temporaries included) plus ``ff_chunk`` / ``attn_chunk`` per token of the one
+    recomputed chunk alive then. ``chunk``: tokens per chunk when the policy runs position-wise parts in sequence
+    chunks (``train.checkpoint_chunk_size`` > 0), else 0.
+
+    With chunks (the measured composition, tests/test_bench_memory.py): the second half's backward runs one chunk at
+    a time from the last; what a chunk holds is its recomputed feed-forward (:func:`ff_chunk_floats_per_token`), and
+    the whole sequence holds the layer's kept part, the gradient arriving at the block output (d) and the
+    gradients the finished chunks sent to the block input and the heads' output (d + H*hd per token of those
+    chunks: autograd sums them only once every chunk is done). Under ``full`` the attention part kept is only what
+    the chunked attention hands on: the local heads' output L*hd, the routing heads' raw q, (k,) v and their
+    output; its recomputed attention chunks (:func:`attn_chunk_floats_per_token`) come after the second half."""
     d, H = cfg.d_model, cfg.n_heads
     hd = cfg.head_dim or d // H
     L, R = _heads(cfg, n_local_split)
     whole = saved_floats_per_token(cfg, n, n_local_split)
     ffs = ff_saved_floats_per_token(cfg)
     work = working_floats_per_token(cfg, n, n_local_split)
-    grads_2nd_half = 2 * d + H * hd  # the block output's gradient; its input's and the heads' output's, filling
-    if checkpointing == "none" or (checkpointing == "selective" and not chunked):
-        return {"kept": whole, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"]}
-    if checkpointing == "selective":
-        return {"kept": whole - ffs, "ff": whole - ffs + grads_2nd_half, "attn": whole - ffs + work["attn"]}
-    # full: recomputed under checkpointing's own saved-tensor hooks, so the norm outputs are kept there
-    whole, ffs = saved_floats_per_token(cfg, n, n_local_split, False), ff_saved_floats_per_token(cfg, False)
-    if not chunked:  # whole blocks recomputed
-        return {"kept": d, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"]}
-    if not _chunkable(cfg, R):  # attention whole, second half in chunks
-        return {"kept": d, "ff": whole - ffs + grads_2nd_half, "attn": whole - ffs + work["attn"]}
+    chunked = chunk > 0 and checkpointing != "none"
+    if not chunked and checkpointing != "full":  # none, and selective without chunks: nothing changes
+        return {"kept": whole, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"], "ff_chunk": 0.0,
+                "attn_chunk": 0.0}
+    if checkpointing == "full":  # recomputed under checkpointing's own saved-tensor hooks: norm outputs kept there
+        whole, ffs = saved_floats_per_token(cfg, n, n_local_split, False), ff_saved_floats_per_token(cfg, False)
+    if not chunked:  # full, whole blocks recomputed
+        return {"kept": d, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"], "ff_chunk": 0.0,
+                "attn_chunk": 0.0}
+    finished = max(0.0, 1 - chunk / n)  # share of the sequence whose chunks are done when the last one runs
+    grads_2nd_half = d + finished * (d + H * hd)
+    ff_chunk = ff_chunk_floats_per_token(cfg, n_local_split)
+    if checkpointing == "selective" or not _chunkable(cfg, R):  # attention whole, kept (recomputed under full)
+        attention = whole - ffs
+        return {"kept": d if checkpointing == "full" else attention, "ff": attention + grads_2nd_half,
+                "attn": attention + work["attn"], "ff_chunk": ff_chunk, "attn_chunk": 0.0}
     between = L * hd + R * hd * (2 if cfg.shared_qk else 3) + R * hd  # local output; routing q, (k,) v; routed out
     return {"kept": d, "ff": d + between + grads_2nd_half,
-            "attn": d + between - (L + R) * hd + work["routing"]}
+            "attn": d + between - (L + R) * hd + work["routing"], "ff_chunk": ff_chunk,
+            "attn_chunk": attn_chunk_floats_per_token(cfg, n_local_split)}
 
 
-def chunk_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> float:
-    """What one recomputed chunk holds during its backward, per token of the chunk: its saved values (at most a whole
-    layer's, norm outputs included: recomputed under checkpointing's hooks) and the feed-forward's temporaries."""
-    return saved_floats_per_token(cfg, n, n_local_split, False) + working_floats_per_token(cfg, n, n_local_split)["ff"]
+def ff_chunk_floats_per_token(cfg: ModelConfig, n_local_split: int) -> float:
+    """What one recomputed second-half chunk holds during its feed-forward backward, per token of the chunk: the
+    feed-forward's saved values (norm output included: recomputed under checkpointing's hooks), the heads'
+    concatenation (H*hd, only with more than one group of heads) and the GEGLU/GELU backward's temporaries (4F /
+    F, see ``ActivatedLinear``)."""
+    d, H = cfg.d_model, cfg.n_heads
+    hd = cfg.head_dim or d // H
+    hidden = int(d * cfg.ff_mult)
+    L, R = _heads(cfg, n_local_split)
+    groups = (L > 0) + (R > 0) if cfg.attention_type in ("routing", "local") else 1
+    return ff_saved_floats_per_token(cfg, False) + (H * hd if groups > 1 else 0) + (4 * hidden if cfg.ff_glu else hidden)
+
+
+def attn_chunk_floats_per_token(cfg: ModelConfig, n_local_split: int) -> float:
+    """What one recomputed attention chunk (``full`` with chunks) holds during its backward, per token of the chunk:
+    LayerNorm 1's input stats and output, the raw q, k, v projections, the local heads' rotated q and k, output and
+    log-sum-exp, and their gradients (~ the same again, plus the projections' input gradient d)."""
+    d, H = cfg.d_model, cfg.n_heads
+    hd = cfg.head_dim or d // H
+    L, R = _heads(cfg, n_local_split)
+    n_k = H - (R if cfg.shared_qk else 0)
+    saved = 2 + d + (2 * H + n_k) * hd + (3 * L * hd + L)
+    return 2 * saved + d
 
 
 @dataclass
@@ -460,25 +500,31 @@ def estimate(cfg: ModelConfig, seq_len: int, batch: int = 1, checkpointing: str 
     chunked = chunk_size > 0 and checkpointing != "none"
     chunk_tokens = batch * min(chunk_size, seq_len / sp) if chunked else 0
     splits = layer_head_split(cfg)
-    layers = [layer_floats_per_token(cfg, seq_len, s, checkpointing, chunked) for s in splits]
+    layers = [layer_floats_per_token(cfg, seq_len / sp, s, checkpointing, chunk_tokens / batch) for s in splits]
     keep, head = global_saved_floats_per_token(cfg)
-    before_last = sum(x["kept"] for x in layers[:-1]) + keep
-    saved = before_last + layers[-1]["kept"] + head
-    d, hidden = cfg.d_model, int(cfg.d_model * cfg.ff_mult)
-    e = cfg.emb_dim or d
-    head_weights = cfg.vocab_size * e * (1 if cfg.tie_embedding else 2)
-    # Gradients that exist at the peak: the head (embedding / output projection) and the last w_out.
-    head_grads = (head_weights + d * hidden) * states["grads"] / n_params
+    saved = sum(x["kept"] for x in layers) + keep + head
+    e = cfg.emb_dim or cfg.d_model
+    grad_bytes = states["grads"] / n_params  # per parameter
+    head_grads = (cfg.vocab_size * e * (1 if cfg.tie_embedding else 2) + 2 * cfg.d_model
+                  + (2 * e * cfg.d_model if e != cfg.d_model else 0)) * grad_bytes
     # End of forward: every saved value, the loss's gradient of the head weight (fp32, computed in forward) and
     # one chunk of logits, their softmax in place and its gradient cast.
     loss_chunk = min(cfg.loss_chunk_size or tokens, tokens)
-    head_phase = 4 * tokens * saved + 4 * (cfg.vocab_size * e + 2 * loss_chunk * cfg.vocab_size)
-    chunk = 4 * chunk_tokens * chunk_floats_per_token(cfg, seq_len, splits[-1])
-    phases = {"head": head_phase,
-              "ff": 4 * tokens * (before_last + layers[-1]["ff"]) + chunk + head_grads,
-              # selective runs attention whole: its chunks are done by then
-              "attn": 4 * tokens * (before_last + layers[-1]["attn"]) + (chunk if checkpointing == "full" else 0)
-              + head_grads}
+    phases = {"head": 4 * tokens * saved + 4 * (cfg.vocab_size * e + 2 * loss_chunk * cfg.vocab_size)}
+    # Each layer's backward, from the last: the layers below still keep theirs, the layers above have left their
+    # gradients (so with little activation per layer, as under full, the first layer's can be the peak).
+    below = keep
+    later_grads = [sum(layer_param_count(cfg, s) for s in splits[i + 1:]) for i in range(len(splits))]
+    for i, (s, x) in enumerate(zip(splits, layers)):
+        # Gradients by then: the head's, the later layers', and this layer's feed-forward ones (its w_out; with
+        # chunks w_in too, from the chunks already done).
+        grads = head_grads + (later_grads[i] + (ff_param_count(cfg) if chunked else
+                                                 cfg.d_model * int(cfg.d_model * cfg.ff_mult))) * grad_bytes
+        for name in ("ff", "attn"):
+            value = 4 * tokens * (below + x[name]) + 4 * chunk_tokens * x[f"{name}_chunk"] + grads
+            if value > phases.get(name, 0):
+                phases[name] = value
+        below += x["kept"]
     phase = max(phases, key=phases.get)
     act_peak = phases[phase]
     optim_phase = states["grads"] + states["optim"] + states["params"]  # AdamW's foreach temporaries: <= 1 param copy
