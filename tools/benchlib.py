@@ -14,8 +14,10 @@ The memory model (:func:`estimate`) counts, per rank, in bytes (fp32 everywhere,
 * saved activations: what autograd keeps between forward and backward, per token and per layer, derived from the
   model's code op by op (:func:`saved_floats_per_token`; checked in the tests against the tensors a forward leaves
   alive).
-  With full activation checkpointing a layer keeps only its input (d floats per token) and one layer's set is
-  rebuilt during backward.
+  With full activation checkpointing a layer keeps only its input (d floats per token); its backward rebuilds it
+  one chunk at a time (:func:`layer_floats_per_token`: the recomputed chunk, the chunked attention's outputs and
+  the gradients of the chunks already done; checked in the tests against the tensors a whole step holds at its
+  peak).
 * attention working set: the n x n tensors of ``full_naive`` (the kept probabilities with the saved activations;
   the probability and softmax gradients of the last layer's backward as working set); nothing quadratic for the
   flash and block kernels (their scratch is per block).
@@ -25,8 +27,9 @@ The memory model (:func:`estimate`) counts, per rank, in bytes (fp32 everywhere,
   backward (its feed-forward activations already freed), plus the gradients produced by then (head, last w_out).
 
 Peak = parameters + buffers + max(largest backward candidate, optimizer phase = gradients + AdamW states + one
-parameter-sized foreach temporary). With full activation checkpointing a layer keeps only its input (d floats per
-token) and the last layer's whole saved set is rebuilt during its backward. Sequence parallelism of degree ``sp``
+parameter-sized foreach temporary). The backward candidates are taken at every layer, from the last: the layers
+below still keep their saved values, the layers above have left their gradients (with little kept per layer, as
+under full checkpointing, the first layer's backward can be the peak). Sequence parallelism of degree ``sp``
 divides the tokens (so every activation term) by ``sp``; halo and all-to-all buffers are not counted.
 """
 from __future__ import annotations
