@@ -380,9 +380,13 @@ def working_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> di
     * ``ff``: its w_out backward (where the peak is without chunks): residual gradients 2d, and for GEGLU the
       recomputed gelu F, the activation's gradient F and the gradients of both halves 2F (plain GELU: the
       recomputed activation, then its gradient, F).
-    * ``attn``: its attention backward, its feed-forward's saved values already freed: for the recomputed
-      local/routing kernels the re-gathered q, k, v (k and v twice: a block sees its predecessor), the output and
-      their gradients, ~10 per head dim; for dense SDPA the q, k, v and output gradients 4 per head dim; for
+    * ``attn``: its attention backward, its feed-forward's saved values already freed, always with the gradients
+      of the block input d and of the heads' output H*hd. Causal routing and local heads (the measured
+      composition): first the routing heads' recomputed function (as ``routing`` below), then the local kernel,
+      recomputed (its output L*hd and log-sum-exp L) with its dq, dk, dv (3 L*hd) and one part's gradients at a
+      time (1.5 L*hd), while the routing heads' q and v gradients wait as whole-width [n, H, hd] tensors (2 H*hd,
+      the slices' backward); the larger of the two. ``topk`` routing kernels: the re-gathered q, k, v (k and v
+      twice: a block sees its predecessor), the output and their gradients, ~10 per head dim; for dense SDPA the q, k, v and output gradients 4 per head dim; for
       ``full_naive`` also the n x n probability gradient and the softmax gradient (2 H n) and the causal mask
       (n / 8, bool): the quadratic attention working set.
     * ``routing``: the routing heads' recomputed function and its backward when the rest of the layer runs in
@@ -397,6 +401,9 @@ def working_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> di
         attn = 2 * d + 4 * H * hd
     elif cfg.attention_type == "full_naive":
         attn = 2 * d + 4 * H * hd + 2 * H * n + n / 4
+    elif _chunkable(cfg, R):
+        local = d + H * hd + (2 * H * hd if R else 0) + (5.5 * L * hd + L if L else 0)
+        attn = max(local, d + H * hd + 9 * R * hd if R else 0)
     else:
         attn = 2 * d + 10 * (L + R) * hd
     return {"ff": ff, "attn": attn, "routing": d + H * hd + 9 * R * hd}
