@@ -212,9 +212,10 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize("attention,policy,chunk", [
     ("routing", "full", 1024), ("routing", "full", 256),
     pytest.param("routing", "none", 0, marks=SLOW), pytest.param("local", "none", 0, marks=SLOW),
-    pytest.param("local", "full", 1024, marks=SLOW), pytest.param("local", "full", 256, marks=SLOW)],
+    pytest.param("local", "full", 1024, marks=SLOW), pytest.param("local", "full", 256, marks=SLOW),
+    pytest.param("routing", "selective", 256, marks=SLOW)],
     ids=["routing-full-one-chunk", "routing-full-four-chunks", "routing-none", "local-none", "local-full-one-chunk",
-         "local-full-four-chunks"])
+         "local-full-four-chunks", "routing-selective"])
 def test_estimated_peak_matches_the_step_tensor_by_tensor(bench, attention, policy, chunk):
     """The estimate's peak growth against the tensors a real training step (forward, backward, AdamW) holds at its
     peak, per policy. Under full with chunks a layer keeps only its input, and its backward holds one recomputed
