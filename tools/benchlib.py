@@ -22,9 +22,10 @@ The memory model (:func:`estimate`) counts, per rank, in bytes (fp32 everywhere,
   the probability and softmax gradients of the last layer's backward as working set); nothing quadratic for the
   flash and block kernels (their scratch is per block).
 * transient working set (:func:`working_floats_per_token`): temporaries on top of what is still saved, at three
-  candidate peaks, the start of backward (logits and their gradients), the last layer's feed-forward backward (its
-  GEGLU gradients; where the profiler finds the peak of the benchmark's models) and the last layer's attention
-  backward (its feed-forward activations already freed), plus the gradients produced by then (head, last w_out).
+  candidate peaks, the start of backward (logits and their gradients), a layer's feed-forward backward (its
+  GEGLU gradients; where the profiler finds the peak of the benchmark's models) and a layer's attention backward
+  (its feed-forward activations already freed), plus the gradients produced by then (the head's, the later
+  layers', this layer's feed-forward's).
 
 Peak = parameters + buffers + max(largest backward candidate, optimizer phase = gradients + AdamW states + one
 parameter-sized foreach temporary). The backward candidates are taken at every layer, from the last: the layers
@@ -386,9 +387,9 @@ def working_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> di
       recomputed (its output L*hd and log-sum-exp L) with its dq, dk, dv (3 L*hd) and one part's gradients at a
       time (1.5 L*hd), while the routing heads' q and v gradients wait as whole-width [n, H, hd] tensors (2 H*hd,
       the slices' backward); the larger of the two. ``topk`` routing kernels: the re-gathered q, k, v (k and v
-      twice: a block sees its predecessor), the output and their gradients, ~10 per head dim; for dense SDPA the q, k, v and output gradients 4 per head dim; for
-      ``full_naive`` also the n x n probability gradient and the softmax gradient (2 H n) and the causal mask
-      (n / 8, bool): the quadratic attention working set.
+      twice: a block sees its predecessor), the output and their gradients, ~10 per head dim; for dense SDPA the
+      q, k, v and output gradients 4 per head dim; for ``full_naive`` also the n x n probability gradient and
+      the softmax gradient (2 H n) and the causal mask (n / 8, bool): the quadratic attention working set.
     * ``routing``: the routing heads' recomputed function and its backward when the rest of the layer runs in
       chunks (``full`` with chunks): the residual gradient d, the heads' output gradient H*hd, and ~9 per routing
       head dim (routing vectors, rotated q and k, re-gathered blocks, output, gradients)."""
@@ -462,7 +463,8 @@ def ff_chunk_floats_per_token(cfg: ModelConfig, n_local_split: int) -> float:
     hidden = int(d * cfg.ff_mult)
     L, R = _heads(cfg, n_local_split)
     groups = (L > 0) + (R > 0) if cfg.attention_type in ("routing", "local") else 1
-    return ff_saved_floats_per_token(cfg, False) + (H * hd if groups > 1 else 0) + (4 * hidden if cfg.ff_glu else hidden)
+    work = 4 * hidden if cfg.ff_glu else hidden
+    return ff_saved_floats_per_token(cfg, False) + (H * hd if groups > 1 else 0) + work
 
 
 def attn_chunk_floats_per_token(cfg: ModelConfig, n_local_split: int) -> float:
