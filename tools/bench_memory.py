@@ -21,7 +21,8 @@ parameters 4 B, gradients 4 B, AdamW m and v 8 B per parameter, divided by the w
 optimizer states, 2: + gradients, 3: + parameters); saved activations per token per layer derived from the
 model's ops (checked against what a forward leaves alive, tests/test_bench_memory.py); the attention working set
 (n x n tensors of full-naive only; flash and block kernels keep per-block scratch); the largest backward transient
-(feed-forward or recomputed-attention gradients, or logits). ``est_mb`` is the same growth the measurement sees:
+over the layers (feed-forward or recomputed-attention gradients, one recomputed chunk under a policy with chunks,
+or logits). ``est_mb`` is the same growth the measurement sees:
 estimated peak minus parameters and buffers.
 
 A series (attention x checkpointing x sp) stops at its first point that runs out of memory, exceeds
