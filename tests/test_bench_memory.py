@@ -53,6 +53,37 @@ def test_quick_sweep_writes_json_csv_png_with_estimates(tmp_path, bench_memory):
     assert data["targets"]  # evaluated on what was measured
 
 
+def test_a_sweep_killed_after_its_first_point_keeps_that_point_on_disk(tmp_path):
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "bench_memory.py"), "--quick", "--no-progress",
+                             "--seq-lengths", "256,512,1024", "--out-dir", str(tmp_path)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    saved, deadline = [], time.time() + 240
+    while not saved and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            saved = json.loads((tmp_path / "bench_memory.json").read_text())["results"]
+        except (OSError, ValueError):  # not there yet (an atomic write: never half a file)
+            pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    data = json.loads((tmp_path / "bench_memory.json").read_text())
+    assert data["meta"]["partial"] is True and data["results"][0]["seq_length"] == 256
+    assert data["results"][0]["status"] == "ok" and data["results"][0]["peak_mb"] > 0
+    with open(tmp_path / "bench_memory.csv") as f:
+        assert [int(r["seq_length"]) for r in csv.DictReader(f)] == [r["seq_length"] for r in data["results"]]
+
+
+def test_the_budget_search_says_what_it_measures_and_tables_one_unit_per_column(tmp_path, bench_memory, capsys):
+    data = run(bench_memory, tmp_path, "--seq-lengths", "256", "--budget-gb", "0.5")
+    out = capsys.readouterr().out
+    assert "budget 0.5 GiB, routing ckpt=none sp=1: the estimate allows" in out
+    assert "points tried for the budget:" in out and data["budget"][0]["variant"] == "routing ckpt=none sp=1"
+    assert "partial" not in json.loads((tmp_path / "bench_memory.json").read_text())["meta"]
+
+
 def test_max_mem_stops_series_before_starting_a_point(tmp_path, bench_memory):
     data = run(bench_memory, tmp_path, "--max-mem-gb", "0.01", "--checkpointing", "none,full")
     rows = data["results"]

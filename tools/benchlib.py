@@ -525,10 +525,11 @@ def estimate(cfg: ModelConfig, seq_len: int, batch: int = 1, checkpointing: str 
 def write_csv(path: str | Path, rows: list[dict]) -> None:
     """Rows of possibly different keys as one CSV (union of keys, first-seen order)."""
     import csv
+    from rtdist.fileio import atomic_path
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
+    with atomic_path(Path(path)) as tmp, open(tmp, "w", newline="") as f:  # a reader never sees half a table
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
