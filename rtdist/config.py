@@ -75,6 +75,13 @@ class DataConfig:
     # Pre-flight check of every shard the manifest lists, before step 1: "quick" (sizes, first/last member
     # headers), "full" (also every byte against the manifest's sha256) or "off".
     verify: Literal["quick", "full", "off"] = "quick"
+    # Shards at a URL (data.manifest s3://, gs://, http(s)://, pipe:; rtdist/data/remote.py): fsspec's options for
+    # the scheme (e.g. {endpoint_url: http://host:9000, key: ..., secret: ...}; AWS_* and ~/.aws apply too), the
+    # seconds a failing read is retried before one error naming the URL (below train.dist_timeout_s, so every rank
+    # ends with that error rather than a peer timeout), and the seconds one request may stall.
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    fetch_budget_s: float = 60.0
+    request_timeout_s: float = 20.0
 
 
 @dataclass

@@ -74,13 +74,15 @@ def peak_memory_mb() -> float:
 
 def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int, train: bool):
     from .data import ShardLoader
+    from .data.remote import options_from_config
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is not set: preprocess a corpus first (python tools/preprocess.py "
                           "--input DIR --output-prefix data/x) and pass --set data.manifest=data/x-manifest.json")
     loader = ShardLoader(cfg.data.manifest, split, cfg.train.train_micro_batch_size_per_gpu, dp_rank, dp_size,
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle=train,
                          shuffle_buffer=cfg.data.shuffle_buffer, policy="drop" if train else "wrap",
-                         skip_corrupt=cfg.data.skip_corrupt, pin_memory=torch.cuda.is_available())
+                         skip_corrupt=cfg.data.skip_corrupt, pin_memory=torch.cuda.is_available(),
+                         remote=options_from_config(cfg))
     if loader.seq_length < cfg.train.seq_length:
         raise ConfigError(f"train.seq_length ({cfg.train.seq_length}) exceeds the shards' seq_length "
                           f"({loader.seq_length}) in {cfg.data.manifest}: preprocess with --seq-length "
@@ -94,12 +96,12 @@ def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int, train: boo
 def preflight_shards(cfg: Config, manifest: dict, splits: list[str], log) -> None:
     """Check the shards training will read before step 1 (``data.verify``), each rank a slice of them; every rank
     raises the same error naming every bad shard (or, with ``data.skip_corrupt``, logs one warning)."""
-    from .data.shards import CorruptShardError, manifest_dir, manifest_shards, shard_problem
+    from .data.shards import CorruptShardError, manifest_shards, shard_location, shard_problem
     if cfg.data.verify == "off":
         return
     t0 = time.perf_counter()
     shards = manifest_shards(manifest, splits)
-    mine = [f"{manifest_dir(manifest) / s['name']}: {problem}" for s in shards[rdist.rank()::rdist.world_size()]
+    mine = [f"{shard_location(manifest, s)}: {problem}" for s in shards[rdist.rank()::rdist.world_size()]
             if (problem := shard_problem(manifest, s, full=cfg.data.verify == "full"))]
     bad = [line for part in rdist.all_gather_object(mine) for line in part]
     if bad:

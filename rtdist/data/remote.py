@@ -180,12 +180,12 @@ class Store:
                 now = time.monotonic()
                 if deadline is None:
                     deadline, first_error = now + self.options.budget_s, e
-                if now + delay > deadline:
+                if now >= deadline:
                     raise RemoteError(
                         f"{what} {url}{self.where(url)}: {describe(e)}; still failing after {tries} tries over "
                         f"{self.options.budget_s:g} s (data.fetch_budget_s): is the server up and the endpoint "
                         "right?") from None
-                time.sleep(delay)
+                time.sleep(min(delay, deadline - now))  # the last try comes at the deadline
                 delay = min(delay * 2, RETRY_MAX_S)
 
     def read_range(self, url: str, start: int, end: int) -> bytes:
@@ -389,3 +389,21 @@ def store_for(options: RemoteOptions | None) -> Store:
     if key not in _STORES:
         _STORES[key] = Store(options)
     return _STORES[key]
+
+
+def options_from_config(cfg) -> RemoteOptions:
+    """``RemoteOptions`` of a run's ``data.*`` keys, checked against ``train.dist_timeout_s``: a rank still retrying
+    when its peers' collective times out would end as a peer timeout rather than with the URL's error."""
+    from ..errors import ConfigError
+
+    d, t = cfg.data, cfg.train
+    if not 0 < d.request_timeout_s <= d.fetch_budget_s:
+        raise ConfigError(f"data.request_timeout_s ({d.request_timeout_s}) must be > 0 and at most "
+                          f"data.fetch_budget_s ({d.fetch_budget_s})")
+    if not d.fetch_budget_s < t.dist_timeout_s:
+        raise ConfigError(f"data.fetch_budget_s ({d.fetch_budget_s}) must be below train.dist_timeout_s "
+                          f"({t.dist_timeout_s}): a read failing that long must end as its own error on every rank, "
+                          "not as a peer timeout")
+    if not isinstance(d.storage_options, dict):
+        raise ConfigError(f"data.storage_options must be a mapping of fsspec options, got {d.storage_options!r}")
+    return RemoteOptions(dict(d.storage_options), float(d.fetch_budget_s), float(d.request_timeout_s))

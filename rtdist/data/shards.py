@@ -341,6 +341,21 @@ def manifest_store(manifest: dict):
     return store_for(RemoteOptions(**manifest.get("remote_options", {})))
 
 
+def fetch_beside(manifest: dict, name: str) -> Path:
+    """A local copy of the small file ``name`` next to a remote manifest (a tokenizer model), in a folder of this
+    process's temporary directory, written under a temporary name first."""
+    import tempfile
+    folder = Path(tempfile.gettempdir()) / f"rtdist-remote-{os.getpid()}" / hashlib.sha256(
+        manifest["manifest_path"].encode()).hexdigest()[:16]
+    path = folder / name
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (name + ".tmp")
+        tmp.write_bytes(manifest_store(manifest).read_all(shard_location(manifest, name)))
+        os.replace(tmp, path)
+    return path
+
+
 def open_shard(manifest: dict, shard: dict, check_size: bool = False):
     """(binary file, size) of a shard: a local file, or a ``RangeFile`` over a URL. A URL's size is the manifest's
     unless ``check_size`` asks the server (one request); a shorter object shows as a short read."""
