@@ -193,3 +193,27 @@ def test_quick_and_full_checks_and_inspect_shards_verify_shards_at_a_url(local, 
     assert inspect.main([f"{nginx.url}/u-manifest.json", "--no-progress", "--decode", "3"]) == 0
     out = capsys.readouterr().out
     assert "verified 4 shards (full check): all good" in out and "u-train-000000.tar shard0_000003" in out
+
+
+# ------------------------------------------------------------------ training from a bucket (real ranks, gloo)
+
+@pytest.mark.slow  # three 2-rank jobs (~5 min on 2 cores); the loader tests above cover the same reads
+def test_two_rank_training_from_s3_has_the_losses_of_local_files_and_a_killed_run_resumes_exactly(manifest, moto,
+                                                                                                   tmp_path):
+    from pathlib import Path
+
+    from test_train_cli import losses, run, train_cmd
+    url = moto.upload_dir(BUCKET, Path(manifest).parent, "demo/") + Path(manifest).name
+    steps = ["train.train_iters=8"]
+    local = run(train_cmd(2, manifest, tmp_path / "local", *steps))
+    assert local.returncode == 0, local.stderr[-3000:]
+    aws = {"AWS_ENDPOINT_URL": moto.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    first = run(train_cmd(2, url, tmp_path / "s3", *steps, "train.save_interval=4"), RTDIST_FAULT="step:6", **aws)
+    assert first.returncode != 0 and (tmp_path / "s3" / "checkpoints" / "global_step4").is_dir(), first.stderr[-3000:]
+    # the resumed job names the endpoint in data.storage_options instead of the environment
+    second = run(train_cmd(2, url, tmp_path / "s3", *steps, f"data.storage_options.endpoint_url={moto.endpoint}",
+                           "data.storage_options.key=testing", "data.storage_options.secret=testing",
+                           resume="auto"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert losses(tmp_path / "s3")[-4:] == pytest.approx(losses(tmp_path / "local")[-4:], abs=1e-5)
