@@ -195,6 +195,28 @@ def test_quick_and_full_checks_and_inspect_shards_verify_shards_at_a_url(local, 
     assert "verified 4 shards (full check): all good" in out and "u-train-000000.tar shard0_000003" in out
 
 
+def test_preprocess_to_a_bucket_uploads_every_shard_then_the_manifest_and_training_reads_it(moto, tool, tmp_path,
+                                                                                             monkeypatch):
+    from data_helpers import pg19
+    for k, v in {"AWS_ENDPOINT_URL": moto.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    client = moto.client()
+    client.create_bucket(Bucket="preprocessed")
+    corpus = pg19(tmp_path / "corpus")
+    args = ["--input", str(corpus), "--seq-length", "32", "--maxcount", "20", "--no-progress"]
+    assert tool("preprocess").main(args + ["--output-prefix", "s3://preprocessed/pg/c",
+                                           "--staging-dir", str(tmp_path / "staging")]) == 0
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="preprocessed")["Contents"]]
+    local = load_manifest(tmp_path / "staging" / "c")
+    shards = [s["name"] for split in local["splits"].values() for s in split["shards"]]
+    assert sorted(keys) == sorted(f"pg/{n}" for n in shards + ["c-manifest.json"])
+    remote = load_manifest("s3://preprocessed/pg/c")
+    check_shards(remote, mode="full")
+    assert same(batches(ShardLoader(remote, "train", 2, num_workers=0, with_keys=True)),
+                batches(ShardLoader(local, "train", 2, num_workers=0, with_keys=True)))
+
+
 # ------------------------------------------------------------------ training from a bucket (real ranks, gloo)
 
 @pytest.mark.slow  # three 2-rank jobs (~5 min on 2 cores); the loader tests above cover the same reads

@@ -7,6 +7,13 @@ shard check (``check_shards`` quick and full, MB/s of shards) and the loader's t
   python tools/bench_data.py --corpus data/pg19 --workers 1 2 4 --json bench.json
 
 Targets (issue): preprocessing >= 50 MB/s per worker; loader >= 100x the tokens/s training consumes.
+
+With ``--url`` it measures streaming instead: shards at a URL (a manifest at s3://, gs://, http(s)://, pipe:) read by
+``ShardLoader``: samples/s over an epoch, the time to the first batch from a cold start and after a mid-epoch resume,
+the bytes fetched for each, and whether the resumed order equals the uninterrupted one:
+
+  python tools/bench_data.py --url http://127.0.0.1:8080/bench-manifest.json --micro-batch 8
+  python tools/bench_data.py --url s3://bucket/pg19 --storage-option endpoint_url=http://127.0.0.1:9000
 """
 
 import argparse
@@ -47,6 +54,48 @@ def bench_loader(manifest, seq_length, micro_batch, workers, max_batches):
     seconds = time.time() - t0
     return {"batches": n, "tokens_per_s": n * micro_batch * seq_length / seconds, "seconds": seconds,
             "first_batch_s": first, "workers": workers, "micro_batch": micro_batch}
+
+
+def bench_stream(url, options, micro_batch, workers, shuffle_buffer, resume_fraction, max_batches) -> dict:
+    """Streaming from ``url``: a cold epoch (samples/s, first batch), then a fresh loader resumed at
+    ``resume_fraction`` of the epoch (first batch, bytes fetched before it, order against the cold epoch's)."""
+    from tqdm import tqdm
+
+    from rtdist.data import ShardLoader
+
+    t0 = time.perf_counter()
+    loader = ShardLoader(url, "train", micro_batch, 0, 1, num_workers=workers, seed=0, with_keys=True,
+                         shuffle_buffer=shuffle_buffer, remote=options)
+    n = min(len(loader), max_batches) if max_batches else len(loader)
+    keys, first, first_bytes = [], None, 0
+    with tqdm(total=n, desc="stream", unit="batch", leave=False, disable=None) as bar:
+        for i, (_, batch_keys) in enumerate(loader):
+            if first is None:
+                first, first_bytes = time.perf_counter() - t0, loader.stats["fetched_bytes"]
+            keys.append(batch_keys)
+            bar.update(1)
+            if i + 1 == n:
+                break
+    seconds = time.perf_counter() - t0
+    cold = {"batches": n, "samples_per_s": n * micro_batch / seconds, "seconds": seconds, "first_batch_s": first,
+            "first_batch_bytes": first_bytes, "epoch_bytes": loader.stats["fetched_bytes"],
+            "requests": loader.stats["requests"]}
+    at = int(n * resume_fraction)
+    state = {**loader.state_dict(), "epoch": 0, "position": at * micro_batch}
+    t0 = time.perf_counter()
+    resumed = ShardLoader(url, "train", micro_batch, 0, 1, num_workers=workers, seed=0, with_keys=True,
+                          shuffle_buffer=shuffle_buffer, remote=options)
+    resumed.load_state_dict(state)
+    got = []
+    for _, batch_keys in resumed:
+        if not got:
+            first, first_bytes = time.perf_counter() - t0, resumed.stats["fetched_bytes"]
+        got.append(batch_keys)
+        if len(got) == min(8, n - at):
+            break
+    return {"cold": cold, "resume": {"at_batch": at, "first_batch_s": first, "first_batch_bytes": first_bytes,
+                                     "same_order": got == keys[at:at + len(got)]},
+            "workers": workers, "micro_batch": micro_batch}
 
 
 def bench_verify(manifest_path) -> dict:
@@ -141,9 +190,18 @@ def main(argv=None) -> int:
                    help="model whose training step sets the loader target (configs/tiny.yaml: the cheapest)")
     p.add_argument("--train-steps", type=COUNT, default=2, help="timed training steps (2)")
     p.add_argument("--repeat", type=COUNT, default=2, help="runs per measurement, the best is reported (2)")
+    p.add_argument("--url", help="measure streaming from this manifest URL instead (see above)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an fsspec storage option for --url (repeatable), e.g. endpoint_url=http://127.0.0.1:9000")
+    p.add_argument("--shuffle-buffer", type=bounded(int, 0, DATA_LIMITS["shuffle_buffer"]), default=64,
+                   help="--url: samples in each worker's shuffle buffer (64, data.shuffle_buffer's default)")
+    p.add_argument("--resume-at", type=bounded(float, 0.0, 1.0), default=0.5,
+                   help="--url: the fraction of the epoch a resume starts at (0.5)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args = p.parse_args(argv)
+    if args.url:
+        return main_stream(args)
     if args.corpus and not Path(args.corpus).is_dir():
         raise UsageError(f"--corpus {args.corpus} is not a folder: give a text corpus folder, or leave it out to "
                          f"build one")
@@ -201,6 +259,29 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def main_stream(args) -> int:
+    from rtdist.data.remote import RemoteOptions
+    options = {}
+    for item in args.storage_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--storage-option {item!r}: expected KEY=VALUE")
+        options[key] = value
+    results = max((bench_stream(args.url, RemoteOptions(options), args.micro_batch, args.loader_workers,
+                                args.shuffle_buffer, args.resume_at, args.loader_batches) for _ in range(args.repeat)),
+                  key=lambda r: r["cold"]["samples_per_s"])
+    c, r = results["cold"], results["resume"]
+    print(f"\n=== streaming from {args.url} ({args.loader_workers} workers, micro batch {args.micro_batch}) ===")
+    print(f"epoch       {c['samples_per_s']:9.0f} samples/s ({c['batches']} batches in {c['seconds']:.2f} s, "
+          f"{c['epoch_bytes'] / 1e6:.1f} MB in {c['requests']} requests)")
+    print(f"cold start  first batch after {c['first_batch_s']:.3f} s, {c['first_batch_bytes'] / 1e3:.0f} KB fetched")
+    print(f"resume      at batch {r['at_batch']}: first batch after {r['first_batch_s']:.3f} s, "
+          f"{r['first_batch_bytes'] / 1e3:.0f} KB fetched; order equals the uninterrupted one: {r['same_order']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0 if r["same_order"] else 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ When nothing usable is left, or a flag cannot work, it stops with one "error:" l
 import argparse
 import re
 import sys
+from pathlib import Path
 
 from rtdist.data import preprocess
 from rtdist.errors import ArgumentParser, cli_main
@@ -47,6 +48,9 @@ def main(argv=None) -> int:
     io.add_argument("--output-prefix", required=True,
                     help="writes {prefix}-{split}-%%06d.tar, {prefix}-manifest.json (and -tokenizer.model)")
     io.add_argument("--overwrite", action="store_true", help="replace shards written under other flags")
+    io.add_argument("--staging-dir", default="runs/preprocess-staging",
+                    help="with a URL --output-prefix (s3://bucket/pg19): shards are written here, then uploaded, the "
+                         "manifest last (runs/preprocess-staging)")
     tk = p.add_argument_group("tokenizer")
     tk.add_argument("--tokenizer-type", default="bytes", choices=["bytes", "sentencepiece"],
                     help="bytes: 256 byte ids + EOD (256), exact round trip (default)")
@@ -76,8 +80,12 @@ def main(argv=None) -> int:
                                                                   "a terminal)")
     rn.add_argument("--debug", action="store_true", help="print the traceback of an error")
     args = p.parse_args(argv)
+    from rtdist.data.remote import is_url
+    url_prefix = args.output_prefix if is_url(args.output_prefix) else None
+    if url_prefix:  # written locally, uploaded when complete (rtdist.data.shards.publish_shards)
+        args.output_prefix = str(Path(args.staging_dir) / Path(url_prefix.rstrip("/")).name)
     try:
-        preprocess(args.input, args.output_prefix, tokenizer=args.tokenizer_type,
+        summary = preprocess(args.input, args.output_prefix, tokenizer=args.tokenizer_type,
                    tokenizer_model=args.tokenizer_model, train_tokenizer=args.train_tokenizer,
                    vocab_size=args.vocab_size, sp_model_type=args.sp_model_type,
                    tokenizer_train_bytes=args.tokenizer_train_bytes, input_type=args.input_type, split=args.split,
@@ -88,6 +96,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no partial shard was kept; run the same command again to start clean", file=sys.stderr)
         return 130
+    if url_prefix:
+        from rtdist.data.shards import publish_shards
+        publish_shards(summary["manifest_path"], url_prefix)
     return 0
 
 

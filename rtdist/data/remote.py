@@ -36,7 +36,7 @@ from ..errors import CorruptShardError, DataError
 URL_RE = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://")
 SCHEMES = ("s3", "gs", "gcs", "http", "https")
 MIN_FETCH = 64 << 10  # first fetch after a jump: a few members, not a shard
-MAX_FETCH = 8 << 20  # largest read-ahead window while reading front to back
+MAX_FETCH = 4 << 20  # largest read-ahead window while reading front to back
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 5.0
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -708,3 +709,29 @@ def read_sample(manifest: dict, split: str, index: int | None = None, key: str |
         raise DataError(f"no sample with key {key!r} in split {split}")
     finally:
         reader.close()
+
+
+def publish_shards(manifest_path: str | os.PathLike, url_prefix: str, remote=None, log=print) -> str:
+    """Upload what a local manifest names (every shard, the tokenizer model if any) to ``{url_prefix}-...``, and the
+    manifest last, so that a reader never finds a manifest whose shards are not all there. Each object appears only
+    once its upload is complete (S3 and GCS puts are atomic). Returns the manifest's URL."""
+    manifest = load_manifest(manifest_path)
+    local_dir, name = manifest_dir(manifest), Path(url_prefix.rstrip("/")).name
+    if name != manifest.get("prefix"):
+        raise DataError(f"--output-prefix {url_prefix}: its last part {name!r} must be the shards' prefix name "
+                        f"{manifest.get('prefix')!r} (shard names in the manifest start with it)")
+    store = store_for(remote or RemoteOptions())
+    url = f"{url_prefix}-manifest.json"
+    files = [s["name"] for split in manifest["splits"] for s in split_info(manifest, split)["shards"]]
+    if manifest["tokenizer"].get("file"):
+        files.append(manifest["tokenizer"]["file"])
+    total = sum((local_dir / f).stat().st_size for f in files)
+    done, t0 = 0, time.perf_counter()
+    for i, f in enumerate(files, 1):
+        store.upload(local_dir / f, sibling(url, f))
+        done += (local_dir / f).stat().st_size
+        log(f"uploaded {i}/{len(files)} {sibling(url, f)} ({done / 1e6:.1f} of {total / 1e6:.1f} MB, "
+            f"{done / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s)")
+    store.upload(Path(manifest["manifest_path"]), url)
+    log(f"manifest: {url} ({len(files)} files before it)")
+    return url
