@@ -14,10 +14,19 @@ the bytes fetched for each, and whether the resumed order equals the uninterrupt
 
   python tools/bench_data.py --url http://127.0.0.1:8080/bench-manifest.json --micro-batch 8
   python tools/bench_data.py --url s3://bucket/pg19 --storage-option endpoint_url=http://127.0.0.1:9000
+
+``--peers`` (S3 only) also streams the same samples through MosaicML ``streaming`` and ``litdata``
+(tools/stream_peers.py, run with ``--peer-python``, a Python that has them): each converted from ``--convert-from``
+(the local copy of the manifest) into its own format, uploaded beside the shards, read with the same cache budget
+(``--cache-mb``), every measurement in a fresh process, the systems alternating, the best of ``--repeat`` kept.
+
+  python tools/bench_data.py --url s3://bucket/pg/bench-manifest.json --storage-option endpoint_url=http://... \
+      --peers --peer-python /tmp/peers/bin/python --convert-from shards/bench-manifest.json
 """
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -199,7 +208,15 @@ def main(argv=None) -> int:
                    help="--url: the fraction of the epoch a resume starts at (0.5)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--debug", action="store_true", help="tracebacks for every error")
+    p.add_argument("--peers", action="store_true", help="--url s3://...: also MosaicML streaming and litdata (above)")
+    p.add_argument("--peer-python", default=sys.executable, help="--peers: a Python with mosaicml-streaming and "
+                                                                   "litdata installed (this one)")
+    p.add_argument("--convert-from", help="--peers: the local manifest the peers' formats are converted from")
+    p.add_argument("--cache-mb", type=bounded(int, 1), default=50, help="--peers: every system's cache budget (50)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.url and args.peers:
+        return main_peers(args)
     if args.url:
         return main_stream(args)
     if args.corpus and not Path(args.corpus).is_dir():
@@ -259,6 +276,109 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def main_peers(args) -> int:
+    """rtdist, MosaicML streaming and litdata from one S3 endpoint, alternating fresh processes."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from rtdist.data.remote import RemoteOptions, store_for
+    if not args.url.startswith("s3://"):
+        raise UsageError(f"--peers needs an s3:// --url (MosaicML streaming reads no http), got {args.url}")
+    if not args.convert_from or not Path(args.convert_from).is_file():
+        raise UsageError(f"--peers needs --convert-from, the local manifest of {args.url}")
+    options = dict(item.split("=", 1) for item in args.storage_option)
+    endpoint = options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        raise UsageError("--peers: give the S3 endpoint (--storage-option endpoint_url=... or AWS_ENDPOINT_URL)")
+    store = store_for(RemoteOptions(options))
+    base = args.url.rsplit("/", 1)[0] + "/peers"
+    work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+    peers = [args.peer_python, str(Path(__file__).with_name("stream_peers.py"))]
+    train = load_manifest(args.convert_from)["splits"]["train"]
+    samples, shuffle_block = train["samples"], train["shards"][0]["samples"]
+    epoch_batches = min(samples // args.micro_batch, args.loader_batches or samples)
+    for system in ("streaming", "litdata"):  # each in its own format, from the same tokens
+        out = work / system
+        r = subprocess.run(peers + ["convert", "--system", system, "--manifest", args.convert_from, "--out",
+                                    str(out)], capture_output=True, text=True)
+        if r.returncode:
+            raise UsageError(f"converting to {system} failed: {r.stderr.strip().splitlines()[-1:]}")
+        for f in sorted(out.iterdir()):
+            store.upload(f, f"{base}/{system}/{f.name}")
+        print(f"converted and uploaded {system} to {base}/{system}/")
+    me = [sys.executable, __file__, "--url", args.url, *sum((["--storage-option", o] for o in args.storage_option),
+                                                             []),
+          "--micro-batch", str(args.micro_batch), "--loader-workers", str(args.loader_workers), "--repeat", "1",
+          "--shuffle-buffer", str(args.shuffle_buffer), "--resume-at", str(args.resume_at),
+          "--loader-batches", str(args.loader_batches)]
+    results: dict = {}
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": options.get("key", os.environ.get("AWS_ACCESS_KEY_ID", "x")),
+           "AWS_SECRET_ACCESS_KEY": options.get("secret", os.environ.get("AWS_SECRET_ACCESS_KEY", "x"))}
+    for rep in range(args.repeat):
+        for system in ("rtdist", "streaming", "litdata"):
+            if system == "rtdist":
+                out = work / "rtdist.json"
+                r = subprocess.run(me + ["--json", str(out)], capture_output=True, text=True, env=env)
+                if r.returncode not in (0, 1):
+                    raise UsageError(f"rtdist child failed: {r.stderr.strip()[-500:]}")
+                d = json.loads(out.read_text())
+                row = {"samples_per_s": d["cold"]["samples_per_s"], "first_batch_s": d["cold"]["first_batch_s"],
+                       "first_batch_bytes": d["cold"]["first_batch_bytes"],
+                       "resume_first_batch_s": d["resume"]["first_batch_s"],
+                       "resume_first_batch_bytes": d["resume"]["first_batch_bytes"],
+                       "peak_cache_bytes": 0, "same_order": d["resume"]["same_order"]}
+            else:
+                row = peer_run(peers, system, f"{base}/{system}", endpoint, args, work, env, epoch_batches,
+                               shuffle_block)
+            best = results.get(system)
+            if best is None or row["samples_per_s"] > best["samples_per_s"]:
+                results[system] = row
+            print(f"run {rep + 1}/{args.repeat} {system}: {row['samples_per_s']:.0f} samples/s")
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"\n=== {args.url}: rtdist vs MosaicML streaming vs litdata (cache budget {args.cache_mb} MB, "
+          f"{args.loader_workers} workers, micro batch {args.micro_batch}, best of {args.repeat}) ===")
+    print("| system | samples/s | first batch, cold | fetched by then | first batch after resume | fetched by then "
+          "| peak cache on disk | resumed order = uninterrupted |")
+    print("|---|---|---|---|---|---|---|---|")
+    for system, r in results.items():
+        print(f"| {system} | {r['samples_per_s']:.0f} | {r['first_batch_s']:.2f} s | "
+              f"{r['first_batch_bytes'] / 1e6:.2f} MB | {r['resume_first_batch_s']:.2f} s | "
+              f"{r['resume_first_batch_bytes'] / 1e6:.2f} MB | {r['peak_cache_bytes'] / 1e6:.1f} MB | "
+              f"{r['same_order']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def peer_run(peers, system, remote, endpoint, args, work, env, epoch_batches, shuffle_block) -> dict:
+    """A cold epoch (state saved at --resume-at) then a fresh process resuming from it, each with an empty cache."""
+    import shutil
+    import subprocess
+
+    def read(*extra):
+        cache = work / f"cache-{system}"
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir()
+        r = subprocess.run(peers + ["read", "--system", system, "--remote", remote, "--cache", str(cache),
+                                    "--cache-bytes", str(args.cache_mb * 10 ** 6), "--endpoint", endpoint,
+                                    "--micro-batch", str(args.micro_batch), "--workers", str(args.loader_workers),
+                                    "--shuffle-block", str(shuffle_block), *extra], capture_output=True, text=True, env=env)
+        lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+        if r.returncode or not lines:
+            raise UsageError(f"{system} read failed: {r.stderr.strip()[-800:]}")
+        return json.loads(lines[-1])
+
+    state, at = work / f"state-{system}.json", int(epoch_batches * args.resume_at)
+    cold = read("--batches", str(epoch_batches), "--state-out", str(state), "--resume-batch", str(at))
+    resumed = read("--state-in", str(state), "--batches", "8")
+    return {"samples_per_s": cold["samples_per_s"], "first_batch_s": cold["first_batch_s"],
+            "first_batch_bytes": cold["first_batch_cache_bytes"], "resume_first_batch_s": resumed["first_batch_s"],
+            "resume_first_batch_bytes": resumed["first_batch_cache_bytes"],
+            "peak_cache_bytes": max(cold["peak_cache_bytes"], resumed["peak_cache_bytes"]),
+            "same_order": resumed["keys"] == cold["keys"][at:at + len(resumed["keys"])]}
 
 
 def main_stream(args) -> int:

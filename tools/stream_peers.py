@@ -12,6 +12,9 @@ prints one JSON line.
 on disk) and saves the loader state at ``--resume-at``; ``read --state-in`` starts a fresh loader from that state with
 an empty cache and times its first batch. Keys come with every sample so that the orders can be compared.
 
+litdata reads S3 through obstore when it is installed, and obstore refuses an http:// endpoint (litdata passes it
+no allow_http): the Python running this should not have obstore, so that litdata uses boto3.
+
 MosaicML streaming's package imports its vision datasets (``streaming.vision``), which need torchvision; where
 torchvision cannot be imported (PyPI's wheel is built for CUDA torch, this machine has CPU torch) an empty
 ``streaming.vision`` module is registered before ``import streaming``. The text path measured here does not use it.
@@ -99,7 +102,7 @@ class CacheWatch(threading.Thread):
             self.peak = max(self.peak, dir_bytes(self.path))
 
 
-def make_loader(system, remote, cache, cache_bytes, endpoint, micro_batch, workers):
+def make_loader(system, remote, cache, cache_bytes, endpoint, micro_batch, workers, shuffle_block):
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -108,7 +111,10 @@ def make_loader(system, remote, cache, cache_bytes, endpoint, micro_batch, worke
         streaming = import_streaming()
         from streaming.base.util import clean_stale_shared_memory
         clean_stale_shared_memory()
+        # shuffle blocks of one shard's samples: like rtdist's shard order + buffer and litdata's chunk order, and
+        # not a shuffle over the whole dataset, which would fetch every shard for the first batches
         ds = streaming.StreamingDataset(remote=remote, local=str(cache), shuffle=True, shuffle_seed=0,
+                                        shuffle_algo="py1br", shuffle_block_size=shuffle_block,
                                         batch_size=micro_batch, cache_limit=cache_bytes)
         return streaming.StreamingDataLoader(ds, batch_size=micro_batch, num_workers=workers,
                                              collate_fn=_collate)
@@ -128,7 +134,7 @@ def read(args):
     t0 = time.perf_counter()
     watch = CacheWatch(args.cache)
     loader = make_loader(args.system, args.remote, args.cache, args.cache_bytes, args.endpoint, args.micro_batch,
-                         args.workers)
+                         args.workers, args.shuffle_block)
     if args.state_in:
         loader.load_state_dict(json.loads(Path(args.state_in).read_text()))
     keys, first, first_bytes, state = [], None, 0, None
@@ -169,6 +175,7 @@ def main(argv=None):
     r.add_argument("--endpoint", required=True)
     r.add_argument("--micro-batch", type=int, default=8)
     r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--shuffle-block", type=int, default=1000, help="streaming: samples per shuffle block (1000)")
     r.add_argument("--batches", type=int, default=0, help="stop after this many (0: the epoch)")
     r.add_argument("--resume-batch", type=int, default=0, help="save the state after this many batches")
     r.add_argument("--state-out")
