@@ -398,11 +398,11 @@ def options_from_config(cfg) -> RemoteOptions:
 
     d, t = cfg.data, cfg.train
     if not 0 < d.request_timeout_s <= d.fetch_budget_s:
-        raise ConfigError(f"data.request_timeout_s ({d.request_timeout_s}) must be > 0 and at most "
-                          f"data.fetch_budget_s ({d.fetch_budget_s})")
+        raise ConfigError(f"data.request_timeout_s ({d.request_timeout_s:g}) must be > 0 and at most "
+                          f"data.fetch_budget_s ({d.fetch_budget_s:g})")
     if not d.fetch_budget_s < t.dist_timeout_s:
-        raise ConfigError(f"data.fetch_budget_s ({d.fetch_budget_s}) must be below train.dist_timeout_s "
-                          f"({t.dist_timeout_s}): a read failing that long must end as its own error on every rank, "
+        raise ConfigError(f"data.fetch_budget_s ({d.fetch_budget_s:g}) must be below train.dist_timeout_s "
+                          f"({t.dist_timeout_s:g}): a read failing that long must end as its own error on every rank, "
                           "not as a peer timeout")
     if not isinstance(d.storage_options, dict):
         raise ConfigError(f"data.storage_options must be a mapping of fsspec options, got {d.storage_options!r}")
