@@ -1,7 +1,6 @@
 """Shards streamed from real servers on 127.0.0.1 (moto's S3 server, nginx over HTTP, a pipe: command): the same
 batches as local files, exact resume on any layout fetching only what it needs, bounded and named faults."""
 
-import os
 import threading
 import time
 

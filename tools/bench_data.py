@@ -281,7 +281,6 @@ def main(argv=None) -> int:
 def main_peers(args) -> int:
     """rtdist, MosaicML streaming and litdata from one S3 endpoint, alternating fresh processes."""
     import shutil
-    import subprocess
     import tempfile
 
     from rtdist.data.remote import RemoteOptions, store_for
@@ -296,6 +295,15 @@ def main_peers(args) -> int:
     store = store_for(RemoteOptions(options))
     base = args.url.rsplit("/", 1)[0] + "/peers"
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+    try:
+        return peers_in(args, work, store, base, endpoint, options)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # converted copies and caches
+
+
+def peers_in(args, work, store, base, endpoint, options) -> int:
+    import subprocess
+
     peers = [args.peer_python, str(Path(__file__).with_name("stream_peers.py"))]
     train = load_manifest(args.convert_from)["splits"]["train"]
     samples, shuffle_block = train["samples"], train["shards"][0]["samples"]
@@ -337,7 +345,6 @@ def main_peers(args) -> int:
             if best is None or row["samples_per_s"] > best["samples_per_s"]:
                 results[system] = row
             print(f"run {rep + 1}/{args.repeat} {system}: {row['samples_per_s']:.0f} samples/s")
-    shutil.rmtree(work, ignore_errors=True)
     print(f"\n=== {args.url}: rtdist vs MosaicML streaming vs litdata (cache budget {args.cache_mb} MB, "
           f"{args.loader_workers} workers, micro batch {args.micro_batch}, best of {args.repeat}) ===")
     print("| system | samples/s | first batch, cold | fetched by then | first batch after resume | fetched by then "

@@ -48,7 +48,7 @@ def rtdist_samples(manifest_path):
 def import_streaming():
     """``import streaming`` without its vision datasets (see the module docstring)."""
     try:
-        import torchvision.datasets  # noqa: F401
+        import torchvision.datasets  # noqa: F401 - only whether it imports
     except Exception:  # noqa: BLE001 - absent, or a wheel that cannot load beside this torch
         import importlib.machinery
         import types

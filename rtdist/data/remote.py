@@ -69,11 +69,9 @@ def sibling(url: str, name: str) -> str:
                             "path in the command (e.g. pipe:curl -s http://host/x-manifest.json)")
         i = url.rindex(base)
         return url[:i] + name + url[i + len(base):]
-    scheme = scheme_of(url)
-    head, _, _ = url.rpartition("/")
-    if scheme in ("http", "https"):
-        head = head.split("?", 1)[0]
-    return f"{head}/{name}"
+    if scheme_of(url) in ("http", "https"):
+        url = url.split("?", 1)[0]  # a query belongs to the manifest's own URL, not to its neighbours
+    return f"{url.rpartition('/')[0]}/{name}"
 
 
 def _pipe_target(url: str) -> str:
@@ -167,7 +165,7 @@ class Store:
     # ------------------------------------------------------------------ requests
     def call(self, what: str, url: str, fn):
         """``fn()`` retried with backoff while its failure may pass, until ``budget_s`` after the first failure."""
-        deadline, delay, tries, first_error = None, RETRY_FIRST_S, 0, None
+        deadline, delay, tries = None, RETRY_FIRST_S, 0
         while True:
             tries += 1
             try:
@@ -179,7 +177,7 @@ class Store:
                                       not_found=isinstance(e, FileNotFoundError)) from None
                 now = time.monotonic()
                 if deadline is None:
-                    deadline, first_error = now + self.options.budget_s, e
+                    deadline = now + self.options.budget_s
                 if now >= deadline:
                     raise RemoteError(
                         f"{what} {url}{self.where(url)}: {describe(e)}; still failing after {tries} tries over "
@@ -313,6 +311,11 @@ class RangeFile:
 
     def read(self, n: int = -1) -> bytes:
         end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        for start, chunk in self._chunks.items():  # the common case (a member inside the current window): one copy
+            if start <= self.pos and end <= start + len(chunk):
+                data = chunk[self.pos - start:end - start]
+                self.pos = end
+                return data
         out = bytearray()
         while self.pos < end:
             start, chunk = self._chunk_at(self.pos, end)
