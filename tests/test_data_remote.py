@@ -1,6 +1,7 @@
 """Shards streamed from real servers on 127.0.0.1 (moto's S3 server, nginx over HTTP, a pipe: command): the same
 batches as local files, exact resume on any layout fetching only what it needs, bounded and named faults."""
 
+import re
 import threading
 import time
 
@@ -238,3 +239,36 @@ def test_two_rank_training_from_s3_has_the_losses_of_local_files_and_a_killed_ru
                            resume="auto"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert losses(tmp_path / "s3")[-4:] == pytest.approx(losses(tmp_path / "local")[-4:], abs=1e-5)
+
+
+@pytest.mark.slow  # two training ranks (~1 min on 2 cores)
+def test_a_server_gone_mid_training_ends_every_rank_within_the_bound_and_the_reader_names_the_url(manifest, tmp_path):
+    """The rank whose read fails first ends with the URL's error; a peer waiting for it in a collective ends within
+    the same bound with the error naming that rank (its own reads may still have been served from its window)."""
+    from pathlib import Path
+
+    from test_train_cli import start_ranks, wait_for_steps
+    server = Nginx(Path(manifest).parent, tmp_path / "nginx")
+    run_dir = tmp_path / "run"
+    ranks = start_ranks(f"{server.url}/{Path(manifest).name}", run_dir, "train.train_iters=100000",
+                        "data.fetch_budget_s=5", "data.request_timeout_s=2", "train.dist_timeout_s=60")
+    try:
+        wait_for_steps(run_dir, 2, timeout=240)
+        server.stop()  # the next window of each rank's shard reads fails from now on
+        t0 = time.monotonic()
+        errs = [p.communicate(timeout=120)[1] for p in ranks]
+        took = time.monotonic() - t0
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+        server.stop()
+    assert all(p.returncode == 2 for p in ranks), errs
+    url_error = rf"error: reading {server.url}/demo-train-\d{{6}}\.tar: .*still failing after \d+ " \
+                r"tries over 5 s \(data.fetch_budget_s\)"
+    named = [rank for rank, err in enumerate(errs) if re.search(url_error, err)]
+    assert named, errs
+    for rank, err in enumerate(errs):
+        if rank not in named:
+            assert re.search(rf"\[rank {rank}\] error: .*(rank {named[0]} .*stopped answering|rendezvous store)", err), err
+    assert took < 60, took  # every rank within the bound, before a peer timeout (60 s) would end it
