@@ -35,7 +35,12 @@ setup(
         ],
     },
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "matplotlib"],
+        # Shards at URLs (rtdist/data/remote.py): fsspec's S3 (s3fs) and HTTP (aiohttp) transports; gs:// needs gcsfs.
+        "remote": ["fsspec>=2023.1", "s3fs>=2023.1", "aiohttp"],
+        "gcs": ["gcsfs>=2023.1"],
+        # moto's standalone S3 server and boto3 serve the streaming tests (tests/object_servers.py).
+        "dev": ["pytest>=7", "pytest-timeout", "matplotlib", "fsspec>=2023.1", "s3fs>=2023.1", "aiohttp",
+                "moto[server]>=5", "boto3"],
         "mpi": ["mpi4py", "mpich"],
     },
 )

@@ -86,6 +86,14 @@ class DataConfig:
     verify: Literal["quick", "full", "off"] = key(
         "quick", "pre-flight check of every shard the manifest lists, before step 1: quick (sizes, first/last member "
                  "headers), full (also every byte against the manifest's sha256) or off")
+    storage_options: dict[str, Any] = key(
+        factory=dict, help="for shards at a URL (data.manifest s3://, gs://, http(s)://, pipe:): fsspec's options for "
+                           "the scheme, e.g. {endpoint_url: http://host:9000, key: ..., secret: ...}; AWS_* and "
+                           "~/.aws apply too")
+    fetch_budget_s: float = key(60.0, "seconds a failing read of a URL is retried before one error naming it "
+                                      "(below train.dist_timeout_s, so every rank ends with that error rather than a "
+                                      "peer timeout)")
+    request_timeout_s: float = key(20.0, "seconds one request to a URL may stall before it is retried")
 
 
 @dataclass

@@ -97,7 +97,8 @@ def _main(argv) -> int:
     p.add_argument("--debug", action="store_true", help="show the traceback of every error")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from .data import ShardLoader, load_manifest
+    from .data import ShardLoader
+    from .data.remote import options_from_config
     info = rdist.init()
     try:
         model, cfg = load_model_for_inference(args.checkpoint)
@@ -105,13 +106,14 @@ def _main(argv) -> int:
         if not manifest_path:
             raise ConfigError("no manifest to evaluate on: pass --manifest (the run config has no data.manifest)")
         loader = ShardLoader(manifest_path, args.split, args.batch_size, info.rank, info.world_size,
-                             num_workers=args.num_workers, shuffle=False, policy="wrap")
+                             num_workers=args.num_workers, shuffle=False, policy="wrap",
+                             remote=options_from_config(cfg))  # a URL manifest: the run's storage options
         if loader.vocab_size > cfg.model.vocab_size:  # its token ids would index past the model's embedding
             raise DataError(f"the tokenizer of {manifest_path} has {loader.vocab_size} ids, the model of "
                             f"{args.checkpoint} only {cfg.model.vocab_size} (model.vocab_size): evaluate on data "
                             f"preprocessed with the tokenizer the model was trained on")
         metrics = evaluate(model, loader, args.max_batches, seq_length=cfg.train.seq_length)
-        metrics = with_bytes(metrics, bytes_per_token(load_manifest(manifest_path), args.split))
+        metrics = with_bytes(metrics, bytes_per_token(loader.manifest, args.split))
         metrics["split"] = args.split
         if info.is_main:
             print(json.dumps(metrics, indent=1))

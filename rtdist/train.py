@@ -32,6 +32,7 @@ from .checkpoint import CheckpointManager, TrainState, complete_steps, fault_poi
 from .config import Config, ConfigError, describe_keys, load_config
 from .data import ShardLoader
 from .data.prefetch import DevicePrefetcher
+from .data.remote import options_from_config
 from .data.shards import CorruptShardError, corrupt_shards_message, manifest_shards, shard_problems
 from .errors import (ArgumentParser, PeerTimeoutError, RtdistError, TrainingError, UsageError, cli_main,
                      is_peer_failure)
@@ -91,7 +92,8 @@ def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int, train: boo
     loader = ShardLoader(cfg.data.manifest, split, cfg.train.train_micro_batch_size_per_gpu, dp_rank, dp_size,
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle=train,
                          shuffle_buffer=cfg.data.shuffle_buffer, policy="drop" if train else "wrap",
-                         skip_corrupt=cfg.data.skip_corrupt, pin_memory=torch.cuda.is_available())
+                         skip_corrupt=cfg.data.skip_corrupt, pin_memory=torch.cuda.is_available(),
+                         remote=options_from_config(cfg))
     if loader.seq_length < cfg.train.seq_length:
         raise ConfigError(f"train.seq_length ({cfg.train.seq_length}) exceeds the shards' seq_length "
                           f"({loader.seq_length}) in {cfg.data.manifest}: preprocess with --seq-length "

@@ -315,6 +315,13 @@ ROWS += [
     ("train-dist-timeout-0", None, TR, [*TINY, "--set", "train.dist_timeout_s=0", *RUN],
      "train.dist_timeout_s must be > 0"),
     ("train-verify-typo", None, TR, [*TINY, "--set", "data.verify=fast", *RUN], "data.verify: 'fast' is not one of"),
+    # streaming keys (rtdist/data/remote.py): checked before the manifest is read
+    ("train-fetch-budget-over-dist-timeout", None, TR, [*TINY, *DATA, "--set", "data.fetch_budget_s=300", *RUN],
+     "data.fetch_budget_s (300) must be below train.dist_timeout_s (300)"),
+    ("train-request-timeout-0", None, TR, [*TINY, *DATA, "--set", "data.request_timeout_s=0", *RUN],
+     "data.request_timeout_s (0) must be > 0 and at most data.fetch_budget_s"),
+    ("train-storage-options-not-mapping", None, TR, [*TINY, *DATA, "--set", "data.storage_options=5", *RUN],
+     "data.storage_options"),
     ("train-seq-not-divisible", None, TR, [*TINY, "--set", "train.seq_length=100", *RUN],
      "must be divisible by the local window"),
     ("train-sp-not-dividing", None, TR, [*TINY, "--set", "train.seq_length=96", "--set", "parallel.sequence_parallel_size=3", *RUN],
@@ -708,8 +715,13 @@ ROWS += flag_rows(BD, outside(mb=("0", "[1, 1,048,576]"), workers=("0", "[1, 1,0
                               maxcount=COUNT_R, micro_batch=BATCH_R, loader_workers=("-1", "[0, 256]"),
                               train_steps=COUNT_R, repeat=COUNT_R) + [
     ("--loader-batches", "-1", "must be an integer >= 0"), ("--corpus", "nope", "--corpus nope is not a folder"),
+    ("--resume-at", "2", "must be a number in [0, 1]"),
     ("--model-config", "nope.yaml", "--model-config nope.yaml with --seq-length 8192: config file 'nope.yaml' does not"),
 ])
+ROWS += flag_rows(BD, [("--storage-option", "endpoint", "--storage-option 'endpoint': expected KEY=VALUE")],
+                  ("--url", "http://127.0.0.1:9/x-manifest.json"))
+ROWS += flag_rows(BD, [("--url", "http://127.0.0.1:9/x-manifest.json",
+                        "--peers needs an s3:// --url (MosaicML streaming reads no http)")], ("--peers",))
 ROWS += flag_rows(BD, [("--seq-length", "100", "--model-config "
                                                f"{REPO / 'configs' / 'tiny.yaml'} with --seq-length 100: train.seq_length "
                                                "(100) must be divisible by the local window")],

@@ -5,6 +5,7 @@
   python tools/inspect_shards.py out/pg19 --verify quick      # the check training runs before step 1 (data.verify)
   python tools/inspect_shards.py out/pg19 --split test --decode 0 --chars 2000   # with the book's title, if known
   python tools/inspect_shards.py out/pg19-manifest.json --key 10002_000003 --verify off
+  python tools/inspect_shards.py s3://bucket/pg19 --verify quick   # shards at a URL (AWS_ENDPOINT_URL, AWS_*)
 
 Problems are listed one per line on stdout ("PROBLEM ..."); any problem ends the run with one "error:" line on
 stderr and exit status 2.
@@ -14,7 +15,7 @@ import argparse
 import sys
 
 from rtdist.data import build_tokenizer, load_manifest, manifest_shards, shard_problem, verify_shards
-from rtdist.data.shards import manifest_dir, read_sample, split_info
+from rtdist.data.shards import read_sample, shard_location, split_info
 from rtdist.errors import ArgumentParser, CorruptShardError, bounded, cli_main
 
 
@@ -27,7 +28,7 @@ def document_of(manifest: dict, split: str, key: str) -> dict | None:
 
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("manifest", help="{prefix}-manifest.json or the prefix")
+    p.add_argument("manifest", help="{prefix}-manifest.json or the prefix, a path or a URL (s3://, gs://, http(s)://, pipe:)")
     p.add_argument("--split", nargs="+", help="splits to check / decode from (default: all; decode: first)")
     p.add_argument("--decode", type=bounded(int, 0), metavar="N", help="decode sample N of the split (shard order)")
     p.add_argument("--key", help="decode the sample with this key ({book}_{chunk:06d})")
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
                 for shard in shards:
                     problem = shard_problem(m, shard, full=False)
                     if problem:
-                        problems.append(f"{manifest_dir(m) / shard['name']}: {problem}")
+                        problems.append(f"{shard_location(m, shard)}: {problem}")
                     bar.update(shard["bytes"])
         for line in problems:
             print(f"PROBLEM {line}")

@@ -28,6 +28,7 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
 from rtdist.data import preprocess
 from rtdist.data.sources import read_input_list
@@ -83,6 +84,9 @@ def main(argv=None) -> int:
     io.add_argument("--output-prefix", required=True,
                     help="writes {prefix}-{split}-%%06d.tar, {prefix}-manifest.json (and -tokenizer.model)")
     io.add_argument("--overwrite", action="store_true", help="replace shards written under other flags")
+    io.add_argument("--staging-dir", default="runs/preprocess-staging",
+                    help="with a URL --output-prefix (s3://bucket/pg19): shards are written here, then uploaded, the "
+                         "manifest last (runs/preprocess-staging)")
     tk = p.add_argument_group("tokenizer")
     tk.add_argument("--tokenizer-type", default="bytes", choices=["bytes", "sentencepiece", "hf"],
                     help="bytes: 256 byte ids + EOD (256), exact round trip (default); hf: a Hugging Face "
@@ -120,8 +124,12 @@ def main(argv=None) -> int:
     inputs = list(args.input) + (read_input_list(args.input_list) if args.input_list else [])
     if not inputs:
         p.error("one of --input or --input-list is required")
+    from rtdist.data.remote import is_url
+    url_prefix = args.output_prefix if is_url(args.output_prefix) else None
+    if url_prefix:  # written locally, uploaded when complete (rtdist.data.shards.publish_shards)
+        args.output_prefix = str(Path(args.staging_dir) / Path(url_prefix.rstrip("/")).name)
     try:
-        preprocess(inputs, args.output_prefix, tokenizer=args.tokenizer_type,
+        summary = preprocess(inputs, args.output_prefix, tokenizer=args.tokenizer_type,
                    tokenizer_model=args.tokenizer_model, train_tokenizer=args.train_tokenizer,
                    vocab_size=args.vocab_size, sp_model_type=args.sp_model_type,
                    tokenizer_train_bytes=args.tokenizer_train_bytes, input_type=args.input_type, split=args.split,
@@ -133,6 +141,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no partial shard was kept; run the same command again to start clean", file=sys.stderr)
         return 130
+    if url_prefix:
+        from rtdist.data.shards import publish_shards
+        publish_shards(summary["manifest_path"], url_prefix)
     return 0
 
 

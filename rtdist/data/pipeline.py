@@ -479,9 +479,9 @@ def hold_out(entries: dict, split: str, fraction: float, log=print) -> dict:
         raise DataError(f"--validation-fraction {fraction}: expected a fraction in [0, 1)")
     if fraction == 0.0:
         if "validation" not in entries:
-            log(f"warning: no validation split (the inputs have no validation/ folder): training's evaluation "
-                f"(train.eval_interval) and rtdist.evaluate need one; pass --validation-fraction 0.01 to hold out "
-                f"1% of the files")
+            log("warning: no validation split (the inputs have no validation/ folder): training's evaluation "
+                "(train.eval_interval) and rtdist.evaluate need one; pass --validation-fraction 0.01 to hold out "
+                "1% of the files")
         return entries
     if "validation" in entries:
         raise DataError(f"--validation-fraction {fraction}: the inputs have a validation/ folder already; drop the "

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..errors import DataError
+from .remote import is_url as remote_url
 from .tokenizers import Tokenizer, build_tokenizer, decode_text
 
 SPLITS = ("train", "validation", "test")
@@ -152,8 +153,8 @@ def doc_id(name: str, max_len: int = 80) -> str:
 
 
 def is_url(path) -> bool:
-    """``s3://``, ``gs://``, ``http(s)://``... (anything fsspec opens by a protocol), not a local path."""
-    return isinstance(path, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]+://", path) is not None
+    """An input URL (a shard URL but ``pipe:``, which is not an input)."""
+    return remote_url(path, pipe=False)
 
 
 def open_input(path: str, storage_options: dict | None = None, stream: bool = True):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..fileio import atomic_path, sha256_file
-from .shards import manifest_dir, os_error_at, token_dtype
+from .shards import fetch_beside, is_remote, manifest_dir, os_error_at, token_dtype
 
 # Text tokenizers read bytes with errors="replace"; this handler also counts the replacements (per process).
 _replaced = [0]
@@ -243,11 +243,13 @@ def build_tokenizer(manifest_or_spec: dict, base_dir: str | os.PathLike | None =
     if spec["type"] == "bytes":
         return BytesTokenizer()
     if spec["type"] in ("sentencepiece", "hf"):
-        if base_dir is None:
-            base_dir = manifest_dir(manifest_or_spec) if "manifest_path" in manifest_or_spec else "."
         if not isinstance(spec.get("file"), str) or Path(spec["file"]).name != spec["file"]:
             raise DataError(f"{where}: tokenizer.file {spec.get('file')!r} does not name a model file next to it; "
                             "re-run tools/preprocess.py")
+        if base_dir is None and "manifest_path" in manifest_or_spec and is_remote(manifest_or_spec):
+            base_dir = fetch_beside(manifest_or_spec, spec["file"]).parent  # a manifest at a URL
+        if base_dir is None:
+            base_dir = manifest_dir(manifest_or_spec) if "manifest_path" in manifest_or_spec else "."
         path = Path(base_dir) / spec["file"]
         if not path.exists():
             raise DataError(f"tokenizer model {path} (named in the manifest) is missing")
