@@ -26,7 +26,7 @@ setup(
         "isal",  # gzip inflate at about twice zlib's speed (rtdist.data.sources falls back to zlib without it)
         "pyarrow",
         "tokenizers",
-        "fsspec",
+        "fsspec>=2023.1",  # URL inputs and shards at URLs (rtdist/data/sources.py, rtdist/data/remote.py)
         "aiohttp",  # fsspec's http(s) filesystem
     ],
     entry_points={
@@ -35,12 +35,11 @@ setup(
         ],
     },
     extras_require={
-        # Shards at URLs (rtdist/data/remote.py): fsspec's S3 (s3fs) and HTTP (aiohttp) transports; gs:// needs gcsfs.
-        "remote": ["fsspec>=2023.1", "s3fs>=2023.1", "aiohttp"],
+        # s3:// through fsspec (s3fs); gs:// needs gcsfs. http(s):// needs nothing more.
+        "remote": ["s3fs>=2023.1"],
         "gcs": ["gcsfs>=2023.1"],
         # moto's standalone S3 server and boto3 serve the streaming tests (tests/object_servers.py).
-        "dev": ["pytest>=7", "pytest-timeout", "matplotlib", "fsspec>=2023.1", "s3fs>=2023.1", "aiohttp",
-                "moto[server]>=5", "boto3"],
+        "dev": ["pytest>=7", "pytest-timeout", "matplotlib", "s3fs>=2023.1", "moto[server]>=5", "boto3"],
         "mpi": ["mpi4py", "mpich"],
     },
 )
