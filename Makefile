@@ -26,16 +26,18 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# As root with apt (CI here), the SLURM test cluster's packages are installed first; elsewhere those tests skip
-# and say why. The script never fails the run.
+# As root with apt (CI here), the SLURM test cluster's packages and nginx (the streaming tests' HTTP server) are
+# installed first; elsewhere those tests skip and say why. The scripts never fail the run.
 test: $(STAMP)
 	@bash .ci/setup_slurm.sh
+	@bash .ci/setup_servers.sh
 	$(RUN) $(PY) -m pytest -q -m "not slow" tests
 
 # Everything, the slow second paths too (real mpirun, the same-shape sbatch resubmission, gpu_check's dry pass, the
 # SP benchmark tool, aliases of a tested checkpoint policy).
 test-all: $(STAMP)
 	@bash .ci/setup_slurm.sh
+	@bash .ci/setup_servers.sh
 	$(RUN) $(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import typing
@@ -28,7 +29,8 @@ def key(default: Any = dataclasses.MISSING, help: str = "", *, shape: bool = Fal
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = key(257, "tokens in the vocabulary (at least the tokenizer's; bytes: 257)", shape=True)
+    vocab_size: int = key(257, "tokens in the vocabulary, at least the tokenizer's; unset in the YAML: the "
+                               "data.manifest's tokenizer's (257 = bytes + EOD without a manifest)", shape=True)
     d_model: int = key(256, "width of the residual stream", shape=True)
     n_layers: int = key(2, "transformer blocks", shape=True)
     n_heads: int = key(4, "attention heads per layer (local + routing)", shape=True)
@@ -77,11 +79,21 @@ class DataConfig:
     eval_split: str = key("validation", "the manifest's split to evaluate on")
     num_workers: int = key(1, "data-loader worker processes per rank (0: read in the training process)")
     shuffle_buffer: int = key(64, "samples held for shuffling on top of the per-epoch shard order")
+    crop_samples: bool = key(False, "train on the first train.seq_length + 1 tokens of each sample when the shards' "
+                                    "samples are longer (the rest of each is skipped); unset, such shards are refused")
     skip_corrupt: bool = key(False, "replace the samples of corrupt shards by others (with a warning) instead of "
                                     "stopping")
     verify: Literal["quick", "full", "off"] = key(
         "quick", "pre-flight check of every shard the manifest lists, before step 1: quick (sizes, first/last member "
                  "headers), full (also every byte against the manifest's sha256) or off")
+    storage_options: dict[str, Any] = key(
+        factory=dict, help="for shards at a URL (data.manifest s3://, gs://, http(s)://, pipe:): fsspec's options for "
+                           "the scheme, e.g. {endpoint_url: http://host:9000, key: ..., secret: ...}; AWS_* and "
+                           "~/.aws apply too")
+    fetch_budget_s: float = key(60.0, "seconds a failing read of a URL is retried before one error naming it "
+                                      "(below train.dist_timeout_s, so every rank ends with that error rather than a "
+                                      "peer timeout)")
+    request_timeout_s: float = key(20.0, "seconds one request to a URL may stall before it is retried")
 
 
 @dataclass
@@ -312,6 +324,15 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def manifest_vocab_size(manifest: Optional[str]) -> Optional[int]:
+    """The tokenizer vocabulary a local manifest records (what ``model.vocab_size`` defaults to), or None when there
+    is none to read (the data loader then names what is wrong with the manifest)."""
+    try:
+        return int(json.loads(Path(manifest).read_text())["tokenizer"]["vocab_size"]) if manifest else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_config(paths: list[str] | str = (), overrides: list[str] = (), validate_config: bool = True) -> Config:
     """Merge the YAML files in order, apply ``key=value`` overrides, build and validate a :class:`Config`."""
     if isinstance(paths, (str, Path)):
@@ -322,6 +343,8 @@ def load_config(paths: list[str] | str = (), overrides: list[str] = (), validate
     for o in overrides:
         raw = merge(raw, parse_override(o))
     cfg = build(Config, raw)
+    if "vocab_size" not in (raw.get("model") or {}):
+        cfg.model.vocab_size = manifest_vocab_size(cfg.data.manifest) or cfg.model.vocab_size
     if validate_config:
         validate(cfg)
         cfg.model = resolved(cfg.model)

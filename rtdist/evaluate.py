@@ -115,8 +115,9 @@ def with_bytes(metrics: dict, bytes_per_token: Optional[float]) -> dict:
 
 
 def bytes_per_token(manifest: dict, split: str) -> Optional[float]:
-    """From the manifest: the split's bytes / tokens (1.0-ish for the bytes tokenizer). Bytes are the documents'
-    UTF-8 bytes (``text_bytes``), or the bytes read (``input_bytes``) in manifests written before those."""
+    """From the manifest: source bytes / tokens of the split (1.0-ish for the bytes tokenizer). Source bytes are the
+    documents' UTF-8 bytes (``text_bytes``: JSON syntax, parquet encoding and compression not counted), or the bytes
+    read (``input_bytes``) in manifests written before text_bytes was recorded."""
     info = manifest.get("splits", {}).get(split, {})
     nbytes = info.get("text_bytes") or info.get("input_bytes")
     tokens = info.get("corpus_tokens") or info.get("tokens")
@@ -250,13 +251,14 @@ def _main(argv) -> int:
     max_batches = args.max_batches or preset.get("max_batches")
     from .data import load_manifest
     from .data.evalset import EvalWindows
+    from .data.remote import options_from_config
     info = rdist.init()
     try:
         model, cfg = load_model_for_inference(args.checkpoint)
         manifest_path = args.manifest or cfg.data.manifest
         if not manifest_path:
             raise ConfigError("no manifest to evaluate on: pass --manifest (the run config has no data.manifest)")
-        manifest = load_manifest(manifest_path)
+        manifest = load_manifest(manifest_path, options_from_config(cfg))  # a URL manifest: the run's options
         if manifest["tokenizer"]["vocab_size"] > cfg.model.vocab_size:  # ids would index past the embedding
             raise DataError(f"the tokenizer of {manifest_path} has {manifest['tokenizer']['vocab_size']} ids, the "
                             f"model of {args.checkpoint} only {cfg.model.vocab_size} (model.vocab_size): evaluate "

@@ -31,7 +31,7 @@ def load_model_for_inference(checkpoint: Path, device: str = "cpu"):
     weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
     cfg_path = run_dir / "config.yaml"
     if not weights.is_file():
-        hint = (f"; it has checkpoints but no export: its training did not finish (resume it with --resume auto)"
+        hint = ("; it has checkpoints but no export: its training did not finish (resume it with --resume auto)"
                 if (run_dir / "checkpoints").is_dir() else "")
         raise CheckpointError(f"{weights} does not exist: pass a run directory whose training finished (it exports "
                               f"model.safetensors) or the path of a .safetensors file next to a config.yaml{hint}")

@@ -24,11 +24,12 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, sync: bool = False) -> Iterator[Path]:
-    """Yields a temporary path beside ``path`` to write; on success it replaces ``path`` (after an fsync with
-    ``sync``), on any error or interruption it is removed and ``path`` is untouched."""
+def atomic_path(path: Path, sync: bool = False, suffix: str = "") -> Iterator[Path]:
+    """Yields a temporary path beside ``path`` to write (``path`` + ``suffix``, by default ``.tmp<pid>``); on
+    success it replaces ``path`` (after an fsync with ``sync``), on any error or interruption it is removed and
+    ``path`` is untouched."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f"{path.name}{suffix or f'.tmp{os.getpid()}'}")
     try:
         yield tmp
         if sync:

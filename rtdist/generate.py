@@ -4,7 +4,7 @@
         [--temperature 0.8] [--top-k 40] [--top-p 0.95] [--seed 0] [--num-samples 1] [--no-cache]
 
 ``--checkpoint`` is a run directory (``model.safetensors`` + ``config.yaml``, what ``python -m rtdist.train`` writes
-at the end). The tokenizer (bytes or sentencepiece) comes from the run's ``data.manifest`` (``--manifest`` to point
+at the end). The tokenizer (bytes, sentencepiece or a Hugging Face tokenizer.json) comes from the run's ``data.manifest`` (``--manifest`` to point
 elsewhere). The prompt is encoded as is; an empty prompt starts a new document (a single EOD token). Generation
 stops at EOD unless ``--ignore-eod``. The completion goes to stdout, timings to stderr.
 

@@ -382,13 +382,21 @@ def check_port_free(port: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- commands
+def flight_recorder_size_key() -> str:
+    """The flight recorder's buffer-size variable in the installed torch: ``TORCH_FR_BUFFER_SIZE`` from 2.11 (the
+    older name then prints a deprecation warning on every rank), ``TORCH_NCCL_TRACE_BUFFER_SIZE`` before."""
+    import torch
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return "TORCH_FR_BUFFER_SIZE" if (major, minor) >= (2, 11) else "TORCH_NCCL_TRACE_BUFFER_SIZE"
+
+
 def nccl_env(run_dir=None) -> dict:
     """The NCCL error-handling settings users of torchrun expect, for whoever starts the ranks to apply where the
     user set nothing: a failed or timed-out collective aborts the communicator and ends the process (rather than
     leaving it to hang), and on a timeout each rank dumps its flight recorder (the last collectives it ran) into
     the run directory. Read by NCCL only; harmless on the CPU."""
     env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-           "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000"}
+           flight_recorder_size_key(): "2000"}
     if run_dir is not None:
         env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = os.path.join(os.path.abspath(run_dir), "nccl_trace_rank_")
     return env
@@ -437,14 +445,24 @@ def torchrun_command(plan: Plan, node_rank: int, cmd: Sequence[str]) -> List[str
             "--no-python", *cmd]
 
 
-def deepspeed_command(args, plan: Plan, cmd: List[str], hostfile: Path) -> List[str]:
+def check_pdsh(no_ssh: bool) -> None:
+    if not shutil.which("pdsh") and not no_ssh:
+        raise LaunchError("a hostfile with other hosts needs pdsh (not on PATH): apt-get install pdsh and set up "
+                          "passwordless ssh; inside SLURM use --launcher slurm, or use --launcher openmpi/mpich")
+
+
+def check_srun(env) -> None:
+    if not shutil.which("srun", path=env.get("PATH")):
+        raise LaunchError("srun is not on PATH (this node): load the SLURM module or fix PATH")
+
+
+def deepspeed_command(args, plan: Plan, cmd: List[str], hostfile: Path, dry_run: bool = False) -> List[str]:
     """DeepSpeed's runner over a checked hostfile (rewritten in canonical form to ``hostfile``)."""
     local_only = all(is_local_host(h) for h in plan.hosts)
     if local_only and len(plan.hosts) > 1:
         raise LaunchError(f"the hostfile names this machine more than once ({', '.join(plan.hosts)}): list it once")
-    if not local_only and not shutil.which("pdsh") and not args.no_ssh:
-        raise LaunchError("a hostfile with other hosts needs pdsh (not on PATH): apt-get install pdsh and set up "
-                          "passwordless ssh; inside SLURM use --launcher slurm, or use --launcher openmpi/mpich")
+    if not local_only:
+        checked(check_pdsh, args.no_ssh, dry_run=dry_run)
     hostfile.write_text(format_hostfile(read_hostfile(args.hostfile or DEFAULT_HOSTFILE)))
     ds = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--master_port",
           str(plan.master_port)]
@@ -648,12 +666,11 @@ def launch(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
         if local:
             full = torchrun_command(plan, node_rank, ucmd)
         elif plan.launcher == "pdsh":
-            full = deepspeed_command(args, plan, ucmd, Path(tmp) / "hostfile")
+            full = deepspeed_command(args, plan, ucmd, Path(tmp) / "hostfile", dry_run=args.dry_run)
             (Path(tmp) / "env").write_text("".join(f"{k}={v}\n" for k, v in extra_env.items()))
             wenv["DS_ENV_FILE"] = str(Path(tmp) / "env")  # the files checked here, instead of DeepSpeed's reading
         elif plan.launcher == "slurm":
-            if not shutil.which("srun", path=env.get("PATH")):
-                raise LaunchError("srun is not on PATH (this node): load the SLURM module or fix PATH")
+            checked(check_srun, env, dry_run=args.dry_run)
             full = srun_command(plan, ucmd, args.launcher_args)
         else:  # openmpi, mpich
             (Path(tmp) / "machinefile").write_text("".join(f"{h}:{len(s)}\n" for h, s in plan.hosts.items()))

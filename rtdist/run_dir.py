@@ -38,6 +38,7 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints", doc="DeepSpeed's layout (rtdist.checkpoint)")
     export = property(lambda self: self.path / "model.safetensors", doc="the fp32 export of a completed run")
     result = property(lambda self: self.path / "result.json", doc="how the last segment ended")
+    run_info = property(lambda self: self.path / "run_info.json", doc="code, command, layout and hosts per segment")
 
     def create(self) -> None:
         try:
@@ -50,7 +51,8 @@ class RunDir:
                               f"--run-dir") from None
 
     # What a run leaves that a new run would mix with (metrics appended, steps renumbered, events overlaid).
-    EARLIER = ("checkpoints", "metrics.jsonl", "result.json", "model.safetensors", "tensorboard", "csv_monitor")
+    EARLIER = ("checkpoints", "metrics.jsonl", "result.json", "model.safetensors", "tensorboard", "csv_monitor",
+               "run_info.json")
 
     def earlier_run(self) -> Optional[str]:
         """What an earlier run left here, in words (its last complete checkpoint first); None when nothing."""

@@ -32,6 +32,7 @@ from .checkpoint import CheckpointManager, TrainState, complete_steps, fault_poi
 from .config import Config, ConfigError, describe_keys, load_config
 from .data import ShardLoader
 from .data.prefetch import DevicePrefetcher
+from .data.remote import options_from_config
 from .data.shards import CorruptShardError, corrupt_shards_message, manifest_shards, shard_problems
 from .errors import (ArgumentParser, PeerTimeoutError, RtdistError, TrainingError, UsageError, cli_main,
                      is_peer_failure)
@@ -42,6 +43,7 @@ from .launcher import nccl_env
 from .model import RoutingTransformerLM, count_parameters
 from .monitor import Monitor
 from .parallel import ParallelDims, check_engine, parallelize
+from .provenance import record_segment
 from .run_dir import RunDir, RunLock
 from .watchdog import StopRequest, Watchdog
 
@@ -90,11 +92,18 @@ def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int, train: boo
     loader = ShardLoader(cfg.data.manifest, split, cfg.train.train_micro_batch_size_per_gpu, dp_rank, dp_size,
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle=train,
                          shuffle_buffer=cfg.data.shuffle_buffer, policy="drop" if train else "wrap",
-                         skip_corrupt=cfg.data.skip_corrupt, pin_memory=torch.cuda.is_available())
+                         skip_corrupt=cfg.data.skip_corrupt, pin_memory=torch.cuda.is_available(),
+                         remote=options_from_config(cfg))
     if loader.seq_length < cfg.train.seq_length:
         raise ConfigError(f"train.seq_length ({cfg.train.seq_length}) exceeds the shards' seq_length "
                           f"({loader.seq_length}) in {cfg.data.manifest}: preprocess with --seq-length "
                           f">= {cfg.train.seq_length} or lower train.seq_length")
+    if loader.seq_length > cfg.train.seq_length and not cfg.data.crop_samples:
+        n, S = cfg.train.seq_length, loader.seq_length
+        raise ConfigError(f"the samples of {cfg.data.manifest} hold {S} tokens and train.seq_length is {n}: training "
+                          f"would read the first {n + 1} of each and skip {1 - (n + 1) / (S + 1):.0%} of the corpus. "
+                          f"Preprocess with --seq-length {n} (tools/preprocess.py), or set train.seq_length: {S}, or "
+                          f"set data.crop_samples: true to train on the first tokens of each sample")
     if loader.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
                           f"({loader.vocab_size}) in {cfg.data.manifest}")
@@ -258,6 +267,7 @@ def _train(cfg: Config, rd: RunDir, resume: Optional[str], progress: Optional[bo
             seed_all(t.seed + 1000 * info.rank + state.step)  # after the shared init: dropout differs per rank
     if info.is_main:  # only now: a resume that fails leaves the run's config as it was
         atomic_write_text(rd.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    record_segment(rd.run_info, dims.describe(info.source), ckpts.source, state.step)
     batches = DevicePrefetcher(loader, forever(loader), device, t.gradient_accumulation_steps,
                                transform=lambda b: dims.local_slice(b[:, : t.seq_length + 1]))
     evaluator = Evaluator(cfg, dims, engine, device, loader.manifest, stop, watchdog) if t.eval_interval else None

@@ -82,3 +82,19 @@ def uneven_shards(root: Path, counts, seq_length: int = 8) -> Path:
     path = root / "u-manifest.json"
     write_json_atomic(path, manifest)
     return path
+
+
+def train_hf_tokenizer(path: Path, texts, vocab_size: int = 400, eod: str = "<|endoftext|>") -> Path:
+    """A byte-level BPE ``tokenizer.json`` trained here by the ``tokenizers`` library (GPT-2's scheme: exact round
+    trip of any text), with ``eod`` as its only special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eod], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path

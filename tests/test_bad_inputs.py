@@ -144,6 +144,8 @@ ROWS = [
     ("seq-length-negative", text, P, ["--input", "in", *OUT, "--seq-length", "-5"], "--seq-length -5: "),
     ("seq-length-not-int", text, P, ["--input", "in", *OUT, "--seq-length", "1.5"], "--seq-length: invalid int"),
     ("maxcount-0", text, P, ["--input", "in", *OUT, "--maxcount", "0"], "--maxcount 0: "),
+    ("validation-fraction-1.5", text, P, ["--input", "in", *OUT, "--validation-fraction", "1.5"],
+     "--validation-fraction 1.5: expected a fraction in [0, 1)"),
     ("maxsize-0", text, P, ["--input", "in", *OUT, "--maxsize", "0"], "--maxsize 0: "),
     ("maxsize-below-one-sample", text, P, ["--input", "in", *OUT, "--seq-length", "4096", "--maxsize", "4k"],
      "--maxsize 4096: "),
@@ -313,6 +315,13 @@ ROWS += [
     ("train-dist-timeout-0", None, TR, [*TINY, "--set", "train.dist_timeout_s=0", *RUN],
      "train.dist_timeout_s must be > 0"),
     ("train-verify-typo", None, TR, [*TINY, "--set", "data.verify=fast", *RUN], "data.verify: 'fast' is not one of"),
+    # streaming keys (rtdist/data/remote.py): checked before the manifest is read
+    ("train-fetch-budget-over-dist-timeout", None, TR, [*TINY, *DATA, "--set", "data.fetch_budget_s=300", *RUN],
+     "data.fetch_budget_s (300) must be below train.dist_timeout_s (300)"),
+    ("train-request-timeout-0", None, TR, [*TINY, *DATA, "--set", "data.request_timeout_s=0", *RUN],
+     "data.request_timeout_s (0) must be > 0 and at most data.fetch_budget_s"),
+    ("train-storage-options-not-mapping", None, TR, [*TINY, *DATA, "--set", "data.storage_options=5", *RUN],
+     "data.storage_options"),
     ("train-seq-not-divisible", None, TR, [*TINY, "--set", "train.seq_length=100", *RUN],
      "must be divisible by the local window"),
     ("train-sp-not-dividing", None, TR, [*TINY, "--set", "train.seq_length=96", "--set", "parallel.sequence_parallel_size=3", *RUN],
@@ -595,6 +604,58 @@ ROWS += [
     ("inspect-no-manifest-argument", None, I, [], "the following arguments are required: manifest"),
 ]
 
+# --- preprocess: corpora as they ship (compressed, parquet, URLs, input lists, Hugging Face tokenizers)
+def parquet_without_text(tmp: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp / "pq").mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "body": ["a b", "c d"]}), tmp / "pq" / "d.parquet")
+
+
+def zstd_garbage(tmp: Path) -> None:
+    write_files(tmp, {"in/bad.jsonl.zst": b"\x28\xb5\x2f\xfd" + b"\x07" * 300})
+
+
+def hf_tokenizer(tmp: Path) -> None:
+    from data_helpers import train_hf_tokenizer
+
+    text(tmp)
+    train_hf_tokenizer(tmp / "tok" / "tokenizer.json", [book(1, 2000)], 300, eod="<|im_end|>")
+
+
+ROWS += [
+    ("corrupt-zst", zstd_garbage, P, ["--input", "in", *OUT], "bad.jsonl.zst: corrupt zstd data"),
+    ("parquet-without-the-column", parquet_without_text, P, ["--input", "pq", *OUT],
+     "d.parquet: no column 'text' (it has id, body): name one with --text-column"),
+    ("parquet-column-not-text", parquet_without_text, P, ["--input", "pq", *OUT, "--text-column", "id"],
+     "d.parquet: column 'id' is int64, not text"),
+    ("parquet-as-text", parquet_without_text, P, ["--input", "pq", *OUT, "--input-type", "text"],
+     "d.parquet is a parquet file: --input-type text would tokenize its raw bytes"),
+    ("input-list-missing", None, P, ["--input-list", "nope.txt", *OUT], "--input-list nope.txt: cannot be read"),
+    ("input-list-empty", lambda t: write_files(t, {"list.txt": "# none\n"}), P, ["--input-list", "list.txt", *OUT],
+     "--input-list list.txt names no input"),
+    ("no-input-at-all", None, P, OUT, "one of --input or --input-list is required"),
+    ("storage-options-not-json", text, P, ["--input", "in", *OUT, "--storage-options", "anon=true"],
+     "--storage-options: not JSON: 'anon=true'"),
+    ("storage-options-not-an-object", text, P, ["--input", "in", *OUT, "--storage-options", "[1]"],
+     "expected a JSON object"),
+    ("hf-without-model", text, P, ["--input", "in", *OUT, "--tokenizer-type", "hf"],
+     "--tokenizer-type hf needs --tokenizer-model path/to/tokenizer.json"),
+    ("hf-model-not-a-tokenizer", lambda t: (text(t), write_files(t, {"tok.json": "{}"})), P,
+     ["--input", "in", *OUT, "--tokenizer-type", "hf", "--tokenizer-model", "tok.json"],
+     "cannot load Hugging Face tokenizer tok.json"),
+    ("hf-without-eod", hf_tokenizer, P, ["--input", "in", *OUT, "--tokenizer-type", "hf", "--tokenizer-model",
+                                         "tok/tokenizer.json"], "no end-of-document token"),
+    ("hf-eod-token-unknown", hf_tokenizer, P, ["--input", "in", *OUT, "--tokenizer-type", "hf", "--tokenizer-model",
+                                               "tok/tokenizer.json", "--eod-token", "</s>"],
+     "--eod-token '</s>' is not in it"),
+    ("hf-train-tokenizer", text, P, ["--input", "in", *OUT, "--tokenizer-type", "hf", "--train-tokenizer"],
+     "--train-tokenizer : only --tokenizer-type sentencepiece trains"),
+    ("eod-token-with-bytes", text, P, ["--input", "in", *OUT, "--eod-token", "</s>"],
+     "--eod-token </s>: only --tokenizer-type hf uses it"),
+]
+
 # --- tools/plot_runs.py, tools/experiment.py, tools/gpu_check.py
 PR, EX, GC = "plot_runs", "experiment", "gpu_check"
 
@@ -660,8 +721,13 @@ ROWS += flag_rows(BD, outside(mb=("0", "[1, 1,048,576]"), workers=("0", "[1, 1,0
                               maxcount=COUNT_R, micro_batch=BATCH_R, loader_workers=("-1", "[0, 256]"),
                               train_steps=COUNT_R, repeat=COUNT_R) + [
     ("--loader-batches", "-1", "must be an integer >= 0"), ("--corpus", "nope", "--corpus nope is not a folder"),
+    ("--resume-at", "2", "must be a number in [0, 1]"),
     ("--model-config", "nope.yaml", "--model-config nope.yaml with --seq-length 8192: config file 'nope.yaml' does not"),
 ])
+ROWS += flag_rows(BD, [("--storage-option", "endpoint", "--storage-option 'endpoint': expected KEY=VALUE")],
+                  ("--url", "http://127.0.0.1:9/x-manifest.json"))
+ROWS += flag_rows(BD, [("--url", "http://127.0.0.1:9/x-manifest.json",
+                        "--peers needs an s3:// --url (MosaicML streaming reads no http)")], ("--peers",))
 ROWS += flag_rows(BD, [("--seq-length", "100", "--model-config "
                                                f"{REPO / 'configs' / 'tiny.yaml'} with --seq-length 100: train.seq_length "
                                                "(100) must be divisible by the local window")],

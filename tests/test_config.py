@@ -120,3 +120,13 @@ def test_the_keys_a_resume_must_match_are_the_models_shape():
     assert shape_keys() == ["vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "emb_dim", "attention_type",
                             "n_local_attn_heads", "routing_layers", "num_clusters", "shared_qk", "ff_mult", "ff_glu",
                             "pos_emb", "tie_embedding"]
+
+
+def test_vocab_size_unset_in_the_yaml_is_the_manifests_tokenizers(tmp_path):
+    import json
+    manifest = tmp_path / "x-manifest.json"
+    manifest.write_text(json.dumps({"tokenizer": {"kind": "sentencepiece", "vocab_size": 32000}}))
+    assert load_config("configs/tiny.yaml", [f"data.manifest={manifest}"]).model.vocab_size == 32000
+    assert load_config("configs/tiny.yaml", [f"data.manifest={manifest}", "model.vocab_size=32768"]) \
+        .model.vocab_size == 32768  # a value given wins (a smaller one is refused when training reads the shards)
+    assert load_config("configs/tiny.yaml").model.vocab_size == 257  # no manifest: bytes + EOD

@@ -467,3 +467,26 @@ def test_demo_corpus_is_local_text_in_the_pg19_layout_and_deterministic(tmp_path
     assert files(tmp_path / "a") == files(tmp_path / "b")
     assert (tmp_path / "a" / "train" / "10000.txt").read_bytes().startswith(b"# ==== ")
     assert run([tmp_path / "a"], tmp_path / "out" / "demo", seq_length=1024)["manifest"]["splits"]["test"]["samples"]
+
+
+def test_validation_fraction_holds_out_the_same_files_every_time_and_warns_without_it(tmp_path):
+    from rtdist.data import preprocess
+    from rtdist.errors import DataError
+    corpus = write_files(tmp_path / "flat", {f"book{i:02d}.txt": book(i, 3000) for i in range(20)})
+    lines = []
+    a = preprocess([str(corpus)], str(tmp_path / "a" / "x"), seq_length=64, validation_fraction=0.1, progress=False,
+                   log=lines.append)["manifest"]
+    b = preprocess([str(corpus)], str(tmp_path / "b" / "x"), seq_length=64, validation_fraction=0.1, progress=False,
+                   log=lambda *a, **k: None)["manifest"]
+    held = [f["path"] for f in a["splits"]["validation"]["files"]]
+    assert len(held) == 2 and held == [f["path"] for f in b["splits"]["validation"]["files"]]
+    assert not set(held) & {f["path"] for f in a["splits"]["train"]["files"]}
+    assert [s["sha256"] for s in a["splits"]["validation"]["shards"]] == \
+        [s["sha256"] for s in b["splits"]["validation"]["shards"]]
+    assert any("2 of 20 files held out as validation" in x for x in lines)
+    lines.clear()
+    preprocess([str(corpus)], str(tmp_path / "c" / "x"), seq_length=64, progress=False, log=lines.append)
+    assert any(x.startswith("warning: no validation split") and "--validation-fraction 0.01" in x for x in lines)
+    with pytest.raises(DataError, match="have a validation/ folder already"):
+        preprocess([str(pg19(tmp_path / "pg"))], str(tmp_path / "d" / "x"), seq_length=64, validation_fraction=0.1,
+                   progress=False, log=lambda *a, **k: None)

@@ -214,3 +214,25 @@ def test_cli_sentencepiece(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert len(out["ids"][0]) == 8
     assert out["samples"][0] == sp.decode(out["ids"][0])
+
+
+def test_cli_hf_tokenizer(tmp_path, capsys):
+    """A Hugging Face tokenizer.json (as tools/preprocess.py --tokenizer-type hf records it): the prompt is
+    encoded and the samples decoded with it."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from data_helpers import train_hf_tokenizer
+
+    from rtdist.data.tokenizers import HFTokenizer
+    path = train_hf_tokenizer(tmp_path / "toy-tokenizer.json",
+                              [f"the quick brown fox jumps over the lazy dog {i}." for i in range(200)], 300)
+    tok = HFTokenizer(path)
+    spec = {**tok.spec(), "file": path.name}
+    run = write_run(tmp_path, spec, 300, tmp_path)
+    main(["--checkpoint", str(run), "--prompt", "the quick", "--max-new-tokens", "8", "--seed", "0", "--json",
+          "--ignore-eod", "--echo-prompt"])
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["ids"][0]) == 8
+    assert out["samples"][0] == tok.decode(out["ids"][0])
+    assert tok.decode(tok.encode(b"the quick")) == "the quick"

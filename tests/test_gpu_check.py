@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import gpu_check  # noqa: E402
 
-LINE = re.compile(r"^(\S+)\s+(ok|FAILED)\s+(\d+\.\d) s  (.*)$")
+LINE = re.compile(r"^(\S+)\s+(ok|dry|FAILED)\s+(\d+\.\d) s  (.*)$")
 
 
 def run(*args, timeout=600):
@@ -32,8 +32,8 @@ def test_without_cuda_every_check_has_a_dry_pass_and_the_tool_exits_0(tmp_path):
     assert out[0].startswith("no CUDA device here: checking that the GPU checks would run")
     names = [c.name for c in gpu_check.CHECKS]
     lines = [LINE.match(x) for x in out[1:1 + len(names)]]  # one line per check, as each finishes
-    assert [m.group(1) for m in lines] == names and all(m.group(2) == "ok" for m in lines), out
-    assert f"dry (CPU): {len(names)} ok, 0 failed" in out[-1]
+    assert [m.group(1) for m in lines] == names and all(m.group(2) == "dry" for m in lines), out
+    assert f"dry (CPU): {len(names)} dry passes (nothing measured on a GPU), 0 failed" in out[-1]
     saved = json.loads((tmp_path / "result.json").read_text())
     by_name = {x["name"]: x for x in saved["results"]}
     # The training commands really ran and trained: a run directory with an export for each.
@@ -59,7 +59,7 @@ def test_the_two_rank_check_runs_its_cpu_pass_through_the_real_launcher(tmp_path
     r = run("--only", "two_ranks_sp2", "--work", str(tmp_path), timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = LINE.match(r.stdout.splitlines()[1])
-    assert m and m.group(1) == "two_ranks_sp2" and m.group(2) == "ok", r.stdout
+    assert m and m.group(1) == "two_ranks_sp2" and m.group(2) == "dry", r.stdout
     assert "layout sp2 zero2, backend gloo, gpus 0, steps 2" in m.group(4)
     assert float(m.group(4).split("max_loss_diff ")[1].split(",")[0]) <= 1e-4
     log = (tmp_path / "two_ranks_sp2.log").read_text()

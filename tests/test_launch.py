@@ -305,6 +305,17 @@ def test_dry_run_shows_the_commands_for_each_launcher(tmp_path):
         in r.stderr, r.stderr
 
 
+def test_dry_run_of_a_two_host_hostfile_prints_the_plan_and_warns_of_what_it_lacks(tmp_path):
+    hf = tmp_path / "hostfile"
+    hf.write_text("node-a slots=2\nnode-b slots=2\n")
+    r = run(LAUNCH + ["--dry-run", "-H", str(hf), "--", "python", "-m", "rtdist.train"], timeout=60,
+            PATH=os.path.dirname(sys.executable) + ":/usr/bin:/bin")  # no pdsh there
+    assert r.returncode == 0, r.stderr
+    assert "pdsh: 2 node(s) [node-a,node-b] x 2 = world 4" in r.stderr
+    assert "warning: a hostfile with other hosts needs pdsh" in r.stderr
+    assert "command: " in r.stderr and "deepspeed.launcher.runner --hostfile" in r.stderr
+
+
 def test_split_argv_accepts_deepspeed_style_without_double_dash():
     assert L.split_argv(["--num_gpus", "2", "train.py", "--lr", "1"]) == (["--num_gpus", "2"],
                                                                          ["train.py", "--lr", "1"])

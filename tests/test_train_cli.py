@@ -59,6 +59,13 @@ def test_resume_mid_run_gives_the_losses_of_an_uninterrupted_run(manifest, tmp_p
     steps_b = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert len(a) == 12 and steps_b == list(range(1, 13))
     assert a == b  # identical, not merely close: weights, optimizer, centroids, data position and RNG restored
+    segments = json.loads((tmp_path / "b" / "run_info.json").read_text())["segments"]
+    assert [s["start_step"] for s in segments] == [0, 6] and segments[1]["resumed_from"].endswith("global_step6")
+    first = segments[0]
+    assert first["world"] == {"world_size": 2, "data_parallel": 2, "sequence_parallel": 1, "source": "env"}
+    assert len(first["hosts"]) == 2 and first["command"][1:3] == ["-m", "rtdist.train"] and first["torch"]
+    if (ROOT / ".git").exists():  # run from a checkout (CI's clone): the commit and whether it had changes
+        assert len(first["git"]["commit"]) == 40 and isinstance(first["git"]["dirty"], bool)
 
 
 def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(manifest, tmp_path):
@@ -119,6 +126,8 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_with_a_message(manifest,
     (["train.engine=torch", "train.zero_stage=2"], "needs engine deepspeed or fairscale"),
     (["train.seq_length=128"], "exceeds the shards' seq_length (64)"),
     (["model.vocab_size=100"], "model.vocab_size (100) is smaller than the tokenizer's vocabulary (257)"),
+    (["train.seq_length=32"], "hold 64 tokens and train.seq_length is 32: training would read the first 33 of each "
+                              "and skip 49% of the corpus. Preprocess with --seq-length 32"),
 ])
 def test_impossible_configs_fail_before_training_with_the_key_named(manifest, tmp_path, sets, message):
     r = run(train_cmd(2, manifest, tmp_path, *sets), timeout=120)

@@ -7,10 +7,26 @@ shard check (``check_shards`` quick and full, MB/s of shards) and the loader's t
   python tools/bench_data.py --corpus data/pg19 --workers 1 2 4 --json bench.json
 
 Targets (issue): preprocessing >= 50 MB/s per worker; loader >= 100x the tokens/s training consumes.
+
+With ``--url`` it measures streaming instead: shards at a URL (a manifest at s3://, gs://, http(s)://, pipe:) read by
+``ShardLoader``: samples/s over an epoch, the time to the first batch from a cold start and after a mid-epoch resume,
+the bytes fetched for each, and whether the resumed order equals the uninterrupted one:
+
+  python tools/bench_data.py --url http://127.0.0.1:8080/bench-manifest.json --micro-batch 8
+  python tools/bench_data.py --url s3://bucket/pg19 --storage-option endpoint_url=http://127.0.0.1:9000
+
+``--peers`` (S3 only) also streams the same samples through MosaicML ``streaming`` and ``litdata``
+(tools/stream_peers.py, run with ``--peer-python``, a Python that has them): each converted from ``--convert-from``
+(the local copy of the manifest) into its own format, uploaded beside the shards, read with the same cache budget
+(``--cache-mb``), every measurement in a fresh process, the systems alternating, the best of ``--repeat`` kept.
+
+  python tools/bench_data.py --url s3://bucket/pg/bench-manifest.json --storage-option endpoint_url=http://... \
+      --peers --peer-python /tmp/peers/bin/python --convert-from shards/bench-manifest.json
 """
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -47,6 +63,48 @@ def bench_loader(manifest, seq_length, micro_batch, workers, max_batches):
     seconds = time.time() - t0
     return {"batches": n, "tokens_per_s": n * micro_batch * seq_length / seconds, "seconds": seconds,
             "first_batch_s": first, "workers": workers, "micro_batch": micro_batch}
+
+
+def bench_stream(url, options, micro_batch, workers, shuffle_buffer, resume_fraction, max_batches) -> dict:
+    """Streaming from ``url``: a cold epoch (samples/s, first batch), then a fresh loader resumed at
+    ``resume_fraction`` of the epoch (first batch, bytes fetched before it, order against the cold epoch's)."""
+    from tqdm import tqdm
+
+    from rtdist.data import ShardLoader
+
+    t0 = time.perf_counter()
+    loader = ShardLoader(url, "train", micro_batch, 0, 1, num_workers=workers, seed=0, with_keys=True,
+                         shuffle_buffer=shuffle_buffer, remote=options)
+    n = min(len(loader), max_batches) if max_batches else len(loader)
+    keys, first, first_bytes = [], None, 0
+    with tqdm(total=n, desc="stream", unit="batch", leave=False, disable=None) as bar:
+        for i, (_, batch_keys) in enumerate(loader):
+            if first is None:
+                first, first_bytes = time.perf_counter() - t0, loader.stats["fetched_bytes"]
+            keys.append(batch_keys)
+            bar.update(1)
+            if i + 1 == n:
+                break
+    seconds = time.perf_counter() - t0
+    cold = {"batches": n, "samples_per_s": n * micro_batch / seconds, "seconds": seconds, "first_batch_s": first,
+            "first_batch_bytes": first_bytes, "epoch_bytes": loader.stats["fetched_bytes"],
+            "requests": loader.stats["requests"]}
+    at = int(n * resume_fraction)
+    state = {**loader.state_dict(), "epoch": 0, "position": at * micro_batch}
+    t0 = time.perf_counter()
+    resumed = ShardLoader(url, "train", micro_batch, 0, 1, num_workers=workers, seed=0, with_keys=True,
+                          shuffle_buffer=shuffle_buffer, remote=options)
+    resumed.load_state_dict(state)
+    got = []
+    for _, batch_keys in resumed:
+        if not got:
+            first, first_bytes = time.perf_counter() - t0, resumed.stats["fetched_bytes"]
+        got.append(batch_keys)
+        if len(got) == min(8, n - at):
+            break
+    return {"cold": cold, "resume": {"at_batch": at, "first_batch_s": first, "first_batch_bytes": first_bytes,
+                                     "same_order": got == keys[at:at + len(got)]},
+            "workers": workers, "micro_batch": micro_batch}
 
 
 def bench_verify(manifest_path) -> dict:
@@ -141,9 +199,26 @@ def main(argv=None) -> int:
                    help="model whose training step sets the loader target (configs/tiny.yaml: the cheapest)")
     p.add_argument("--train-steps", type=COUNT, default=2, help="timed training steps (2)")
     p.add_argument("--repeat", type=COUNT, default=2, help="runs per measurement, the best is reported (2)")
+    p.add_argument("--url", help="measure streaming from this manifest URL instead (see above)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an fsspec storage option for --url (repeatable), e.g. endpoint_url=http://127.0.0.1:9000")
+    p.add_argument("--shuffle-buffer", type=bounded(int, 0, DATA_LIMITS["shuffle_buffer"]), default=64,
+                   help="--url: samples in each worker's shuffle buffer (64, data.shuffle_buffer's default)")
+    p.add_argument("--resume-at", type=bounded(float, 0.0, 1.0), default=0.5,
+                   help="--url: the fraction of the epoch a resume starts at (0.5)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--debug", action="store_true", help="tracebacks for every error")
+    p.add_argument("--peers", action="store_true", help="--url s3://...: also MosaicML streaming and litdata (above)")
+    p.add_argument("--peer-python", default=sys.executable, help="--peers: a Python with mosaicml-streaming and "
+                                                                   "litdata installed (this one)")
+    p.add_argument("--convert-from", help="--peers: the local manifest the peers' formats are converted from")
+    p.add_argument("--cache-mb", type=bounded(int, 1), default=50, help="--peers: every system's cache budget (50)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.url and args.peers:
+        return main_peers(args)
+    if args.url:
+        return main_stream(args)
     if args.corpus and not Path(args.corpus).is_dir():
         raise UsageError(f"--corpus {args.corpus} is not a folder: give a text corpus folder, or leave it out to "
                          f"build one")
@@ -201,6 +276,139 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def main_peers(args) -> int:
+    """rtdist, MosaicML streaming and litdata from one S3 endpoint, alternating fresh processes."""
+    import shutil
+    import tempfile
+
+    from rtdist.data.remote import RemoteOptions, store_for
+    if not args.url.startswith("s3://"):
+        raise UsageError(f"--peers needs an s3:// --url (MosaicML streaming reads no http), got {args.url}")
+    if not args.convert_from or not Path(args.convert_from).is_file():
+        raise UsageError(f"--peers needs --convert-from, the local manifest of {args.url}")
+    options = dict(item.split("=", 1) for item in args.storage_option)
+    endpoint = options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        raise UsageError("--peers: give the S3 endpoint (--storage-option endpoint_url=... or AWS_ENDPOINT_URL)")
+    store = store_for(RemoteOptions(options))
+    base = args.url.rsplit("/", 1)[0] + "/peers"
+    work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+    try:
+        return peers_in(args, work, store, base, endpoint, options)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # converted copies and caches
+
+
+def peers_in(args, work, store, base, endpoint, options) -> int:
+    import subprocess
+
+    peers = [args.peer_python, str(Path(__file__).with_name("stream_peers.py"))]
+    train = load_manifest(args.convert_from)["splits"]["train"]
+    samples, shuffle_block = train["samples"], train["shards"][0]["samples"]
+    epoch_batches = min(samples // args.micro_batch, args.loader_batches or samples)
+    for system in ("streaming", "litdata"):  # each in its own format, from the same tokens
+        out = work / system
+        r = subprocess.run(peers + ["convert", "--system", system, "--manifest", args.convert_from, "--out",
+                                    str(out)], capture_output=True, text=True)
+        if r.returncode:
+            raise UsageError(f"converting to {system} failed: {r.stderr.strip().splitlines()[-1:]}")
+        for f in sorted(out.iterdir()):
+            store.upload(f, f"{base}/{system}/{f.name}")
+        print(f"converted and uploaded {system} to {base}/{system}/")
+    me = [sys.executable, __file__, "--url", args.url, *sum((["--storage-option", o] for o in args.storage_option),
+                                                             []),
+          "--micro-batch", str(args.micro_batch), "--loader-workers", str(args.loader_workers), "--repeat", "1",
+          "--shuffle-buffer", str(args.shuffle_buffer), "--resume-at", str(args.resume_at),
+          "--loader-batches", str(args.loader_batches)]
+    results: dict = {}
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": options.get("key", os.environ.get("AWS_ACCESS_KEY_ID", "x")),
+           "AWS_SECRET_ACCESS_KEY": options.get("secret", os.environ.get("AWS_SECRET_ACCESS_KEY", "x"))}
+    for rep in range(args.repeat):
+        for system in ("rtdist", "streaming", "litdata"):
+            if system == "rtdist":
+                out = work / "rtdist.json"
+                r = subprocess.run(me + ["--json", str(out)], capture_output=True, text=True, env=env)
+                if r.returncode not in (0, 1):
+                    raise UsageError(f"rtdist child failed: {r.stderr.strip()[-500:]}")
+                d = json.loads(out.read_text())
+                row = {"samples_per_s": d["cold"]["samples_per_s"], "first_batch_s": d["cold"]["first_batch_s"],
+                       "first_batch_bytes": d["cold"]["first_batch_bytes"],
+                       "resume_first_batch_s": d["resume"]["first_batch_s"],
+                       "resume_first_batch_bytes": d["resume"]["first_batch_bytes"],
+                       "peak_cache_bytes": 0, "same_order": d["resume"]["same_order"]}
+            else:
+                row = peer_run(peers, system, f"{base}/{system}", endpoint, args, work, env, epoch_batches,
+                               shuffle_block)
+            best = results.get(system)
+            if best is None or row["samples_per_s"] > best["samples_per_s"]:
+                results[system] = row
+            print(f"run {rep + 1}/{args.repeat} {system}: {row['samples_per_s']:.0f} samples/s")
+    print(f"\n=== {args.url}: rtdist vs MosaicML streaming vs litdata (cache budget {args.cache_mb} MB, "
+          f"{args.loader_workers} workers, micro batch {args.micro_batch}, best of {args.repeat}) ===")
+    print("| system | samples/s | first batch, cold | fetched by then | first batch after resume | fetched by then "
+          "| peak cache on disk | resumed order = uninterrupted |")
+    print("|---|---|---|---|---|---|---|---|")
+    for system, r in results.items():
+        print(f"| {system} | {r['samples_per_s']:.0f} | {r['first_batch_s']:.2f} s | "
+              f"{r['first_batch_bytes'] / 1e6:.2f} MB | {r['resume_first_batch_s']:.2f} s | "
+              f"{r['resume_first_batch_bytes'] / 1e6:.2f} MB | {r['peak_cache_bytes'] / 1e6:.1f} MB | "
+              f"{r['same_order']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def peer_run(peers, system, remote, endpoint, args, work, env, epoch_batches, shuffle_block) -> dict:
+    """A cold epoch (state saved at --resume-at) then a fresh process resuming from it, each with an empty cache."""
+    import shutil
+    import subprocess
+
+    def read(*extra):
+        cache = work / f"cache-{system}"
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir()
+        r = subprocess.run(peers + ["read", "--system", system, "--remote", remote, "--cache", str(cache),
+                                    "--cache-bytes", str(args.cache_mb * 10 ** 6), "--endpoint", endpoint,
+                                    "--micro-batch", str(args.micro_batch), "--workers", str(args.loader_workers),
+                                    "--shuffle-block", str(shuffle_block), *extra], capture_output=True, text=True, env=env)
+        lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+        if r.returncode or not lines:
+            raise UsageError(f"{system} read failed: {r.stderr.strip()[-800:]}")
+        return json.loads(lines[-1])
+
+    state, at = work / f"state-{system}.json", int(epoch_batches * args.resume_at)
+    cold = read("--batches", str(epoch_batches), "--state-out", str(state), "--resume-batch", str(at))
+    resumed = read("--state-in", str(state), "--batches", "8")
+    return {"samples_per_s": cold["samples_per_s"], "first_batch_s": cold["first_batch_s"],
+            "first_batch_bytes": cold["first_batch_cache_bytes"], "resume_first_batch_s": resumed["first_batch_s"],
+            "resume_first_batch_bytes": resumed["first_batch_cache_bytes"],
+            "peak_cache_bytes": max(cold["peak_cache_bytes"], resumed["peak_cache_bytes"]),
+            "same_order": resumed["keys"] == cold["keys"][at:at + len(resumed["keys"])]}
+
+
+def main_stream(args) -> int:
+    from rtdist.data.remote import RemoteOptions
+    options = {}
+    for item in args.storage_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--storage-option {item!r}: expected KEY=VALUE")
+        options[key] = value
+    results = max((bench_stream(args.url, RemoteOptions(options), args.micro_batch, args.loader_workers,
+                                args.shuffle_buffer, args.resume_at, args.loader_batches) for _ in range(args.repeat)),
+                  key=lambda r: r["cold"]["samples_per_s"])
+    c, r = results["cold"], results["resume"]
+    print(f"\n=== streaming from {args.url} ({args.loader_workers} workers, micro batch {args.micro_batch}) ===")
+    print(f"epoch       {c['samples_per_s']:9.0f} samples/s ({c['batches']} batches in {c['seconds']:.2f} s, "
+          f"{c['epoch_bytes'] / 1e6:.1f} MB in {c['requests']} requests)")
+    print(f"cold start  first batch after {c['first_batch_s']:.3f} s, {c['first_batch_bytes'] / 1e3:.0f} KB fetched")
+    print(f"resume      at batch {r['at_batch']}: first batch after {r['first_batch_s']:.3f} s, "
+          f"{r['first_batch_bytes'] / 1e3:.0f} KB fetched; order equals the uninterrupted one: {r['same_order']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0 if r["same_order"] else 1
 
 
 if __name__ == "__main__":

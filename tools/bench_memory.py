@@ -21,7 +21,8 @@ parameters 4 B, gradients 4 B, AdamW m and v 8 B per parameter, divided by the w
 optimizer states, 2: + gradients, 3: + parameters); saved activations per token per layer derived from the
 model's ops (checked against what a forward leaves alive, tests/test_bench_memory.py); the attention working set
 (n x n tensors of full-naive only; flash and block kernels keep per-block scratch); the largest backward transient
-(feed-forward or recomputed-attention gradients, or logits). ``est_mb`` is the same growth the measurement sees:
+over the layers (feed-forward or recomputed-attention gradients, one recomputed chunk under a policy with chunks,
+or logits). ``est_mb`` is the same growth the measurement sees:
 estimated peak minus parameters and buffers.
 
 A series (attention x checkpointing x sp) stops at its first point that runs out of memory, exceeds
@@ -57,6 +58,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from benchlib import (BATCH, HEADS, LAYERS, LOCAL_HEADS, MB, SECONDS, SEQ, THREADS, VOCAB, WIDTH, WINDOW,
                       buffer_bytes, check_model, count_params, estimate, failed_status, fit_exponent, kept_bytes,
@@ -405,6 +407,7 @@ def sweep(args) -> dict:
     series = list(itertools.product(args.attention, args.checkpointing, args.sp))
     todo = [(a, c, s, n) for a, c, s in series for n in lengths if n <= args.max_seq.get(a, math.inf)]
     results, stopped, overhead = [], {}, {}
+    saved = PartialResults(Path(args.out_dir), meta)  # every point on disk as it is measured
     bar = tqdm(todo, desc="points", unit="pt", disable=args.no_progress)
     for attention, ckpt, sp, n in bar:
         key = (attention, ckpt, sp)
@@ -442,14 +445,31 @@ def sweep(args) -> dict:
         else:  # an unsupported variant (skipped) is unsupported at every length too
             stopped[key] = n
         results.append(r)
-    budget = within_budget(args, cfgs, results, max_mem) if args.budget_gb else []
+        saved.write(results)
+    budget = within_budget(args, cfgs, results, max_mem, saved) if args.budget_gb else []
     meta["load_after"] = os.getloadavg()
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     meta["peak_method"] = next((r["peak_method"] for r in results if "peak_method" in r), None)
     return {"meta": meta, "results": results, "fits": fits(results, args.fit_min), "budget": budget}
 
 
-def within_budget(args, cfgs: dict, results: list[dict], max_mem: float) -> list[dict]:
+class PartialResults:
+    """``bench_memory.json`` and ``.csv`` rewritten (atomically) after every measured point, marked partial until
+    the sweep ends: a sweep stopped at its 90k-token points keeps every point it measured."""
+
+    def __init__(self, out: Path, meta: dict):
+        self.out, self.meta = out, meta
+
+    def write(self, results: list[dict], budget: Optional[list] = None) -> None:
+        from rtdist.fileio import atomic_write_text
+        self.out.mkdir(parents=True, exist_ok=True)
+        data = {"meta": {**self.meta, "partial": True}, "results": results, "budget": budget or []}
+        atomic_write_text(self.out / "bench_memory.json", json.dumps(data, indent=1, default=str))
+        write_csv(self.out / "bench_memory.csv", results)
+
+
+def within_budget(args, cfgs: dict, results: list[dict], max_mem: float,
+                  saved: Optional[PartialResults] = None) -> list[dict]:
     """For each variant, the longest sequence whose per-rank memory (model-ready baseline + the step's peak growth)
     fits ``--budget-gb``: estimated (the memory model, on lengths that are multiples of sp x window), then
     measured: a point at the estimated length, and, while it does not fit, points 10% shorter (at most 3 more).
@@ -472,15 +492,22 @@ def within_budget(args, cfgs: dict, results: list[dict], max_mem: float) -> list
             mid = (lo + hi) // 2 // step * step
             lo, hi = (mid, hi) if fits_estimate(mid) else (lo, mid)
         row = {"variant": name, "budget_gb": args.budget_gb, "est_longest": lo, "tried": []}
+        print(f"budget {args.budget_gb:g} GiB, {name}: the estimate allows {fmt_len(lo)} tokens; measuring", flush=True)
         fitting = [r["seq_length"] for r in ok if r["baseline_mb"] + r["peak_mb"] <= budget / MB]
         n = lo
         for _ in range(4):
             if n <= max(fitting, default=0) or n < step:
                 break
+            t0 = time.perf_counter()
             r = launch_point(args, attention, ckpt, sp, n, max(max_mem, sp * budget * 1.25))
             total = r["baseline_mb"] + r["peak_mb"] if r.get("status") == "ok" else None
             row["tried"].append({"seq_length": n, "status": r.get("status"), "total_mb": total,
                                  "time_s": r.get("time_s"), "reason": r.get("reason")})
+            print(f"  {fmt_len(n)} tokens: {r.get('status')}"
+                  + (f", {total:,.0f} MB total" if total is not None else f" ({r.get('reason', '')})")
+                  + f" in {time.perf_counter() - t0:.0f} s", flush=True)
+            if saved is not None:
+                saved.write(results, out + [row])
             if total is not None and total <= budget / MB:
                 fitting.append(n)
                 break
@@ -584,13 +611,16 @@ def print_table(data: dict) -> None:
               f"{r['saved_mb']:>10.0f}{r['est_saved_mb']:>10.0f}")
     if data.get("budget"):
         gb = data["budget"][0]["budget_gb"]
-        print(f"\nlongest sequence within {gb:g} GiB per rank (model-ready baseline + peak growth):")
-        print(f"{'variant':<31}{'estimated':>10}{'measured':>10}  points tried (total MB)")
+        print(f"\nlongest sequence within {gb:g} GiB per rank (model-ready baseline + peak growth), in tokens:")
+        print(f"{'variant':<31}{'estimated':>10}{'measured':>10}")
         for b in data["budget"]:
-            tried = ", ".join(f"{fmt_len(t['seq_length'])}: " + (f"{t['total_mb']:.0f}" if t["total_mb"] is not None
-                                                                  else t["status"]) for t in b["tried"])
             meas = fmt_len(b["measured_longest"]) if b["measured_longest"] else "-"
-            print(f"{b['variant']:<31}{fmt_len(b['est_longest']):>10}{meas:>10}  {tried or '-'}")
+            print(f"{b['variant']:<31}{fmt_len(b['est_longest']):>10}{meas:>10}")
+        print(f"\npoints tried for the budget:\n{'variant':<31}{'tokens':>8}{'total MB':>10}  status")
+        for b in data["budget"]:
+            for t in b["tried"]:
+                mb = f"{t['total_mb']:.0f}" if t["total_mb"] is not None else "-"
+                print(f"{b['variant']:<31}{fmt_len(t['seq_length']):>8}{mb:>10}  {t['status']}")
     if data["fits"]:
         print(f"\n{'variant':<26}{'mem exp':>8}{'time exp':>9}  fit range   stopped")
         for name, f in data["fits"].items():

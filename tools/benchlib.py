@@ -14,19 +14,23 @@ The memory model (:func:`estimate`) counts, per rank, in bytes (fp32 everywhere,
 * saved activations: what autograd keeps between forward and backward, per token and per layer, derived from the
   model's code op by op (:func:`saved_floats_per_token`; checked in the tests against the tensors a forward leaves
   alive).
-  With full activation checkpointing a layer keeps only its input (d floats per token) and one layer's set is
-  rebuilt during backward.
+  With full activation checkpointing a layer keeps only its input (d floats per token); its backward rebuilds it
+  one chunk at a time (:func:`layer_floats_per_token`: the recomputed chunk, the chunked attention's outputs and
+  the gradients of the chunks already done; checked in the tests against the tensors a whole step holds at its
+  peak).
 * attention working set: the n x n tensors of ``full_naive`` (the kept probabilities with the saved activations;
   the probability and softmax gradients of the last layer's backward as working set); nothing quadratic for the
   flash and block kernels (their scratch is per block).
 * transient working set (:func:`working_floats_per_token`): temporaries on top of what is still saved, at three
-  candidate peaks, the start of backward (logits and their gradients), the last layer's feed-forward backward (its
-  GEGLU gradients; where the profiler finds the peak of the benchmark's models) and the last layer's attention
-  backward (its feed-forward activations already freed), plus the gradients produced by then (head, last w_out).
+  candidate peaks, the start of backward (logits and their gradients), a layer's feed-forward backward (its
+  GEGLU gradients; where the profiler finds the peak of the benchmark's models) and a layer's attention backward
+  (its feed-forward activations already freed), plus the gradients produced by then (the head's, the later
+  layers', this layer's feed-forward's).
 
 Peak = parameters + buffers + max(largest backward candidate, optimizer phase = gradients + AdamW states + one
-parameter-sized foreach temporary). With full activation checkpointing a layer keeps only its input (d floats per
-token) and the last layer's whole saved set is rebuilt during its backward. Sequence parallelism of degree ``sp``
+parameter-sized foreach temporary). The backward candidates are taken at every layer, from the last: the layers
+below still keep their saved values, the layers above have left their gradients (with little kept per layer, as
+under full checkpointing, the first layer's backward can be the peak). Sequence parallelism of degree ``sp``
 divides the tokens (so every activation term) by ``sp``; halo and all-to-all buffers are not counted.
 """
 from __future__ import annotations
@@ -151,7 +155,11 @@ def kept_bytes(fn, device_type: Optional[str] = None):
     with Track():
         out = fn()
     gc.collect()
-    return out, sum(nbytes for ref, nbytes in created.values() if not ref.expired())
+    kept = sum(nbytes for ref, nbytes in created.values() if not ref.expired())
+    # The dispatch mode (a reference cycle) outlives this call: its weak references must not keep the forward's
+    # temporaries alive through the backward the caller measures next (20-30 MB at 2k tokens, routing).
+    created.clear()
+    return out, kept
 
 
 def _children(pid: int) -> list[int]:
@@ -208,24 +216,31 @@ def _heads(cfg: ModelConfig, n_local_split: int) -> tuple[int, int]:
     return 0, 0
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """Parameters of ``RoutingTransformerLM(cfg)``, from the config alone."""
+def layer_param_count(cfg: ModelConfig, n_local_split: int) -> int:
+    """Parameters of one block (``Block(cfg, n_local_split)``): two LayerNorms, q/k/v/out, the feed-forward."""
     d, H = cfg.d_model, cfg.n_heads
     hd = cfg.head_dim or d // H
+    _, nr = _heads(cfg, n_local_split)
+    n_k = H - (nr if cfg.shared_qk else 0)
+    return 4 * d + d * H * hd * 3 + d * n_k * hd + ff_param_count(cfg)
+
+
+def ff_param_count(cfg: ModelConfig) -> int:
+    """Parameters of one block's feed-forward (w_in, w_out)."""
+    hidden = int(cfg.d_model * cfg.ff_mult)
+    return cfg.d_model * hidden * (2 if cfg.ff_glu else 1) + hidden * cfg.d_model
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters of ``RoutingTransformerLM(cfg)``, from the config alone."""
+    d = cfg.d_model
     e = cfg.emb_dim or d
-    hidden = int(d * cfg.ff_mult)
     total = cfg.vocab_size * e + 2 * d  # embedding, final norm
     if e != d:
         total += 2 * e * d  # emb_proj, out_proj
     if not cfg.tie_embedding:
         total += cfg.vocab_size * e
-    for nl in layer_head_split(cfg):
-        _, nr = _heads(cfg, nl)
-        n_k = H - (nr if cfg.shared_qk else 0)
-        total += 4 * d  # two LayerNorms
-        total += d * H * hd * 3 + d * n_k * hd  # q, v, out; k
-        total += d * hidden * (2 if cfg.ff_glu else 1) + hidden * d
-    return total
+    return total + sum(layer_param_count(cfg, nl) for nl in layer_head_split(cfg))
 
 
 def buffer_bytes(cfg: ModelConfig) -> int:
@@ -336,11 +351,15 @@ def working_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> di
     * ``ff``: its w_out backward (where the peak is without chunks): residual gradients 2d, and for GEGLU the
       recomputed gelu F, the activation's gradient F and the gradients of both halves 2F (plain GELU: the
       recomputed activation, then its gradient, F).
-    * ``attn``: its attention backward, its feed-forward's saved values already freed: for the recomputed
-      local/routing kernels the re-gathered q, k, v (k and v twice: a block sees its predecessor), the output and
-      their gradients, ~10 per head dim; for dense SDPA the q, k, v and output gradients 4 per head dim; for
-      ``full_naive`` also the n x n probability gradient and the softmax gradient (2 H n) and the causal mask
-      (n / 8, bool): the quadratic attention working set.
+    * ``attn``: its attention backward, its feed-forward's saved values already freed, always with the gradients
+      of the block input d and of the heads' output H*hd. Causal routing and local heads (the measured
+      composition): first the routing heads' recomputed function (as ``routing`` below), then the local kernel,
+      recomputed (its output L*hd and log-sum-exp L) with its dq, dk, dv (3 L*hd) and one part's gradients at a
+      time (1.5 L*hd), while the routing heads' q and v gradients wait as whole-width [n, H, hd] tensors (2 H*hd,
+      the slices' backward); the larger of the two. ``topk`` routing kernels: the re-gathered q, k, v (k and v
+      twice: a block sees its predecessor), the output and their gradients, ~10 per head dim; for dense SDPA the
+      q, k, v and output gradients 4 per head dim; for ``full_naive`` also the n x n probability gradient and
+      the softmax gradient (2 H n) and the causal mask (n / 8, bool): the quadratic attention working set.
     * ``routing``: the routing heads' recomputed function and its backward when the rest of the layer runs in
       chunks (``full`` with chunks): the residual gradient d, the heads' output gradient H*hd, and ~9 per routing
       head dim (routing vectors, rotated q and k, re-gathered blocks, output, gradients)."""
@@ -353,44 +372,81 @@ def working_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> di
         attn = 2 * d + 4 * H * hd
     elif cfg.attention_type == "full_naive":
         attn = 2 * d + 4 * H * hd + 2 * H * n + n / 4
+    elif _chunkable(cfg, R):
+        local = d + H * hd + (2 * H * hd if R else 0) + (5.5 * L * hd + L if L else 0)
+        attn = max(local, d + H * hd + 9 * R * hd if R else 0)
     else:
         attn = 2 * d + 10 * (L + R) * hd
     return {"ff": ff, "attn": attn, "routing": d + H * hd + 9 * R * hd}
 
 
 def layer_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int, checkpointing: str = "none",
-                           chunked: bool = False) -> dict[str, float]:
-    """One layer under a checkpoint policy, per token: ``kept`` (from its forward until its backward), and during
-    the layer's own backward, what it holds once recomputed in its two phases, ``ff`` (its second half) and
-    ``attn`` (its attention), temporaries included. ``chunked``: the policy runs position-wise parts in sequence
-    chunks (``train.checkpoint_chunk_size`` > 0); the chunk's own activations are counted apart (per chunk token,
-    :func:`chunk_floats_per_token`)."""
+                           chunk: float = 0) -> dict[str, float]:
+    """One layer under a checkpoint policy: ``kept`` (per token, from its forward until its backward), and during the
+    layer's own backward its two phases, ``ff`` (its second half) and ``attn`` (its attention), each as what it holds
+    per token of the sequence (temporaries included) plus ``ff_chunk`` / ``attn_chunk`` per token of the one
+    recomputed chunk alive then. ``chunk``: tokens per chunk when the policy runs position-wise parts in sequence
+    chunks (``train.checkpoint_chunk_size`` > 0), else 0.
+
+    With chunks (the measured composition, tests/test_bench_memory.py): the second half's backward runs one chunk at
+    a time from the last; what a chunk holds is its recomputed feed-forward (:func:`ff_chunk_floats_per_token`), and
+    the whole sequence holds the layer's kept part, the gradient arriving at the block output (d) and the
+    gradients the finished chunks sent to the block input and the heads' output (d + H*hd per token of those
+    chunks: autograd sums them only once every chunk is done). Under ``full`` the attention part kept is only what
+    the chunked attention hands on: the local heads' output L*hd, the routing heads' raw q, (k,) v and their
+    output; its recomputed attention chunks (:func:`attn_chunk_floats_per_token`) come after the second half."""
     d, H = cfg.d_model, cfg.n_heads
     hd = cfg.head_dim or d // H
     L, R = _heads(cfg, n_local_split)
     whole = saved_floats_per_token(cfg, n, n_local_split)
     ffs = ff_saved_floats_per_token(cfg)
     work = working_floats_per_token(cfg, n, n_local_split)
-    grads_2nd_half = 2 * d + H * hd  # the block output's gradient; its input's and the heads' output's, filling
-    if checkpointing == "none" or (checkpointing == "selective" and not chunked):
-        return {"kept": whole, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"]}
-    if checkpointing == "selective":
-        return {"kept": whole - ffs, "ff": whole - ffs + grads_2nd_half, "attn": whole - ffs + work["attn"]}
-    # full: recomputed under checkpointing's own saved-tensor hooks, so the norm outputs are kept there
-    whole, ffs = saved_floats_per_token(cfg, n, n_local_split, False), ff_saved_floats_per_token(cfg, False)
-    if not chunked:  # whole blocks recomputed
-        return {"kept": d, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"]}
-    if not _chunkable(cfg, R):  # attention whole, second half in chunks
-        return {"kept": d, "ff": whole - ffs + grads_2nd_half, "attn": whole - ffs + work["attn"]}
+    chunked = chunk > 0 and checkpointing != "none"
+    if not chunked and checkpointing != "full":  # none, and selective without chunks: nothing changes
+        return {"kept": whole, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"], "ff_chunk": 0.0,
+                "attn_chunk": 0.0}
+    if checkpointing == "full":  # recomputed under checkpointing's own saved-tensor hooks: norm outputs kept there
+        whole, ffs = saved_floats_per_token(cfg, n, n_local_split, False), ff_saved_floats_per_token(cfg, False)
+    if not chunked:  # full, whole blocks recomputed
+        return {"kept": d, "ff": whole + work["ff"], "attn": whole - ffs + work["attn"], "ff_chunk": 0.0,
+                "attn_chunk": 0.0}
+    finished = max(0.0, 1 - chunk / n)  # share of the sequence whose chunks are done when the last one runs
+    grads_2nd_half = d + finished * (d + H * hd)
+    ff_chunk = ff_chunk_floats_per_token(cfg, n_local_split)
+    if checkpointing == "selective" or not _chunkable(cfg, R):  # attention whole, kept (recomputed under full)
+        attention = whole - ffs
+        return {"kept": d if checkpointing == "full" else attention, "ff": attention + grads_2nd_half,
+                "attn": attention + work["attn"], "ff_chunk": ff_chunk, "attn_chunk": 0.0}
     between = L * hd + R * hd * (2 if cfg.shared_qk else 3) + R * hd  # local output; routing q, (k,) v; routed out
     return {"kept": d, "ff": d + between + grads_2nd_half,
-            "attn": d + between - (L + R) * hd + work["routing"]}
+            "attn": d + between - (L + R) * hd + work["routing"], "ff_chunk": ff_chunk,
+            "attn_chunk": attn_chunk_floats_per_token(cfg, n_local_split)}
 
 
-def chunk_floats_per_token(cfg: ModelConfig, n: int, n_local_split: int) -> float:
-    """What one recomputed chunk holds during its backward, per token of the chunk: its saved values (at most a whole
-    layer's, norm outputs included: recomputed under checkpointing's hooks) and the feed-forward's temporaries."""
-    return saved_floats_per_token(cfg, n, n_local_split, False) + working_floats_per_token(cfg, n, n_local_split)["ff"]
+def ff_chunk_floats_per_token(cfg: ModelConfig, n_local_split: int) -> float:
+    """What one recomputed second-half chunk holds during its feed-forward backward, per token of the chunk: the
+    feed-forward's saved values (norm output included: recomputed under checkpointing's hooks), the heads'
+    concatenation (H*hd, only with more than one group of heads) and the GEGLU/GELU backward's temporaries (4F /
+    F, see ``ActivatedLinear``)."""
+    d, H = cfg.d_model, cfg.n_heads
+    hd = cfg.head_dim or d // H
+    hidden = int(d * cfg.ff_mult)
+    L, R = _heads(cfg, n_local_split)
+    groups = (L > 0) + (R > 0) if cfg.attention_type in ("routing", "local") else 1
+    work = 4 * hidden if cfg.ff_glu else hidden
+    return ff_saved_floats_per_token(cfg, False) + (H * hd if groups > 1 else 0) + work
+
+
+def attn_chunk_floats_per_token(cfg: ModelConfig, n_local_split: int) -> float:
+    """What one recomputed attention chunk (``full`` with chunks) holds during its backward, per token of the chunk:
+    LayerNorm 1's input stats and output, the raw q, k, v projections, the local heads' rotated q and k, output and
+    log-sum-exp, and their gradients (~ the same again, plus the projections' input gradient d)."""
+    d, H = cfg.d_model, cfg.n_heads
+    hd = cfg.head_dim or d // H
+    L, R = _heads(cfg, n_local_split)
+    n_k = H - (R if cfg.shared_qk else 0)
+    saved = 2 + d + (2 * H + n_k) * hd + (3 * L * hd + L)
+    return 2 * saved + d
 
 
 @dataclass
@@ -426,25 +482,31 @@ def estimate(cfg: ModelConfig, seq_len: int, batch: int = 1, checkpointing: str 
     chunked = chunk_size > 0 and checkpointing != "none"
     chunk_tokens = batch * min(chunk_size, seq_len / sp) if chunked else 0
     splits = layer_head_split(cfg)
-    layers = [layer_floats_per_token(cfg, seq_len, s, checkpointing, chunked) for s in splits]
+    layers = [layer_floats_per_token(cfg, seq_len / sp, s, checkpointing, chunk_tokens / batch) for s in splits]
     keep, head = global_saved_floats_per_token(cfg)
-    before_last = sum(x["kept"] for x in layers[:-1]) + keep
-    saved = before_last + layers[-1]["kept"] + head
-    d, hidden = cfg.d_model, int(cfg.d_model * cfg.ff_mult)
-    e = cfg.emb_dim or d
-    head_weights = cfg.vocab_size * e * (1 if cfg.tie_embedding else 2)
-    # Gradients that exist at the peak: the head (embedding / output projection) and the last w_out.
-    head_grads = (head_weights + d * hidden) * states["grads"] / n_params
+    saved = sum(x["kept"] for x in layers) + keep + head
+    e = cfg.emb_dim or cfg.d_model
+    grad_bytes = states["grads"] / n_params  # per parameter
+    head_grads = (cfg.vocab_size * e * (1 if cfg.tie_embedding else 2) + 2 * cfg.d_model
+                  + (2 * e * cfg.d_model if e != cfg.d_model else 0)) * grad_bytes
     # End of forward: every saved value, the loss's gradient of the head weight (fp32, computed in forward) and
     # one chunk of logits, their softmax in place and its gradient cast.
     loss_chunk = min(cfg.loss_chunk_size or tokens, tokens)
-    head_phase = 4 * tokens * saved + 4 * (cfg.vocab_size * e + 2 * loss_chunk * cfg.vocab_size)
-    chunk = 4 * chunk_tokens * chunk_floats_per_token(cfg, seq_len, splits[-1])
-    phases = {"head": head_phase,
-              "ff": 4 * tokens * (before_last + layers[-1]["ff"]) + chunk + head_grads,
-              # selective runs attention whole: its chunks are done by then
-              "attn": 4 * tokens * (before_last + layers[-1]["attn"]) + (chunk if checkpointing == "full" else 0)
-              + head_grads}
+    phases = {"head": 4 * tokens * saved + 4 * (cfg.vocab_size * e + 2 * loss_chunk * cfg.vocab_size)}
+    # Each layer's backward, from the last: the layers below still keep theirs, the layers above have left their
+    # gradients (so with little activation per layer, as under full, the first layer's can be the peak).
+    below = keep
+    later_grads = [sum(layer_param_count(cfg, s) for s in splits[i + 1:]) for i in range(len(splits))]
+    for i, (s, x) in enumerate(zip(splits, layers)):
+        # Gradients by then: the head's, the later layers', and this layer's feed-forward ones (its w_out; with
+        # chunks w_in too, from the chunks already done).
+        grads = head_grads + (later_grads[i] + (ff_param_count(cfg) if chunked else
+                                                 cfg.d_model * int(cfg.d_model * cfg.ff_mult))) * grad_bytes
+        for name in ("ff", "attn"):
+            value = 4 * tokens * (below + x[name]) + 4 * chunk_tokens * x[f"{name}_chunk"] + grads
+            if value > phases.get(name, 0):
+                phases[name] = value
+        below += x["kept"]
     phase = max(phases, key=phases.get)
     act_peak = phases[phase]
     optim_phase = states["grads"] + states["optim"] + states["params"]  # AdamW's foreach temporaries: <= 1 param copy
@@ -463,10 +525,11 @@ def estimate(cfg: ModelConfig, seq_len: int, batch: int = 1, checkpointing: str 
 def write_csv(path: str | Path, rows: list[dict]) -> None:
     """Rows of possibly different keys as one CSV (union of keys, first-seen order)."""
     import csv
+    from rtdist.fileio import atomic_path
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
+    with atomic_path(Path(path)) as tmp, open(tmp, "w", newline="") as f:  # a reader never sees half a table
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:

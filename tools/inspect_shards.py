@@ -3,8 +3,9 @@
 
   python tools/inspect_shards.py out/pg19                     # check every shard (sha256, tar, members, tokens)
   python tools/inspect_shards.py out/pg19 --verify quick      # the check training runs before step 1 (data.verify)
-  python tools/inspect_shards.py out/pg19 --split test --decode 0 --chars 2000
+  python tools/inspect_shards.py out/pg19 --split test --decode 0 --chars 2000   # with the book's title, if known
   python tools/inspect_shards.py out/pg19-manifest.json --key 10002_000003 --verify off
+  python tools/inspect_shards.py s3://bucket/pg19 --verify quick   # shards at a URL (AWS_ENDPOINT_URL, AWS_*)
 
 Problems are listed one per line on stdout ("PROBLEM ..."); any problem ends the run with one "error:" line on
 stderr and exit status 2.
@@ -14,13 +15,20 @@ import argparse
 import sys
 
 from rtdist.data import build_tokenizer, load_manifest, manifest_shards, shard_problem, verify_shards
-from rtdist.data.shards import manifest_dir, read_sample, split_info
+from rtdist.data.shards import read_sample, shard_location, split_info
 from rtdist.errors import ArgumentParser, CorruptShardError, bounded, cli_main
+
+
+def document_of(manifest: dict, split: str, key: str) -> dict | None:
+    """The input file (manifest entry) a sample key ``{doc}_{chunk:06d}`` starts in; its title when PG-19's
+    metadata.csv gave one."""
+    doc = key.rsplit("_", 1)[0]
+    return next((f for f in manifest["splits"][split].get("files", []) if f.get("doc") == doc), None)
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("manifest", help="{prefix}-manifest.json or the prefix")
+    p.add_argument("manifest", help="{prefix}-manifest.json or the prefix, a path or a URL (s3://, gs://, http(s)://, pipe:)")
     p.add_argument("--split", nargs="+", help="splits to check / decode from (default: all; decode: first)")
     p.add_argument("--decode", type=bounded(int, 0), metavar="N", help="decode sample N of the split (shard order)")
     p.add_argument("--key", help="decode the sample with this key ({book}_{chunk:06d})")
@@ -59,7 +67,7 @@ def main(argv=None) -> int:
                 for shard in shards:
                     problem = shard_problem(m, shard, full=False)
                     if problem:
-                        problems.append(f"{manifest_dir(m) / shard['name']}: {problem}")
+                        problems.append(f"{shard_location(m, shard)}: {problem}")
                     bar.update(shard["bytes"])
         for line in problems:
             print(f"PROBLEM {line}")
@@ -73,6 +81,10 @@ def main(argv=None) -> int:
         eod = "<|eod|>"
         text = build_tokenizer(m).decode(tokens, eod_text=eod)
         print(f"--- {shard} {key}: {len(tokens)} tokens, ids {tokens[:8].tolist()}...")
+        source = document_of(m, splits[0], key)
+        if source and source.get("title"):
+            published = f" ({source['published']})" if source.get("published") else ""
+            print(f"book {source['doc']}: {source['title']}{published}")
         print(text[:args.chars] + ("..." if len(text) > args.chars else ""))
     return 0
 

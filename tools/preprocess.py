@@ -6,19 +6,32 @@ Examples:
   python tools/preprocess.py --input 'corpus/**/*.txt' --output-prefix out/c --tokenizer-type sentencepiece \\
       --train-tokenizer --vocab-size 32000
   python tools/preprocess.py --input pile.jsonl --json-keys text --output-prefix out/pile --seq-length 4096
+  python tools/preprocess.py --input 'pile/train/*.jsonl.zst' --output-prefix out/pile --workers 16 \\
+      --tokenizer-type hf --tokenizer-model gpt-neox/tokenizer.json --append-eod
+  python tools/preprocess.py --input fineweb/sample/ --text-column text --output-prefix out/fw   # parquet files
+  python tools/preprocess.py --input-list urls.txt --output-prefix out/c   # one path or s3:// / https:// URL a line
   python tools/preprocess.py --input imagenet64/ --output-prefix out/in64   # PNG/NPZ: 12288 pixels per sample
 
-Bad input files (unreadable, empty, binary, broken images, bad JSON lines) are skipped and counted in the manifest's
-warnings; so are special files (named pipes, sockets, devices: never opened) and files or folders reached a second
-time (given twice, through a symlink or a hard link, a symlink loop: each read once). Symlinked folders are followed.
+Compressed files (.gz, .zst, .bz2, .xz; told by their magic bytes) are decompressed as they are read, one file per
+work unit (spread over --workers by file); parquet files are read by row group. A PG-19 layout with a metadata.csv
+gives each book its title in the manifest.
+
+Bad input files (unreadable, empty, binary, corrupt compressed data, parquet without the text column, broken
+images, bad JSON lines) are skipped and counted in the manifest's warnings; so are special files (named pipes,
+sockets, devices: never opened) and files or folders reached a second time (given twice, through a symlink or a hard
+link, a symlink loop: each read once). Symlinked folders are followed. A compressed file found damaged or truncated
+after its start stops the run, naming it.
 When nothing usable is left, or a flag cannot work, it stops with one "error:" line and exit status 2.
 """
 
 import argparse
+import json
 import re
 import sys
+from pathlib import Path
 
 from rtdist.data import preprocess
+from rtdist.data.sources import read_input_list
 from rtdist.errors import ArgumentParser, cli_main
 
 
@@ -30,27 +43,59 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
 
 
+def json_object(text: str) -> dict:
+    """A JSON object given on the command line."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{...}}), got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input / output")
-    io.add_argument("--input", nargs="+", required=True,
-                    help="folders (a folder with train/ validation/ test/ is a split layout, e.g. PG-19), files "
-                         "or globs; .jsonl/.ndjson are JSON lines, .png/.npz images, anything else text")
-    io.add_argument("--input-type", default="auto", choices=["auto", "text", "jsonl", "image"],
+    io.add_argument("--input", nargs="+", default=[],
+                    help="folders (a folder with train/ validation/ test/ is a split layout, e.g. PG-19), files, "
+                         "globs or URLs (s3://, gs://, http(s)://, through fsspec); .jsonl/.ndjson are JSON lines "
+                         "(.json too when compressed), .parquet parquet, .png/.npz images, anything else text; "
+                         ".gz/.zst/.bz2/.xz are decompressed while read")
+    io.add_argument("--input-list", metavar="FILE",
+                    help="a file naming inputs, one path, glob or URL a line ('#' comments); with or instead of --input")
+    io.add_argument("--input-type", default="auto", choices=["auto", "text", "jsonl", "parquet", "image"],
                     help="force the input kind instead of guessing from file suffixes (default: auto, which skips "
                          "binary files: known binary suffixes, or a NUL byte in the first 8000 bytes; --input-type "
-                         "text reads every file as text, binary or not)")
-    io.add_argument("--json-keys", nargs="+", default=["text"],
-                    help="JSONL keys to read; each key of each line is one document (default: text)")
+                         "text reads every file as text, binary or not; compressed files are still decompressed "
+                         "first, and parquet or archives are refused)")
+    io.add_argument("--json-keys", "--text-column", dest="json_keys", nargs="+", default=["text"],
+                    help="JSONL keys or parquet columns to read; each key of each line (row) is one document "
+                         "(default: text)")
+    io.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
+                    help="fsspec options for URL inputs, e.g. '{\"anon\": true}' or "
+                         "'{\"client_kwargs\": {\"endpoint_url\": \"http://minio:9000\"}}' (never written to the "
+                         "manifest)")
     io.add_argument("--split", default="train", help="split name for inputs without split folders (train)")
     io.add_argument("--splits", nargs="+", help="take only these split folders (and require them)")
+    io.add_argument("--validation-fraction", type=float, default=0.0, metavar="F",
+                    help="for inputs without split folders: hold out this fraction of the input files (at least "
+                         "one), chosen by a hash of their names, as the validation split (0 = none)")
     io.add_argument("--output-prefix", required=True,
                     help="writes {prefix}-{split}-%%06d.tar, {prefix}-manifest.json (and -tokenizer.model)")
     io.add_argument("--overwrite", action="store_true", help="replace shards written under other flags")
+    io.add_argument("--staging-dir", default="runs/preprocess-staging",
+                    help="with a URL --output-prefix (s3://bucket/pg19): shards are written here, then uploaded, the "
+                         "manifest last (runs/preprocess-staging)")
     tk = p.add_argument_group("tokenizer")
-    tk.add_argument("--tokenizer-type", default="bytes", choices=["bytes", "sentencepiece"],
-                    help="bytes: 256 byte ids + EOD (256), exact round trip (default)")
-    tk.add_argument("--tokenizer-model", help="an existing sentencepiece .model (copied next to the manifest)")
+    tk.add_argument("--tokenizer-type", default="bytes", choices=["bytes", "sentencepiece", "hf"],
+                    help="bytes: 256 byte ids + EOD (256), exact round trip (default); hf: a Hugging Face "
+                         "tokenizer.json")
+    tk.add_argument("--tokenizer-model", help="an existing sentencepiece .model, or a tokenizer.json for hf (copied "
+                                              "next to the manifest)")
+    tk.add_argument("--eod-token", help="hf: the token that ends a document (default: eos_token of a "
+                                        "tokenizer_config.json next to it, else <|endoftext|>, <|end_of_text|>, "
+                                        "</s> or <eos>, the first it has)")
     tk.add_argument("--train-tokenizer", action="store_true", help="train sentencepiece on the train split")
     tk.add_argument("--vocab-size", type=int,
                     help="vocabulary size for --train-tokenizer (at most: a small corpus may give fewer)")
@@ -76,18 +121,29 @@ def main(argv=None) -> int:
                                                                   "a terminal)")
     rn.add_argument("--debug", action="store_true", help="print the traceback of an error")
     args = p.parse_args(argv)
+    inputs = list(args.input) + (read_input_list(args.input_list) if args.input_list else [])
+    if not inputs:
+        p.error("one of --input or --input-list is required")
+    from rtdist.data.remote import is_url
+    url_prefix = args.output_prefix if is_url(args.output_prefix) else None
+    if url_prefix:  # written locally, uploaded when complete (rtdist.data.shards.publish_shards)
+        args.output_prefix = str(Path(args.staging_dir) / Path(url_prefix.rstrip("/")).name)
     try:
-        preprocess(args.input, args.output_prefix, tokenizer=args.tokenizer_type,
+        summary = preprocess(inputs, args.output_prefix, tokenizer=args.tokenizer_type,
                    tokenizer_model=args.tokenizer_model, train_tokenizer=args.train_tokenizer,
                    vocab_size=args.vocab_size, sp_model_type=args.sp_model_type,
                    tokenizer_train_bytes=args.tokenizer_train_bytes, input_type=args.input_type, split=args.split,
                    splits=args.splits, json_keys=args.json_keys, seq_length=args.seq_length,
                    append_eod=args.append_eod, tail=args.tail, maxcount=args.maxcount, maxsize=args.maxsize,
                    image_size=args.image_size, workers=args.workers, block_bytes=args.block_size,
-                   overwrite=args.overwrite, progress=not args.no_progress)
+                   overwrite=args.overwrite, progress=not args.no_progress, eod_token=args.eod_token,
+                   storage_options=args.storage_options, validation_fraction=args.validation_fraction)
     except KeyboardInterrupt:
         print("interrupted: no partial shard was kept; run the same command again to start clean", file=sys.stderr)
         return 130
+    if url_prefix:
+        from rtdist.data.shards import publish_shards
+        publish_shards(summary["manifest_path"], url_prefix)
     return 0
 
 

@@ -8,9 +8,10 @@ from ..errors import CorruptShardError, DataError
 from .pipeline import preprocess
 from .shards import (ShardReader, ShardWriter, check_shards, load_manifest, manifest_shards, shard_problem,
                      verify_shards)
-from .tokenizers import BytesTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer, train_sentencepiece
+from .tokenizers import (BytesTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer,
+                         train_sentencepiece)
 
-__all__ = ["BytesTokenizer", "CorruptShardError", "DataError", "SentencePieceTokenizer", "ShardLoader",
+__all__ = ["BytesTokenizer", "CorruptShardError", "DataError", "HFTokenizer", "SentencePieceTokenizer", "ShardLoader",
            "ShardReader", "ShardWriter", "Tokenizer", "build_demo_corpus", "build_tokenizer", "check_shards",
            "load_manifest", "manifest_shards", "preprocess", "shard_problem", "train_sentencepiece", "verify_shards"]
 

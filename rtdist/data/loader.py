@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import CorruptShardError, DataError, RtdistError
 from ..watchdog import leave_stop_signals_to_parent
-from .shards import ShardReader, load_manifest, split_info
+from .shards import ShardReader, is_remote, load_manifest, manifest_store, split_info
 from .tokenizers import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,21 @@ def locator(shards: list[dict], seed: int, epoch: int, shuffle: bool):
     return locate
 
 
+def fetch_counter(manifest: dict):
+    """A function returning (bytes, requests) this process fetched for ``manifest``'s shards since its last call."""
+    if not is_remote(manifest):
+        return lambda: (0, 0)
+    store = manifest_store(manifest)
+    last = [store.bytes, store.requests]
+
+    def delta() -> tuple[int, int]:
+        now = [store.bytes, store.requests]
+        out = (now[0] - last[0], now[1] - last[1])
+        last[:] = now
+        return out
+    return delta
+
+
 class _BatchStream(IterableDataset):
     """Yields ``self._batches()``; in a DataLoader worker an RtdistError is handed to the main process as a
     ``_WorkerFailed`` item (re-raised there as the one-line error), not as a worker traceback."""
@@ -157,6 +172,7 @@ class _ContinuedStream(_BatchStream):
         info = get_worker_info()
         v = ((info.id if info else 0) + self.start) % self.W
         locate, reader = locator(self.shards, self.seed, self.epoch, self.shuffle), ShardReader(self.manifest)
+        fetched = fetch_counter(self.manifest)
         bad: set[str] = set()
         last_good = None
         try:
@@ -181,7 +197,7 @@ class _ContinuedStream(_BatchStream):
                     keys.append(sample[0])
                     tokens.append(sample[1])
                 batch = torch.from_numpy(np.stack(tokens).astype(np.int64))
-                yield j, batch, keys, {"substituted": substituted, "corrupt": corrupt}
+                yield j, batch, keys, {"substituted": substituted, "corrupt": corrupt, "fetched": fetched()}
         finally:
             reader.close()
 
@@ -204,6 +220,7 @@ class _EpochStream(_BatchStream):
         order = worker_order(n, self.seed, self.epoch, self.rank, v, self.shuffle, self.K)
         need = np.maximum.accumulate(order) + 1 if n else order  # samples read before output t can leave
         locate, reader = locator(self.shards, self.seed, self.epoch, self.shuffle), ShardReader(self.manifest)
+        fetched = fetch_counter(self.manifest)
         bad: set[str] = set()
 
         def read(i: int):
@@ -248,7 +265,8 @@ class _EpochStream(_BatchStream):
                     keys.append(sample[0])
                     tokens.append(sample[1])
                 batch = torch.from_numpy(np.stack(tokens).astype(np.int64))
-                yield v + k * self.W, batch, keys, {"substituted": substituted, "corrupt": sorted(bad - reported)}
+                yield v + k * self.W, batch, keys, {"substituted": substituted, "corrupt": sorted(bad - reported),
+                                                    "fetched": fetched()}
                 reported |= bad
         finally:
             reader.close()
@@ -275,13 +293,18 @@ class ShardLoader:
 
     A corrupt or truncated shard raises ``CorruptShardError`` naming it; with ``skip_corrupt=True`` its samples are
     replaced by other samples of the same worker (batch counts stay equal), logged and counted in ``stats``.
+
+    ``manifest_path`` may be a URL (``s3://``, ``gs://``, ``http(s)://``, ``pipe:``), read with ``remote``
+    (``remote.RemoteOptions``): samples are then range-read from the shard objects, only those the position needs
+    (``stats["fetched_bytes"]``/``["requests"]`` count what every worker fetched); a server that stays down past
+    the retry budget ends iteration with one ``RemoteError`` naming the URL.
     """
 
     def __init__(self, manifest_path, split: str, micro_batch_size: int, dp_rank: int = 0, dp_world_size: int = 1,
                  *, num_workers: int = 2, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1024,
                  policy: str = "drop", skip_corrupt: bool = False, with_keys: bool = False,
-                 pin_memory: bool = False, prefetch_factor: int = 2, multiprocessing_context=None):
-        self.manifest = manifest_path if isinstance(manifest_path, dict) else load_manifest(manifest_path)
+                 pin_memory: bool = False, prefetch_factor: int = 2, multiprocessing_context=None, remote=None):
+        self.manifest = manifest_path if isinstance(manifest_path, dict) else load_manifest(manifest_path, remote)
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_world_size={dp_world_size})")
         if micro_batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
@@ -309,7 +332,7 @@ class ShardLoader:
         self.stats = {"batches_per_epoch": self.batches, "samples_per_epoch": used,
                       "dropped_per_epoch": max(0, self.samples - used),
                       "repeated_per_epoch": max(0, used - self.samples),
-                      "substituted_samples": 0, "corrupt_shards": []}
+                      "substituted_samples": 0, "corrupt_shards": [], "fetched_bytes": 0, "requests": 0}
         self._shards_id = hashlib.sha256("".join(s["name"] + s["sha256"] for s in self.shards).encode()).hexdigest()
         self._epoch, self._batch = 0, 0
         # The rest of the current epoch when it was ordered by another layout: (that layout's keys, the position
@@ -429,6 +452,8 @@ class ShardLoader:
             if j != expected:  # the order guarantee rests on the DataLoader's in-order round robin
                 raise RuntimeError(f"loader got batch {j} of epoch {epoch} while batch {expected} was due")
             self._batch = expected = j + 1
+            self.stats["fetched_bytes"] += info["fetched"][0]
+            self.stats["requests"] += info["fetched"][1]
             if info["substituted"] or info["corrupt"]:
                 self.stats["substituted_samples"] += info["substituted"]
                 for name in info["corrupt"]:

@@ -5,8 +5,9 @@ Two ways to the same bytes, both with work split into bounded tasks run by ``wor
 
 - direct (bytes tokenizer, text, ``tail="pack"``): every token count is known from file sizes, so the sample
   layout is computed up front and each worker writes whole shards straight from the input files;
-- streaming (everything else): workers tokenize blocks of ~``block_bytes``; the main process cuts the token
-  stream (in input order) into samples and writes the shards.
+- streaming (everything else): workers tokenize blocks of ~``block_bytes`` (a compressed file or a URL is read
+  by one worker from its start, which sends its tokens back in pieces of ~``block_bytes``); the main process cuts
+  the token stream (in input order) into samples and writes the shards.
 
 Samples hold ``seq_length + 1`` tokens: inputs are ``tokens[:-1]``, targets ``tokens[1:]``, and consecutive samples
 of a stream share one token, so every token but the first of a stream is a target exactly once.
@@ -20,6 +21,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import signal
 import time
 from collections import deque
@@ -34,10 +36,10 @@ from ..config import MODEL_LIMITS, TRAIN_LIMITS
 from ..errors import DataError
 from .shards import (BLOCK, SampleLayout, ShardWriter, build_manifest, find_shard_files, manifest_path_for,
                      os_error_at, shard_capacity, shard_name, token_dtype, write_json_atomic)
-from .sources import (SPLITS, Item, ReadConfig, Report, discover, group_items, init_reader, iter_texts, one_line,
-                      plan_items, read_task, utf8_error)
+from .sources import (SPLITS, Item, ReadConfig, Report, discover, group_items, init_reader, iter_stream, iter_texts,
+                      one_line, plan_items, read_task, utf8_error)
 from .textstats import split_text_stats
-from .tokenizers import BytesTokenizer, SentencePieceTokenizer, train_sentencepiece
+from .tokenizers import BytesTokenizer, HFTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 
 class Chunker:
@@ -112,6 +114,82 @@ def _ordered(fn, tasks, workers: int, pool):
         yield pending.popleft().get()
 
 
+def _stream_process(item: Item, results, cfg: ReadConfig) -> None:
+    """A process that reads one stream (``sources.read_stream``) and puts its pieces on ``results`` in order, then
+    ("done", None); an error is put as ("error", message). Signals as in the pool's workers."""
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        if "tok" not in sources._worker:  # spawned, not forked from a process that has the tokenizer
+            init_reader(cfg)
+        for piece in iter_stream(item):
+            results.put(("piece", piece))
+        results.put(("done", None))
+    except BaseException as e:  # noqa: BLE001 - the main process raises it, with the file named
+        results.put(("error", str(e) if isinstance(e, DataError) else f"{item.path}: {one_line(e)}"))
+
+
+def _stream_pieces(item: Item, process, results):
+    """The pieces a stream process sends, in order, until it is done. Never hangs on a process that died."""
+    while True:
+        try:
+            what, value = results.get(timeout=1.0)
+        except queue.Empty:
+            if process.is_alive():
+                continue
+            try:
+                what, value = results.get(timeout=1.0)  # what it put just before it ended
+            except queue.Empty:
+                raise DataError(f"{item.path}: the process reading it ended without finishing (exit status "
+                                f"{process.exitcode}; out of memory?)") from None
+        if what == "piece":
+            yield value
+        elif what == "done":
+            process.join()
+            return
+        else:
+            process.join()
+            raise DataError(value)
+
+
+def _ordered_units(tasks, workers: int, pool, context, processes: list, cfg: ReadConfig):
+    """Results of ``tasks`` in order: a pool task gives one ``read_task`` result, a stream (a task of one stream
+    item) the pieces of ``read_stream``. Streams run in their own processes (at most ``workers`` at once, each
+    with at most 2 pieces waiting); at most ``2 * workers`` tasks are in flight, so memory stays bounded.
+    ``processes`` collects the stream processes started, for the caller to end on failure."""
+    if pool is None:
+        for task in tasks:
+            if len(task) == 1 and task[0].stream:
+                yield from iter_stream(task[0])
+            else:
+                yield read_task(task)
+        return
+    pending = deque()
+
+    def drain():
+        kind, *handle = pending.popleft()
+        if kind == "task":
+            yield handle[0].get()
+        else:
+            yield from _stream_pieces(*handle)
+
+    for task in tasks:
+        stream = len(task) == 1 and task[0].stream
+        while pending and (len(pending) >= 2 * workers
+                           or stream and sum(p[0] == "stream" for p in pending) >= workers):
+            yield from drain()
+        if stream:
+            results = context.Queue(maxsize=2)
+            process = context.Process(target=_stream_process, args=(task[0], results, cfg), daemon=True)
+            process.start()
+            processes.append(process)
+            pending.append(("stream", task[0], process, results))
+        else:
+            pending.append(("task", pool.apply_async(read_task, (task,))))
+    while pending:
+        yield from drain()
+
+
 @dataclass(frozen=True)
 class DirectShard:
     """One shard of the direct path: samples [first, first + count) of a split's packed stream."""
@@ -144,7 +222,8 @@ def plan_direct(prefix, split: str, entries, seq_length: int, append_eod: bool, 
         tasks.append(DirectShard(str(prefix), split, index, first, count, L, docs, total if last else None,
                                  block_bytes))
     stats = {"samples": n, "tokens": n * L, "documents": len(entries), "corpus_tokens": total,
-             "dropped_tokens": total - n * L - 1 if n else total, "input_bytes": int(sizes.sum())}
+             "dropped_tokens": total - n * L - 1 if n else total, "input_bytes": int(sizes.sum()),
+             "text_bytes": int(sizes.sum())}
     return tasks, stats
 
 
@@ -207,7 +286,8 @@ def write_direct_shard(task: DirectShard):
 
 
 def _check_flags(seq_length, maxcount, maxsize, image_size, workers, block_bytes, tokenizer, tokenizer_model,
-                 train_tokenizer, vocab_size, sp_model_type, tokenizer_train_bytes, tail, json_keys) -> None:
+                 train_tokenizer, vocab_size, sp_model_type, tokenizer_train_bytes, tail, json_keys,
+                 eod_token=None) -> None:
     """Every flag that cannot work, named before any work is done: ``--flag value: what would be right``."""
     def need(ok: bool, flag: str, value, right: str) -> None:
         if not ok:
@@ -225,11 +305,21 @@ def _check_flags(seq_length, maxcount, maxsize, image_size, workers, block_bytes
     need(tail in (None, "pack", "drop"), "--tail", tail, "expected pack or drop")
     need(bool(json_keys) and all(isinstance(k, str) and k for k in json_keys), "--json-keys", list(json_keys),
          "expected one or more non-empty key names")
-    need(tokenizer in ("bytes", "sentencepiece"), "--tokenizer-type", tokenizer, "expected bytes or sentencepiece")
+    need(tokenizer in ("bytes", "sentencepiece", "hf"), "--tokenizer-type", tokenizer,
+         "expected bytes, sentencepiece or hf")
+    need(eod_token is None or tokenizer == "hf", "--eod-token", eod_token,
+         "only --tokenizer-type hf uses it (bytes: EOD is 256; sentencepiece: its eos piece)")
     if tokenizer == "bytes":
         for flag, value in (("--tokenizer-model", tokenizer_model), ("--vocab-size", vocab_size)):
             need(value is None, flag, value, "only --tokenizer-type sentencepiece uses it")
         need(not train_tokenizer, "--train-tokenizer", "", "only --tokenizer-type sentencepiece trains a tokenizer")
+        return
+    if tokenizer == "hf":
+        need(not train_tokenizer, "--train-tokenizer", "", "only --tokenizer-type sentencepiece trains a tokenizer; "
+             "hf loads --tokenizer-model path/to/tokenizer.json")
+        need(vocab_size is None, "--vocab-size", vocab_size, "only --train-tokenizer uses it (the file fixes it)")
+        if not tokenizer_model:
+            raise DataError("--tokenizer-type hf needs --tokenizer-model path/to/tokenizer.json")
         return
     if train_tokenizer == bool(tokenizer_model):
         raise DataError("sentencepiece needs exactly one of --tokenizer-model FILE or --train-tokenizer")
@@ -293,7 +383,8 @@ def _check_output(prefix: Path, config: dict, overwrite: bool) -> None:
         raise DataError(f"output prefix {prefix} holds {len(shards)} shards ({shards[0].name}, ...) that no "
                         f"manifest describes: remove them or pass --overwrite")
     # clean start: a rerun (same flags) rewrites everything; nothing of an interrupted run survives
-    for path in shards + _tmp_files(prefix) + [manifest, prefix.parent / f"{prefix.name}-tokenizer.model"]:
+    tokenizer_files = [prefix.parent / f"{prefix.name}-tokenizer.{ext}" for ext in ("model", "json")]
+    for path in shards + _tmp_files(prefix) + [manifest, *tokenizer_files]:
         path.unlink(missing_ok=True)
     write_json_atomic(marker, {"config": config, "note": "preprocessing in progress or interrupted"})
 
@@ -317,57 +408,36 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
                splits=None, json_keys=("text",), seq_length: int | None = None, append_eod: bool = False,
                tail: str | None = None, maxcount: int = 10000, maxsize: int = 1 << 30, image_size: int = 64,
                workers: int = 1, block_bytes: int = 8 << 20, overwrite: bool = False, progress: bool = True,
-               direct: bool = True, log=print) -> dict:
+               direct: bool = True, log=print, eod_token: str | None = None,
+               storage_options: dict | None = None, validation_fraction: float = 0.0) -> dict:
     """Tokenize ``inputs`` into ``{output_prefix}-{split}-%06d.tar`` shards and ``{output_prefix}-manifest.json``.
 
     ``seq_length`` defaults to 8192 (text) or the pixels of one image (images); ``tail`` to ``pack`` (text) or
     ``drop`` (images: one image per sample). ``direct=False`` streams even where workers could write shards
-    straight from the files (same bytes, slower). Returns a summary dict (with the manifest under ``manifest``).
+    straight from the files (same bytes, slower). ``tokenizer="hf"`` loads ``tokenizer_model``, a Hugging Face
+    tokenizer.json, with ``eod_token`` as its end of document (default: from the file). ``json_keys`` are also the
+    text columns of parquet files. ``storage_options`` go to fsspec for URL inputs (never into the manifest).
+    ``validation_fraction``: inputs without split folders give that fraction of their files to ``validation``
+    (:func:`hold_out`); without it such inputs make no validation split, which a line says.
+    Returns a summary dict (with the manifest under ``manifest``).
     Bad input files are skipped, counted in ``manifest['warnings']`` and printed; bad flags, and input of which
     nothing usable is left, raise ``DataError``. ``progress`` shows a bar when stderr is a terminal."""
     t0 = time.time()
     json_keys, splits = tuple(json_keys), tuple(splits) if splits else None
     _check_flags(seq_length, maxcount, maxsize, image_size, workers, block_bytes, tokenizer, tokenizer_model,
-                 train_tokenizer, vocab_size, sp_model_type, tokenizer_train_bytes, tail, json_keys)
+                 train_tokenizer, vocab_size, sp_model_type, tokenizer_train_bytes, tail, json_keys, eod_token)
     prefix = _check_prefix(output_prefix)
     report = Report()
-    entries = discover(inputs, split, splits, input_type, report)
+    entries = discover(inputs, split, splits, input_type, report, json_keys, storage_options)
     if not entries:
         skipped = report.summary(exclude=("empty_splits",))
         raise DataError(f"no usable input in {', '.join(map(str, inputs))}: "
                         f"{skipped or 'no file found (hidden files are ignored)'}")
-    files = {}  # kind -> paths
-    for e in (e for split_entries in entries.values() for e in split_entries):
-        files.setdefault(e.kind, []).append(e.path)
-    images = "image" in files
-    if images and len(files) > 1:
-        others = "; ".join(f"{kind} ({_names(paths)})" for kind, paths in files.items() if kind != "image")
-        raise DataError(f"inputs mix images ({_names(files['image'])}) with {others}: preprocess them separately "
-                        "(or force one kind with --input-type)")
-    pixels = 3 * image_size * image_size
-    if images and (seq_length not in (None, pixels) or tail == "pack"):
-        given = f"--seq-length {seq_length}" if seq_length not in (None, pixels) else "--tail pack"
-        raise DataError(f"image inputs ({_names(files['image'])}) make one sample per image of --image-size "
-                        f"{image_size} ({image_size}x{image_size}x3 = {pixels} tokens), so --seq-length is implied "
-                        f"and --tail is drop: drop {given}, or set --image-size to the size of the images")
-    seq_length = seq_length if seq_length is not None else pixels if images else 8192
-    tail = tail or ("drop" if images else "pack")
-    if images and tokenizer != "bytes":
-        raise DataError(f"image inputs ({_names(files['image'])}) are pixel bytes: use --tokenizer-type bytes, "
-                        f"not {tokenizer}")
-
+    entries = hold_out(entries, split, validation_fraction, log)
+    seq_length, tail = _sample_shape(entries, seq_length, tail, tokenizer, image_size)
     # flags that decide the output bytes (workers and progress do not)
-    tok_flags, model_bytes = {"type": tokenizer}, None
-    vocab_bound = BytesTokenizer.vocab_size
-    if train_tokenizer:
-        tok_flags.update(train=True, vocab_size=vocab_size, model_type=sp_model_type, train_bytes=tokenizer_train_bytes)
-        vocab_bound = vocab_size  # at most: a small corpus may give fewer
-    elif tokenizer_model:
-        if not Path(tokenizer_model).is_file():
-            raise DataError(f"--tokenizer-model {tokenizer_model} does not exist")
-        vocab_bound = SentencePieceTokenizer(tokenizer_model).vocab_size  # a file that is no model fails here
-        model_bytes = Path(tokenizer_model).read_bytes()  # (it may live at the prefix we are about to clear)
-        tok_flags.update(model_sha256=hashlib.sha256(model_bytes).hexdigest())
+    tok_flags, model_bytes, vocab_bound = _tokenizer_flags(tokenizer, tokenizer_model, train_tokenizer, vocab_size,
+                                                           sp_model_type, tokenizer_train_bytes, eod_token)
     smallest = SampleLayout(token_dtype(vocab_bound), seq_length + 1).member_bytes + 2 * BLOCK
     if maxsize < smallest:
         raise DataError(f"--maxsize {maxsize}: a shard must hold at least one sample of {seq_length + 1} "
@@ -375,6 +445,7 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
                         f"--maxsize {smallest} or more (or a smaller --seq-length)")
     config = {"inputs": [str(i) for i in inputs], "input_type": input_type, "split": split,
               "splits": list(splits) if splits else None, "json_keys": list(json_keys), "tokenizer": tok_flags,
+              **({"validation_fraction": validation_fraction} if validation_fraction else {}),
               "seq_length": seq_length, "append_eod": append_eod, "tail": tail, "maxcount": maxcount,
               "maxsize": maxsize, "image_size": image_size, "block_bytes": block_bytes}
     try:
@@ -384,7 +455,7 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
                         f"({e.strerror or e})") from None
     _check_output(prefix, config, overwrite)
     try:
-        summary = _run(prefix, entries, report, config, model_bytes, workers, progress, direct, log)
+        summary = _run(prefix, entries, report, config, model_bytes, workers, progress, direct, log, storage_options)
     except BaseException:
         _after_failure(prefix)
         raise
@@ -401,50 +472,136 @@ def preprocess(inputs, output_prefix, *, tokenizer: str = "bytes", tokenizer_mod
     return summary
 
 
-def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes, workers: int, progress: bool,
-         direct: bool, log) -> dict:
-    """Tokenize and write the shards and the manifest of checked flags (``config``); the summary of ``preprocess``."""
-    seq_length, tail, append_eod = config["seq_length"], config["tail"], config["append_eod"]
-    json_keys, block_bytes = tuple(config["json_keys"]), config["block_bytes"]
-    tok_flags = config["tokenizer"]
-    model_path = prefix.parent / f"{prefix.name}-tokenizer.model"
+def hold_out(entries: dict, split: str, fraction: float, log=print) -> dict:
+    """``entries`` with ``fraction`` of split ``split``'s files (at least one, never all) moved to ``validation``,
+    chosen by a hash of their document ids: the same inputs give the same split, and adding files moves none of the
+    others. Without a fraction, inputs that make no validation split get one warning line."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"--validation-fraction {fraction}: expected a fraction in [0, 1)")
+    if fraction == 0.0:
+        if "validation" not in entries:
+            log("warning: no validation split (the inputs have no validation/ folder): training's evaluation "
+                "(train.eval_interval) and rtdist.evaluate need one; pass --validation-fraction 0.01 to hold out "
+                "1% of the files")
+        return entries
+    if "validation" in entries:
+        raise DataError(f"--validation-fraction {fraction}: the inputs have a validation/ folder already; drop the "
+                        f"flag, or give the files without their split folders")
+    files = entries.get(split, [])
+    if len(files) < 2:
+        raise DataError(f"--validation-fraction {fraction}: split {split!r} has {len(files)} input file(s); holding "
+                        f"out needs 2 or more (it moves whole files)")
+    ranked = sorted(files, key=lambda e: hashlib.sha1(e.doc.encode()).hexdigest())
+    held = {id(e) for e in ranked[:min(len(files) - 1, max(1, round(fraction * len(files))))]}
+    out = {**entries, split: [e for e in files if id(e) not in held], "validation": [e for e in files if id(e) in held]}
+    log(f"--validation-fraction {fraction}: {len(out['validation'])} of {len(files)} files held out as validation")
+    return out
+
+
+def _sample_shape(entries: dict, seq_length, tail, tokenizer: str, image_size: int) -> tuple[int, str]:
+    """(seq_length, tail) for these inputs: text 8192 tokens packed, images one sample of their pixels each; inputs
+    that mix images with text, or flags that contradict images, raise ``DataError``."""
+    files = {}  # kind -> paths
+    for e in (e for split_entries in entries.values() for e in split_entries):
+        files.setdefault(e.kind, []).append(e.path)
+    images = "image" in files
+    if images and len(files) > 1:
+        others = "; ".join(f"{kind} ({_names(paths)})" for kind, paths in files.items() if kind != "image")
+        raise DataError(f"inputs mix images ({_names(files['image'])}) with {others}: preprocess them separately "
+                        "(or force one kind with --input-type)")
+    pixels = 3 * image_size * image_size
+    if images and (seq_length not in (None, pixels) or tail == "pack"):
+        given = f"--seq-length {seq_length}" if seq_length not in (None, pixels) else "--tail pack"
+        raise DataError(f"image inputs ({_names(files['image'])}) make one sample per image of --image-size "
+                        f"{image_size} ({image_size}x{image_size}x3 = {pixels} tokens), so --seq-length is implied "
+                        f"and --tail is drop: drop {given}, or set --image-size to the size of the images")
+    if images and tokenizer != "bytes":
+        raise DataError(f"image inputs ({_names(files['image'])}) are pixel bytes: use --tokenizer-type bytes, "
+                        f"not {tokenizer}")
+    seq_length = seq_length if seq_length is not None else pixels if images else 8192
+    return seq_length, tail or ("drop" if images else "pack")
+
+
+def _tokenizer_flags(tokenizer: str, tokenizer_model, train_tokenizer: bool, vocab_size, sp_model_type: str,
+                     train_bytes: int, eod_token) -> tuple[dict, bytes | None, int]:
+    """(the tokenizer's flags for the manifest, the model file's bytes, the largest token id + 1 it can give);
+    a model file that is missing or no tokenizer raises ``DataError``."""
+    tok_flags, model_bytes = {"type": tokenizer}, None
+    vocab_bound = BytesTokenizer.vocab_size
+    if train_tokenizer:
+        tok_flags.update(train=True, vocab_size=vocab_size, model_type=sp_model_type, train_bytes=train_bytes)
+        vocab_bound = vocab_size  # at most: a small corpus may give fewer
+    elif tokenizer_model:
+        if not Path(tokenizer_model).is_file():
+            raise DataError(f"--tokenizer-model {tokenizer_model} does not exist")
+        if tokenizer == "hf":
+            hf = HFTokenizer(tokenizer_model, eod_token)  # a file that is no tokenizer fails here
+            # the EOD found next to the file (tokenizer_config.json) is recorded: the copy made below stands alone
+            vocab_bound, eod_token = hf.vocab_size, hf.eod_token
+        else:
+            vocab_bound = SentencePieceTokenizer(tokenizer_model).vocab_size  # a file that is no model fails here
+        if vocab_bound > MODEL_LIMITS["vocab_size"]:
+            raise DataError(f"--tokenizer-model {tokenizer_model}: {vocab_bound:,} ids, more than model.vocab_size's "
+                            f"limit {MODEL_LIMITS['vocab_size']:,}")
+        model_bytes = Path(tokenizer_model).read_bytes()  # (it may live at the prefix we are about to clear)
+        tok_flags.update(model_sha256=hashlib.sha256(model_bytes).hexdigest())
+        if tokenizer == "hf":
+            tok_flags.update(eod_token=eod_token)
+    return tok_flags, model_bytes, vocab_bound
+
+
+def _build_tokenizer(prefix: Path, entries: dict, tok_flags: dict, model_bytes, json_keys, storage_options,
+                     workers: int, log):
+    """(the tokenizer, where its model file goes): bytes, sentencepiece trained on the train split, or the given
+    model file copied beside the shards (shards travel with their tokenizer)."""
+    model_path = prefix.parent / f"{prefix.name}-tokenizer.{'json' if tok_flags['type'] == 'hf' else 'model'}"
     if tok_flags["type"] == "bytes":
-        tok = BytesTokenizer()
-    elif tok_flags.get("train"):
+        return BytesTokenizer(), model_path
+    if tok_flags.get("train"):
         train_split = "train" if "train" in entries else next(iter(entries))
         log(f"training sentencepiece (vocab {tok_flags['vocab_size']}, {tok_flags['model_type']}) on split "
             f"{train_split} ...")
-        tok = train_sentencepiece(iter_texts(entries[train_split], json_keys, tok_flags["train_bytes"]),
-                                  model_path, tok_flags["vocab_size"], tok_flags["model_type"],
-                                  num_threads=max(1, workers))
-    else:
-        try:
-            model_path.write_bytes(model_bytes)  # shards travel with their tokenizer
-        except OSError as e:
-            raise os_error_at(e, model_path) from None
-        tok = SentencePieceTokenizer(model_path)
+        return train_sentencepiece(iter_texts(entries[train_split], json_keys, tok_flags["train_bytes"],
+                                              storage_options),
+                                   model_path, tok_flags["vocab_size"], tok_flags["model_type"],
+                                   num_threads=max(1, workers)), model_path
+    try:
+        model_path.write_bytes(model_bytes)
+    except OSError as e:
+        raise os_error_at(e, model_path) from None
+    return (HFTokenizer(model_path, tok_flags.get("eod_token")) if tok_flags["type"] == "hf"
+            else SentencePieceTokenizer(model_path)), model_path
+
+
+def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes, workers: int, progress: bool,
+         direct: bool, log, storage_options: dict | None = None) -> dict:
+    """Tokenize and write the shards and the manifest of checked flags (``config``); the summary of ``preprocess``."""
+    seq_length, tail, append_eod = config["seq_length"], config["tail"], config["append_eod"]
+    json_keys, block_bytes = tuple(config["json_keys"]), config["block_bytes"]
+    tok, model_path = _build_tokenizer(prefix, entries, config["tokenizer"], model_bytes, json_keys, storage_options,
+                                       workers, log)
     spec = tok.spec()
     layout = SampleLayout(tok.dtype, seq_length + 1)
-    maxcount, maxsize = config["maxcount"], config["maxsize"]
 
     order = [s for s in SPLITS if s in entries] + sorted(s for s in entries if s not in SPLITS)
-    direct = {s: direct and tok.takes_bytes and tail == "pack" and all(e.kind == "text" for e in entries[s])
+    direct = {s: direct and tok.takes_bytes and tail == "pack" and all(e.kind == "text" and not e.stream for e in entries[s])
               for s in order}
-    plans = {s: plan_direct(prefix, s, entries[s], seq_length, append_eod,
-                            shard_capacity(layout, maxcount, maxsize), block_bytes) if direct[s] else None
+    capacity = shard_capacity(layout, config["maxcount"], config["maxsize"])
+    plans = {s: plan_direct(prefix, s, entries[s], seq_length, append_eod, capacity, block_bytes) if direct[s] else None
              for s in order}
     for s in order:
         if direct[s] and not plans[s][0]:  # too small for a sample: stream it, so its files are still checked
             direct[s] = False
-    items = {s: None if direct[s] else plan_items(entries[s], block_bytes, report) for s in order}
+    items = {s: None if direct[s] else plan_items(entries[s], block_bytes, report, json_keys, storage_options)
+             for s in order}
     total_bytes = sum(plans[s][1]["input_bytes"] if direct[s] else sum(i.nbytes for i in items[s]) for s in order)
-    read_cfg = ReadConfig(spec, str(model_path.parent), append_eod, json_keys, config["image_size"])
+    read_cfg = ReadConfig(spec, str(model_path.parent), append_eod, json_keys, config["image_size"], block_bytes,
+                          storage_options)
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    init_reader(read_cfg)  # before any fork: stream processes start with the tokenizer built
     pool = context.Pool(workers, _init_worker, (read_cfg,)) if workers > 1 else None
-    if pool is None:
-        init_reader(read_cfg)
     bar = _progress(total_bytes, progress)
-    split_out, writer = {}, None
+    split_out, writer, processes = {}, None, []
     try:
         # direct splits first, all their shards in one queue: parallel even when a split has few shards
         tasks = [t for s in order if direct[s] for t in plans[s][0]]
@@ -458,30 +615,24 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
             if direct[s]:
                 stats = plans[s][1]
             else:
-                writer = ShardWriter(prefix, s, layout, seq_length, maxcount, maxsize)
-                chunker = Chunker(seq_length, tail == "pack", writer.write_many, tok.dtype)
-                read = 0
-                for docs, events, nbytes in _ordered(read_task, group_items(items[s], block_bytes), workers, pool):
-                    for category, path, n, detail in events:
-                        report.add(category, path, n, detail)
-                    for doc, tokens, first in docs:
-                        chunker.add(doc, tokens, first)
-                    read += nbytes
-                    bar.update(nbytes)
-                chunker.finish()
+                writer = ShardWriter(prefix, s, layout, seq_length, config["maxcount"], config["maxsize"])
+                stats = _stream_split(writer, Chunker(seq_length, tail == "pack", writer.write_many, tok.dtype),
+                                      group_items(items[s], block_bytes), report, bar,
+                                      lambda tasks: _ordered_units(tasks, workers, pool, context, processes, read_cfg))
                 shards[s] = writer.close()
-                stats = {"samples": chunker.samples, "tokens": chunker.samples * seq_length,
-                         "documents": chunker.documents, "corpus_tokens": chunker.tokens,
-                         "dropped_tokens": chunker.dropped, "input_bytes": read}
             if not stats["samples"]:
                 report.add("empty_splits", s, detail=f"{stats['corpus_tokens']} tokens < seq_length + 1, no sample")
-            split_out[s] = {**stats, "shards": shards[s],
-                            "files": [{"path": e.path, "bytes": e.size} for e in entries[s]]}
-            split_out[s].update(split_text_stats(entries[s], json_keys))  # words: word-level perplexity
+            split_out[s] = {**stats, "shards": shards[s], "files": [_file_entry(e) for e in entries[s]]}
+            # words (word-level perplexity); its text_bytes are the ones the tokenizing pass counted
+            split_out[s].update(split_text_stats(entries[s], json_keys, storage_options, text_bytes=False))
         bar.update(total_bytes - bar.n)
     except BaseException:
         if writer is not None:
             writer.abort()
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
         if pool is not None:
             pool.terminate()  # workers killed mid-shard leave .tmp files: removed once they are gone
             pool.join()
@@ -500,9 +651,35 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
     Path(f"{prefix}-incomplete.json").unlink(missing_ok=True)
     return {"manifest_path": str(path), "manifest": {**manifest, "manifest_path": str(path.resolve())},
             "input_bytes": sum(v["input_bytes"] for v in split_out.values()),
+            "text_bytes": sum(v["text_bytes"] for v in split_out.values()),
             "documents": sum(v["documents"] for v in split_out.values()),
             "tokens": manifest["total_tokens"], "samples": manifest["total_samples"],
             "shards": sum(len(v["shards"]) for v in split_out.values()), "warnings": report.to_dict()}
+
+
+def _stream_split(writer: ShardWriter, chunker: "Chunker", tasks, report: Report, bar, units) -> dict:
+    """Tokenize one split's work ``units(tasks)`` (in order) into ``writer`` through ``chunker``; its statistics."""
+    read = text = 0
+    for docs, events, done, nbytes, text_bytes in units(tasks):
+        for category, path, n, detail in events:
+            report.add(category, path, n, detail)
+        for doc, tokens, first in docs:
+            chunker.add(doc, tokens, first)
+        read, text = read + nbytes, text + text_bytes
+        bar.update(done)
+    chunker.finish()
+    return {"samples": chunker.samples, "tokens": chunker.samples * chunker.L, "documents": chunker.documents,
+            "corpus_tokens": chunker.tokens, "dropped_tokens": chunker.dropped, "input_bytes": read,
+            "text_bytes": text}
+
+
+def _file_entry(e) -> dict:
+    """An input file in the manifest: path, bytes (on disk), the id its documents' keys start with, and what
+    PG-19's metadata.csv says of it (title, published, url)."""
+    out = {"path": e.path, "bytes": e.size if e.size >= 0 else None, "doc": e.doc}  # (a URL may not say its size)
+    if e.codec:
+        out["compression"] = e.codec
+    return {**out, **dict(e.meta)}
 
 
 def _nothing_usable(config: dict, split_out: dict, report: Report) -> str:

@@ -14,12 +14,15 @@ import json
 import os
 import re
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CorruptShardError, DataError
+from .remote import RangeFile, RemoteError, RemoteOptions, is_url, sibling, store_for
+from ..fileio import atomic_path
 
 FORMAT = "rtdist-shards/1"
 MEMBER_SUFFIX = ".tokens.npy"
@@ -223,24 +226,42 @@ class ShardWriter:
 
 # --------------------------------------------------------------------------------------------------- manifest
 
-def load_manifest(path: str | os.PathLike) -> dict:
+def load_manifest(path: str | os.PathLike, remote=None) -> dict:
     """Read ``{prefix}-manifest.json`` (a prefix works too) and check its structure, so that a damaged or foreign
-    manifest is named here rather than met as a KeyError later. The returned dict gains ``manifest_path``
-    (absolute) so shard and tokenizer files can be found next to it."""
-    path = Path(path)
-    if path.suffix != ".json":
-        path = manifest_path_for(path)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"no manifest at {path}: run tools/preprocess.py first (or the run did not finish)")
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read manifest {path}: {e}")
+    manifest is named here rather than met as a KeyError later. ``path`` may be a URL (``s3://``, ``gs://``,
+    ``http(s)://``, ``pipe:``; see ``remote.py``), read with ``remote`` (``RemoteOptions``: storage options, retry
+    budget). The returned dict gains ``manifest_path`` (an absolute path or the URL) so that shard and tokenizer
+    files are found next to it, and ``remote_options`` for a URL (what every reader of its shards uses)."""
+    if is_url(path):
+        url = str(path)
+        if not url.startswith("pipe:") and not url.endswith(".json"):
+            url = f"{url}-manifest.json"
+        options = remote or RemoteOptions()
+        try:
+            manifest = json.loads(store_for(options).read_all(url).decode("utf-8"))
+        except ValueError as e:
+            raise DataError(f"cannot read manifest {url}: {e}")
+        where = url
+    else:
+        path = Path(path)
+        if path.suffix != ".json":
+            path = manifest_path_for(path)
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"no manifest at {path}: run tools/preprocess.py first (or the run did not finish)")
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read manifest {path}: {e}")
+        where = path
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DataError(f"{path} is not an rtdist shard manifest (format {found!r}, expected {FORMAT!r})")
-    _check_manifest(manifest, path)
-    manifest["manifest_path"] = str(path.resolve())
+        raise DataError(f"{where} is not an rtdist shard manifest (format {found!r}, expected {FORMAT!r})")
+    _check_manifest(manifest, where)
+    if is_url(path):
+        manifest["manifest_path"] = where
+        manifest["remote_options"] = vars(options).copy()
+    else:
+        manifest["manifest_path"] = str(path.resolve())
     return manifest
 
 
@@ -305,6 +326,53 @@ def manifest_dir(manifest: dict) -> Path:
     return Path(manifest["manifest_path"]).parent
 
 
+def is_remote(manifest: dict) -> bool:
+    return is_url(manifest["manifest_path"])
+
+
+def shard_location(manifest: dict, shard: dict | str) -> str:
+    """Where a shard (an entry or a name) of the manifest is: a path or URL next to the manifest."""
+    name = shard if isinstance(shard, str) else shard["name"]
+    if is_remote(manifest):
+        return sibling(manifest["manifest_path"], name)
+    return str(manifest_dir(manifest) / name)
+
+
+def manifest_store(manifest: dict):
+    """The ``remote.Store`` reading a remote manifest's objects in this process."""
+    return store_for(RemoteOptions(**manifest.get("remote_options", {})))
+
+
+def fetch_beside(manifest: dict, name: str) -> Path:
+    """A local copy of the small file ``name`` next to a remote manifest (a tokenizer model), in a folder of this
+    process's temporary directory, written under a temporary name first."""
+    import tempfile
+    folder = Path(tempfile.gettempdir()) / f"rtdist-remote-{os.getpid()}" / hashlib.sha256(
+        manifest["manifest_path"].encode()).hexdigest()[:16]
+    path = folder / name
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (name + ".tmp")
+        tmp.write_bytes(manifest_store(manifest).read_all(shard_location(manifest, name)))
+        os.replace(tmp, path)
+    return path
+
+
+def open_shard(manifest: dict, shard: dict, check_size: bool = False):
+    """(binary file, size) of a shard: a local file, or a ``RangeFile`` over a URL. A URL's size is the manifest's
+    unless ``check_size`` asks the server (one request); a shorter object shows as a short read."""
+    location = shard_location(manifest, shard)
+    if is_remote(manifest):
+        store = manifest_store(manifest)
+        if location.startswith("pipe:"):  # a command's output: read whole, once
+            data = store.read_all(location)
+            return io.BytesIO(data), len(data)
+        size = store.size(location) if check_size else shard["bytes"]
+        return RangeFile(store, location, size, shard.get("sha256")), size
+    f = open(location, "rb")
+    return f, os.fstat(f.fileno()).st_size
+
+
 def layout_of(manifest: dict) -> SampleLayout:
     return SampleLayout(np.dtype(manifest["dtype"]), manifest["sample_tokens"])
 
@@ -317,13 +385,11 @@ def split_info(manifest: dict, split: str) -> dict:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+        with atomic_path(path, suffix=".tmp") as tmp:  # ".tmp": what a failed run's clean-up looks for
+            tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise os_error_at(e, tmp) from None
-    os.replace(tmp, path)
+        raise os_error_at(e, Path(f"{path}.tmp")) from None
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -352,7 +418,7 @@ class ShardReader:
     def __init__(self, manifest: dict, max_open: int = 4):
         self.layout = layout_of(manifest)
         self.vocab_size = manifest["tokenizer"]["vocab_size"]
-        self.dir = manifest_dir(manifest)
+        self.manifest = manifest
         self._npy_header = self.layout.npy_header
         self._hdr_len = len(self._npy_header)
         self._payload, self._stride = self.layout.payload_bytes, self.layout.member_bytes
@@ -364,12 +430,11 @@ class ShardReader:
     def _open(self, shard: dict):
         f = self._files.pop(shard["name"], None)
         if f is None:
-            path = self.dir / shard["name"]
+            path = shard_location(self.manifest, shard)
             try:
-                f = open(path, "rb")
+                f, size = open_shard(self.manifest, shard)
             except OSError as e:
                 raise CorruptShardError(f"shard {path}: cannot open ({e.strerror or e}); {FIX_HINT}")
-            size = os.fstat(f.fileno()).st_size
             if size != shard["bytes"]:
                 f.close()
                 raise CorruptShardError(
@@ -388,7 +453,7 @@ class ShardReader:
             f.seek(offset)
             buf = f.read(BLOCK + self._payload)
         except OSError as e:
-            raise CorruptShardError(f"shard {self.dir / shard['name']}: reading byte {offset} failed "
+            raise CorruptShardError(f"shard {shard_location(self.manifest, shard)}: reading byte {offset} failed "
                                     f"({e.strerror or e}); {FIX_HINT}") from None
         header = buf[:BLOCK]
         raw_name = header[:100].rstrip(b"\0")
@@ -405,11 +470,11 @@ class ShardReader:
         elif buf[BLOCK:BLOCK + self._hdr_len] != self._npy_header:
             problem = f"npy header is not {self.layout.dtype}[{self.layout.sample_tokens}]"
         if problem:
-            raise CorruptShardError(f"shard {self.dir / shard['name']}: sample {index} at byte {offset}: {problem}; "
+            raise CorruptShardError(f"shard {shard_location(self.manifest, shard)}: sample {index} at byte {offset}: {problem}; "
                                     f"{FIX_HINT}")
         tokens = np.frombuffer(buf, self._dtype, offset=BLOCK + self._hdr_len)
         if tokens.max() >= self.vocab_size:
-            raise CorruptShardError(f"shard {self.dir / shard['name']}: sample {index} at byte {offset}: "
+            raise CorruptShardError(f"shard {shard_location(self.manifest, shard)}: sample {index} at byte {offset}: "
                                     f"token {int(tokens.max())} >= vocab_size {self.vocab_size}; {FIX_HINT}")
         return name[:-len(MEMBER_SUFFIX)], tokens
 
@@ -484,22 +549,27 @@ def shard_problem(manifest: dict, shard: dict, full: bool) -> str | None:
     fits the manifest's sample count, the first and last member are valid and the tar end is zeros. ``full``:
     every member is valid and the whole file's sha256 is the manifest's."""
     layout = layout_of(manifest)
-    path = manifest_dir(manifest) / shard["name"]
     try:
-        size = path.stat().st_size
+        f, size = open_shard(manifest, shard, check_size=True)
     except FileNotFoundError:
         return "missing"
     except OSError as e:
         return f"cannot read ({e.strerror or e})"
+    except RemoteError as e:  # a URL: not found is a missing shard; a server down or refusing is raised as it is
+        if e.not_found:
+            return "missing (not found at the URL)"
+        raise
     if size != shard["bytes"]:
+        f.close()
         return (f"{size} bytes but the manifest says {shard['bytes']} "
                 f"({'truncated' if size < shard['bytes'] else 'rewritten'}?)")
     n, member = shard["samples"], layout.member_bytes
     if shard_bytes(layout, n) != size:
+        f.close()
         return f"{size} bytes cannot hold the manifest's {n} samples ({shard_bytes(layout, n)} bytes would)"
     check = _MemberCheck(layout, manifest["tokenizer"]["vocab_size"])
     try:
-        with open(path, "rb") as f:
+        with f:
             if full:
                 digest, per_read = hashlib.sha256(), max(1, (4 << 20) // member)
                 for first in range(0, n, per_read):
@@ -522,6 +592,8 @@ def shard_problem(manifest: dict, shard: dict, full: bool) -> str | None:
                 end = f.read()
     except OSError as e:
         return f"reading failed ({e.strerror or e})"
+    except CorruptShardError as e:  # a URL read front to back whose sha256 is not the manifest's
+        return str(e).split(": ", 1)[-1]
     if any(end):
         return f"the tar end (last {len(end)} bytes) is not zeros"
     return None
@@ -550,7 +622,7 @@ def shard_problems(manifest: dict, splits=None, mode: str = "quick", shards=None
     for shard in todo:
         problem = shard_problem(manifest, shard, full=mode == "full")
         if problem:
-            bad.append(f"{manifest_dir(manifest) / shard['name']}: {problem}")
+            bad.append(f"{shard_location(manifest, shard)}: {problem}")
         if progress is not None:
             progress.update(shard["bytes"])
     return bad
@@ -589,7 +661,7 @@ def verify_shards(manifest: dict, splits=None, progress=None) -> list[str]:
         info = split_info(manifest, split)
         keys = set()
         for shard in info["shards"]:
-            path = manifest_dir(manifest) / shard["name"]
+            path = shard_location(manifest, shard)
             problem = shard_problem(manifest, shard, full=True)
             if progress is not None:
                 progress.update(shard["bytes"])
@@ -597,9 +669,10 @@ def verify_shards(manifest: dict, splits=None, progress=None) -> list[str]:
                 problems.append(f"{path}: {problem}")
                 continue
             try:
-                with tarfile.open(path, "r:") as tar:
+                f, _ = open_shard(manifest, shard)
+                with f, tarfile.open(fileobj=f, mode="r:") as tar:
                     names = tar.getnames()
-            except (OSError, tarfile.TarError) as e:
+            except (OSError, tarfile.TarError, DataError) as e:
                 problems.append(f"{path}: tarfile cannot read it ({e})")
                 continue
             if len(names) != shard["samples"]:
@@ -647,3 +720,29 @@ def read_sample(manifest: dict, split: str, index: int | None = None, key: str |
         raise DataError(f"no sample with key {key!r} in split {split}")
     finally:
         reader.close()
+
+
+def publish_shards(manifest_path: str | os.PathLike, url_prefix: str, remote=None, log=print) -> str:
+    """Upload what a local manifest names (every shard, the tokenizer model if any) to ``{url_prefix}-...``, and the
+    manifest last, so that a reader never finds a manifest whose shards are not all there. Each object appears only
+    once its upload is complete (S3 and GCS puts are atomic). Returns the manifest's URL."""
+    manifest = load_manifest(manifest_path)
+    local_dir, name = manifest_dir(manifest), Path(url_prefix.rstrip("/")).name
+    if name != manifest.get("prefix"):
+        raise DataError(f"--output-prefix {url_prefix}: its last part {name!r} must be the shards' prefix name "
+                        f"{manifest.get('prefix')!r} (shard names in the manifest start with it)")
+    store = store_for(remote or RemoteOptions())
+    url = f"{url_prefix}-manifest.json"
+    files = [s["name"] for split in manifest["splits"] for s in split_info(manifest, split)["shards"]]
+    if manifest["tokenizer"].get("file"):
+        files.append(manifest["tokenizer"]["file"])
+    total = sum((local_dir / f).stat().st_size for f in files)
+    done, t0 = 0, time.perf_counter()
+    for i, f in enumerate(files, 1):
+        store.upload(local_dir / f, sibling(url, f))
+        done += (local_dir / f).stat().st_size
+        log(f"uploaded {i}/{len(files)} {sibling(url, f)} ({done / 1e6:.1f} of {total / 1e6:.1f} MB, "
+            f"{done / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s)")
+    store.upload(Path(manifest["manifest_path"]), url)
+    log(f"manifest: {url} ({len(files)} files before it)")
+    return url

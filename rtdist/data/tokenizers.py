@@ -1,4 +1,5 @@
-"""Tokenizers: ``bytes`` (256 byte ids + EOD, exact round trip) and ``sentencepiece`` (trained here or loaded).
+"""Tokenizers: ``bytes`` (256 byte ids + EOD, exact round trip), ``sentencepiece`` (trained here or loaded) and
+``hf`` (a Hugging Face ``tokenizer.json``, loaded with the ``tokenizers`` library; nothing is downloaded).
 
 ``spec()`` is what goes into the manifest; ``build_tokenizer(manifest)`` rebuilds the tokenizer from it and checks
 the model file against the recorded sha256.
@@ -7,8 +8,8 @@ the model file against the recorded sha256.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .shards import manifest_dir, os_error_at, token_dtype
+from ..fileio import atomic_path, sha256_file
+from .shards import fetch_beside, is_remote, manifest_dir, os_error_at, token_dtype
 
 # Text tokenizers read bytes with errors="replace"; this handler also counts the replacements (per process).
 _replaced = [0]
@@ -35,10 +37,6 @@ def decode_text(data: bytes) -> tuple[str, int]:
     before = _replaced[0]
     text = data.decode("utf-8", "rtdist_replace")
     return text, _replaced[0] - before
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class Tokenizer:
@@ -126,6 +124,71 @@ class SentencePieceTokenizer(Tokenizer):
                 "file": self.path.name, "sha256": sha256_file(self.path)}
 
 
+# End-of-document tokens looked for in a tokenizer.json, in this order, when neither --eod-token nor a
+# tokenizer_config.json next to it names one (GPT-2/NeoX/Qwen, Llama 3, Llama 2/Mistral/T5, Gemma)
+HF_EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` (BPE, WordPiece, Unigram...; the fast tokenizers' one-file format). Texts
+    are encoded without the special tokens its post-processor would add (BOS/EOS are not document text); EOD is
+    ``eod_token``, or else the ``eos_token`` of a ``tokenizer_config.json`` next to the file, or else the first of
+    ``HF_EOD_CANDIDATES`` in its vocabulary."""
+
+    name, takes_bytes = "hf", False
+
+    def __init__(self, path: str | os.PathLike, eod_token: str | None = None):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self.path = Path(path)
+        try:
+            self.tok = _Tokenizer.from_file(str(self.path))
+        except Exception as e:  # the library raises its own Exception subclass with a serde message
+            raise DataError(f"cannot load Hugging Face tokenizer {self.path}: {' '.join(str(e).split())[:200]} "
+                            "(expected a tokenizer.json)") from None
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.eod_token = eod_token or self._eod_from_files()
+        eod = self.tok.token_to_id(self.eod_token) if self.eod_token else None
+        if eod is None:
+            said = f"--eod-token {self.eod_token!r} is not in it" if self.eod_token else (
+                f"none of {', '.join(HF_EOD_CANDIDATES)} is in it")
+            raise DataError(f"Hugging Face tokenizer {self.path}: no end-of-document token ({said}): pass "
+                            "--eod-token with one of its special tokens")
+        self.eod_id = eod
+        # ids above the largest one the vocabulary uses would not fit the recorded vocab_size
+        self.vocab_size = max(self.vocab_size, eod + 1)
+
+    def _eod_from_files(self) -> str | None:
+        config = self.path.with_name("tokenizer_config.json")
+        try:
+            eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token") if config.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            eos = None
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if isinstance(eos, str) and self.tok.token_to_id(eos) is not None:
+            return eos
+        return next((t for t in HF_EOD_CANDIDATES if self.tok.token_to_id(t) is not None), None)
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        if isinstance(text, bytes):
+            text = decode_text(text)[0]
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=self.dtype)
+
+    def decode(self, ids, eod_text: str = "") -> str:
+        out, piece = [], []
+        for i in [int(i) for i in ids] + [self.eod_id]:
+            if i == self.eod_id:
+                out.append(self.tok.decode(piece, skip_special_tokens=False))
+                piece = []
+            else:
+                piece.append(i)
+        return eod_text.join(out)
+
+    def spec(self) -> dict:
+        return {"type": "hf", "vocab_size": self.vocab_size, "eod_id": self.eod_id, "eod_token": self.eod_token,
+                "file": self.path.name, "sha256": sha256_file(self.path)}
+
+
 def _lines(texts):
     for text in texts:
         for line in text.split("\n"):
@@ -152,13 +215,11 @@ def train_sentencepiece(texts, model_path: str | os.PathLike, vocab_size: int, m
             num_threads=num_threads, minloglevel=2)
     except RuntimeError as e:
         raise DataError(_training_failure(str(e), vocab_size, model_type)) from None
-    tmp = Path(f"{model_path}.tmp")
     try:
-        tmp.write_bytes(model.getvalue())
+        with atomic_path(Path(model_path), suffix=".tmp") as tmp:
+            tmp.write_bytes(model.getvalue())
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise os_error_at(e, tmp) from None
-    os.replace(tmp, model_path)
+        raise os_error_at(e, Path(f"{model_path}.tmp")) from None
     return SentencePieceTokenizer(model_path)
 
 
@@ -181,17 +242,27 @@ def build_tokenizer(manifest_or_spec: dict, base_dir: str | os.PathLike | None =
     where = manifest_or_spec.get("manifest_path", "the manifest")
     if spec["type"] == "bytes":
         return BytesTokenizer()
-    if spec["type"] == "sentencepiece":
-        if base_dir is None:
-            base_dir = manifest_dir(manifest_or_spec) if "manifest_path" in manifest_or_spec else "."
+    if spec["type"] in ("sentencepiece", "hf"):
         if not isinstance(spec.get("file"), str) or Path(spec["file"]).name != spec["file"]:
             raise DataError(f"{where}: tokenizer.file {spec.get('file')!r} does not name a model file next to it; "
                             "re-run tools/preprocess.py")
+        if base_dir is None and "manifest_path" in manifest_or_spec and is_remote(manifest_or_spec):
+            base_dir = fetch_beside(manifest_or_spec, spec["file"]).parent  # a manifest at a URL
+        if base_dir is None:
+            base_dir = manifest_dir(manifest_or_spec) if "manifest_path" in manifest_or_spec else "."
         path = Path(base_dir) / spec["file"]
         if not path.exists():
             raise DataError(f"tokenizer model {path} (named in the manifest) is missing")
+        tok = (SentencePieceTokenizer(path) if spec["type"] == "sentencepiece"
+               else HFTokenizer(path, spec.get("eod_token")))
+        if spec.get("vocab_size") is not None and tok.vocab_size != spec["vocab_size"]:
+            raise DataError(f"tokenizer {path} has {tok.vocab_size} ids, {where} says "
+                            f"{spec['vocab_size']}: the shards were written with another tokenizer (re-run "
+                            "tools/preprocess.py, or put back the file it copied there)")
         if spec.get("sha256") and sha256_file(path) != spec["sha256"]:
             raise DataError(f"tokenizer model {path} does not match the manifest's sha256 "
                             f"{spec['sha256'][:12]}..: the shards were written with another model")
-        return SentencePieceTokenizer(path)
-    raise DataError(f"{where}: unknown tokenizer type {spec['type']!r} (known: bytes, sentencepiece)")
+        if tok.eod_id != spec.get("eod_id", tok.eod_id):
+            raise DataError(f"tokenizer {path}: end-of-document id {tok.eod_id}, the manifest says {spec['eod_id']}")
+        return tok
+    raise DataError(f"{where}: unknown tokenizer type {spec['type']!r} (known: bytes, sentencepiece, hf)")

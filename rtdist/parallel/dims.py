@@ -69,6 +69,11 @@ class ParallelDims:
     def dp_group(self):
         return self.mesh["dp"].get_group() if self.mesh is not None else None
 
+    def describe(self, source: str = "") -> dict:
+        """The layout in a few numbers (for a run's record)."""
+        return {"world_size": self.world_size, "data_parallel": self.dp, "sequence_parallel": self.sp,
+                **({"source": source} if source else {})}
+
     def global_batch(self, micro_batch: int, accumulation: int) -> int:
         """Samples per optimizer step: data-parallel replicas x micro batch x accumulation (sequence-parallel ranks
         share their samples)."""

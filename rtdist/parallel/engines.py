@@ -8,6 +8,9 @@ optimizer only steps at the accumulation boundary) and checkpoint save/load into
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +22,26 @@ from ..config import merge
 from ..errors import CheckpointError, ConfigError
 from .optim import (ADAM_KEYS, OptimConfig, PortableState, fill_adam_state, load_schedule, make_optimizer,
                     make_scheduler, param_groups)
+
+# Noise from dependencies that a user cannot act on, silenced once here rather than printed by every rank of every
+# run: DeepSpeed guesses its accelerator and warns when it finds no GPU (without CUDA there is one answer), and its
+# ZeRO calls torch collectives that torch has renamed.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                        r"deprecated", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def quiet(enabled: bool = True):
+    """What a dependency prints (stdout and stderr, progress bars with carriage returns included) is kept out of
+    the job log; what it raises still surfaces."""
+    if not enabled:
+        yield
+        return
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        yield
 
 
 class Engine:
@@ -105,9 +128,11 @@ class DeepSpeedEngine(Engine):
             # The tied output projection reads embed.weight outside the embedding's own forward.
             deepspeed.zero.register_external_parameter(module, module.embedding.weight)
         optimizer = make_optimizer(param_groups(module, optim.weight_decay), optim)
-        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=config, mpu=mpu,
-            lr_scheduler=lambda opt: make_scheduler(opt, optim))
+        # Every rank prints the same build and setup lines (its CPU op "built successfully"): rank 0's are enough.
+        with quiet(enabled=dist.is_initialized() and dist.get_rank() != 0):
+            self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=module, optimizer=optimizer, config=config, mpu=mpu,
+                lr_scheduler=lambda opt: make_scheduler(opt, optim))
         self._grad_norm = None
 
     def backward(self, loss):
@@ -156,7 +181,8 @@ class DeepSpeedEngine(Engine):
             return None
         if self.config["zero_optimization"].get("stage", 0) >= 1:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            params = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+            with quiet():  # its progress lines and bar would land in the job log
+                params = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
         else:
             params = {k: v for k, v in self.module.state_dict().items()}
         # ZeRO names parameters as named_parameters() does; the exported model is loaded by state_dict names

@@ -1,0 +1,274 @@
+"""Shards streamed from real servers on 127.0.0.1 (moto's S3 server, nginx over HTTP, a pipe: command): the same
+batches as local files, exact resume on any layout fetching only what it needs, bounded and named faults."""
+
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+from data_helpers import uneven_shards
+from object_servers import MotoServer, Nginx
+
+from rtdist.data import CorruptShardError, ShardLoader, check_shards, load_manifest
+from rtdist.data.remote import RemoteError, RemoteOptions
+from rtdist.data.shards import BLOCK
+
+COUNTS = [150, 40, 210, 100]  # 500 samples of 65 uint16 tokens: 1 KiB members, shards of 40-210 KiB
+MEMBER = 1024
+BUCKET = "rtdist-test"
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    return uneven_shards(root, COUNTS, seq_length=64)
+
+
+@pytest.fixture(scope="module")
+def moto(local):
+    server = MotoServer()
+    server.upload_dir(BUCKET, local.parent, "pg/")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx(local, tmp_path_factory):
+    server = Nginx(local.parent, tmp_path_factory.mktemp("nginx"))
+    yield server
+    server.stop()
+
+
+def s3_options(moto, **kw):
+    return RemoteOptions({"endpoint_url": moto.endpoint, "key": "testing", "secret": "testing"}, **kw)
+
+
+def batches(loader, n=None):
+    out = []
+    for tokens, keys in loader:
+        out.append((keys, tokens.numpy().copy()))
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def same(a, b):
+    return len(a) == len(b) and all(ka == kb and np.array_equal(ta, tb) for (ka, ta), (kb, tb) in zip(a, b))
+
+
+def loader(where, rank=0, world=2, workers=2, **kw):
+    kw.setdefault("shuffle_buffer", 16)
+    return ShardLoader(where, "train", 4, rank, world, num_workers=workers, seed=3, with_keys=True, **kw)
+
+
+@pytest.mark.parametrize("source", ["s3", "http", "pipe"])
+def test_two_ranks_streaming_a_url_read_exactly_the_batches_of_the_local_files(local, moto, nginx, source):
+    url, remote = {"s3": (f"s3://{BUCKET}/pg/u-manifest.json", s3_options(moto)),
+                   "http": (f"{nginx.url}/u-manifest.json", None),
+                   "pipe": (f"pipe:cat {local}", None)}[source]
+    for rank in range(2):
+        streamed = loader(url, rank, remote=remote)
+        assert same(batches(streamed), batches(loader(local, rank)))
+        assert streamed.stats["fetched_bytes"] > 0
+
+
+def test_s3_endpoint_and_credentials_come_from_the_aws_environment(local, moto, monkeypatch):
+    for k, v in {"AWS_ENDPOINT_URL": moto.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    assert same(batches(loader(f"s3://{BUCKET}/pg/u", workers=0)), batches(loader(local, workers=0)))
+
+
+@pytest.mark.parametrize("layout", [dict(world=2, workers=2), dict(world=1, workers=1)])
+def test_a_mid_epoch_resume_continues_exactly_and_fetches_about_a_member_per_sample_it_needs(local, nginx, layout):
+    url = f"{nginx.url}/u-manifest.json"
+    straight = [batches(loader(local, r)) for r in range(2)]
+    interrupted = loader(url, 0, 2)
+    batches(interrupted, 20)
+    state = interrupted.state_dict()
+    resumed = [loader(url, r, layout["world"], layout["workers"]) for r in range(layout["world"])]
+    for r in resumed:
+        r.load_state_dict(state)
+    first = [batches(r, 1) for r in resumed]
+    # the first batch needs 4 samples per rank (shuffle buffer refill on the same layout: <= 16 per worker)
+    per_rank_bound = (16 * 2 + 4) * MEMBER + 2 * 64 * 1024
+    assert all(r.stats["fetched_bytes"] <= per_rank_bound for r in resumed), [r.stats for r in resumed]
+    rest = [f + batches(r) for f, r in zip(first, resumed)]
+    global_order = lambda runs, start: [k for j in range(start, len(runs[0])) for run in runs  # noqa: E731
+                                        for k in run[j][0]]
+    want = global_order(straight, 20)
+    got = [k for j in range(len(rest[0])) for run in rest for k in run[j][0]]
+    assert got == want[:len(got)] and len(want) - len(got) < 4 * layout["world"]
+
+
+def test_a_server_down_for_seconds_mid_epoch_changes_nothing(local, nginx):
+    url = f"{nginx.url}/u-manifest.json"
+    want = batches(loader(local, 0, 1, workers=1, shuffle=False))
+    streamed = loader(url, 0, 1, workers=1, shuffle=False, remote=RemoteOptions(budget_s=20, timeout_s=5))
+    got, it = [], iter(streamed)
+    for tokens, keys in it:
+        got.append((keys, tokens.numpy().copy()))
+        if len(got) == 3:  # inside the first shard: the next ones are fetched while the server is down
+            nginx.stop()
+            threading.Timer(2.0, nginx.start).start()
+            t0 = time.monotonic()
+    assert same(got, want)
+    assert time.monotonic() - t0 >= 1.5  # it did wait for the server
+
+
+def test_a_server_gone_for_good_ends_in_one_error_naming_the_url_within_the_budget(local, nginx):
+    url = f"{nginx.url}/u-manifest.json"
+    streamed = loader(url, 0, 1, workers=1, remote=RemoteOptions(budget_s=3, timeout_s=1))
+    nginx.stop()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError, match=rf"reading {nginx.url}/u-train-\d{{6}}\.tar: .*still failing after "
+                                              r"\d+ tries over 3 s \(data.fetch_budget_s\)"):
+            batches(streamed)
+        assert 3 <= time.monotonic() - t0 < 3 + 1 + 3  # the whole budget, one request's timeout, worker start
+    finally:
+        nginx.start()
+
+
+def test_a_stalled_server_is_cut_by_the_request_timeout_and_named(local, nginx):
+    streamed = loader(f"{nginx.url}/u-manifest.json", 0, 1, workers=0, remote=RemoteOptions(budget_s=2, timeout_s=1))
+    nginx.freeze()  # accepts connections (the kernel does), never answers
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError, match=rf"{nginx.url}/u-train-\d{{6}}\.tar: .*[Tt]imeout"):
+            batches(streamed)
+        assert time.monotonic() - t0 < 2 + 1 + 2
+    finally:
+        nginx.thaw()
+
+
+def test_a_missing_object_a_missing_bucket_and_a_wrong_endpoint_each_end_in_one_line_naming_it(local, moto):
+    client = moto.client()
+    client.copy_object(Bucket=BUCKET, Key="gone/u-manifest.json", CopySource=f"{BUCKET}/pg/u-manifest.json")
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match=rf"s3://{BUCKET}/gone/u-train-\d{{6}}.tar \(endpoint {moto.endpoint}\): "
+                                          r"not found \(404\)"):
+        batches(loader(f"s3://{BUCKET}/gone/u", workers=0, remote=s3_options(moto)))
+    with pytest.raises(RemoteError, match=r"s3://no-such-bucket/u-manifest.json .*not found"):
+        load_manifest("s3://no-such-bucket/u", s3_options(moto))
+    assert time.monotonic() - t0 < 5  # not retried: retrying cannot fix them
+    wrong = RemoteOptions({"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}, budget_s=1, timeout_s=1)
+    with pytest.raises(RemoteError, match=r"s3://x-bucket/u-manifest.json \(endpoint http://127.0.0.1:9\): .*still "
+                                          r"failing .* is the server up and the endpoint right"):
+        load_manifest("s3://x-bucket/u", wrong)
+
+
+def corrupt_copy(moto, prefix, offset):
+    """The data under s3://BUCKET/{prefix}, the first shard with one byte flipped at ``offset``."""
+    client = moto.client()
+    for name in ("u-manifest.json", "u-train-000001.tar", "u-train-000002.tar", "u-train-000003.tar"):
+        client.copy_object(Bucket=BUCKET, Key=f"{prefix}/{name}", CopySource=f"{BUCKET}/pg/{name}")
+    data = bytearray(client.get_object(Bucket=BUCKET, Key="pg/u-train-000000.tar")["Body"].read())
+    data[offset] ^= 1
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/u-train-000000.tar", Body=bytes(data))
+    return f"s3://{BUCKET}/{prefix}/u-manifest.json"
+
+
+def test_a_corrupted_object_is_detected_and_named(local, moto):
+    # a token byte: the header checks cannot see it; the sha256 of the shard read front to back does
+    url = corrupt_copy(moto, "tok", 7 * MEMBER + BLOCK + 128 + 10)
+    with pytest.raises(CorruptShardError, match=rf"shard s3://{BUCKET}/tok/u-train-000000.tar: sha256 .* is not the "
+                                                r"manifest's"):
+        batches(loader(url, 0, 1, workers=0, shuffle=False, remote=s3_options(moto)))
+    with pytest.raises(CorruptShardError, match="u-train-000000.tar: sha256"):
+        check_shards(load_manifest(url, s3_options(moto)), mode="full")
+    # a member header: met on the read of that sample, under any read pattern
+    url = corrupt_copy(moto, "hdr", 7 * MEMBER + 3)
+    with pytest.raises(CorruptShardError, match=rf"s3://{BUCKET}/hdr/u-train-000000.tar: sample 7 at byte {7 * MEMBER}: "
+                                                r"tar header checksum mismatch"):
+        batches(loader(url, 0, 1, workers=0, shuffle=False, remote=s3_options(moto)))
+
+
+def test_quick_and_full_checks_and_inspect_shards_verify_shards_at_a_url(local, nginx, tool, capsys):
+    manifest = load_manifest(f"{nginx.url}/u")
+    for mode in ("quick", "full"):
+        check_shards(manifest, mode=mode)
+    inspect = tool("inspect_shards")
+    assert inspect.main([f"{nginx.url}/u-manifest.json", "--no-progress", "--decode", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "verified 4 shards (full check): all good" in out and "u-train-000000.tar shard0_000003" in out
+
+
+def test_preprocess_to_a_bucket_uploads_every_shard_then_the_manifest_and_training_reads_it(moto, tool, tmp_path,
+                                                                                             monkeypatch):
+    from data_helpers import pg19
+    for k, v in {"AWS_ENDPOINT_URL": moto.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    client = moto.client()
+    client.create_bucket(Bucket="preprocessed")
+    corpus = pg19(tmp_path / "corpus")
+    args = ["--input", str(corpus), "--seq-length", "32", "--maxcount", "20", "--no-progress"]
+    assert tool("preprocess").main(args + ["--output-prefix", "s3://preprocessed/pg/c",
+                                           "--staging-dir", str(tmp_path / "staging")]) == 0
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="preprocessed")["Contents"]]
+    local = load_manifest(tmp_path / "staging" / "c")
+    shards = [s["name"] for split in local["splits"].values() for s in split["shards"]]
+    assert sorted(keys) == sorted(f"pg/{n}" for n in shards + ["c-manifest.json"])
+    remote = load_manifest("s3://preprocessed/pg/c")
+    check_shards(remote, mode="full")
+    assert same(batches(ShardLoader(remote, "train", 2, num_workers=0, with_keys=True)),
+                batches(ShardLoader(local, "train", 2, num_workers=0, with_keys=True)))
+
+
+# ------------------------------------------------------------------ training from a bucket (real ranks, gloo)
+
+@pytest.mark.slow  # three 2-rank jobs (~5 min on 2 cores); the loader tests above cover the same reads
+def test_two_rank_training_from_s3_has_the_losses_of_local_files_and_a_killed_run_resumes_exactly(manifest, moto,
+                                                                                                   tmp_path):
+    from pathlib import Path
+
+    from test_train_cli import losses, run, train_cmd
+    url = moto.upload_dir(BUCKET, Path(manifest).parent, "demo/") + Path(manifest).name
+    steps = ["train.train_iters=8"]
+    local = run(train_cmd(2, manifest, tmp_path / "local", *steps))
+    assert local.returncode == 0, local.stderr[-3000:]
+    aws = {"AWS_ENDPOINT_URL": moto.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    first = run(train_cmd(2, url, tmp_path / "s3", *steps, "train.save_interval=4"), RTDIST_FAULT="step:6", **aws)
+    assert first.returncode != 0 and (tmp_path / "s3" / "checkpoints" / "global_step4").is_dir(), first.stderr[-3000:]
+    # the resumed job names the endpoint in data.storage_options instead of the environment
+    second = run(train_cmd(2, url, tmp_path / "s3", *steps, f"data.storage_options.endpoint_url={moto.endpoint}",
+                           "data.storage_options.key=testing", "data.storage_options.secret=testing",
+                           resume="auto"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert losses(tmp_path / "s3")[-4:] == pytest.approx(losses(tmp_path / "local")[-4:], abs=1e-5)
+
+
+@pytest.mark.slow  # two training ranks (~1 min on 2 cores)
+def test_a_server_gone_mid_training_ends_every_rank_within_the_bound_and_the_reader_names_the_url(manifest, tmp_path):
+    """The rank whose read fails first ends with the URL's error; a peer waiting for it in a collective ends within
+    the same bound with the error naming that rank (its own reads may still have been served from its window)."""
+    from pathlib import Path
+
+    from test_train_cli import start_ranks, wait_for_steps
+    server = Nginx(Path(manifest).parent, tmp_path / "nginx")
+    run_dir = tmp_path / "run"
+    ranks = start_ranks(f"{server.url}/{Path(manifest).name}", run_dir, "train.train_iters=100000",
+                        "data.fetch_budget_s=5", "data.request_timeout_s=2", "train.dist_timeout_s=60")
+    try:
+        wait_for_steps(run_dir, 2, timeout=240)
+        server.stop()  # the next window of each rank's shard reads fails from now on
+        t0 = time.monotonic()
+        errs = [p.communicate(timeout=120)[1] for p in ranks]
+        took = time.monotonic() - t0
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+        server.stop()
+    assert all(p.returncode == 2 for p in ranks), errs
+    url_error = rf"error: reading {server.url}/demo-train-\d{{6}}\.tar: .*still failing after \d+ " \
+                r"tries over 5 s \(data.fetch_budget_s\)"
+    named = [rank for rank, err in enumerate(errs) if re.search(url_error, err)]
+    assert named, errs
+    for rank, err in enumerate(errs):
+        if rank not in named:
+            assert re.search(rf"\[rank {rank}\] error: .*(rank {named[0]} .*stopped answering|rendezvous store)", err), err
+    assert took < 60, took  # every rank within the bound, before a peer timeout (60 s) would end it
