@@ -297,3 +297,23 @@ def test_periodic_final_and_command_line_evaluations_agree(manifest, tmp_path):
 def test_the_pg19_preset_scores_the_whole_test_split_with_a_quarter_stride():
     from rtdist.evaluate import load_preset
     assert load_preset(ROOT / "configs" / "eval" / "pg19.yaml") == {"split": "test", "stride": 2048, "batch_size": 1}
+
+
+def test_word_counts_are_the_same_from_plain_compressed_and_parquet_inputs(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = ["one two  three", "four\nfive", "six"]
+    jsonl = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    for name, write in (("plain/validation/a.jsonl", lambda p: p.write_bytes(jsonl)),
+                        ("gz/validation/a.jsonl.gz", lambda p: p.write_bytes(gzip.compress(jsonl))),
+                        ("pq/validation/a.parquet", lambda p: pq.write_table(pa.table({"text": texts}), p))):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True)
+        write(path)
+        out = preprocess([str(path.parents[1])], str(tmp_path / "out" / name.split("/")[0]), seq_length=4, **QUIET)
+        info = out["manifest"]["splits"]["validation"]
+        assert info["words"] == 6, name
+        assert [row[1:] for row in info["document_stats"]["rows"]] == [[3, 14], [2, 9], [1, 3]], name
+        assert info["text_bytes"] == sum(len(t) for t in texts), name
