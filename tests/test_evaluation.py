@@ -272,6 +272,26 @@ def test_every_evaluation_of_one_model_scores_the_same_tokens(manifest, tmp_path
 
 
 @pytest.mark.slow
+def test_a_sequence_parallel_evaluation_scores_what_one_process_does(manifest, tmp_path):
+    """Training on one sequence-parallel group of 2 ranks (each scores its half of every window, its mask sliced
+    with it): its final evaluation equals rtdist.evaluate's in one process on the export."""
+    sets = [f"data.manifest={manifest}", "train.seq_length=64", "model.window_size=16", "model.d_model=64",
+            "train.train_micro_batch_size_per_gpu=2", "train.train_iters=2", "train.eval_interval=2",
+            "train.eval_iters=3", "train.engine=torch", "train.zero_stage=0", "data.num_workers=0",
+            "train.save_interval=0", "parallel.sequence_parallel_size=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rtdist.train",
+           "--config", "configs/tiny.yaml", "--run-dir", str(tmp_path)]
+    r = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = json.loads((tmp_path / "result.json").read_text())["eval"]
+    cli = evaluate_cli(1, tmp_path, "--batch-size", "2", "--max-batches", "3")
+    assert cli["tokens"] == final["tokens"] == 3 * 2 * 64
+    assert cli["loss"] == pytest.approx(final["loss"], abs=1e-5)
+    assert [r["tokens"] for r in cli["loss_by_position"]] == [r["tokens"] for r in final["loss_by_position"]]
+
+
+@pytest.mark.slow
 def test_periodic_final_and_command_line_evaluations_agree(manifest, tmp_path):
     """The eval point at the last step, result.json's final evaluation and rtdist.evaluate on the export with
     the same set (eval_iters x micro batch windows) give one loss, since they score the same tokens."""
