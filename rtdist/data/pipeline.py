@@ -580,12 +580,10 @@ def _run(prefix: Path, entries: dict, report: Report, config: dict, model_bytes,
     json_keys, block_bytes = tuple(config["json_keys"]), config["block_bytes"]
     tok, model_path = _build_tokenizer(prefix, entries, config["tokenizer"], model_bytes, json_keys, storage_options,
                                        workers, log)
-    spec = tok.spec()
-    layout = SampleLayout(tok.dtype, seq_length + 1)
-
+    spec, layout = tok.spec(), SampleLayout(tok.dtype, seq_length + 1)
     order = [s for s in SPLITS if s in entries] + sorted(s for s in entries if s not in SPLITS)
-    direct = {s: direct and tok.takes_bytes and tail == "pack" and all(e.kind == "text" and not e.stream for e in entries[s])
-              for s in order}
+    streamed = {s: any(e.kind != "text" or e.stream for e in entries[s]) for s in order}
+    direct = {s: direct and tok.takes_bytes and tail == "pack" and not streamed[s] for s in order}
     capacity = shard_capacity(layout, config["maxcount"], config["maxsize"])
     plans = {s: plan_direct(prefix, s, entries[s], seq_length, append_eod, capacity, block_bytes) if direct[s] else None
              for s in order}
