@@ -47,7 +47,7 @@ def segment_info(world: dict, hosts: list[str], resumed_from: Optional[Path], st
             "resumed_from": str(resumed_from) if resumed_from else None,
             "rtdist": __version__, "git": git_state(Path(__file__).resolve().parents[1]),
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "deepspeed": _version("deepspeed"), "command": [sys.executable, *sys.argv], "cwd": os.getcwd(),
+            "deepspeed": _version("deepspeed"), "command": list(sys.orig_argv), "cwd": os.getcwd(),
             "world": world, "hosts": hosts, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
 
