@@ -90,10 +90,12 @@ class DataConfig:
         factory=dict, help="for shards at a URL (data.manifest s3://, gs://, http(s)://, pipe:): fsspec's options for "
                            "the scheme, e.g. {endpoint_url: http://host:9000, key: ..., secret: ...}; AWS_* and "
                            "~/.aws apply too")
-    fetch_budget_s: float = key(60.0, "seconds a failing read of a URL is retried before one error naming it "
-                                      "(below train.dist_timeout_s, so every rank ends with that error rather than a "
-                                      "peer timeout)")
-    request_timeout_s: float = key(20.0, "seconds one request to a URL may stall before it is retried")
+    fetch_budget_s: Optional[float] = key(None, "seconds a failing read of a URL is retried before one error "
+                                                "naming it (below train.dist_timeout_s, so every rank ends with that "
+                                                "error rather than a peer timeout); unset: half of "
+                                                "train.dist_timeout_s, at most 60")
+    request_timeout_s: Optional[float] = key(None, "seconds one request to a URL may stall before it is retried; "
+                                                   "unset: 20, at most data.fetch_budget_s")
 
 
 @dataclass

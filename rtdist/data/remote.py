@@ -401,13 +401,16 @@ def options_from_config(cfg) -> RemoteOptions:
     from ..errors import ConfigError
 
     d, t = cfg.data, cfg.train
-    if not 0 < d.request_timeout_s <= d.fetch_budget_s:
-        raise ConfigError(f"data.request_timeout_s ({d.request_timeout_s:g}) must be > 0 and at most "
-                          f"data.fetch_budget_s ({d.fetch_budget_s:g})")
-    if not d.fetch_budget_s < t.dist_timeout_s:
-        raise ConfigError(f"data.fetch_budget_s ({d.fetch_budget_s:g}) must be below train.dist_timeout_s "
+    # Unset, they follow the step bound: half of it (at most 60 s) to retry, a request at most 20 s of that.
+    budget = d.fetch_budget_s if d.fetch_budget_s is not None else min(60.0, t.dist_timeout_s / 2)
+    request = d.request_timeout_s if d.request_timeout_s is not None else min(20.0, budget)
+    if not 0 < request <= budget:
+        raise ConfigError(f"data.request_timeout_s ({request:g}) must be > 0 and at most data.fetch_budget_s "
+                          f"({budget:g})")
+    if not budget < t.dist_timeout_s:
+        raise ConfigError(f"data.fetch_budget_s ({budget:g}) must be below train.dist_timeout_s "
                           f"({t.dist_timeout_s:g}): a read failing that long must end as its own error on every rank, "
                           "not as a peer timeout")
     if not isinstance(d.storage_options, dict):
         raise ConfigError(f"data.storage_options must be a mapping of fsspec options, got {d.storage_options!r}")
-    return RemoteOptions(dict(d.storage_options), float(d.fetch_budget_s), float(d.request_timeout_s))
+    return RemoteOptions(dict(d.storage_options), float(budget), float(request))
