@@ -289,7 +289,8 @@ class KMeansWatch:
         out = {}
         for layer, h in model.kmeans_health().items():
             out.update({f"kmeans_l{layer}_max_share": round(h["max_share"], 4),
-                        f"kmeans_l{layer}_entropy": round(h["entropy"], 4), f"kmeans_l{layer}_empty": h["empty"]})
+                        f"kmeans_l{layer}_entropy": round(h["entropy"], 4), f"kmeans_l{layer}_empty": h["empty"],
+                        f"kmeans_l{layer}_move": float(f"{h['move']:.3g}")})
             if h["reseeded"]:
                 out[f"kmeans_l{layer}_reseeded"] = h["reseeded"]
             self.crowded[layer] = self.crowded.get(layer, 0) + 1 if h["max_share"] > self.limit else 0

@@ -76,6 +76,9 @@ class SphericalKMeans(nn.Module):
         self.register_buffer("step_sums", torch.zeros(num_heads, num_clusters, dim), persistent=False)
         self.register_buffer("step_counts", torch.zeros(num_heads, num_clusters), persistent=False)
         self.register_buffer("last_counts", torch.zeros(num_heads, num_clusters), persistent=False)  # last update's
+        # how far the last update moved each centroid (1 - cosine): centroids that cannot follow the routing
+        # vectors move ~0 while the vectors drift away from them
+        self.register_buffer("last_move", torch.zeros(num_heads, num_clusters), persistent=False)
         # evenly spaced routing vectors of the last training forward: what a dead cluster is re-seeded from
         self.register_buffer("candidates", torch.zeros(num_heads, candidates, dim), persistent=False)
         self.reseeded = 0  # clusters re-seeded so far (this process)
@@ -202,7 +205,8 @@ class SphericalKMeans(nn.Module):
         new_sums = torch.where(seen[..., None] | self.initted, new_sums, self.ema_sums)
         norm = new_sums.norm(dim=-1, keepdim=True)
         new_means = torch.where(norm > 1e-12, new_sums / norm.clamp(min=1e-12), self.means)
-        for buf, new in ((self.last_counts, counts), (self.ema_sums, new_sums),
+        for buf, new in ((self.last_counts, counts), (self.last_move, 1 - (new_means * self.means).sum(-1)),
+                         (self.ema_sums, new_sums),
                          (self.ema_counts, self.ema_counts * decay + keep * counts), (self.means, new_means),
                          (self.idle_steps, torch.where(seen, torch.zeros_like(self.idle_steps), self.idle_steps + 1))):
             buf.copy_(torch.where(routed, new, buf))
@@ -236,15 +240,16 @@ class SphericalKMeans(nn.Module):
 
     def health(self) -> dict:
         """Occupancy of the last update (summed over replicas), worst head: the largest cluster's share of the
-        tokens, the smallest, the normalised entropy (1 = even), clusters that got no token, and the longest idle
-        stretch (updates)."""
+        tokens, the smallest, the normalised entropy (1 = even), clusters that got no token, the longest idle
+        stretch (updates), and how far the last update moved the centroids (1 - cosine: mean and largest)."""
         counts = self.last_counts
         total = counts.sum(-1, keepdim=True).clamp(min=1)
         share = counts / total
         entropy = -(share * share.clamp(min=1e-12).log()).sum(-1) / math.log(max(self.num_clusters, 2))
         return {"max_share": float(share.amax()), "min_share": float(share.amin()),
                 "entropy": float(entropy.amin()), "empty": int((counts == 0).sum()),
-                "idle_max": int(self.idle_steps.amax()), "reseeded": self.reseeded}
+                "idle_max": int(self.idle_steps.amax()), "reseeded": self.reseeded,
+                "move": float(self.last_move.mean()), "move_max": float(self.last_move.amax())}
 
 
 def _missing_idle_steps(state_dict, prefix, *args):
