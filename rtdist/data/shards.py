@@ -260,6 +260,9 @@ def load_manifest(path: str | os.PathLike, remote=None) -> dict:
     if is_url(path):
         manifest["manifest_path"] = where
         manifest["remote_options"] = vars(options).copy()
+        if options.cache_dir:
+            from .cache import check_cache_fits
+            check_cache_fits(manifest, options.cache_dir, options.cache_limit_bytes)
     else:
         manifest["manifest_path"] = str(path.resolve())
     return manifest
@@ -359,8 +362,9 @@ def fetch_beside(manifest: dict, name: str) -> Path:
 
 
 def open_shard(manifest: dict, shard: dict, check_size: bool = False):
-    """(binary file, size) of a shard: a local file, or a ``RangeFile`` over a URL. A URL's size is the manifest's
-    unless ``check_size`` asks the server (one request); a shorter object shows as a short read."""
+    """(binary file, size) of a shard: a local file, or a ``RangeFile`` over a URL (through the node's cache folder
+    when the manifest's remote options name one: ``cache.py``). A URL's size is the manifest's unless ``check_size``
+    asks the server (one request); a shorter object shows as a short read."""
     location = shard_location(manifest, shard)
     if is_remote(manifest):
         store = manifest_store(manifest)
@@ -368,7 +372,13 @@ def open_shard(manifest: dict, shard: dict, check_size: bool = False):
             data = store.read_all(location)
             return io.BytesIO(data), len(data)
         size = store.size(location) if check_size else shard["bytes"]
-        return RangeFile(store, location, size, shard.get("sha256")), size
+        ranges = RangeFile(store, location, size, shard.get("sha256"))
+        cache_dir = manifest["remote_options"].get("cache_dir")
+        if cache_dir and not check_size:  # (the pre-flight check reads a few ranges: it starts no downloads)
+            from .cache import cache_for, open_through_cache
+            cache = cache_for(cache_dir, manifest["remote_options"]["cache_limit_bytes"], store)
+            return open_through_cache(cache, location, shard, ranges), size
+        return ranges, size
     f = open(location, "rb")
     return f, os.fstat(f.fileno()).st_size
 
