@@ -210,3 +210,25 @@ def test_a_corrupted_object_is_downloaded_again_once_then_named_with_both_hashes
         batches(loader(url, 0, 1, workers=0, shuffle=False,
                        remote=RemoteOptions(s3_options(moto).storage_options, cache_dir=str(tmp_path / "c2"),
                                             cache_limit_bytes=10 ** 6)))
+
+
+@pytest.mark.slow  # two 2-rank training jobs (~2 min on 2 cores)
+def test_two_rank_training_through_a_shared_cache_has_the_losses_of_local_files(manifest, tmp_path):
+    """data.cache_dir from the command line reaches every rank's loader workers: the same losses as local files,
+    and the node's cache holds the shards the run read, within data.cache_limit_gb."""
+    from pathlib import Path
+
+    from test_train_cli import losses, run, train_cmd
+    steps = ["train.train_iters=6"]
+    local = run(train_cmd(2, manifest, tmp_path / "local", *steps))
+    assert local.returncode == 0, local.stderr[-3000:]
+    server = Nginx(Path(manifest).parent, tmp_path / "nginx")
+    try:
+        cache = tmp_path / "cache"
+        streamed = run(train_cmd(2, f"{server.url}/{Path(manifest).name}", tmp_path / "http", *steps,
+                                 f"data.cache_dir={cache}", "data.cache_limit_gb=0.05"))
+    finally:
+        server.stop()
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    assert losses(tmp_path / "http") == pytest.approx(losses(tmp_path / "local"), abs=1e-5)
+    assert list(cache.glob("*.shard")) and cache_usage(cache) <= 0.05e9 and not list(cache.glob("*.tmp"))

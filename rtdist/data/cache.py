@@ -43,6 +43,7 @@ from ..errors import ConfigError, CorruptShardError, DataError
 DOWNLOAD_CHUNK = 8 << 20  # one ranged GET of a background download
 DOWNLOAD_THREADS = 2  # downloads in flight per process (each reserves a shard's size in the cache)
 RANGE_BYTES = 1 << 20  # reads of a shard served by ranges before waiting for its download (a resume's first batch)
+RANGE_WINDOW = 256 << 10  # largest range window meanwhile: less read ahead that the download fetches again
 
 
 SUFFIX = ".shard"  # a cached shard (any name a manifest may give it); ".tmp": a download in progress
@@ -171,6 +172,16 @@ class ShardCache:
                 threading.Thread(target=self._run, args=(f, url, shard), daemon=True,
                                  name=f"rtdist-cache {shard['name']}").start()
             return f
+
+    def wait_downloads(self, timeout: float = 600.0) -> None:
+        """Wait until this process's downloads have ended (however they ended)."""
+        with self._mutex:
+            pending = list(self._downloads.values())
+        for f in pending:
+            try:
+                f.exception(timeout)
+            except TimeoutError:
+                raise DataError(f"data.cache_dir {self.root}: a download still runs after {timeout:g} s") from None
 
     def _run(self, future: Future, url: str, shard: dict) -> None:
         with self._slots:

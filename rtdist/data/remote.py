@@ -292,8 +292,9 @@ class RangeFile:
     Reading it front to back also hashes it: at the end, a ``sha256`` other than the expected one raises
     ``CorruptShardError`` naming the URL (parts read by jumps are checked by the reader's member checks only)."""
 
-    def __init__(self, store: Store, url: str, size: int, sha256: Optional[str] = None):
+    def __init__(self, store: Store, url: str, size: int, sha256: Optional[str] = None, max_fetch: int = MAX_FETCH):
         self.store, self.url, self.size, self.expected = store, url, size, sha256
+        self.max_fetch = max_fetch  # a shard also being downloaded whole reads ahead less
         self.pos = 0
         self._chunks: dict[int, bytes] = {}  # start -> bytes; at most the current and the next window
         self._ahead = None  # (start, future)
@@ -353,14 +354,14 @@ class RangeFile:
             self._ahead = None
             chunk = future.result()
         else:
-            self._window = min(MAX_FETCH, self._window * 2) if sequential else MIN_FETCH
+            self._window = min(self.max_fetch, self._window * 2) if sequential else MIN_FETCH
             start = pos
             chunk = self.store.read_range(self.url, pos, min(self.size, max(want_end, pos + self._window)))
         self._chunks = {start: chunk}
         self._last_end = start + len(chunk)
         self._account(start, chunk)
         if sequential and self._last_end < self.size:  # streaming: fetch the next window while this one is used
-            self._window = min(MAX_FETCH, self._window * 2)
+            self._window = min(self.max_fetch, self._window * 2)
             nxt, nend = self._last_end, min(self.size, self._last_end + self._window)
             self._ahead = (nxt, _pool().submit(self.store.read_range, self.url, nxt, nend))
         return start, chunk

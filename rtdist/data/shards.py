@@ -372,13 +372,13 @@ def open_shard(manifest: dict, shard: dict, check_size: bool = False):
             data = store.read_all(location)
             return io.BytesIO(data), len(data)
         size = store.size(location) if check_size else shard["bytes"]
-        ranges = RangeFile(store, location, size, shard.get("sha256"))
         cache_dir = manifest["remote_options"].get("cache_dir")
         if cache_dir and not check_size:  # (the pre-flight check reads a few ranges: it starts no downloads)
-            from .cache import cache_for, open_through_cache
+            from .cache import RANGE_WINDOW, cache_for, open_through_cache
             cache = cache_for(cache_dir, manifest["remote_options"]["cache_limit_bytes"], store)
+            ranges = RangeFile(store, location, size, shard.get("sha256"), max_fetch=RANGE_WINDOW)
             return open_through_cache(cache, location, shard, ranges), size
-        return ranges, size
+        return RangeFile(store, location, size, shard.get("sha256")), size
     f = open(location, "rb")
     return f, os.fstat(f.fileno()).st_size
 
