@@ -12,7 +12,7 @@ from object_servers import MotoServer, Nginx
 from test_data_remote import BUCKET, MEMBER, batches, corrupt_copy, loader, s3_options, same
 
 from rtdist.config import load_config
-from rtdist.data import CorruptShardError, load_manifest
+from rtdist.data import CorruptShardError, check_shards, load_manifest
 from rtdist.data.cache import ShardCache, cache_usage, cached_name
 from rtdist.data.remote import RemoteOptions, options_from_config, store_for
 from rtdist.data.shards import shard_location
@@ -232,3 +232,38 @@ def test_two_rank_training_through_a_shared_cache_has_the_losses_of_local_files(
     assert streamed.returncode == 0, streamed.stderr[-3000:]
     assert losses(tmp_path / "http") == pytest.approx(losses(tmp_path / "local"), abs=1e-5)
     assert list(cache.glob("*.shard")) and cache_usage(cache) <= 0.05e9 and not list(cache.glob("*.tmp"))
+
+
+def test_a_preprocessed_shard_is_uploaded_as_soon_as_it_is_complete_and_the_manifest_last(moto, tmp_path):
+    """ShardUploader (what tools/preprocess.py --output-prefix s3://... runs beside preprocessing) puts each shard
+    up once its final name appears, before the next one is written; publish_shards then skips the shards already up
+    and uploads the manifest last."""
+    import numpy as np
+
+    from rtdist.data.shards import SampleLayout, ShardUploader, ShardWriter, build_manifest, publish_shards, \
+        write_json_atomic
+    from rtdist.data import BytesTokenizer
+    client = moto.client()
+    client.create_bucket(Bucket="early")
+    options = s3_options(moto)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "e-train-000000.tar").write_bytes(b"a previous run's shard")  # older than the uploader: never put up
+    lines = []
+    uploader = ShardUploader(staging / "e", "s3://early/pg/e", options, interval_s=0.05, log=lines.append)
+    writer = ShardWriter(staging / "e", "train", SampleLayout(np.dtype(np.uint16), 9), 8, maxcount=3)
+    keys = lambda: [o["Key"] for o in client.list_objects_v2(Bucket="early").get("Contents", [])]  # noqa: E731
+    for i in range(6):
+        writer.write(f"k{i}", np.full(9, i, np.uint16))
+        if i == 3:  # the first shard is complete (the writer started the second): it goes up now
+            wait_for(lambda: keys() == ["pg/e-train-000000.tar"])
+    shards = writer.close()
+    manifest = staging / "e-manifest.json"
+    write_json_atomic(manifest, build_manifest("e", 8, BytesTokenizer().spec(), {"train": {"shards": shards}}))
+    uploaded = uploader.close()
+    assert sorted(uploaded) == ["e-train-000000.tar", "e-train-000001.tar"] and "pg/e-manifest.json" not in keys()
+    lines.clear()
+    url = publish_shards(manifest, "s3://early/pg/e", options, log=lines.append, uploaded=uploaded)
+    assert not any(line.startswith("uploaded") for line in lines), lines  # nothing put up twice
+    assert sorted(keys()) == ["pg/e-manifest.json", "pg/e-train-000000.tar", "pg/e-train-000001.tar"]
+    check_shards(load_manifest(url, options), mode="full")
