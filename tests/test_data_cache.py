@@ -3,6 +3,7 @@ server): the same batches as without it, a second epoch served from disk, one do
 want it at once, the limit held with two ranks sharing the folder, a corrupted object fetched again once and named."""
 
 import multiprocessing as mp
+import re
 import threading
 import time
 
@@ -267,3 +268,28 @@ def test_a_preprocessed_shard_is_uploaded_as_soon_as_it_is_complete_and_the_mani
     assert not any(line.startswith("uploaded") for line in lines), lines  # nothing put up twice
     assert sorted(keys()) == ["pg/e-manifest.json", "pg/e-train-000000.tar", "pg/e-train-000001.tar"]
     check_shards(load_manifest(url, options), mode="full")
+
+
+@pytest.mark.slow  # the demo's training, evaluation and generation (~1 min on 2 cores)
+def test_the_demo_trains_evaluates_and_generates_from_a_url_through_a_cache(tmp_path):
+    """make demo DATA_URL=... (tools/demo.py --data-url): every stage after the shards runs from the URL."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rtdist.data import build_demo_corpus, preprocess
+    build_demo_corpus(tmp_path / "corpus", max_bytes=2 << 20)
+    preprocess([str(tmp_path / "corpus")], str(tmp_path / "shards" / "demo"), seq_length=8192, progress=False,
+               log=lambda *a, **k: None)
+    server = Nginx(tmp_path / "shards", tmp_path / "nginx")
+    try:
+        r = subprocess.run([sys.executable, "tools/demo.py", "--out", str(tmp_path / "out"), "--steps", "2",
+                            "--new-tokens", "20", "--data-url", f"{server.url}/demo-manifest.json",
+                            "--data-cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=600,
+                           cwd=Path(__file__).resolve().parents[1])
+    finally:
+        server.stop()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"corpus +given .*\n +shards +given .*\n +train +ok .*\n +evaluate +ok .*\n +generate +ok",
+                     r.stdout), r.stdout[-2000:]
+    assert len(list((tmp_path / "cache").glob("*.shard"))) == 2  # the train and validation shards
