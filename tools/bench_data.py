@@ -97,7 +97,6 @@ def bench_stream(url, options, micro_batch, workers, shuffle_buffer, resume_frac
     ``resume_fraction`` of the epoch (first batch, bytes fetched before it, order against the cold epoch's). With a
     cache folder in ``options``: the cold epoch starts from an empty cache, a second (warm) epoch follows in the same
     process, the resume starts from an empty cache again, and the cache's peak size is sampled throughout."""
-    import dataclasses
     import shutil
 
     from tqdm import tqdm
