@@ -142,11 +142,11 @@ def _rank(url, folder, limit, rank, epochs, out):
     out.put((rank, got, sum(c.downloaded for c in _CACHES.values())))
 
 
-@pytest.mark.parametrize("epochs", [2])
-def test_two_ranks_sharing_a_cache_smaller_than_their_shards_stay_within_its_limit(local, nginx, tmp_path, epochs):
+def test_two_ranks_sharing_a_cache_smaller_than_their_shards_stay_within_its_limit(local, nginx, tmp_path):
     """Ranks read different shards within an epoch and each other's in the next: the folder holds at most two of
     the four shards, so downloads evict the least recently used ones nobody has open; a consistent snapshot of the
     folder's size, taken every few milliseconds, never passes the limit."""
+    epochs = 2
     largest, total = sizes(local)
     url, folder, limit = f"{nginx.url}/u-manifest.json", tmp_path / "cache", largest + 160 * MEMBER
     assert limit < total
