@@ -427,16 +427,19 @@ def peers_in(args, work, store, base, endpoint, options) -> int:
               f"{r['resume_first_batch_bytes'] / 1e6:.2f} MB | {r['peak_cache_bytes'] / 1e6:.1f} MB | "
               f"{r['same_order']} |")
     for system, r in results.items():
-        if "warm_samples_per_s" in r:
+        if "warm_epoch_bytes" in r:
             print(f"{system}: cold epoch fetched {r['epoch_bytes'] / 1e6:.1f} MB; the next epoch "
                   f"{r['warm_samples_per_s']:.0f} samples/s with {r['warm_epoch_bytes'] / 1e6:.1f} MB fetched")
+        elif "warm_samples_per_s" in r:
+            print(f"{system}: the next epoch (its cache warm) {r['warm_samples_per_s']:.0f} samples/s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
 def peer_run(peers, system, remote, endpoint, args, work, env, epoch_batches, shuffle_block) -> dict:
-    """A cold epoch (state saved at --resume-at) then a fresh process resuming from it, each with an empty cache."""
+    """A cold epoch (state saved at --resume-at; with --cache-dir, then the next epoch from the warm cache) and a
+    fresh process resuming from that state, each starting with an empty cache."""
     import shutil
     import subprocess
 
@@ -454,12 +457,14 @@ def peer_run(peers, system, remote, endpoint, args, work, env, epoch_batches, sh
         return json.loads(lines[-1])
 
     state, at = work / f"state-{system}.json", int(epoch_batches * args.resume_at)
-    cold = read("--batches", str(epoch_batches), "--state-out", str(state), "--resume-batch", str(at))
+    cold = read("--batches", str(epoch_batches), "--state-out", str(state), "--resume-batch", str(at),
+                *(["--warm-epoch"] if args.cache_dir else []))
     resumed = read("--state-in", str(state), "--batches", "8")
     return {"samples_per_s": cold["samples_per_s"], "first_batch_s": cold["first_batch_s"],
             "first_batch_bytes": cold["first_batch_cache_bytes"], "resume_first_batch_s": resumed["first_batch_s"],
             "resume_first_batch_bytes": resumed["first_batch_cache_bytes"],
             "peak_cache_bytes": max(cold["peak_cache_bytes"], resumed["peak_cache_bytes"]),
+            **({"warm_samples_per_s": cold["warm"]["samples_per_s"]} if cold.get("warm") else {}),
             "same_order": resumed["keys"] == cold["keys"][at:at + len(resumed["keys"])]}
 
 
