@@ -130,6 +130,22 @@ def test_a_shard_wanted_by_two_processes_at_once_is_downloaded_once(local, nginx
     assert (tmp_path / cached_name(shard)).read_bytes() == (local.parent / shard["name"]).read_bytes()
 
 
+def test_temporary_files_of_a_process_that_died_mid_download_are_reclaimed(local, nginx, tmp_path):
+    """A killed process leaves NAME.PID.tmp (its locks die with it): the next download of that shard removes it, and
+    one of another shard is evicted when its space is needed."""
+    manifest = load_manifest(f"{nginx.url}/u-manifest.json")
+    small, large = (manifest["splits"]["train"]["shards"][i] for i in (1, 2))
+    largest, _ = sizes(local)
+    cache = ShardCache(tmp_path, largest + 25 * MEMBER, store_for(RemoteOptions()))
+    own = tmp_path / f"{cached_name(large)}.999999.tmp"
+    other = tmp_path / f"{cached_name(small)}.999998.tmp"
+    own.write_bytes(b"\0" * 1000)
+    other.write_bytes(b"\0" * small["bytes"])  # with the large shard's reservation, more than the limit
+    path = cache.download(shard_location(manifest, large), large).result(timeout=60)
+    assert path == tmp_path / cached_name(large) and path.read_bytes() == (local.parent / large["name"]).read_bytes()
+    assert not own.exists() and not other.exists() and cache_usage(tmp_path) == large["bytes"]
+
+
 def _rank(url, folder, limit, rank, epochs, out):
     """A rank reading ``epochs`` epochs through the shared cache (in its own process, whose download threads live
     across epochs): its batches and the shards it downloaded."""
