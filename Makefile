@@ -40,8 +40,11 @@ test-all: $(STAMP)
 	@bash .ci/setup_servers.sh
 	$(RUN) $(PY) -m pytest -q tests
 
+# `make demo DATA_URL=s3://bucket/demo-manifest.json` trains from shards at a URL (8192-token samples, as the
+# demo writes them; AWS_* give the endpoint and credentials); DATA_CACHE_DIR=DIR reads them through a node cache.
 demo: $(STAMP)
-	$(RUN) $(PY) tools/demo.py --out $(DEMO_DIR)
+	$(RUN) $(PY) tools/demo.py --out $(DEMO_DIR) $(if $(DATA_URL),--data-url $(DATA_URL)) \
+		$(if $(DATA_CACHE_DIR),--data-cache-dir $(DATA_CACHE_DIR))
 
 clean:
 	rm -rf $(VENV) runs

@@ -96,6 +96,12 @@ class DataConfig:
                                                 "train.dist_timeout_s, at most 60")
     request_timeout_s: Optional[float] = key(None, "seconds one request to a URL may stall before it is retried; "
                                                    "unset: 20, at most data.fetch_budget_s")
+    cache_dir: Optional[str] = key(None, "for shards at a URL: a folder on the node's local disk, shared by its ranks "
+                                         "and workers, that whole shards are downloaded into (sha256-checked) while "
+                                         "range reads serve the first reads; unset: range reads only, no disk")
+    cache_limit_gb: float = key(10.0, "bound on data.cache_dir (GB, 10^9 bytes; downloads in progress included): "
+                                      "least recently used shards no process has open are evicted; at least the "
+                                      "largest shard")
 
 
 @dataclass
@@ -487,6 +493,10 @@ def validate(cfg: Config) -> None:
     _positive("train", t, "checkpoint_chunk_size", allow_zero=True, what=" (0 = no chunks)")
     _positive("data", d, "num_workers", "shuffle_buffer", allow_zero=True)
     _at_most("data", d, DATA_LIMITS, "worker processes per rank / samples held in memory")
+    _check(d.cache_limit_gb > 0, f"data.cache_limit_gb must be > 0 (GB the shard cache in data.cache_dir may hold), "
+                                 f"got {d.cache_limit_gb}")
+    _check(d.cache_dir is None or (isinstance(d.cache_dir, str) and d.cache_dir.strip() != ""),
+           f"data.cache_dir must be a folder path (or unset: no cache), got {d.cache_dir!r}")
     _check(cfg.parallel.sequence_parallel_size >= 1, "parallel.sequence_parallel_size must be >= 1")
     sp = cfg.parallel.sequence_parallel_size
     if sp > 1:

@@ -113,6 +113,9 @@ def _tokenizer(cfg, manifest_arg: Optional[str], checkpoint: Path):
     if not path:
         raise ConfigError("the run config has no data.manifest: pass --manifest (the manifest the model was trained "
                           "on, for its tokenizer)")
+    from .data.remote import is_url, options_from_config
+    if is_url(path):  # trained from a URL: read it as the run did (its storage options)
+        return build_tokenizer(load_manifest(path, options_from_config(cfg)))
     for p in [Path(path)] if Path(path).is_absolute() else [Path(path), checkpoint / path]:
         if p.exists() or p.with_name(p.name + "-manifest.json").exists():
             return build_tokenizer(load_manifest(p))

@@ -13,12 +13,17 @@ With ``--url`` it measures streaming instead: shards at a URL (a manifest at s3:
 the bytes fetched for each, and whether the resumed order equals the uninterrupted one:
 
   python tools/bench_data.py --url http://127.0.0.1:8080/bench-manifest.json --micro-batch 8
+  python tools/bench_data.py --url http://127.0.0.1:8080/bench-manifest.json --cache-dir /tmp/c --cache-mb 200
+
+``--cache-dir`` reads through the node cache (data.cache_dir, ``--cache-mb`` its limit): the cold epoch starts
+empty, a warm epoch follows, and the cache's peak size on disk is sampled every 10 ms.
   python tools/bench_data.py --url s3://bucket/pg19 --storage-option endpoint_url=http://127.0.0.1:9000
 
 ``--peers`` (S3 only) also streams the same samples through MosaicML ``streaming`` and ``litdata``
 (tools/stream_peers.py, run with ``--peer-python``, a Python that has them): each converted from ``--convert-from``
 (the local copy of the manifest) into its own format, uploaded beside the shards, read with the same cache budget
 (``--cache-mb``), every measurement in a fresh process, the systems alternating, the best of ``--repeat`` kept.
+With ``--cache-dir`` an ``rtdist+cache`` row is added (rtdist through its node cache, the same budget).
 
   python tools/bench_data.py --url s3://bucket/pg/bench-manifest.json --storage-option endpoint_url=http://... \
       --peers --peer-python /tmp/peers/bin/python --convert-from shards/bench-manifest.json
@@ -65,30 +70,80 @@ def bench_loader(manifest, seq_length, micro_batch, workers, max_batches):
             "first_batch_s": first, "workers": workers, "micro_batch": micro_batch}
 
 
+class CacheWatch:
+    """The peak size of a cache folder (``cache.cache_usage``, a consistent snapshot) sampled every 10 ms."""
+
+    def __init__(self, folder):
+        import threading
+        self.folder, self.peak, self._done = folder, 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self):
+        from rtdist.data.cache import cache_usage
+        while not self._done.is_set():
+            if Path(self.folder).is_dir():
+                self.peak = max(self.peak, cache_usage(self.folder))
+            time.sleep(0.01)
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.peak
+
+
 def bench_stream(url, options, micro_batch, workers, shuffle_buffer, resume_fraction, max_batches) -> dict:
     """Streaming from ``url``: a cold epoch (samples/s, first batch), then a fresh loader resumed at
-    ``resume_fraction`` of the epoch (first batch, bytes fetched before it, order against the cold epoch's)."""
+    ``resume_fraction`` of the epoch (first batch, bytes fetched before it, order against the cold epoch's). With a
+    cache folder in ``options``: the cold epoch starts from an empty cache, a second (warm) epoch follows in the same
+    process, the resume starts from an empty cache again, and the cache's peak size is sampled throughout."""
+    import shutil
+
     from tqdm import tqdm
 
     from rtdist.data import ShardLoader
+
+    def fresh_cache():
+        if options.cache_dir:
+            from rtdist.data.cache import _CACHES
+            for cache in _CACHES.values():  # downloads of this process (workers=0) end before the folder goes
+                cache.wait_downloads()
+            shutil.rmtree(options.cache_dir, ignore_errors=True)
+            Path(options.cache_dir, "locks").mkdir(parents=True)
+    fresh_cache()
+    watch = CacheWatch(options.cache_dir) if options.cache_dir else None
+
+    def epoch(loader, n, desc):
+        t0 = time.perf_counter()
+        keys, first, first_bytes = [], None, 0
+        with tqdm(total=n, desc=desc, unit="batch", leave=False, disable=None) as bar:
+            for i, (_, batch_keys) in enumerate(loader):
+                if first is None:
+                    first, first_bytes = time.perf_counter() - t0, loader.stats["fetched_bytes"]
+                keys.append(batch_keys)
+                bar.update(1)
+                if i + 1 == n:
+                    break
+        return keys, first, first_bytes, time.perf_counter() - t0
 
     t0 = time.perf_counter()
     loader = ShardLoader(url, "train", micro_batch, 0, 1, num_workers=workers, seed=0, with_keys=True,
                          shuffle_buffer=shuffle_buffer, remote=options)
     n = min(len(loader), max_batches) if max_batches else len(loader)
-    keys, first, first_bytes = [], None, 0
-    with tqdm(total=n, desc="stream", unit="batch", leave=False, disable=None) as bar:
-        for i, (_, batch_keys) in enumerate(loader):
-            if first is None:
-                first, first_bytes = time.perf_counter() - t0, loader.stats["fetched_bytes"]
-            keys.append(batch_keys)
-            bar.update(1)
-            if i + 1 == n:
-                break
+    keys, first, first_bytes, seconds = epoch(loader, n, "stream")
     seconds = time.perf_counter() - t0
     cold = {"batches": n, "samples_per_s": n * micro_batch / seconds, "seconds": seconds, "first_batch_s": first,
             "first_batch_bytes": first_bytes, "epoch_bytes": loader.stats["fetched_bytes"],
             "requests": loader.stats["requests"]}
+    out = {"cold": cold, "workers": workers, "micro_batch": micro_batch}
+    if options.cache_dir:  # the next epoch: shards from the node's disk where the cold epoch's downloads finished
+        warm_loader = ShardLoader(url, "train", micro_batch, 0, 1, num_workers=workers, seed=0, with_keys=True,
+                                  shuffle_buffer=shuffle_buffer, remote=options)
+        warm_loader.set_epoch(1)
+        _, _, _, seconds = epoch(warm_loader, n, "warm")
+        out["warm"] = {"samples_per_s": n * micro_batch / seconds, "seconds": seconds,
+                       "epoch_bytes": warm_loader.stats["fetched_bytes"]}
+        fresh_cache()
     at = int(n * resume_fraction)
     state = {**loader.state_dict(), "epoch": 0, "position": at * micro_batch}
     t0 = time.perf_counter()
@@ -102,9 +157,12 @@ def bench_stream(url, options, micro_batch, workers, shuffle_buffer, resume_frac
         got.append(batch_keys)
         if len(got) == min(8, n - at):
             break
-    return {"cold": cold, "resume": {"at_batch": at, "first_batch_s": first, "first_batch_bytes": first_bytes,
-                                     "same_order": got == keys[at:at + len(got)]},
-            "workers": workers, "micro_batch": micro_batch}
+    out["resume"] = {"at_batch": at, "first_batch_s": first, "first_batch_bytes": first_bytes,
+                     "same_order": got == keys[at:at + len(got)]}
+    if watch is not None:
+        out["peak_cache_bytes"] = watch.stop()
+        fresh_cache()
+    return out
 
 
 def bench_verify(manifest_path) -> dict:
@@ -212,7 +270,11 @@ def main(argv=None) -> int:
     p.add_argument("--peer-python", default=sys.executable, help="--peers: a Python with mosaicml-streaming and "
                                                                    "litdata installed (this one)")
     p.add_argument("--convert-from", help="--peers: the local manifest the peers' formats are converted from")
-    p.add_argument("--cache-mb", type=bounded(int, 1), default=50, help="--peers: every system's cache budget (50)")
+    p.add_argument("--cache-mb", type=bounded(int, 1), default=50,
+                   help="--peers: every system's cache budget; --url with --cache-dir: rtdist's (50)")
+    p.add_argument("--cache-dir", help="--url: read through rtdist's shard cache in this folder (emptied first and "
+                                       "after; data.cache_dir): adds a warm second epoch and the peak cache size. "
+                                       "--peers: adds an 'rtdist+cache' row, its cache under a temporary folder")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.url and args.peers:
@@ -325,11 +387,15 @@ def peers_in(args, work, store, base, endpoint, options) -> int:
     results: dict = {}
     env = {**os.environ, "AWS_ACCESS_KEY_ID": options.get("key", os.environ.get("AWS_ACCESS_KEY_ID", "x")),
            "AWS_SECRET_ACCESS_KEY": options.get("secret", os.environ.get("AWS_SECRET_ACCESS_KEY", "x"))}
+    systems = ("rtdist", "rtdist+cache", "streaming", "litdata") if args.cache_dir else ("rtdist", "streaming",
+                                                                                          "litdata")
     for rep in range(args.repeat):
-        for system in ("rtdist", "streaming", "litdata"):
-            if system == "rtdist":
+        for system in systems:
+            if system.startswith("rtdist"):
                 out = work / "rtdist.json"
-                r = subprocess.run(me + ["--json", str(out)], capture_output=True, text=True, env=env)
+                cache = ["--cache-dir", str(work / "cache-rtdist"), "--cache-mb", str(args.cache_mb)] \
+                    if system == "rtdist+cache" else []
+                r = subprocess.run(me + cache + ["--json", str(out)], capture_output=True, text=True, env=env)
                 if r.returncode not in (0, 1):
                     raise UsageError(f"rtdist child failed: {r.stderr.strip()[-500:]}")
                 d = json.loads(out.read_text())
@@ -337,14 +403,19 @@ def peers_in(args, work, store, base, endpoint, options) -> int:
                        "first_batch_bytes": d["cold"]["first_batch_bytes"],
                        "resume_first_batch_s": d["resume"]["first_batch_s"],
                        "resume_first_batch_bytes": d["resume"]["first_batch_bytes"],
-                       "peak_cache_bytes": 0, "same_order": d["resume"]["same_order"]}
+                       "peak_cache_bytes": d.get("peak_cache_bytes", 0), "same_order": d["resume"]["same_order"],
+                       "epoch_bytes": d["cold"]["epoch_bytes"]}
+                if "warm" in d:
+                    row["warm_samples_per_s"], row["warm_epoch_bytes"] = (d["warm"]["samples_per_s"],
+                                                                          d["warm"]["epoch_bytes"])
             else:
                 row = peer_run(peers, system, f"{base}/{system}", endpoint, args, work, env, epoch_batches,
                                shuffle_block)
             best = results.get(system)
             if best is None or row["samples_per_s"] > best["samples_per_s"]:
                 results[system] = row
-            print(f"run {rep + 1}/{args.repeat} {system}: {row['samples_per_s']:.0f} samples/s")
+            print(f"run {rep + 1}/{args.repeat} {system}: {row['samples_per_s']:.0f} samples/s"
+                  + (f", warm epoch {row['warm_samples_per_s']:.0f}" if "warm_samples_per_s" in row else ""))
     print(f"\n=== {args.url}: rtdist vs MosaicML streaming vs litdata (cache budget {args.cache_mb} MB, "
           f"{args.loader_workers} workers, micro batch {args.micro_batch}, best of {args.repeat}) ===")
     print("| system | samples/s | first batch, cold | fetched by then | first batch after resume | fetched by then "
@@ -355,13 +426,20 @@ def peers_in(args, work, store, base, endpoint, options) -> int:
               f"{r['first_batch_bytes'] / 1e6:.2f} MB | {r['resume_first_batch_s']:.2f} s | "
               f"{r['resume_first_batch_bytes'] / 1e6:.2f} MB | {r['peak_cache_bytes'] / 1e6:.1f} MB | "
               f"{r['same_order']} |")
+    for system, r in results.items():
+        if "warm_epoch_bytes" in r:
+            print(f"{system}: cold epoch fetched {r['epoch_bytes'] / 1e6:.1f} MB; the next epoch "
+                  f"{r['warm_samples_per_s']:.0f} samples/s with {r['warm_epoch_bytes'] / 1e6:.1f} MB fetched")
+        elif "warm_samples_per_s" in r:
+            print(f"{system}: the next epoch (its cache warm) {r['warm_samples_per_s']:.0f} samples/s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
 def peer_run(peers, system, remote, endpoint, args, work, env, epoch_batches, shuffle_block) -> dict:
-    """A cold epoch (state saved at --resume-at) then a fresh process resuming from it, each with an empty cache."""
+    """A cold epoch (state saved at --resume-at; with --cache-dir, then the next epoch from the warm cache) and a
+    fresh process resuming from that state, each starting with an empty cache."""
     import shutil
     import subprocess
 
@@ -379,12 +457,14 @@ def peer_run(peers, system, remote, endpoint, args, work, env, epoch_batches, sh
         return json.loads(lines[-1])
 
     state, at = work / f"state-{system}.json", int(epoch_batches * args.resume_at)
-    cold = read("--batches", str(epoch_batches), "--state-out", str(state), "--resume-batch", str(at))
+    cold = read("--batches", str(epoch_batches), "--state-out", str(state), "--resume-batch", str(at),
+                *(["--warm-epoch"] if args.cache_dir else []))
     resumed = read("--state-in", str(state), "--batches", "8")
     return {"samples_per_s": cold["samples_per_s"], "first_batch_s": cold["first_batch_s"],
             "first_batch_bytes": cold["first_batch_cache_bytes"], "resume_first_batch_s": resumed["first_batch_s"],
             "resume_first_batch_bytes": resumed["first_batch_cache_bytes"],
             "peak_cache_bytes": max(cold["peak_cache_bytes"], resumed["peak_cache_bytes"]),
+            **({"warm_samples_per_s": cold["warm"]["samples_per_s"]} if cold.get("warm") else {}),
             "same_order": resumed["keys"] == cold["keys"][at:at + len(resumed["keys"])]}
 
 
@@ -396,7 +476,11 @@ def main_stream(args) -> int:
         if not sep or not key:
             raise UsageError(f"--storage-option {item!r}: expected KEY=VALUE")
         options[key] = value
-    results = max((bench_stream(args.url, RemoteOptions(options), args.micro_batch, args.loader_workers,
+    remote = RemoteOptions(options)
+    if args.cache_dir:
+        remote = RemoteOptions(options, cache_dir=os.path.abspath(args.cache_dir),
+                               cache_limit_bytes=args.cache_mb * 10 ** 6)
+    results = max((bench_stream(args.url, remote, args.micro_batch, args.loader_workers,
                                 args.shuffle_buffer, args.resume_at, args.loader_batches) for _ in range(args.repeat)),
                   key=lambda r: r["cold"]["samples_per_s"])
     c, r = results["cold"], results["resume"]
@@ -406,6 +490,10 @@ def main_stream(args) -> int:
     print(f"cold start  first batch after {c['first_batch_s']:.3f} s, {c['first_batch_bytes'] / 1e3:.0f} KB fetched")
     print(f"resume      at batch {r['at_batch']}: first batch after {r['first_batch_s']:.3f} s, "
           f"{r['first_batch_bytes'] / 1e3:.0f} KB fetched; order equals the uninterrupted one: {r['same_order']}")
+    if "warm" in results:
+        w = results["warm"]
+        print(f"warm epoch  {w['samples_per_s']:9.0f} samples/s from the cache ({w['epoch_bytes'] / 1e6:.1f} MB "
+              f"fetched); peak cache on disk {results['peak_cache_bytes'] / 1e6:.1f} MB (limit {args.cache_mb} MB)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0 if r["same_order"] else 1

@@ -10,6 +10,12 @@
 5. generate: a continuation of a validation prompt (python -m rtdist.generate),
 6. plot: the loss curves as a PNG (tools/plot_runs.py),
 and print which of these happened and where their files are. Every command it runs is printed first.
+
+``--data-url URL`` (``make demo DATA_URL=URL``) trains from shards already at a URL instead (a manifest at s3://,
+gs://, http(s)://, with 8192-token samples as step 2 writes them): steps 1-2 are not run, the S3 endpoint and
+credentials come from AWS_* or ``--set data.storage_options...``-style settings in the config, and the prompt is the
+start of the first validation sample. ``--data-cache-dir DIR`` reads it through a node cache there
+(data.cache_dir).
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ class Stages:
 
     @property
     def ok(self) -> bool:
-        return all(status == "ok" for _, status, _, _ in self.rows)
+        return all(status in ("ok", "given") for _, status, _, _ in self.rows)
 
     def print(self) -> None:
         width = max(len(r[0]) for r in self.rows)
@@ -64,6 +70,16 @@ def validation_prompt(corpus: Path, max_bytes: int = 320) -> bytes:
     return book[start:end if end > start else start + max_bytes]
 
 
+def url_prompt(url: str, max_tokens: int = 320) -> bytes:
+    """The start of the first validation sample of the manifest at ``url``, as text."""
+    from rtdist.data import load_manifest
+    from rtdist.data.shards import read_sample
+    from rtdist.data.tokenizers import build_tokenizer
+    manifest = load_manifest(url)
+    _, _, tokens = read_sample(manifest, "validation", 0)
+    return build_tokenizer(manifest).decode(tokens[:max_tokens].tolist()).encode("utf-8")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -71,6 +87,8 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     p.add_argument("--steps", type=int, default=None, help="train.train_iters (default: the config's)")
     p.add_argument("--new-tokens", type=int, default=300, help="tokens to generate after the prompt")
+    p.add_argument("--data-url", help="train from this manifest URL (s3://, gs://, http(s)://) instead of steps 1-2")
+    p.add_argument("--data-cache-dir", help="--data-url: the node cache folder (data.cache_dir; unset: range reads)")
     args = p.parse_args()
     from rtdist.config import load_config
     from rtdist.data import build_demo_corpus
@@ -79,32 +97,45 @@ def main() -> int:
     out = args.out.resolve()
     run_dir = out / "run"
     overrides = [] if args.steps is None else [f"train.train_iters={args.steps}"]
+    if args.data_cache_dir:
+        if not args.data_url:
+            p.error("--data-cache-dir goes with --data-url (local shards need no cache)")
+        overrides.append(f"data.cache_dir={Path(args.data_cache_dir).resolve()}")
     cfg = load_config(args.config, overrides)
     sp, t = cfg.parallel.sequence_parallel_size, cfg.train
     nproc = sp  # one data-parallel replica: the demo shows one sequence-parallel group
     threads = max(1, (os.cpu_count() or 2) // nproc)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu")
     stages = Stages()
+    if args.data_url and "://" not in args.data_url:
+        p.error(f"--data-url {args.data_url}: give a manifest URL (s3://, gs://, http(s)://)")
     if (run_dir / "config.yaml").is_file():  # a previous demo's run: start afresh rather than append to it
         shutil.rmtree(run_dir)
 
-    print(f"[1/6] corpus: local Python sources in the PG-19 layout -> {out / 'corpus'}", flush=True)
-    t0 = time.time()
-    corpus = build_demo_corpus(out / "corpus", max_bytes=int(args.corpus_mb * 2 ** 20))
-    print(f"      {corpus['bytes'] / 2 ** 20:.1f} MB in {corpus['files']} files, books per split {corpus['books']}")
-    stages.add("corpus", "ok", time.time() - t0, str(out / "corpus"))
+    if args.data_url:
+        print(f"[1-2/6] corpus and shards: not made here; training reads {args.data_url}", flush=True)
+        for name in ("corpus", "shards"):
+            stages.add(name, "given", 0.0, args.data_url)
+        manifest = args.data_url
+    else:
+        print(f"[1/6] corpus: local Python sources in the PG-19 layout -> {out / 'corpus'}", flush=True)
+        t0 = time.time()
+        corpus = build_demo_corpus(out / "corpus", max_bytes=int(args.corpus_mb * 2 ** 20))
+        print(f"      {corpus['bytes'] / 2 ** 20:.1f} MB in {corpus['files']} files, books per split "
+              f"{corpus['books']}")
+        stages.add("corpus", "ok", time.time() - t0, str(out / "corpus"))
 
-    print(f"[2/6] shards: {t.seq_length}-token samples, bytes tokenizer", flush=True)
-    t0 = time.time()
-    prefix = out / "shards" / "demo"
-    manifest = Path(f"{prefix}-manifest.json")
-    r = run([sys.executable, "tools/preprocess.py", "--input", out / "corpus", "--output-prefix", prefix,
-             "--seq-length", t.seq_length, "--workers", 2, "--overwrite", "--no-progress"], env)
-    if r.returncode != 0:
-        stages.add("shards", f"FAILED (exit {r.returncode})", time.time() - t0)
-        stages.skip(["train", "evaluate", "generate", "plot"], "no shards")
-        return finish(stages, t_start)
-    stages.add("shards", "ok", time.time() - t0, str(manifest))
+        print(f"[2/6] shards: {t.seq_length}-token samples, bytes tokenizer", flush=True)
+        t0 = time.time()
+        prefix = out / "shards" / "demo"
+        manifest = Path(f"{prefix}-manifest.json")
+        r = run([sys.executable, "tools/preprocess.py", "--input", out / "corpus", "--output-prefix", prefix,
+                 "--seq-length", t.seq_length, "--workers", 2, "--overwrite", "--no-progress"], env)
+        if r.returncode != 0:
+            stages.add("shards", f"FAILED (exit {r.returncode})", time.time() - t0)
+            stages.skip(["train", "evaluate", "generate", "plot"], "no shards")
+            return finish(stages, t_start)
+        stages.add("shards", "ok", time.time() - t0, str(manifest))
 
     print(f"[3/6] train: {cfg.model.d_model}-wide {cfg.model.n_layers}-layer Routing Transformer, {t.train_iters} "
           f"steps of {t.train_micro_batch_size_per_gpu} x {t.seq_length} tokens; {nproc} processes = DP1 x SP{sp} "
@@ -141,7 +172,7 @@ def main() -> int:
     print("[5/6] generate: continue a validation prompt (cached decoding, top-k sampling)", flush=True)
     t0 = time.time()
     prompt_file = out / "prompt.txt"
-    prompt_file.write_bytes(validation_prompt(out / "corpus"))
+    prompt_file.write_bytes(validation_prompt(out / "corpus") if not args.data_url else url_prompt(args.data_url))
     r = run([sys.executable, "-m", "rtdist.generate", "--checkpoint", run_dir, "--prompt-file", prompt_file,
              "--max-new-tokens", args.new_tokens, "--temperature", 0.9, "--top-k", 40, "--seed", 0], env,
             capture=True)

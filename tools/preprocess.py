@@ -126,8 +126,12 @@ def main(argv=None) -> int:
         p.error("one of --input or --input-list is required")
     from rtdist.data.remote import is_url
     url_prefix = args.output_prefix if is_url(args.output_prefix) else None
-    if url_prefix:  # written locally, uploaded when complete (rtdist.data.shards.publish_shards)
+    uploader = None
+    if url_prefix:  # written locally; each shard uploaded once complete, the manifest last (publish_shards)
+        from rtdist.data.shards import ShardUploader
         args.output_prefix = str(Path(args.staging_dir) / Path(url_prefix.rstrip("/")).name)
+        Path(args.staging_dir).mkdir(parents=True, exist_ok=True)
+        uploader = ShardUploader(args.output_prefix, url_prefix)
     try:
         summary = preprocess(inputs, args.output_prefix, tokenizer=args.tokenizer_type,
                    tokenizer_model=args.tokenizer_model, train_tokenizer=args.train_tokenizer,
@@ -141,9 +145,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no partial shard was kept; run the same command again to start clean", file=sys.stderr)
         return 130
+    finally:
+        uploaded = uploader.close() if uploader is not None else {}
     if url_prefix:
         from rtdist.data.shards import publish_shards
-        publish_shards(summary["manifest_path"], url_prefix)
+        publish_shards(summary["manifest_path"], url_prefix, uploaded=uploaded)
     return 0
 
 

@@ -9,7 +9,7 @@ prints one JSON line.
       --endpoint http://127.0.0.1:9000 --micro-batch 8 --workers 2 --batches 0 --state-out s.json --resume-at 0.5
 
 ``read`` times an epoch from a cold cache (samples/s, first batch, bytes in the cache at the first batch, peak cache
-on disk) and saves the loader state at ``--resume-at``; ``read --state-in`` starts a fresh loader from that state with
+on disk) and saves the loader state at ``--resume-at`` (``--warm-epoch``: then times the next epoch, cache warm); ``read --state-in`` starts a fresh loader from that state with
 an empty cache and times its first batch. Keys come with every sample so that the orders can be compared.
 
 litdata reads S3 through obstore when it is installed, and obstore refuses an http:// endpoint (litdata passes it
@@ -148,13 +148,21 @@ def read(args):
         if limit and i + 1 == limit:
             break
     seconds = time.perf_counter() - t0
+    warm = None
+    if args.warm_epoch:  # the next epoch of the same loader, its cache as the first one left it
+        t1, n = time.perf_counter(), 0
+        for _ in loader:
+            n += 1
+            if limit and n == limit:
+                break
+        warm = {"samples_per_s": n * args.micro_batch / (time.perf_counter() - t1), "batches": n}
     watch.stop.set()
     watch.join()
     if state is not None:
         Path(args.state_out).write_text(json.dumps(state, default=int))
     out = {"system": args.system, "batches": len(keys), "samples_per_s": len(keys) * args.micro_batch / seconds,
            "seconds": seconds, "first_batch_s": first, "first_batch_cache_bytes": first_bytes,
-           "peak_cache_bytes": max(watch.peak, dir_bytes(args.cache)), "keys": keys}
+           "peak_cache_bytes": max(watch.peak, dir_bytes(args.cache)), "keys": keys, "warm": warm}
     print(json.dumps(out))
     return 0
 
@@ -180,6 +188,7 @@ def main(argv=None):
     r.add_argument("--resume-batch", type=int, default=0, help="save the state after this many batches")
     r.add_argument("--state-out")
     r.add_argument("--state-in")
+    r.add_argument("--warm-epoch", action="store_true", help="then time a second epoch from the warm cache")
     args = p.parse_args(argv)
     if args.cmd == "convert":
         print(json.dumps(convert(args.system, args.manifest, Path(args.out), args.chunk_bytes)))

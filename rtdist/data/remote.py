@@ -4,7 +4,8 @@ webdataset's ``pipe:`` (a command that writes the object to stdout).
 Our shard members have a fixed size, so a sample is one byte range: :class:`RangeFile` is a seekable, read-only file
 over ranged GETs that fetches small pieces on a jump (a resumed run fetches about one member per sample it needs)
 and doubling windows, read ahead in a background thread, while reading goes on front to back (streaming an epoch).
-Nothing is written to disk; at most two windows per open file are held in memory.
+At most two windows per open file are held in memory; with a cache folder (``cache.py``) whole shards are also
+downloaded to a node's disk in the background and read there once complete.
 
 Every request goes through :meth:`Store.call`: a failure that may pass (refused or reset connection, timeout,
 5xx, throttling) is retried with backoff until ``budget_s`` after the first failure is spent; one that will not (404,
@@ -87,12 +88,16 @@ def _pipe_target(url: str) -> str:
 
 @dataclass(frozen=True)
 class RemoteOptions:
-    """How URLs are read: fsspec ``storage_options`` per scheme (or one mapping for every scheme), the retry budget
-    and the timeout of one request. Picklable, so DataLoader workers build their own clients from it."""
+    """How URLs are read: fsspec ``storage_options`` per scheme (or one mapping for every scheme), the retry budget,
+    the timeout of one request, and the node's shard cache (``cache_dir`` bounded to ``cache_limit_bytes``; None:
+    every shard is range-read, nothing is written to disk). Picklable, so DataLoader workers build their own
+    clients from it."""
 
     storage_options: dict = field(default_factory=dict)
     budget_s: float = 120.0
     timeout_s: float = 30.0
+    cache_dir: Optional[str] = None
+    cache_limit_bytes: Optional[int] = None
 
     def for_scheme(self, scheme: str) -> dict:
         so = self.storage_options or {}
@@ -287,8 +292,9 @@ class RangeFile:
     Reading it front to back also hashes it: at the end, a ``sha256`` other than the expected one raises
     ``CorruptShardError`` naming the URL (parts read by jumps are checked by the reader's member checks only)."""
 
-    def __init__(self, store: Store, url: str, size: int, sha256: Optional[str] = None):
+    def __init__(self, store: Store, url: str, size: int, sha256: Optional[str] = None, max_fetch: int = MAX_FETCH):
         self.store, self.url, self.size, self.expected = store, url, size, sha256
+        self.max_fetch = max_fetch  # a shard also being downloaded whole reads ahead less
         self.pos = 0
         self._chunks: dict[int, bytes] = {}  # start -> bytes; at most the current and the next window
         self._ahead = None  # (start, future)
@@ -348,14 +354,14 @@ class RangeFile:
             self._ahead = None
             chunk = future.result()
         else:
-            self._window = min(MAX_FETCH, self._window * 2) if sequential else MIN_FETCH
+            self._window = min(self.max_fetch, self._window * 2) if sequential else MIN_FETCH
             start = pos
             chunk = self.store.read_range(self.url, pos, min(self.size, max(want_end, pos + self._window)))
         self._chunks = {start: chunk}
         self._last_end = start + len(chunk)
         self._account(start, chunk)
         if sequential and self._last_end < self.size:  # streaming: fetch the next window while this one is used
-            self._window = min(MAX_FETCH, self._window * 2)
+            self._window = min(self.max_fetch, self._window * 2)
             nxt, nend = self._last_end, min(self.size, self._last_end + self._window)
             self._ahead = (nxt, _pool().submit(self.store.read_range, self.url, nxt, nend))
         return start, chunk
@@ -413,4 +419,6 @@ def options_from_config(cfg) -> RemoteOptions:
                           "not as a peer timeout")
     if not isinstance(d.storage_options, dict):
         raise ConfigError(f"data.storage_options must be a mapping of fsspec options, got {d.storage_options!r}")
-    return RemoteOptions(dict(d.storage_options), float(budget), float(request))
+    cache_dir = os.path.abspath(os.path.expanduser(d.cache_dir)) if d.cache_dir else None
+    return RemoteOptions(dict(d.storage_options), float(budget), float(request), cache_dir,
+                         int(d.cache_limit_gb * 1e9) if cache_dir else None)

@@ -8,12 +8,14 @@ and a reader can tell a truncated or foreign file from a good one without scanni
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import os
 import re
 import tarfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +262,9 @@ def load_manifest(path: str | os.PathLike, remote=None) -> dict:
     if is_url(path):
         manifest["manifest_path"] = where
         manifest["remote_options"] = vars(options).copy()
+        if options.cache_dir:
+            from .cache import check_cache_fits
+            check_cache_fits(manifest, options.cache_dir, options.cache_limit_bytes)
     else:
         manifest["manifest_path"] = str(path.resolve())
     return manifest
@@ -359,8 +364,9 @@ def fetch_beside(manifest: dict, name: str) -> Path:
 
 
 def open_shard(manifest: dict, shard: dict, check_size: bool = False):
-    """(binary file, size) of a shard: a local file, or a ``RangeFile`` over a URL. A URL's size is the manifest's
-    unless ``check_size`` asks the server (one request); a shorter object shows as a short read."""
+    """(binary file, size) of a shard: a local file, or a ``RangeFile`` over a URL (through the node's cache folder
+    when the manifest's remote options name one: ``cache.py``). A URL's size is the manifest's unless ``check_size``
+    asks the server (one request); a shorter object shows as a short read."""
     location = shard_location(manifest, shard)
     if is_remote(manifest):
         store = manifest_store(manifest)
@@ -368,6 +374,12 @@ def open_shard(manifest: dict, shard: dict, check_size: bool = False):
             data = store.read_all(location)
             return io.BytesIO(data), len(data)
         size = store.size(location) if check_size else shard["bytes"]
+        cache_dir = manifest["remote_options"].get("cache_dir")
+        if cache_dir and not check_size:  # (the pre-flight check reads a few ranges: it starts no downloads)
+            from .cache import RANGE_WINDOW, cache_for, open_through_cache
+            cache = cache_for(cache_dir, manifest["remote_options"]["cache_limit_bytes"], store)
+            ranges = RangeFile(store, location, size, shard.get("sha256"), max_fetch=RANGE_WINDOW)
+            return open_through_cache(cache, location, shard, ranges), size
         return RangeFile(store, location, size, shard.get("sha256")), size
     f = open(location, "rb")
     return f, os.fstat(f.fileno()).st_size
@@ -722,10 +734,59 @@ def read_sample(manifest: dict, split: str, index: int | None = None, key: str |
         reader.close()
 
 
-def publish_shards(manifest_path: str | os.PathLike, url_prefix: str, remote=None, log=print) -> str:
+class ShardUploader:
+    """Uploads each shard ``ShardWriter`` finishes under ``prefix`` (a local staging prefix) to ``url_prefix`` while
+    preprocessing goes on: a shard's final name appears only once it is complete (it is renamed from ``.tmp``), so
+    a thread looks for new ones every ``interval_s`` and puts them up. ``publish_shards(..., uploaded=...)`` then
+    skips those still unchanged and puts the manifest last. Files older than the uploader (a previous run's, which
+    preprocess removes) are never uploaded."""
+
+    def __init__(self, prefix, url_prefix: str, remote=None, interval_s: float = 0.5, log=print):
+        self.prefix, self.url_prefix, self.interval_s, self.log = Path(prefix), url_prefix, interval_s, log
+        self.store = store_for(remote or RemoteOptions())
+        self.uploaded: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) when uploaded
+        self.error: BaseException | None = None
+        self._started_ns = time.time_ns()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="rtdist-upload")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._pass()
+            self._stop.wait(self.interval_s)
+
+    def _pass(self) -> None:
+        url = f"{self.url_prefix}-manifest.json"
+        for path in sorted(self.prefix.parent.glob(f"{glob.escape(self.prefix.name)}-*-[0-9]*.tar")):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if st.st_mtime_ns < self._started_ns or self.uploaded.get(path.name) == (st.st_size, st.st_mtime_ns):
+                continue
+            try:
+                self.store.upload(path, sibling(url, path.name))
+            except Exception as e:  # noqa: BLE001 - publish_shards uploads it again, and raises if it still fails
+                self.error = e
+                continue
+            self.uploaded[path.name] = (st.st_size, st.st_mtime_ns)
+            self.log(f"uploaded {sibling(url, path.name)} ({st.st_size / 1e6:.1f} MB) as soon as it was complete")
+
+    def close(self) -> dict:
+        """Stop, after one last look; what was uploaded (for ``publish_shards``)."""
+        self._stop.set()
+        self._thread.join()
+        self._pass()
+        return self.uploaded
+
+
+def publish_shards(manifest_path: str | os.PathLike, url_prefix: str, remote=None, log=print,
+                   uploaded: dict | None = None) -> str:
     """Upload what a local manifest names (every shard, the tokenizer model if any) to ``{url_prefix}-...``, and the
     manifest last, so that a reader never finds a manifest whose shards are not all there. Each object appears only
-    once its upload is complete (S3 and GCS puts are atomic). Returns the manifest's URL."""
+    once its upload is complete (S3 and GCS puts are atomic). ``uploaded`` (``ShardUploader.close()``): files put
+    up already, skipped while their size and mtime are still those uploaded. Returns the manifest's URL."""
     manifest = load_manifest(manifest_path)
     local_dir, name = manifest_dir(manifest), Path(url_prefix.rstrip("/")).name
     if name != manifest.get("prefix"):
@@ -738,7 +799,12 @@ def publish_shards(manifest_path: str | os.PathLike, url_prefix: str, remote=Non
         files.append(manifest["tokenizer"]["file"])
     total = sum((local_dir / f).stat().st_size for f in files)
     done, t0 = 0, time.perf_counter()
+    uploaded = uploaded or {}
     for i, f in enumerate(files, 1):
+        st = (local_dir / f).stat()
+        if uploaded.get(f) == (st.st_size, st.st_mtime_ns):
+            done += st.st_size
+            continue
         store.upload(local_dir / f, sibling(url, f))
         done += (local_dir / f).stat().st_size
         log(f"uploaded {i}/{len(files)} {sibling(url, f)} ({done / 1e6:.1f} of {total / 1e6:.1f} MB, "
