@@ -90,6 +90,22 @@ def test_kmeans_ema_update_matches_hand_computation():
     torch.testing.assert_close(km.means[0, 1], s1 / s1.norm())
     torch.testing.assert_close(km.means[0, 0], s0 / s0.norm())  # 0.9 * s0 only rescales: same direction
     torch.testing.assert_close(km.ema_counts, torch.tensor([[0.9 * 2, 0.9 * 1 + 0.1]]))
+    moved = 1 - torch.tensor([0.6, 0.8]) @ (s1 / s1.norm())  # cluster 1 turned, cluster 0 kept its direction
+    assert km.health()["move_max"] == pytest.approx(float(moved), abs=1e-6)
+    assert km.health()["move"] == pytest.approx(float(moved) / 2, abs=1e-6)
+
+
+def test_routing_clusters_are_each_layers_assignment_without_statistics():
+    cfg = tiny(n_layers=3)
+    model = trained(make(cfg)).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(4))
+    clusters = model.routing_clusters(x)
+    assert sorted(clusters) == [0, 1, 2] and model.training  # every routing layer; mode restored
+    assert all(c.shape == (2, 2, 48) and int(c.max()) < cfg.num_clusters for c in clusters.values())
+    assert all(km.step_counts.sum() == 0 for km in model.kmeans_modules())  # nothing counted
+    first = model.layers[0]
+    proj = first.attn.project(first.norm1(model.embed(x)), model.rope(torch.arange(48)))
+    assert torch.equal(clusters[0], first.attn.kmeans.nearest(proj.r)[0])
 
 
 def test_padding_is_excluded_from_kmeans_statistics():
@@ -273,6 +289,50 @@ def test_a_dead_cluster_is_reseeded_from_recent_vectors_and_comes_back(reseed_af
     assert float((km.means[0, 2] @ centers.T).amax()) > 0.9  # now on the data
     update_with(km, torch.cat([r, r[:, :, :1] * 0 + km.means[0, 2]], dim=2))  # a token right at the new centroid
     assert km.last_counts[0, 2] > 0 and km.health()["empty"] == 0
+
+
+def test_dead_clusters_are_reseeded_from_the_worst_fitting_vectors_each_a_different_one():
+    # two blobs the live centroids hold, and two small groups of tokens far from both (a rare kind of token, as the
+    # retrieval task's keys among the filler): the dead clusters must take those groups, one each
+    r, centers = two_blobs(n=200, dim=8)
+    g = torch.Generator().manual_seed(1)
+    odd = torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=-1)
+    rare = torch.nn.functional.normalize(odd[torch.tensor([0, 0, 1, 1])] + 0.01 * torch.randn(4, 8, generator=g), dim=-1)
+    r = torch.cat([r[:, :, :100], rare[None, None], r[:, :, 100:]], dim=2)  # mid-sequence: no even spacing hits them
+    km = SphericalKMeans(num_heads=1, num_clusters=4, dim=8, decay=0.9, reseed_after=1, candidates=16)
+    with torch.no_grad():
+        away = -(centers[0] + centers[1]) / (centers[0] + centers[1]).norm()
+        km.means[0] = torch.stack([centers[0], centers[1], away, away])
+        km.ema_sums.copy_(km.means)
+        km.initted.fill_(True)
+    update_with(km, r)  # the two clusters pointing away get nothing: dead after one update, re-seeded
+    assert km.reseeded == 2
+    taken = km.means[0, 2:] @ odd.T  # [2 re-seeded, 2 groups]
+    assert float(taken.amax(dim=0).amin()) > 0.95  # each group got a centroid of its own
+    update_with(km, r)
+    assert km.last_counts[0, 2] == 2 and km.last_counts[0, 3] == 2  # and keeps its tokens
+
+
+def test_kmeans_init_keeps_the_restart_that_gives_a_rare_group_its_own_cluster():
+    # 7 common groups of 200 vectors and one rare group of 4 (as 16 keys among 2048 filler tokens): one k-means++
+    # run rarely seeds the rare group and then merges it into a common cluster; the lowest-distortion of 8 runs
+    # usually isolates it
+    from rtdist.model.kmeans import kmeans_plus_plus
+    g = torch.Generator().manual_seed(100)
+    centers = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    x = torch.cat([centers[i] + 0.05 * torch.randn(200 if i < 7 else 4, 16, generator=g) for i in range(8)])
+    x = torch.nn.functional.normalize(x, dim=-1)
+
+    def isolated(restarts):
+        hits = 0
+        for seed in range(30):
+            c = kmeans_plus_plus(x, 8, torch.Generator().manual_seed(seed), restarts=restarts)
+            assigned = (x @ c.T).argmax(1)
+            hits += bool((assigned[-4:] == assigned[-1]).all() and (assigned == assigned[-1]).sum() == 4)
+        return hits
+
+    once, best_of_8 = isolated(1), isolated(8)
+    assert best_of_8 >= 20 and best_of_8 >= 2 * once
 
 
 def test_kmeans_watch_reports_occupancy_and_warns_once_about_a_collapsing_layer():

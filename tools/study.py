@@ -46,7 +46,7 @@ from rtdist.parallel.engines import TorchEngine
 from rtdist.parallel.optim import OptimConfig, lr_lambda
 from rtdist.train import train_step
 
-from study_report import markdown_report, write_plot
+from study_report import markdown_report, write_plot, write_routing_plot
 
 # ------------------------------------------------------------------------------------------------- the task
 
@@ -112,6 +112,16 @@ class RetrievalTask:
         out[:, v_off: 2 * self.num_pairs: 2] = torch.randint(0, self.num_values, (tokens.shape[0], self.num_pairs),
                                                              generator=generator) + V0
         return out
+
+    def definition_keys(self, tokens: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query key positions, their definition key positions), each [B, Q] input positions: what routing must put
+        in one cluster block for the answer to be readable."""
+        inputs = tokens[:, :-1]
+        queries = answers.nonzero()[:, 1].view(tokens.shape[0], -1)  # [B, Q], the same columns in every row
+        k_off = 1 if self.order == "value_key" else 0
+        defs = inputs[:, k_off: 2 * self.num_pairs: 2]  # [B, P] definition keys
+        match = defs[:, None, :] == inputs.gather(1, queries)[:, :, None]  # [B, Q, P], one True per row
+        return queries, k_off + 2 * match.int().argmax(-1)
 
     def sample(self, batch_size: int, generator: torch.Generator, seq_length: Optional[int] = None):
         """(tokens [B, n + 1] int64, answers [B, n] bool): ``answers[b, i]`` marks input positions whose *target*
@@ -333,7 +343,7 @@ def train_loop(model, spec: TrainSpec, next_batch: Callable[[int], tuple], evalu
                 raise TrainingError(f"variant {name}: non-finite training loss at step {step + 1}: lower the task's "
                                     f"train.lr or raise its train.warmup")
             curve.append({"step": step + 1, "seq_length": tokens.shape[1] - 1, "train_loss": round(loss, 5),
-                          "aux": round(last_aux["value"], 6)})
+                          "aux": round(last_aux["value"], 6), **routing_figures(model)})
             if bar is not None:
                 bar.update(1)
             if (step + 1) % every == 0 or step + 1 == total:
@@ -342,7 +352,7 @@ def train_loop(model, spec: TrainSpec, next_batch: Callable[[int], tuple], evalu
                 evals.append(m)
                 log(f"  {name:>16} step {step + 1:>5}/{total}  n {tokens.shape[1] - 1:>5}  train {loss:.4f}  "
                     + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("step", "wall_s")
-                                and isinstance(v, float))
+                                and isinstance(v, float) and not k.startswith("l") or k.endswith("reach"))
                     + f"  ({time.time() - t0:.0f} s)")
     finally:
         hook.remove()
@@ -365,6 +375,38 @@ def retrieval_metrics(model, eval_set) -> dict:
         count += int(answers.sum())
     model.train()
     return {"answer_loss": loss_sum / count, "answer_acc": correct / count}
+
+
+def block_reach(clusters: torch.Tensor, num_clusters: int, window: int, queries: torch.Tensor,
+                keys: torch.Tensor) -> torch.Tensor:
+    """Whether causal routing lets each query read its key: same cluster, and the key in the query's cluster block
+    or the one before (:func:`rtdist.model.kernels.causal_routing_attention`). ``clusters`` [B, H, n]; ``queries``,
+    ``keys`` [B, Q] positions -> [B, Q] bool, True when any head reaches."""
+    rank = F.one_hot(clusters, num_clusters).cumsum(2).gather(3, clusters[..., None]).squeeze(-1) - 1
+    block = rank // window  # [B, H, n]: the token's block within its cluster
+    at = lambda t, pos: t.gather(2, pos[:, None, :].expand(-1, t.shape[1], -1))  # noqa: E731  [B, H, Q]
+    gap = at(block, queries) - at(block, keys)
+    return ((at(clusters, queries) == at(clusters, keys)) & (gap >= 0) & (gap <= 1)).any(dim=1)
+
+
+def routing_figures(model, task: Optional[RetrievalTask] = None, eval_set=()) -> dict:
+    """Per routing layer: the k-means health of the last update (largest cluster's share, normalised entropy,
+    empty clusters, centroid movement) and, for the retrieval task, ``reach``: the share of the evaluation's
+    queries whose definition key the layer's routing puts within reach."""
+    out = {}
+    for layer, h in model.kmeans_health().items():
+        out.update({f"l{layer}_max_share": h["max_share"], f"l{layer}_entropy": h["entropy"],
+                    f"l{layer}_empty": h["empty"], f"l{layer}_move": h["move"]})
+    if task is not None and eval_set:
+        hits = {}
+        for tokens, answers in eval_set:
+            queries, keys = task.definition_keys(tokens, answers)
+            for layer, clusters in model.routing_clusters(tokens[:, :-1]).items():
+                attn = model.layers[layer].attn
+                hit = block_reach(clusters, attn.cfg.num_clusters, attn.window, queries, keys)
+                hits.setdefault(layer, []).append(hit.float().mean().item())
+        out.update({f"l{layer}_reach": sum(v) / len(v) for layer, v in hits.items()})
+    return out
 
 
 @torch.no_grad()
@@ -434,8 +476,9 @@ def run_retrieval(study: Study, variant: str, log, bar=None) -> dict:
         tokens, answers = task.sample(b, g_train, seq_length=n)
         return tokens, (answers if spec.train.loss == "answers" else None)
 
-    out = train_loop(model, spec.train, next_batch, lambda: retrieval_metrics(model, eval_set), spec.eval.every,
-                     log, variant, bar)
+    out = train_loop(model, spec.train, next_batch,
+                     lambda: {**retrieval_metrics(model, eval_set), **routing_figures(model, task, eval_set)},
+                     spec.eval.every, log, variant, bar)
     g_control = torch.Generator().manual_seed(study.seed + 4)
     control_set = [(task.corrupt_definitions(tokens, g_control), answers) for tokens, answers in eval_set]
     out["control"] = retrieval_metrics(model, control_set)
@@ -491,7 +534,7 @@ def run_text(study: Study, variant: str, manifest_path: str, log, bar=None) -> d
 
     def evaluate_fn():
         m = with_bytes(evaluate(model, val), bpt)
-        return {"val_loss": m["loss"], "val_bpb": m.get("bits_per_byte", m["bits_per_token"])}
+        return {"val_loss": m["loss"], "val_bpb": m.get("bits_per_byte", m["bits_per_token"]), **routing_figures(model)}
 
     out = train_loop(model, spec.train, next_batch, evaluate_fn, spec.eval.every, log, variant, bar)
     if spec.eval.final_targets:
@@ -589,6 +632,7 @@ def run_study(study: Study, out_dir, command: str = "", variants: Optional[list[
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_plot(results, out_dir / "curves.png")
+    write_routing_plot(results, out_dir / "routing.png")
     text = results["tasks"].get("text", {})
     curves = {f"{v} (stride {spec})": r["final_eval"][spec]["loss_by_position"] for v, r in text.items()
               if "final_eval" in r for spec in list(r["final_eval"])[:1]}

@@ -114,3 +114,90 @@ def markdown_report(results: dict) -> str:
               "Every key of the study is in results.json under `config`; the same YAML scales up, e.g. "
               "`--set retrieval.task.seq_length=4096 --set retrieval.train.steps=2000 --set threads=16`.", ""]
     return "\n".join(lines)
+
+
+def _final_figures(task: str, v: dict) -> dict:
+    """The numbers a seed contributes to the summary: what the tables report as final."""
+    fin = v.get("final_prefix_only", v["final"])
+    if task == "retrieval":
+        out = {"answer_acc": fin["answer_acc"], "best_acc": max(e["answer_acc"] for e in v["eval"]),
+               "control_acc": v["control"]["answer_acc"]}
+        out.update({k: v["final"][k] for k in v["final"] if k.endswith("_reach")})
+        return out
+    return {"val_bpb": v["final"]["val_bpb"]}
+
+
+def summarise_seeds(runs: dict) -> dict:
+    """``{seed: results}`` (each :func:`study.run_study`'s) -> every final figure of every task and variant over the
+    seeds: the values in seed order, their mean, min and max."""
+    seeds = list(runs)
+    tasks: dict = {}
+    for seed in seeds:
+        for task, variants in runs[seed]["tasks"].items():
+            for name, v in variants.items():
+                for key, value in _final_figures(task, v).items():
+                    tasks.setdefault(task, {}).setdefault(name, {}).setdefault(key, []).append(value)
+    for variants in tasks.values():
+        for figures in variants.values():
+            for key, values in figures.items():
+                figures[key] = {"values": values, "mean": sum(values) / len(values), "min": min(values),
+                                "max": max(values)}
+    return {"seeds": seeds, "tasks": tasks}
+
+
+def seeds_markdown(summary: dict, command: str) -> str:
+    seeds = summary["seeds"]
+    lines = [f"# The study over {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
+             "Each cell: mean [min, max] over the seeds; per-seed folders hold every number and curve.", ""]
+    names = {"answer_acc": "answer acc", "best_acc": "best acc", "control_acc": "acc, definitions re-drawn",
+             "val_bpb": "val bits/byte"}
+    for task, variants in summary["tasks"].items():
+        keys = list(dict.fromkeys(k for figures in variants.values() for k in figures))
+        lines += [f"## {task}", "", "| variant | " + " | ".join(names.get(k, k.replace("_", " ")) for k in keys)
+                  + " | per seed |", "|---|" + "---:|" * len(keys) + "---|"]
+        main = "answer_acc" if task == "retrieval" else "val_bpb"
+        for name, figures in variants.items():
+            cells = [f"{f['mean']:.3f} [{f['min']:.3f}, {f['max']:.3f}]" if (f := figures.get(k)) else ""
+                     for k in keys]
+            per_seed = " ".join(f"{x:.3f}" for x in figures[main]["values"])
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {per_seed} |")
+        lines.append("")
+    lines += ["`lN reach`: the share of the evaluation's queries whose definition key layer N's routing puts in the "
+              "query's cluster block or the one before (what causal routing lets it read).", "",
+              "```", command, "```", ""]
+    return "\n".join(lines)
+
+
+def write_routing_plot(results: dict, path: Path) -> bool:
+    """Per routing variant of the retrieval task, over training: answer accuracy with each layer's reach, each
+    layer's largest cluster share, and how far each update moved the centroids. False when no variant routes."""
+    runs = {name: r for name, r in results["tasks"].get("retrieval", {}).items()
+            if any(k.endswith("_reach") for k in r["eval"][-1])}
+    if not runs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 3, figsize=(15, 3.6 * len(runs)), squeeze=False)
+    for row, (name, r) in zip(axes, runs.items()):
+        layers = sorted({k.split("_")[0] for k in r["eval"][-1] if k.endswith("_reach")})
+        steps = [e["step"] for e in r["eval"]]
+        row[0].plot(steps, [e["answer_acc"] for e in r["eval"]], "k-o", ms=3, label="answer acc")
+        for layer in layers:
+            row[0].plot(steps, [e[f"{layer}_reach"] for e in r["eval"]], "--", label=f"{layer} reach")
+        train_steps = [t["step"] for t in r["train"]]
+        for layer in layers:
+            row[1].plot(train_steps, [t[f"{layer}_max_share"] for t in r["train"]], lw=0.8, label=layer)
+            row[2].plot(train_steps, [max(t[f"{layer}_move"], 1e-9) for t in r["train"]], lw=0.8, label=layer)
+        row[2].set_yscale("log")
+        for ax, title in zip(row, ("accuracy and reach", "largest cluster's share", "centroid move per update (1 - cos)")):
+            ax.set_title(f"{name}: {title} (seed {results['config']['seed']})", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -5,6 +5,8 @@ Activation checkpointing, CPU offload and sequence parallelism are applied from 
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Callable, Optional
 
@@ -358,6 +360,21 @@ class RoutingTransformerLM(nn.Module):
                     proj = layer.attn.project(layer.norm1(x), rope)
                     layer.attn.kmeans.init_from_vectors(proj.r, valid, generator=g, max_vectors=max_vectors)
                 x, _ = layer(x, rope, valid)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def routing_clusters(self, tokens: torch.Tensor, valid: Optional[torch.Tensor] = None) -> dict[int, torch.Tensor]:
+        """Per routing layer (block index): the cluster of every token of ``tokens`` [B, n] in an evaluation
+        forward, [B, heads, n] long (no k-means statistics are gathered)."""
+        layers = {i: layer.attn.kmeans for i, layer in enumerate(self.layers) if layer.attn.kmeans is not None}
+        was_training = self.training
+        self.eval()
+        try:
+            with contextlib.ExitStack() as stack:
+                recorded = {i: stack.enter_context(km.recording()) for i, km in layers.items()}
+                self(tokens, valid)
+            return {i: torch.cat(r, dim=2) if len(r) > 1 else r[0] for i, r in recorded.items()}
         finally:
             self.train(was_training)
 
