@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError, CorruptShardError, DataError
+from .remote import SeekableReader
 
 DOWNLOAD_CHUNK = 8 << 20  # one ranged GET of a background download
 DOWNLOAD_THREADS = 2  # downloads in flight per process (each reserves a shard's size in the cache)
@@ -308,7 +309,7 @@ class ShardCache:
         return cache_usage(self.root)
 
 
-class CachingFile:
+class CachingFile(SeekableReader):
     """A shard's file: byte ranges (``range_file``) until the background download (``pending``) has put a checked
     copy in the cache, then that local copy. Range reads serve the first ``RANGE_BYTES`` of reads (a resume's first
     batch does not wait for a whole shard); past them a read waits for this process's download rather than fetch
@@ -318,7 +319,7 @@ class CachingFile:
                  local: Optional[_Locked] = None):
         self.cache, self.shard, self.range_file, self.pending = cache, shard, range_file, pending
         self.local = local
-        self.pos = 0
+        self.pos, self.size = 0, shard["bytes"]
         self.range_bytes = 0  # bytes read through ranges so far
         self._look_again = None  # when to look for a copy another process is downloading
 
@@ -337,19 +338,6 @@ class CachingFile:
         if self.local is not None:
             self.range_file.close()
         return self.local
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.shard["bytes"] + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
 
     def read(self, n: int = -1) -> bytes:
         local = self._source()

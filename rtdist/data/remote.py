@@ -286,7 +286,28 @@ def permanent_cause(e: BaseException) -> Optional[str]:
     return None
 
 
-class RangeFile:
+class SeekableReader:
+    """The file protocol's position keeping for a read-only file of known ``size`` (subclasses set ``pos`` and
+    ``size`` and define ``read``)."""
+
+    pos: int
+    size: int
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+class RangeFile(SeekableReader):
     """A read-only, seekable file over ranged reads of ``url`` of known ``size`` (see the module docstring).
 
     Reading it front to back also hashes it: at the end, a ``sha256`` other than the expected one raises
@@ -303,19 +324,6 @@ class RangeFile:
         self._hash, self._hashed = hashlib.sha256(), 0  # contiguous bytes from 0 hashed so far
 
     # file protocol -----------------------------------------------------------------
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
         for start, chunk in self._chunks.items():  # the common case (a member inside the current window): one copy
