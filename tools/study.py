@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -351,8 +352,8 @@ def train_loop(model, spec: TrainSpec, next_batch: Callable[[int], tuple], evalu
                 m.update(step=step + 1, wall_s=round(time.time() - t0, 2))
                 evals.append(m)
                 log(f"  {name:>16} step {step + 1:>5}/{total}  n {tokens.shape[1] - 1:>5}  train {loss:.4f}  "
-                    + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("step", "wall_s")
-                                and isinstance(v, float) and not k.startswith("l") or k.endswith("reach"))
+                    + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)
+                                and k != "wall_s" and (not LAYER_FIGURE.match(k) or k.endswith("_reach")))
                     + f"  ({time.time() - t0:.0f} s)")
     finally:
         hook.remove()
@@ -375,6 +376,9 @@ def retrieval_metrics(model, eval_set) -> dict:
         count += int(answers.sum())
     model.train()
     return {"answer_loss": loss_sum / count, "answer_acc": correct / count}
+
+
+LAYER_FIGURE = re.compile(r"l\d+_")  # routing_figures' keys; the log line shows only their reach
 
 
 def block_reach(clusters: torch.Tensor, num_clusters: int, window: int, queries: torch.Tensor,

@@ -6,7 +6,6 @@ Activation checkpointing, CPU offload and sequence parallelism are applied from 
 from __future__ import annotations
 
 import contextlib
-
 import math
 from typing import Callable, Optional
 
@@ -374,7 +373,7 @@ class RoutingTransformerLM(nn.Module):
             with contextlib.ExitStack() as stack:
                 recorded = {i: stack.enter_context(km.recording()) for i, km in layers.items()}
                 self(tokens, valid)
-            return {i: torch.cat(r, dim=2) if len(r) > 1 else r[0] for i, r in recorded.items()}
+            return {i: torch.cat(r, dim=2) for i, r in recorded.items()}  # sequence chunks, in order
         finally:
             self.train(was_training)
 
