@@ -245,7 +245,7 @@ def test_full_check_reads_every_member_where_quick_reads_the_first_and_last(tmp_
     last[10 * 1024 + 640] = 0xFF  # the last sample's first token: 0x??FF >= vocab_size 257
     last[10 * 1024 + 641] = 0xFF
     shard.write_bytes(bytes(last))
-    with pytest.raises(CorruptShardError, match=r"sample 10 at byte 10240: a token >= vocab_size 257"):
+    with pytest.raises(CorruptShardError, match=r"sample 10 at byte 10240: token 65535 >= vocab_size 257"):
         check_shards(manifest, ["train"], "quick")
 
 

@@ -51,6 +51,8 @@ from .tokenizers import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 POLICIES = ("drop", "wrap")
+# bytes a sequential reader takes in one read (a run of whole members, checked at once)
+RUN_BYTES = 1 << 20
 # state_dict entries that fix which samples an epoch holds and in what order: a position means nothing under others
 DATA_KEYS = ("split", "shards", "seed", "shuffle")
 # state_dict entries of the layout that ordered the epoch: another layout continues the same global order
@@ -111,6 +113,12 @@ class _WorkerFailed:
 
     def __init__(self, error: RtdistError):
         self.error = error
+
+
+def _as_is(item):
+    """The DataLoader's collate_fn: the item unchanged (its default would make the numpy batch a tensor in the
+    worker, sent through a shared-memory file)."""
+    return item
 
 
 def locator(shards: list[dict], seed: int, epoch: int, shuffle: bool):
@@ -196,14 +204,14 @@ class _ContinuedStream(_BatchStream):
                         sample, substituted = last_good, substituted + 1
                     keys.append(sample[0])
                     tokens.append(sample[1])
-                batch = torch.from_numpy(np.stack(tokens).astype(np.int64))
-                yield j, batch, keys, {"substituted": substituted, "corrupt": corrupt, "fetched": fetched()}
+                yield j, np.stack(tokens), keys, {"substituted": substituted, "corrupt": corrupt, "fetched": fetched()}
         finally:
             reader.close()
 
 
 class _EpochStream(_BatchStream):
-    """Yields (j, tokens[B, L+1] int64, keys, info) for this worker's batches j of one epoch, from ``start_batch``."""
+    """Yields (j, tokens[B, L+1] in the shards' dtype, keys, info) for this worker's batches j of one epoch, from
+    ``start_batch``. A worker reads its piece front to back in runs of whole members (``RUN_BYTES``)."""
 
     def __init__(self, manifest: dict, shards: list[dict], micro_batch_size: int, dp_rank: int,
                  batches: int, num_workers: int, seed: int, epoch: int, shuffle: bool, shuffle_buffer: int,
@@ -221,37 +229,54 @@ class _EpochStream(_BatchStream):
         need = np.maximum.accumulate(order) + 1 if n else order  # samples read before output t can leave
         locate, reader = locator(self.shards, self.seed, self.epoch, self.shuffle), ShardReader(self.manifest)
         fetched = fetch_counter(self.manifest)
+        run, runs = max(1, RUN_BYTES // reader.layout.member_bytes), [1]
         bad: set[str] = set()
 
-        def read(i: int):
+        def read(i: int, count: int = 1) -> list:
+            """Samples i .. i + count - 1 of the piece (within one shard): (key, tokens) each, None where corrupt."""
             shard, index = locate(first + i)
             if shard["name"] in bad:
-                return None
-            try:
-                return reader.read(shard, index)
+                return [None] * count
+            try:  # each sample its own array: a held sample must not keep its whole run in memory
+                keys, tokens = reader.read_run(shard, index, count)
+                return [(key, row.copy()) for key, row in zip(keys, tokens)] if count > 1 else [(keys[0], tokens[0])]
             except CorruptShardError as e:
                 if not self.skip_corrupt:
                     raise
+                if count > 1:  # the samples before the bad one are good, as they would be read one at a time
+                    out = []
+                    while len(out) < count and shard["name"] not in bad:
+                        out += read(i + len(out))
+                    return out + [None] * (count - len(out))
                 bad.add(shard["name"])
                 log.warning("skipping corrupt shard (its samples are replaced): %s", e)
-                return None
+                return [None]
+
+        def read_ahead(i: int) -> list:
+            """The run of samples from i on, to the end of i's shard and of the piece: 1 sample at first, twice as
+            many each time up to ``run`` (a first batch, also after a resume, waits on no more than it needs)."""
+            shard, index = locate(first + i)
+            count = min(runs[0], shard["samples"] - index, n - i)
+            runs[0] = min(run, 2 * runs[0])
+            return read(i, count)
 
         counts = n // self.B
         k0 = len(range(v, self.start, self.W))  # batches of this worker before `start`
         t0, held, next_read = k0 * self.B, {}, 0
-        if t0:  # resume: the buffer holds what was read and not yet emitted
+        if t0:  # resume: the buffer holds what was read and not yet emitted (read one by one: only those)
             next_read = int(need[t0 - 1])
             emitted = np.zeros(next_read, bool)
             emitted[order[:t0]] = True
-            held = {int(i): read(int(i)) for i in np.flatnonzero(~emitted)}
+            held = {int(i): read(int(i))[0] for i in np.flatnonzero(~emitted)}
         reported: set[str] = set()
         try:
             for k in range(k0, counts):
                 tokens, keys, substituted = [], [], 0
                 for t in range(k * self.B, (k + 1) * self.B):
                     while next_read < need[t]:
-                        held[next_read] = read(next_read)
-                        next_read += 1
+                        for sample in read_ahead(next_read):
+                            held[next_read] = sample
+                            next_read += 1
                     sample = held.pop(int(order[t]))
                     if sample is None:  # corrupt shard, skip_corrupt: the lowest held good sample stands in
                         good = [i for i in sorted(held) if held[i] is not None]
@@ -264,9 +289,8 @@ class _EpochStream(_BatchStream):
                         substituted += 1
                     keys.append(sample[0])
                     tokens.append(sample[1])
-                batch = torch.from_numpy(np.stack(tokens).astype(np.int64))
-                yield v + k * self.W, batch, keys, {"substituted": substituted, "corrupt": sorted(bad - reported),
-                                                    "fetched": fetched()}
+                yield v + k * self.W, np.stack(tokens), keys, {"substituted": substituted,
+                                                               "corrupt": sorted(bad - reported), "fetched": fetched()}
                 reported |= bad
         finally:
             reader.close()
@@ -440,8 +464,11 @@ class ShardLoader:
             stream = _EpochStream(self.manifest, self.shards, self.micro_batch_size, self.dp_rank, self.batches,
                                   self.num_workers, self.seed, epoch, self.shuffle, self.shuffle_buffer, start,
                                   self.skip_corrupt)
+        # Workers hand over numpy batches in the shards' dtype (uint16 for most vocabularies): pickled through the
+        # queue, a quarter of the int64 bytes and no shared-memory file per batch, which is what limited 2 workers
+        # on 2 cores. They become int64 tensors here.
         batches = stream if self.num_workers == 0 else DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            stream, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor, multiprocessing_context=self.multiprocessing_context,
             worker_init_fn=leave_stop_signals_to_parent)  # a stop signal to the job is the rank's to handle
         expected = start
@@ -452,6 +479,9 @@ class ShardLoader:
             if j != expected:  # the order guarantee rests on the DataLoader's in-order round robin
                 raise RuntimeError(f"loader got batch {j} of epoch {epoch} while batch {expected} was due")
             self._batch = expected = j + 1
+            tokens = torch.from_numpy(tokens.astype(np.int64))
+            if self.pin_memory:
+                tokens = tokens.pin_memory()
             self.stats["fetched_bytes"] += info["fetched"][0]
             self.stats["requests"] += info["fetched"][1]
             if info["substituted"] or info["corrupt"]:

@@ -105,13 +105,6 @@ def shard_capacity(layout: SampleLayout, maxcount: int, maxsize: int) -> int:
     return max(1, min(maxcount, (maxsize - 2 * BLOCK) // layout.member_bytes))
 
 
-def _checksum_ok(header: bytes) -> bool:
-    try:
-        return int(header[148:156].strip(b"\0 "), 8) == sum(header[:148]) + 256 + sum(header[156:])
-    except ValueError:
-        return False
-
-
 def tar_end_bytes(nbytes: int) -> bytes:
     """Two zero blocks, then zero padding to a whole record (what tarfile writes on close)."""
     end = nbytes + 2 * BLOCK
@@ -423,19 +416,15 @@ def _short(raw: bytes, limit: int = 24) -> str:
 class ShardReader:
     """Random access to the samples of one split's shards, checking each member against the layout.
 
-    Cheap checks on every read (file size, tar header name/size/checksum, npy header, token range) catch truncated,
-    overwritten and foreign files with an error naming the shard; the sha256 in the manifest is checked only by
+    Cheap checks on every read (file size; each member's tar header, npy header and token range, as
+    ``check_shards`` checks them) catch truncated, overwritten and foreign files with an error naming the shard; the sha256 in the manifest is checked only by
     ``check_shards(mode="full")`` and ``verify_shards`` (a full read)."""
 
     def __init__(self, manifest: dict, max_open: int = 4):
         self.layout = layout_of(manifest)
-        self.vocab_size = manifest["tokenizer"]["vocab_size"]
         self.manifest = manifest
-        self._npy_header = self.layout.npy_header
-        self._hdr_len = len(self._npy_header)
-        self._payload, self._stride = self.layout.payload_bytes, self.layout.member_bytes
-        self._size_field = tar_header("x", self._payload)[124:136]
-        self._dtype = self.layout.dtype.newbyteorder("<")
+        self._stride = self.layout.member_bytes
+        self._check = _MemberCheck(self.layout, manifest["tokenizer"]["vocab_size"])
         self._files: dict[str, object] = {}
         self._max_open = max_open
 
@@ -459,36 +448,34 @@ class ShardReader:
 
     def read(self, shard: dict, index: int) -> tuple[str, np.ndarray]:
         """Sample ``index`` of ``shard`` (a manifest shard entry): (key, tokens)."""
-        f = self._open(shard)
-        offset = index * self._stride
+        keys, tokens = self.read_run(shard, index, 1)
+        return keys[0], tokens[0]
+
+    def read_run(self, shard: dict, index: int, count: int) -> tuple[list[str], np.ndarray]:
+        """Samples ``index`` to ``index + count - 1`` of ``shard`` in one read: (keys, tokens[count, sample_tokens]).
+        One read and one numpy check for a run costs about what one sample did alone, which is what makes a
+        sequential reader fast."""
+        f, offset, size = self._open(shard), index * self._stride, count * self._stride
+        where = f"shard {shard_location(self.manifest, shard)}"
         try:
             f.seek(offset)
-            buf = f.read(BLOCK + self._payload)
+            buf = f.read(size)
         except OSError as e:
-            raise CorruptShardError(f"shard {shard_location(self.manifest, shard)}: reading byte {offset} failed "
-                                    f"({e.strerror or e}); {FIX_HINT}") from None
-        header = buf[:BLOCK]
-        raw_name = header[:100].rstrip(b"\0")
-        name = raw_name.decode("utf-8", "replace")
-        problem = None
-        if len(buf) < BLOCK + self._payload:
-            problem = "file ends early (truncated)"
-        elif not name.endswith(MEMBER_SUFFIX):
-            problem = f"member name {_short(raw_name)} is not {{key}}{MEMBER_SUFFIX} (not our layout)"
-        elif not _checksum_ok(header):
-            problem = "tar header checksum mismatch"
-        elif header[124:136] != self._size_field:
-            problem = f"member {_short(raw_name)} is not {self._payload} bytes"
-        elif buf[BLOCK:BLOCK + self._hdr_len] != self._npy_header:
-            problem = f"npy header is not {self.layout.dtype}[{self.layout.sample_tokens}]"
-        if problem:
-            raise CorruptShardError(f"shard {shard_location(self.manifest, shard)}: sample {index} at byte {offset}: {problem}; "
+            raise CorruptShardError(f"{where}: reading byte {offset} failed ({e.strerror or e}); {FIX_HINT}") from None
+        if len(buf) < size:
+            bad = index + len(buf) // self._stride
+            raise CorruptShardError(f"{where}: sample {bad} at byte {bad * self._stride}: file ends early (truncated); "
                                     f"{FIX_HINT}")
-        tokens = np.frombuffer(buf, self._dtype, offset=BLOCK + self._hdr_len)
-        if tokens.max() >= self.vocab_size:
-            raise CorruptShardError(f"shard {shard_location(self.manifest, shard)}: sample {index} at byte {offset}: "
-                                    f"token {int(tokens.max())} >= vocab_size {self.vocab_size}; {FIX_HINT}")
-        return name[:-len(MEMBER_SUFFIX)], tokens
+        rows = np.frombuffer(buf, np.uint8).reshape(count, self._stride)
+        tokens = self._check.tokens(rows)
+        problem = self._check.first_problem(rows, index, tokens)
+        if problem:
+            raise CorruptShardError(f"{where}: {problem}; {FIX_HINT}")
+        if index + count == shard["samples"]:  # and the tar end: read front to back, a URL's shard is then hashed
+            f.read(shard["bytes"] - offset - size)  # whole and checked against the manifest's (remote.RangeFile)
+        suffix = len(MEMBER_SUFFIX)
+        keys = [buf[k:k + 100].rstrip(b"\0")[:-suffix].decode("utf-8", "replace") for k in range(0, size, self._stride)]
+        return keys, tokens
 
     def close(self) -> None:
         for f in self._files.values():
@@ -514,8 +501,15 @@ class _MemberCheck:
         self.suffix = np.frombuffer(MEMBER_SUFFIX.encode(), np.uint8)
         self.dtype = layout.dtype.newbyteorder("<")
 
-    def first_problem(self, rows: np.ndarray, first: int) -> str | None:
-        """The first bad member of ``rows`` (members ``first``, ``first + 1``, ...) and what is wrong, or None."""
+    def tokens(self, rows: np.ndarray) -> np.ndarray:
+        """The tokens of each member of ``rows`` (C-contiguous [n, member_bytes] uint8): a [n, sample_tokens] view,
+        no copy."""
+        return np.ndarray((len(rows), self.layout.sample_tokens), self.dtype, rows, BLOCK + len(self.npy),
+                          (rows.strides[0], self.dtype.itemsize))
+
+    def first_problem(self, rows: np.ndarray, first: int, tokens: np.ndarray | None = None) -> str | None:
+        """The first bad member of ``rows`` (members ``first``, ``first + 1``, ...) and what is wrong, or None.
+        ``tokens``: ``self.tokens(rows)`` when the caller has it already."""
         hdr, n = rows[:, :BLOCK], len(rows)
         name = hdr[:, :100]
         end = np.where((name == 0).any(1), (name == 0).argmax(1), 100)  # name length
@@ -530,16 +524,16 @@ class _MemberCheck:
         checksum_ok = stored == hdr.sum(1, dtype=np.int64) - hdr[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
         h = len(self.npy)
         npy_ok = (rows[:, BLOCK:BLOCK + h] == self.npy).all(1)
-        tokens = rows[:, BLOCK + h:BLOCK + self.layout.payload_bytes]
-        tokens = np.ascontiguousarray(tokens).view(self.dtype)
-        tokens_ok = tokens.max(1) < self.vocab_size
-        checks = [(name_ok, f"member name is not {{key}}{MEMBER_SUFFIX} (not our layout)"),
-                  (checksum_ok, "tar header checksum mismatch"),
-                  (size_ok, f"member size is not {self.layout.payload_bytes} bytes (npy of "
-                            f"{self.layout.dtype}[{self.layout.sample_tokens}]): another seq_length or dtype"),
-                  (fields_ok, "tar header fields (mode, owner, mtime, type) are not those ShardWriter writes"),
-                  (npy_ok, f"npy header is not {self.layout.dtype}[{self.layout.sample_tokens}]"),
-                  (tokens_ok, f"a token >= vocab_size {self.vocab_size}")]
+        top = (self.tokens(rows) if tokens is None else tokens).max(1)
+        checks = [(name_ok, lambda i: f"member name is not {{key}}{MEMBER_SUFFIX} (not our layout)"),
+                  (checksum_ok, lambda i: "tar header checksum mismatch"),
+                  (size_ok, lambda i: f"member size is not {self.layout.payload_bytes} bytes (npy of "
+                                      f"{self.layout.dtype}[{self.layout.sample_tokens}]): another seq_length or "
+                                      "dtype"),
+                  (fields_ok, lambda i: "tar header fields (mode, owner, mtime, type) are not those ShardWriter "
+                                        "writes"),
+                  (npy_ok, lambda i: f"npy header is not {self.layout.dtype}[{self.layout.sample_tokens}]"),
+                  (top < self.vocab_size, lambda i: f"token {int(top[i])} >= vocab_size {self.vocab_size}")]
         good = np.ones(n, bool)
         for ok, _ in checks:
             good &= ok
@@ -547,7 +541,7 @@ class _MemberCheck:
             return None
         i = int(np.argmin(good))
         what = next(msg for ok, msg in checks if not ok[i])
-        return f"sample {first + i} at byte {(first + i) * self.layout.member_bytes}: {what}"
+        return f"sample {first + i} at byte {(first + i) * self.layout.member_bytes}: {what(i)}"
 
 
 def manifest_shards(manifest: dict, splits=None) -> list[dict]:
