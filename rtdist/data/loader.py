@@ -258,6 +258,9 @@ class _EpochStream(_BatchStream):
             shard, index = locate(first + i)
             count = min(runs[0], shard["samples"] - index, n - i)
             runs[0] = min(run, 2 * runs[0])
+            left = shard["samples"] - index - count
+            if left <= run and i + count + left < n:  # this shard's last runs: start the next one's fetches
+                reader.prefetch(locate(first + i + count + left)[0])
             return read(i, count)
 
         counts = n // self.B

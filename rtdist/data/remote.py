@@ -3,8 +3,9 @@ webdataset's ``pipe:`` (a command that writes the object to stdout).
 
 Our shard members have a fixed size, so a sample is one byte range: :class:`RangeFile` is a seekable, read-only file
 over ranged GETs that fetches small pieces on a jump (a resumed run fetches about one member per sample it needs)
-and doubling windows, read ahead in a background thread, while reading goes on front to back (streaming an epoch).
-At most two windows per open file are held in memory; with a cache folder (``cache.py``) whole shards are also
+and growing windows, two of them read ahead in background threads, while reading goes on front to back (streaming
+an epoch); the loader starts the next shard's first windows before it gets there (``RangeFile.prefetch``).
+At most three windows per open file are held in memory; with a cache folder (``cache.py``) whole shards are also
 downloaded to a node's disk in the background and read there once complete.
 
 Every request goes through :meth:`Store.call`: a failure that may pass (refused or reset connection, timeout,
@@ -28,6 +29,7 @@ import shlex
 import subprocess
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
@@ -38,6 +40,9 @@ URL_RE = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://")
 SCHEMES = ("s3", "gs", "gcs", "http", "https")
 MIN_FETCH = 64 << 10  # first fetch after a jump: a few members, not a shard
 MAX_FETCH = 4 << 20  # largest read-ahead window while reading front to back
+GROWTH = 4  # each window read front to back is this many times the last (each request costs ~10 ms on a server)
+AHEAD = 2  # windows in flight ahead of the one being read
+PREFETCH_FIRST = 1 << 20  # first window of an object fetched before it is read (RangeFile.prefetch)
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 5.0
 
 
@@ -317,11 +322,18 @@ class RangeFile(SeekableReader):
         self.store, self.url, self.size, self.expected = store, url, size, sha256
         self.max_fetch = max_fetch  # a shard also being downloaded whole reads ahead less
         self.pos = 0
-        self._chunks: dict[int, bytes] = {}  # start -> bytes; at most the current and the next window
-        self._ahead = None  # (start, future)
+        self._chunks: dict[int, bytes] = {}  # start -> bytes: the window being read
+        self._ahead: deque = deque()  # (start, end, future): the next windows, in flight in background threads
         self._window = MIN_FETCH
         self._last_end = -1
         self._hash, self._hashed = hashlib.sha256(), 0  # contiguous bytes from 0 hashed so far
+
+    def prefetch(self) -> None:
+        """Start fetching from the first byte in the background: the reader will read this object front to back
+        next (e.g. the next shard of an epoch), and its first read then waits on no request of its own."""
+        if self._last_end == -1 and not self._ahead:
+            self._last_end, self._window = 0, PREFETCH_FIRST // GROWTH
+            self._fill(0)
 
     # file protocol -----------------------------------------------------------------
     def read(self, n: int = -1) -> bytes:
@@ -343,7 +355,7 @@ class RangeFile(SeekableReader):
 
     def close(self) -> None:
         self._chunks.clear()
-        self._ahead = None
+        self._ahead.clear()
 
     def __enter__(self):
         return self
@@ -357,22 +369,30 @@ class RangeFile(SeekableReader):
             if start <= pos < start + len(chunk):
                 return start, chunk
         sequential = pos == self._last_end
-        if self._ahead is not None and self._ahead[0] == pos:
-            start, future = self._ahead
-            self._ahead = None
+        if self._ahead and self._ahead[0][0] == pos:
+            start, _, future = self._ahead.popleft()
             chunk = future.result()
-        else:
-            self._window = min(self.max_fetch, self._window * 2) if sequential else MIN_FETCH
+        else:  # a jump (windows fetched ahead are dropped), or reading went past them
+            self._ahead.clear()
+            self._window = min(self.max_fetch, self._window * GROWTH) if sequential else MIN_FETCH
             start = pos
             chunk = self.store.read_range(self.url, pos, min(self.size, max(want_end, pos + self._window)))
         self._chunks = {start: chunk}
         self._last_end = start + len(chunk)
         self._account(start, chunk)
-        if sequential and self._last_end < self.size:  # streaming: fetch the next window while this one is used
-            self._window = min(self.max_fetch, self._window * 2)
-            nxt, nend = self._last_end, min(self.size, self._last_end + self._window)
-            self._ahead = (nxt, _pool().submit(self.store.read_range, self.url, nxt, nend))
+        if sequential:  # streaming: keep the next windows in flight while this one is used
+            self._fill(self._last_end)
         return start, chunk
+
+    def _fill(self, end: int) -> None:
+        """Windows after byte ``end`` in flight, up to ``AHEAD`` of them, each ``GROWTH`` x the last (to
+        ``max_fetch``): small ones first so that a short read fetches little, then large ones, fewer requests."""
+        nxt = self._ahead[-1][1] if self._ahead else end
+        while len(self._ahead) < AHEAD and nxt < self.size:
+            self._window = min(self.max_fetch, self._window * GROWTH)
+            stop = min(self.size, nxt + self._window)
+            self._ahead.append((nxt, stop, _pool().submit(self.store.read_range, self.url, nxt, stop)))
+            nxt = stop
 
     def _account(self, start: int, chunk: bytes) -> None:
         if self.expected is None or start != self._hashed:

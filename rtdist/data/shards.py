@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CorruptShardError, DataError
+from ..errors import CorruptShardError, DataError, RtdistError
 from .remote import RangeFile, RemoteError, RemoteOptions, is_url, sibling, store_for
 from ..fileio import atomic_path
 
@@ -445,6 +445,17 @@ class ShardReader:
                 self._files.pop(next(iter(self._files))).close()
         self._files[shard["name"]] = f  # most recent last
         return f
+
+    def prefetch(self, shard: dict) -> None:
+        """Open ``shard``, the next one to be read front to back, and start its first fetches in the background
+        (a URL's first windows; through a cache folder, opening starts its download). A problem is left for the
+        read to raise."""
+        try:
+            f = self._open(shard)
+        except RtdistError:
+            return
+        if isinstance(f, RangeFile):
+            f.prefetch()
 
     def read(self, shard: dict, index: int) -> tuple[str, np.ndarray]:
         """Sample ``index`` of ``shard`` (a manifest shard entry): (key, tokens)."""
