@@ -242,19 +242,26 @@ def test_two_rank_training_from_s3_has_the_losses_of_local_files_and_a_killed_ru
 
 
 @pytest.mark.slow  # two training ranks (~1 min on 2 cores)
-def test_a_server_gone_mid_training_ends_every_rank_within_the_bound_and_the_reader_names_the_url(manifest, tmp_path):
+def test_a_server_gone_mid_training_ends_every_rank_within_the_bound_and_the_reader_names_the_url(tmp_path):
     """The rank whose read fails first ends with the URL's error; a peer waiting for it in a collective ends within
-    the same bound with the error naming that rank (its own reads may still have been served from its window)."""
+    the same bound with the error naming that rank (its own reads may still have been served from its window).
+    Each rank first trains on what it has read ahead (its shard and the next, and the DataLoader's prefetch): the
+    shards are 100 samples here, so that lasts seconds, as a few MB would last minutes on a GPU step."""
     from pathlib import Path
 
     from test_train_cli import start_ranks, wait_for_steps
+
+    from rtdist.data import build_demo_corpus, preprocess
+    build_demo_corpus(tmp_path / "corpus", max_bytes=1 << 20, book_bytes=64 << 10)
+    manifest = preprocess([str(tmp_path / "corpus")], str(tmp_path / "shards" / "demo"), seq_length=64, maxcount=100,
+                          progress=False, log=lambda *a, **k: None)["manifest_path"]
     server = Nginx(Path(manifest).parent, tmp_path / "nginx")
     run_dir = tmp_path / "run"
     ranks = start_ranks(f"{server.url}/{Path(manifest).name}", run_dir, "train.train_iters=100000",
                         "data.fetch_budget_s=5", "data.request_timeout_s=2", "train.dist_timeout_s=60")
     try:
         wait_for_steps(run_dir, 2, timeout=240)
-        server.stop()  # the next window of each rank's shard reads fails from now on
+        server.stop()  # each rank's next window (past what it has read ahead) fails from now on
         t0 = time.monotonic()
         errs = [p.communicate(timeout=120)[1] for p in ranks]
         took = time.monotonic() - t0

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 POLICIES = ("drop", "wrap")
 # bytes a sequential reader takes in one read (a run of whole members, checked at once)
 RUN_BYTES = 1 << 20
+# a worker's batches handed to the rank in one item: about this many bytes, at most GROUP_MAX batches
+GROUP_BYTES, GROUP_MAX = 256 << 10, 16
 # state_dict entries that fix which samples an epoch holds and in what order: a position means nothing under others
 DATA_KEYS = ("split", "shards", "seed", "shuffle")
 # state_dict entries of the layout that ordered the epoch: another layout continues the same global order
@@ -115,6 +117,24 @@ class _WorkerFailed:
         self.error = error
 
 
+def _in_order(items, start: int, epoch: int):
+    """The batches of ``items`` (single batches, or a worker's lists of them) by batch number from ``start``. The
+    DataLoader's in-order round robin hands the workers' lists over a round at a time, so at most a round waits."""
+    waiting, expected = {}, start
+    for item in items:
+        if isinstance(item, _WorkerFailed):
+            raise item.error
+        for batch in item if isinstance(item, list) else [item]:
+            if batch[0] < expected or batch[0] in waiting:
+                raise RuntimeError(f"loader got batch {batch[0]} of epoch {epoch} twice")
+            waiting[batch[0]] = batch
+        while expected in waiting:
+            yield waiting.pop(expected)
+            expected += 1
+    if waiting:
+        raise RuntimeError(f"epoch {epoch}: batch {expected} never came, while {sorted(waiting)[:5]} did")
+
+
 def _as_is(item):
     """The DataLoader's collate_fn: the item unchanged (its default would make the numpy batch a tensor in the
     worker, sent through a shared-memory file)."""
@@ -151,16 +171,32 @@ def fetch_counter(manifest: dict):
 
 
 class _BatchStream(IterableDataset):
-    """Yields ``self._batches()``; in a DataLoader worker an RtdistError is handed to the main process as a
-    ``_WorkerFailed`` item (re-raised there as the one-line error), not as a worker traceback."""
+    """Yields ``self._batches()``. In a DataLoader worker it yields them in lists of consecutive batches of this
+    worker (1, 2, 4, ... up to ``group`` of them, about ``GROUP_BYTES``): each item through the DataLoader's queues
+    costs a fraction of a millisecond in the rank's process whatever its size, which capped 2 workers at ~2000
+    batches/s. An RtdistError is handed to the main process as a ``_WorkerFailed`` item (re-raised there as the
+    one-line error), not as a worker traceback."""
+
+    group = 1
 
     def __iter__(self):
-        try:
+        if get_worker_info() is None:
             yield from self._batches()
+            return
+        items, size = [], 1
+        try:
+            for item in self._batches():
+                items.append(item)
+                if len(items) == size:
+                    yield items
+                    items, size = [], min(self.group, 2 * size)
         except RtdistError as e:
-            if get_worker_info() is None:
-                raise
+            if items:
+                yield items
             yield _WorkerFailed(e)
+            return
+        if items:
+            yield items
 
 
 class _ContinuedStream(_BatchStream):
@@ -467,6 +503,8 @@ class ShardLoader:
             stream = _EpochStream(self.manifest, self.shards, self.micro_batch_size, self.dp_rank, self.batches,
                                   self.num_workers, self.seed, epoch, self.shuffle, self.shuffle_buffer, start,
                                   self.skip_corrupt)
+        batch_bytes = self.micro_batch_size * self.manifest["sample_tokens"] * np.dtype(self.manifest["dtype"]).itemsize
+        stream.group = max(1, min(GROUP_MAX, GROUP_BYTES // batch_bytes))
         # Workers hand over numpy batches in the shards' dtype (uint16 for most vocabularies): pickled through the
         # queue, a quarter of the int64 bytes and no shared-memory file per batch, which is what limited 2 workers
         # on 2 cores. They become int64 tensors here.
@@ -475,12 +513,7 @@ class ShardLoader:
             prefetch_factor=self.prefetch_factor, multiprocessing_context=self.multiprocessing_context,
             worker_init_fn=leave_stop_signals_to_parent)  # a stop signal to the job is the rank's to handle
         expected = start
-        for item in batches:
-            if isinstance(item, _WorkerFailed):
-                raise item.error
-            j, tokens, keys, info = item
-            if j != expected:  # the order guarantee rests on the DataLoader's in-order round robin
-                raise RuntimeError(f"loader got batch {j} of epoch {epoch} while batch {expected} was due")
+        for j, tokens, keys, info in _in_order(batches, start, epoch):
             self._batch = expected = j + 1
             tokens = torch.from_numpy(tokens.astype(np.int64))
             if self.pin_memory:

@@ -318,9 +318,10 @@ class RangeFile(SeekableReader):
     Reading it front to back also hashes it: at the end, a ``sha256`` other than the expected one raises
     ``CorruptShardError`` naming the URL (parts read by jumps are checked by the reader's member checks only)."""
 
-    def __init__(self, store: Store, url: str, size: int, sha256: Optional[str] = None, max_fetch: int = MAX_FETCH):
+    def __init__(self, store: Store, url: str, size: int, sha256: Optional[str] = None, max_fetch: int = MAX_FETCH,
+                 ahead: int = AHEAD):
         self.store, self.url, self.size, self.expected = store, url, size, sha256
-        self.max_fetch = max_fetch  # a shard also being downloaded whole reads ahead less
+        self.max_fetch, self.ahead = max_fetch, ahead  # a shard also being downloaded whole reads ahead less
         self.pos = 0
         self._chunks: dict[int, bytes] = {}  # start -> bytes: the window being read
         self._ahead: deque = deque()  # (start, end, future): the next windows, in flight in background threads
@@ -385,10 +386,10 @@ class RangeFile(SeekableReader):
         return start, chunk
 
     def _fill(self, end: int) -> None:
-        """Windows after byte ``end`` in flight, up to ``AHEAD`` of them, each ``GROWTH`` x the last (to
+        """Windows after byte ``end`` in flight, up to ``self.ahead`` of them, each ``GROWTH`` x the last (to
         ``max_fetch``): small ones first so that a short read fetches little, then large ones, fewer requests."""
         nxt = self._ahead[-1][1] if self._ahead else end
-        while len(self._ahead) < AHEAD and nxt < self.size:
+        while len(self._ahead) < self.ahead and nxt < self.size:
             self._window = min(self.max_fetch, self._window * GROWTH)
             stop = min(self.size, nxt + self._window)
             self._ahead.append((nxt, stop, _pool().submit(self.store.read_range, self.url, nxt, stop)))

@@ -371,7 +371,7 @@ def open_shard(manifest: dict, shard: dict, check_size: bool = False):
         if cache_dir and not check_size:  # (the pre-flight check reads a few ranges: it starts no downloads)
             from .cache import RANGE_WINDOW, cache_for, open_through_cache
             cache = cache_for(cache_dir, manifest["remote_options"]["cache_limit_bytes"], store)
-            ranges = RangeFile(store, location, size, shard.get("sha256"), max_fetch=RANGE_WINDOW)
+            ranges = RangeFile(store, location, size, shard.get("sha256"), max_fetch=RANGE_WINDOW, ahead=1)
             return open_through_cache(cache, location, shard, ranges), size
         return RangeFile(store, location, size, shard.get("sha256")), size
     f = open(location, "rb")
