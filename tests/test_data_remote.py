@@ -241,6 +241,23 @@ def test_gs_shards_read_the_batches_of_the_local_files_and_a_missing_one_is_name
     assert time.monotonic() - t0 < 2  # not retried
 
 
+def test_a_gcs_server_gone_for_good_ends_in_one_error_naming_the_url_within_the_budget(local, tmp_path):
+    """gcsfs's own retries (31-36 s of backoff per request) are off: data.fetch_budget_s bounds gs:// too."""
+    server = GcsEmulator()
+    try:
+        server.upload_dir("gone-server", local.parent, "pg/")
+        streamed = loader("gs://gone-server/pg/u-manifest.json", 0, 1, workers=0,
+                          remote=RemoteOptions(server.options, budget_s=2, timeout_s=1))
+    finally:
+        server.stop()
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match=rf"reading gs://gone-server/pg/u-train-\d{{6}}\.tar \(endpoint "
+                                          rf"{server.endpoint}\): ClientConnectorError: .*still failing after \d+ "
+                                          r"tries over 2 s \(data.fetch_budget_s\)"):
+        batches(streamed)
+    assert 2 <= time.monotonic() - t0 < 2 + 1 + 2
+
+
 def test_gcs_refusals_are_access_denied_at_once_and_its_server_errors_are_retried():
     """gcsfs raises its own errors (OSError 'Forbidden: ...' for a 403, HttpError with a code otherwise): the
     GCS emulator has no credentials to refuse, so they come from gcsfs's own response check here."""

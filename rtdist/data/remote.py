@@ -28,6 +28,7 @@ import shlex
 import subprocess
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
@@ -164,8 +165,8 @@ class Store:
                     # Another endpoint (an emulator, a GCS-compatible store) speaks the JSON API only: gcsfs's
                     # default filesystem also asks it for the bucket's type over gRPC, retrying without end
                     from gcsfs.core import GCSFileSystem
-                    return GCSFileSystem(skip_instance_cache=True, timeout=t, **opts)
-                return fsspec.filesystem("gcs", skip_instance_cache=True, timeout=t, **opts)
+                    return _gcs_single_tries(GCSFileSystem(skip_instance_cache=True, timeout=t, **opts))
+                return _gcs_single_tries(fsspec.filesystem("gcs", skip_instance_cache=True, timeout=t, **opts))
             return fsspec.filesystem(scheme, skip_instance_cache=True, **opts)
         except ImportError as e:
             raise DataError(f"reading {scheme}:// URLs needs {e.name} (pip install 'rtdist[remote]')") from None
@@ -283,6 +284,16 @@ class Store:
         if scheme in ("http", "https", "pipe"):
             raise DataError(f"cannot write to {url}: {scheme} is read-only here (write to s3://, gs:// or a path)")
         self.call("uploading to", url, lambda: self.fs(scheme).pipe_file(url, data))
+
+
+def _gcs_single_tries(fs):
+    """``fs`` (a gcsfs filesystem) making each request once. gcsfs retries a failed request itself (6 tries, 31-36 s
+    of backoff) inside each of :meth:`Store.call`'s tries, past ``data.fetch_budget_s``; without its loop our budget
+    bounds gs:// as it bounds every other scheme. A gcsfs without the undecorated request keeps its own retries."""
+    request = getattr(type(fs)._request, "__wrapped__", None)
+    if request is not None:
+        fs._request = types.MethodType(request, fs)
+    return fs
 
 
 class _NoRange(Exception):
