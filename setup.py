@@ -38,8 +38,10 @@ setup(
         # s3:// through fsspec (s3fs); gs:// needs gcsfs. http(s):// needs nothing more.
         "remote": ["s3fs>=2023.1"],
         "gcs": ["gcsfs>=2023.1"],
-        # moto's standalone S3 server and boto3 serve the streaming tests (tests/object_servers.py).
-        "dev": ["pytest>=7", "pytest-timeout", "matplotlib", "s3fs>=2023.1", "moto[server]>=5", "boto3"],
+        # moto's standalone S3 server and boto3, and a GCS emulator with gcsfs, serve the streaming tests
+        # (tests/object_servers.py).
+        "dev": ["pytest>=7", "pytest-timeout", "matplotlib", "s3fs>=2023.1", "moto[server]>=5", "boto3",
+                "gcsfs>=2023.1", "gcp-storage-emulator"],
         "mpi": ["mpi4py", "mpich"],
     },
 )

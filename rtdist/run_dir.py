@@ -7,6 +7,7 @@
     RUN_DIR/result.json        how the run ended
     RUN_DIR/tensorboard/       event files of every logged step (rtdist.monitor; the default place)
     RUN_DIR/.lock              held (flock) by rank 0 while a job runs here
+    RUN_DIR/failures/          rank-N.txt: the error line of a rank that failed, read by its peers for theirs
 
 A run directory that holds an earlier run (a complete checkpoint, metrics, a result or an export) is continued
 with ``--resume auto`` or started over with ``--overwrite``; without either, training refuses to start there, so
@@ -39,6 +40,7 @@ class RunDir:
     export = property(lambda self: self.path / "model.safetensors", doc="the fp32 export of a completed run")
     result = property(lambda self: self.path / "result.json", doc="how the last segment ended")
     run_info = property(lambda self: self.path / "run_info.json", doc="code, command, layout and hosts per segment")
+    failures = property(lambda self: self.path / "failures", doc="each failed rank's error line (rtdist.watchdog)")
 
     def create(self) -> None:
         try:

@@ -45,7 +45,7 @@ from .monitor import Monitor
 from .parallel import ParallelDims, check_engine, parallelize
 from .provenance import record_segment
 from .run_dir import RunDir, RunLock
-from .watchdog import StopRequest, Watchdog
+from .watchdog import FailureNotes, StopRequest, Watchdog
 
 
 class _PrintConfigKeys(argparse.Action):
@@ -209,23 +209,28 @@ def train(cfg: Config, run_dir: Path, resume: Optional[str] = None, progress: Op
         lock = RunLock(rd)
         busy = None
         refusal = rd.refusal(resume, overwrite) if info.is_main else None  # before anything is written
+        segment = f"{os.getpid()}-{time.time_ns()}" if info.is_main else None  # names this segment's failure notes
         if info.is_main and refusal is None:
             rd.create()
             busy = lock.acquire()
             if busy is None and overwrite and (removed := rd.clear()):
                 print(f"--overwrite: deleted {', '.join(removed)} of the earlier run in {run_dir}; starting from "
                       f"step 0", flush=True)
-        refusal, busy = rdist.broadcast_object((refusal, busy))
+        refusal, busy, segment = rdist.broadcast_object((refusal, busy, segment))
         if refusal:
             raise UsageError(refusal)
         if busy:
             raise RtdistError(f"--run-dir {run_dir} is in use by another job ({busy}): wait for it to finish, or "
                               f"use another --run-dir")
+        if info.world_size > 1:
+            watchdog.notes = FailureNotes(rd.failures, info.rank, info.world_size, segment)
         return _train(cfg, rd, resume, progress, info, stop, watchdog)
     except Exception as e:
         if is_peer_failure(e):
             raise PeerTimeoutError(f"rank {info.rank}: a collective failed ({str(e).splitlines()[0][:160]})"
                                    f"{watchdog.peers_suffix()}") from e
+        if watchdog.notes is not None:  # before this rank leaves the group: the peers' lines will say why
+            watchdog.notes.record(e)
         raise
     finally:
         if lock is not None:

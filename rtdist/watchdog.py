@@ -14,6 +14,9 @@ itself: the main thread sits in C++ and Python signal handlers do not run. So a 
   The C-level handler also writes the signal number to a wakeup socket this thread reads, so SIGTERM is seen even
   while the main thread is blocked: if no step boundary comes within ``grace_s``, the process exits (143) without a
   checkpoint; outside a step (start-up) at once; a second SIGTERM (not a copy of the first, below) at once.
+* **Why a peer stopped.** A rank that fails on its own (a URL it cannot read, a corrupt shard, a bug) writes its
+  error line where every rank can read it (:class:`FailureNotes`, in the run directory) before it leaves the process
+  group; a peer whose collective then breaks ends with that line rather than only the name of the rank that stopped.
 * **One stop, many deliveries.** A signal to the job reaches a rank several times: SLURM, ``kill -TERM -PGID`` and
   Ctrl-C signal the whole process group, and torchrun / srun / our launcher pass the same signal on to each rank.
   Copies within ``DUPLICATE_S`` of the first are the same request; only a later one is the impatient second
@@ -30,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 EXIT_PEER_TIMEOUT = 3
@@ -92,6 +96,48 @@ class StopRequest:
             signal.signal(sig, old)
 
 
+class FailureNotes:
+    """Each rank's one-line cause of failure, as files in ``folder`` (``RUN_DIR/failures/rank-N.txt``) that its
+    peers read when their collective breaks. A rank writes its line before it leaves the process group, so the line
+    is there by the time a peer's collective fails. Each note carries the run segment's id (rank 0's, given to every
+    rank at start): a note an earlier segment left is never read as this one's. Notes are a courtesy to the error
+    lines: a folder that cannot be written (or that other nodes do not share) only leaves the peers' lines as they
+    were, naming the rank that stopped."""
+
+    MAX_CHARS = 1000
+
+    def __init__(self, folder, rank: int, world_size: int, segment: str):
+        self.folder, self.rank, self.world_size, self.segment = Path(folder), rank, world_size, segment
+
+    def _path(self, rank: int):
+        return self.folder / f"rank-{rank}.txt"
+
+    def record(self, error: BaseException) -> None:
+        """Write this rank's cause of failure: the error's one-line message (its type and text for a bug)."""
+        from .errors import user_error_message
+        from .fileio import atomic_write_text
+        line = " ".join((user_error_message(error) or f"{type(error).__name__}: {error}").split())
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self._path(self.rank), f"{self.segment}\n{line[:self.MAX_CHARS]}\n")
+        except OSError:
+            pass  # the rank's own error line still says it; only its peers' lines stay less specific
+
+    def peers(self) -> list[tuple[int, str]]:
+        """(rank, its line) of every other rank that failed in this segment, in rank order."""
+        out = []
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            try:
+                segment, _, line = self._path(r).read_text().partition("\n")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if segment == self.segment and line.strip():
+                out.append((r, line.strip()))
+        return out
+
+
 class Watchdog:
     """See the module docstring. ``store_addr`` (host, port) is the rendezvous store's; None in a single process
     (no peers to wait for: only the signal handling runs)."""
@@ -110,6 +156,7 @@ class Watchdog:
         self._threads: list[threading.Thread] = []
         self._rfd = self._wfd = None
         self._old_wakeup = None
+        self.notes: Optional[FailureNotes] = None  # set once the run directory and the segment are known
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> "Watchdog":
@@ -298,12 +345,22 @@ class Watchdog:
                     f"the launcher) or its host stopped")
         return result[0]
 
+    def noted_failures(self) -> str:
+        """The error lines of the peers that failed on their own ("" when none left one)."""
+        noted = self.notes.peers() if self.notes is not None else []
+        return "; ".join(f"rank {r} failed: {line}" for r, line in noted)
+
     def peers_suffix(self) -> str:
-        """``": <which peers stopped answering>"`` for an error line ("" in a single process)."""
+        """``": <why the peers stopped>"`` for an error line ("" in a single process): the error line of a peer that
+        failed on its own, else which peers stopped answering."""
         if self.store_addr is None:
             return ""
+        noted = self.noted_failures()
+        if noted:
+            return f": {noted}"
         try:
             d = self.diagnose()
         except Exception as e:  # noqa: BLE001
             d = f"could not ask the other ranks ({type(e).__name__}: {e})"
-        return f": {d}" if d else ""
+        noted = self.noted_failures()  # a peer may have written its line while we were asking
+        return f": {noted or d}" if noted or d else ""

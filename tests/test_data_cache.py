@@ -1,6 +1,7 @@
 """The node's shard cache (data.cache_dir, data.cache_limit_gb) against real servers on 127.0.0.1 (nginx, moto's S3
 server): the same batches as without it, a second epoch served from disk, one download per shard when processes
-want it at once, the limit held with two ranks sharing the folder, a corrupted object fetched again once and named."""
+want it at once, the limit held with two ranks sharing the folder, a corrupted object fetched again once and named, a
+shard damaged once in transit fetched again and read right."""
 
 import multiprocessing as mp
 import re
@@ -9,7 +10,7 @@ import time
 
 import pytest
 from data_helpers import uneven_shards
-from object_servers import MotoServer, Nginx
+from object_servers import DamagingServer, MotoServer, Nginx
 from test_data_remote import BUCKET, MEMBER, batches, corrupt_copy, loader, s3_options, same
 
 from rtdist.config import load_config
@@ -227,6 +228,25 @@ def test_a_corrupted_object_is_downloaded_again_once_then_named_with_both_hashes
         batches(loader(url, 0, 1, workers=0, shuffle=False,
                        remote=RemoteOptions(s3_options(moto).storage_options, cache_dir=str(tmp_path / "c2"),
                                             cache_limit_bytes=10 ** 6)))
+
+
+def test_a_shard_damaged_on_its_first_download_and_right_on_the_second_is_read_right(local, tmp_path):
+    """The server sends one damaged copy of a shard (a token byte: only the sha256 sees it) to its first download,
+    then the right bytes: the cache fetches it again and keeps the second copy, and the reader's batches are those
+    of the local files, with no error."""
+    name = "u-train-000000.tar"
+    server = DamagingServer(local.parent, damaged={name}, offset=7 * MEMBER + 512 + 128 + 10)
+    folder = tmp_path / "cache"
+    try:
+        got = batches(loader(f"{server.url}/u-manifest.json", 0, 1, workers=0, shuffle=False, remote=cached(folder)))
+        wait_for(lambda: len(shard_files(folder)) == len(COUNTS))
+    finally:
+        server.stop()
+    assert same(got, batches(loader(local, 0, 1, workers=0, shuffle=False)))
+    assert server.whole_gets[name] == 2  # the damaged download, then the one kept
+    shard = load_manifest(local)["splits"]["train"]["shards"][0]
+    assert (folder / cached_name(shard)).read_bytes() == (local.parent / name).read_bytes()
+    assert not list(folder.glob("*.tmp"))
 
 
 @pytest.mark.slow  # two 2-rank training jobs (~2 min on 2 cores)

@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import threading
 import time
+import types
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -161,7 +162,16 @@ class Store:
                 return fsspec.filesystem("https" if scheme == "https" else "http", client_kwargs=client_kwargs,
                                          skip_instance_cache=True, **opts)
             if scheme in ("gs", "gcs"):
-                return fsspec.filesystem("gcs", skip_instance_cache=True, timeout=t, **opts)
+                import aiohttp
+
+                # gcsfs bounds a request by requests_timeout only (its timeout is for a few sync calls)
+                opts.setdefault("requests_timeout", aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t))
+                if opts.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST"):
+                    # Another endpoint (an emulator, a GCS-compatible store) speaks the JSON API only: gcsfs's
+                    # default filesystem also asks it for the bucket's type over gRPC, retrying without end
+                    from gcsfs.core import GCSFileSystem
+                    return _gcs_single_tries(GCSFileSystem(skip_instance_cache=True, timeout=t, **opts))
+                return _gcs_single_tries(fsspec.filesystem("gcs", skip_instance_cache=True, timeout=t, **opts))
             return fsspec.filesystem(scheme, skip_instance_cache=True, **opts)
         except ImportError as e:
             raise DataError(f"reading {scheme}:// URLs needs {e.name} (pip install 'rtdist[remote]')") from None
@@ -170,9 +180,43 @@ class Store:
 
     def where(self, url: str) -> str:
         """The endpoint a URL goes to, for messages."""
-        if scheme_of(url) == "s3":
+        scheme = scheme_of(url)
+        if scheme == "s3":
             return f" (endpoint {s3_endpoint(self.options.for_scheme('s3')) or 'AWS default'})"
+        if scheme in ("gs", "gcs"):
+            endpoint = self.options.for_scheme(scheme).get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
+            return f" (endpoint {endpoint})" if endpoint else ""
         return ""
+
+    def credentials_hint(self, url: str) -> str:
+        """What to check when the server behind ``url`` refuses us: which credentials were sent and where they were
+        set (the access key id is named, never a secret)."""
+        scheme = scheme_of(url)
+        opts = self.options.for_scheme(scheme)
+        if scheme == "s3":
+            if opts.get("anon"):
+                return ("no credentials were sent (data.storage_options anon: true): remove it and give key/secret, "
+                        "or make the bucket public")
+            profile = opts.get("profile") or os.environ.get("AWS_PROFILE")
+            if opts.get("key"):
+                key, where = opts["key"], "data.storage_options key/secret"
+            elif os.environ.get("AWS_ACCESS_KEY_ID"):
+                key, where = os.environ["AWS_ACCESS_KEY_ID"], "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            elif profile:
+                return (f"check the keys of profile {profile} in ~/.aws/credentials (or set data.storage_options "
+                        "key/secret), and the bucket's permissions")
+            else:
+                return ("no access key was set, so botocore's defaults were used (~/.aws/credentials, the instance's "
+                        "role): set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or data.storage_options key/secret, and "
+                        "check the bucket's permissions")
+            return (f"check the access key {key} and its secret ({where}; data.storage_options wins over the "
+                    "environment and ~/.aws), and the bucket's permissions for that key")
+        if scheme in ("gs", "gcs"):
+            return ("check the credentials (data.storage_options token, GOOGLE_APPLICATION_CREDENTIALS, gcloud's "
+                    "default login) and the bucket's permissions")
+        if scheme in ("http", "https"):
+            return "the server refused the request: give what it asks for in data.storage_options (e.g. headers)"
+        return "check the credentials in data.storage_options and the object's permissions"
 
     # ------------------------------------------------------------------ requests
     def call(self, what: str, url: str, fn):
@@ -183,7 +227,7 @@ class Store:
             try:
                 return fn()
             except Exception as e:  # noqa: BLE001 - every transport has its own exception tree
-                permanent = permanent_cause(e)
+                permanent = permanent_cause(e, self.credentials_hint(url))
                 if permanent:
                     raise RemoteError(f"{what} {url}{self.where(url)}: {permanent}",
                                       not_found=isinstance(e, FileNotFoundError)) from None
@@ -247,6 +291,16 @@ class Store:
         self.call("uploading to", url, lambda: self.fs(scheme).pipe_file(url, data))
 
 
+def _gcs_single_tries(fs):
+    """``fs`` (a gcsfs filesystem) making each request once. gcsfs retries a failed request itself (6 tries, 31-36 s
+    of backoff) inside each of :meth:`Store.call`'s tries, past ``data.fetch_budget_s``; without its loop our budget
+    bounds gs:// as it bounds every other scheme. A gcsfs without the undecorated request keeps its own retries."""
+    request = getattr(type(fs)._request, "__wrapped__", None)
+    if request is not None:
+        fs._request = types.MethodType(request, fs)
+    return fs
+
+
 class _NoRange(Exception):
     def __init__(self, got: int):
         super().__init__(f"the server ignored the Range header (sent {got} bytes): serve the shards from a server "
@@ -270,22 +324,45 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(text.split())[:300]}"
 
 
-def permanent_cause(e: BaseException) -> Optional[str]:
-    """What makes ``e`` a failure retrying cannot fix (None: it may pass)."""
+CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
+                    "InvalidClientTokenId")
+
+
+def error_code(e: BaseException) -> Optional[str]:
+    """The S3 error code (``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, ...) behind ``e``: s3fs turns botocore's
+    ClientError into a PermissionError or FileNotFoundError holding only the message, the ClientError as its cause."""
+    for err in (e, e.__cause__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            return response["Error"].get("Code")
+    return None
+
+
+def permanent_cause(e: BaseException, credentials: str = "check the credentials and the bucket's permissions"
+                    ) -> Optional[str]:
+    """What makes ``e`` a failure retrying cannot fix (None: it may pass); ``credentials`` says what to check
+    when the server refused ours (:meth:`Store.credentials_hint`)."""
     if isinstance(e, _NoRange):
         return str(e)
     if isinstance(e, FileNotFoundError):
         return "not found (404): is the manifest's location right, and was every shard uploaded?"
-    if isinstance(e, PermissionError):
-        return (f"access denied ({describe(e)}): check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                "~/.aws, data.storage_options key/secret) and the bucket's permissions")
+    code = error_code(e)
     text = str(e)
-    for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "NoSuchBucket", "InvalidBucketName"):
-        if code in text:
-            return f"{code}: {describe(e)} (check the credentials, the bucket name and the endpoint)"
+    if code is None:
+        code = next((c for c in CREDENTIAL_CODES + ("NoSuchBucket", "InvalidBucketName") if c in text), None)
+    forbidden = isinstance(e, OSError) and text.startswith("Forbidden:")  # gcsfs's 403
+    if isinstance(e, PermissionError) or code in CREDENTIAL_CODES or forbidden:
+        said = " ".join(text.split())[:200] or type(e).__name__
+        return f"access denied ({code or type(e).__name__}: {said}): {credentials}"
+    if code in ("NoSuchBucket", "InvalidBucketName"):
+        return f"{code}: {describe(e)} (check the bucket name and the endpoint)"
     status = getattr(e, "status", None)  # aiohttp's ClientResponseError
     if not isinstance(status, int) and isinstance(getattr(e, "response", None), dict):  # botocore's ClientError
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if not isinstance(status, int) and isinstance(getattr(e, "code", None), int):  # gcsfs's HttpError
+        status = e.code
+    if status in (401, 403):
+        return f"access denied (HTTP {status}: {describe(e)}): {credentials}"
     if isinstance(status, int) and 400 <= status < 500 and status not in (408, 425, 429):
         return f"HTTP {status} ({describe(e)})"
     return None
