@@ -295,8 +295,8 @@ class _EpochStream(_BatchStream):
             count = min(runs[0], shard["samples"] - index, n - i)
             runs[0] = min(run, 2 * runs[0])
             left = shard["samples"] - index - count
-            if left <= run and i + count + left < n:  # this shard's last runs: start the next one's fetches
-                reader.prefetch(locate(first + i + count + left)[0])
+            if runs[0] == run and left <= run and i + count + left < n:  # streaming (not a first batch), in this
+                reader.prefetch(locate(first + i + count + left)[0])  # shard's last runs: start the next one
             return read(i, count)
 
         counts = n // self.B
