@@ -417,8 +417,9 @@ class ShardReader:
     """Random access to the samples of one split's shards, checking each member against the layout.
 
     Cheap checks on every read (file size; each member's tar header, npy header and token range, as
-    ``check_shards`` checks them) catch truncated, overwritten and foreign files with an error naming the shard; the sha256 in the manifest is checked only by
-    ``check_shards(mode="full")`` and ``verify_shards`` (a full read)."""
+    ``check_shards`` checks them) catch truncated, overwritten and foreign files with an error naming the shard;
+    the sha256 in the manifest is checked by ``check_shards(mode="full")`` and ``verify_shards`` (a full read), and
+    for a URL's shard read front to back by ``RangeFile``."""
 
     def __init__(self, manifest: dict, max_open: int = 4):
         self.layout = layout_of(manifest)
