@@ -9,7 +9,8 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a second path to something the default run already covers (real "
-                            "mpirun, the same-shape sbatch resubmission, tool dry runs, aliases of a tested policy); "
+                            "mpirun, the same-shape sbatch resubmission, tool dry runs, aliases of a tested policy, engine cases and "
+                            "config rows another default test covers); "
                             "`make test` leaves them out, `make test-all` runs them")
 
 

@@ -269,7 +269,8 @@ _RUN_CACHE: dict = {}
 
 def finished_run(tmp: Path) -> Path:
     """A finished 2-step tiny run (checkpoint every step, export) copied to tmp/run, with its shards at tmp/out/pg.
-    Trained once per session, in a subprocess (as users run it)."""
+    Trained once per session, in a subprocess (as users run it), with the torch engine: the rows fail before any
+    engine is built (the model shape, the checkpoint files, the export), and it starts without DeepSpeed."""
     import shutil
     import subprocess
     import sys
@@ -278,7 +279,8 @@ def finished_run(tmp: Path) -> Path:
         cache = Path(tempfile.mkdtemp(prefix="rtdist-bad-inputs-"))
         shards(cache)
         r = subprocess.run([sys.executable, "-m", "rtdist.train", *TINY, "--set", "data.manifest=out/pg-manifest.json",
-                            "--set", "train.train_iters=2", "--set", "train.save_interval=1", "--run-dir", "run"],
+                            "--set", "train.train_iters=2", "--set", "train.save_interval=1", "--set",
+                            "train.engine=torch", "--set", "train.zero_stage=0", "--run-dir", "run"],
                            cwd=cache, capture_output=True, text=True, timeout=300,
                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
         assert r.returncode == 0, r.stderr[-3000:]

@@ -20,17 +20,27 @@ STEPS, MICRO, SEQ = 8, 2, 64
 
 @pytest.fixture(scope="module")
 def two_runs(manifest, tmp_path_factory):
-    """Two 8-step runs of the tiny model (one process, engine torch), eval and a checkpoint every 4 steps."""
+    """Two 8-step runs of the tiny model (one process, engine torch), eval and a checkpoint every 4 steps; side by
+    side, one thread each (mostly start-up: together they take little more than one)."""
     d = tmp_path_factory.mktemp("runs")
+    procs = []
     for name, lr in (("fast", "3e-3"), ("slow", "3e-4")):
         sets = [f"data.manifest={manifest}", f"train.seq_length={SEQ}", "model.window_size=16",
                 f"train.train_micro_batch_size_per_gpu={MICRO}", f"train.train_iters={STEPS}", "train.log_interval=1",
                 "train.eval_interval=4", "train.eval_iters=2", "train.save_interval=4", "train.engine=torch",
                 "train.zero_stage=0", f"train.lr={lr}", "data.num_workers=0"]
         cmd = [sys.executable, "-m", "rtdist.train", "--config", "configs/tiny.yaml", "--run-dir", str(d / name)]
-        r = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-        assert r.returncode == 0, r.stderr[-3000:]
+        procs.append(subprocess.Popen(cmd + [a for s in sets for a in ("--set", s)], cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}))
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     return d / "fast", d / "slow"
 
 

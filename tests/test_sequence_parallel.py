@@ -7,7 +7,7 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from rank_processes import run_ranks
 
 N = 64
 
@@ -35,8 +35,7 @@ def init(rank, world, port):
 
 
 def spawn(fn, world, *args):
-    mp.start_processes(run_and_shut_down, args=(fn, world, free_port()) + args, nprocs=world, start_method="spawn",
-                       join=True)
+    run_ranks(run_and_shut_down, world, fn, world, free_port(), *args)
 
 
 def run_and_shut_down(rank, fn, world, port, *args):

@@ -1,6 +1,7 @@
 """The training command as users run it (torchrun, 2 gloo ranks): exact resume, crash-safe checkpoints, faults."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,26 +42,43 @@ def losses(run_dir):
     return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_mid_run_gives_the_losses_of_an_uninterrupted_run(manifest, tmp_path):
-    # With data-seeded centroids: the resumed run continues from the checkpoint's centroids.
-    straight = run(train_cmd(2, manifest, tmp_path / "a", "train.train_iters=12", "train.kmeans_init=data"))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    first = run(train_cmd(2, manifest, tmp_path / "b", "train.train_iters=12", "train.save_interval=6",
-                          "train.kmeans_init=data"),
-                RTDIST_FAULT="step:7")  # killed abruptly during step 7, after the step-6 checkpoint
+# The run most tests here start from: 2 ranks (torchrun), DeepSpeed ZeRO-2, data-seeded centroids (tiny.yaml),
+# checkpoints at steps 2 and 4, the export. Trained once per module (each torchrun start-up costs ~10 s); a test
+# that changes it works on its own copy (copy_of).
+FINISHED_SETS = ("train.train_iters=4", "train.save_interval=2")
+
+
+@pytest.fixture(scope="module")
+def finished(manifest, tmp_path_factory):
+    """The finished run's directory; read it, never change it."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    r = run(train_cmd(2, manifest, run_dir, *FINISHED_SETS))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ckpt.complete_steps(run_dir / "checkpoints") == [2, 4] and (run_dir / "model.safetensors").is_file()
+    return run_dir
+
+
+def copy_of(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def test_resume_mid_run_gives_the_losses_of_an_uninterrupted_run(manifest, finished, tmp_path):
+    # With data-seeded centroids: the resumed run continues from the checkpoint's centroids, not new ones.
+    first = run(train_cmd(2, manifest, tmp_path / "b", *FINISHED_SETS),
+                RTDIST_FAULT="step:3")  # killed abruptly during step 3, after the step-2 checkpoint
     assert first.returncode != 0
-    assert ckpt.resolve_resume(tmp_path / "b" / "checkpoints", "auto").name == "global_step6"
-    second = run(train_cmd(2, manifest, tmp_path / "b", "train.train_iters=12", "train.kmeans_init=data",
-                           resume="auto"))
+    assert ckpt.resolve_resume(tmp_path / "b" / "checkpoints", "auto").name == "global_step2"
+    second = run(train_cmd(2, manifest, tmp_path / "b", *FINISHED_SETS, resume="auto"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
-    a = losses(tmp_path / "a")
-    b = losses(tmp_path / "b")  # steps 1-6 from the first process, 7-12 from the resumed one
+    a = losses(finished)  # the uninterrupted run
+    b = losses(tmp_path / "b")  # steps 1-2 from the first process, 3-4 from the resumed one
     steps_b = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert len(a) == 12 and steps_b == list(range(1, 13))
+    assert len(a) == 4 and steps_b == list(range(1, 5))
     assert a == b  # identical, not merely close: weights, optimizer, centroids, data position and RNG restored
     segments = json.loads((tmp_path / "b" / "run_info.json").read_text())["segments"]
-    assert [s["start_step"] for s in segments] == [0, 6] and segments[1]["resumed_from"].endswith("global_step6")
+    assert [s["start_step"] for s in segments] == [0, 2] and segments[1]["resumed_from"].endswith("global_step2")
     first = segments[0]
     assert first["world"] == {"world_size": 2, "data_parallel": 2, "sequence_parallel": 1, "source": "env"}
     assert len(first["hosts"]) == 2 and "rtdist.train" in first["command"] and first["torch"]
@@ -84,18 +102,25 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(manifest, t
     assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))  # the next save cleaned up the crashed one
 
 
-@pytest.mark.parametrize("policy", ["none", "full"])
-def test_the_export_loads_for_evaluation(manifest, tmp_path, policy):
-    """Also when blocks are wrapped for activation checkpointing (their parameters' names carry the wrapper's
-    level in ZeRO's checkpoint; the export must use the model's own names and keep the k-means state)."""
-    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=4", "train.zero_stage=2",
-                      f"train.checkpoint_policy={policy}"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    ev = run([sys.executable, "-m", "rtdist.evaluate", "--checkpoint", str(tmp_path), "--max-batches", "2"])
+def assert_the_export_evaluates(run_dir):
+    ev = run([sys.executable, "-m", "rtdist.evaluate", "--checkpoint", str(run_dir), "--max-batches", "2"])
     assert ev.returncode == 0, ev.stderr[-3000:]
     metrics = json.loads(ev.stdout[ev.stdout.index("{"):])
     assert metrics["tokens"] == 2 * 64 and 0 < metrics["loss"] < 6
     assert metrics["bits_per_byte"] == pytest.approx(metrics["bits_per_token"], rel=0.05)  # bytes tokenizer
+
+
+def test_the_export_of_two_ranks_zero_partitions_loads_for_evaluation(finished):
+    assert_the_export_evaluates(finished)
+
+
+def test_the_export_loads_for_evaluation_when_blocks_are_checkpointed(manifest, tmp_path):
+    """Blocks wrapped for activation checkpointing: their parameters' names carry the wrapper's level in ZeRO's
+    checkpoint; the export must use the model's own names and keep the k-means state."""
+    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=4", "train.zero_stage=2",
+                      "train.checkpoint_policy=full"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_the_export_evaluates(tmp_path)
 
 
 def test_a_dead_rank_makes_the_others_exit_within_the_timeout(manifest, tmp_path):
@@ -121,11 +146,16 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_with_a_message(manifest,
     assert "3 steps in a row had a non-finite loss" in r.stderr
 
 
+# Each row starts 2 ranks under torchrun (~7 s). The slow rows are also rows of test_bad_inputs.py (one rank,
+# in-process); the default run keeps the 2-rank path for a global batch check (data-parallel size 2) and a data
+# check.
 @pytest.mark.parametrize("sets, message", [
     (["train.train_batch_size=3"], "train.train_batch_size (3) must equal"),
-    (["train.engine=torch", "train.zero_stage=2"], "needs engine deepspeed or fairscale"),
-    (["train.seq_length=128"], "exceeds the shards' seq_length (64)"),
-    (["model.vocab_size=100"], "model.vocab_size (100) is smaller than the tokenizer's vocabulary (257)"),
+    pytest.param(["train.engine=torch", "train.zero_stage=2"], "needs engine deepspeed or fairscale",
+                 marks=pytest.mark.slow),
+    pytest.param(["train.seq_length=128"], "exceeds the shards' seq_length (64)", marks=pytest.mark.slow),
+    pytest.param(["model.vocab_size=100"], "model.vocab_size (100) is smaller than the tokenizer's vocabulary (257)",
+                 marks=pytest.mark.slow),
     (["train.seq_length=32"], "hold 64 tokens and train.seq_length is 32: training would read the first 33 of each "
                               "and skip 49% of the corpus. Preprocess with --seq-length 32"),
 ])
@@ -169,12 +199,11 @@ def test_data_seeded_centroids_are_rank_zeros_on_every_rank(manifest, tmp_path):
     import socket
 
     import torch
-    import torch.multiprocessing as mp
+    from rank_processes import run_ranks
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(seeding_worker, args=(2, port, manifest, str(tmp_path / "m")), nprocs=2, start_method="spawn",
-                       join=True)
+    run_ranks(seeding_worker, 2, 2, port, manifest, str(tmp_path / "m"))
     r0, r1 = (torch.load(tmp_path / f"m.{r}") for r in range(2))
     assert all(r0["initted"]) and all(r1["initted"])
     for a, b, own0, own1 in zip(r0["shared"], r1["shared"], r0["own"], r1["own"]):
@@ -238,35 +267,34 @@ def test_sigterm_ends_a_rank_whose_peer_is_stopped_within_seconds(manifest, tmp_
     assert "SIGTERM" in err and "rank 1" in err
 
 
-def test_resubmitting_a_finished_run_never_loses_its_checkpoint(manifest, tmp_path):
-    for attempt in range(3):  # what a resubmission or a SLURM requeue of a finished job does
-        r = run(train_cmd(2, manifest, tmp_path, "train.train_iters=4", resume="auto"))
+def test_resubmitting_a_finished_run_never_loses_its_checkpoint(manifest, finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path / "run")
+    for _ in range(2):  # what a resubmission or a SLURM requeue of a finished job does, twice
+        r = run(train_cmd(2, manifest, run_dir, *FINISHED_SETS, resume="auto"))
         assert r.returncode == 0, r.stderr[-3000:]
-        assert ckpt.complete_steps(tmp_path / "checkpoints") == [4]
-        assert not ckpt.verify(tmp_path / "checkpoints" / "global_step4")
-        if attempt:
-            assert "resumed from" in r.stdout and "nothing left to train" in r.stdout
-    assert len(losses(tmp_path)) == 4  # trained once
+        assert "resumed from" in r.stdout and "nothing left to train" in r.stdout
+        assert ckpt.complete_steps(run_dir / "checkpoints") == [2, 4]
+        assert not ckpt.verify(run_dir / "checkpoints" / "global_step4")
+    assert len(losses(run_dir)) == 4  # trained once
 
 
-def test_a_rerun_without_resume_is_refused_and_overwrite_starts_over(manifest, tmp_path):
-    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=3", "train.save_interval=2"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
-    refused = run(train_cmd(1, manifest, tmp_path, "train.train_iters=5"))  # the forgotten --resume
+def test_a_rerun_without_resume_is_refused_and_overwrite_starts_over(manifest, finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path / "run")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    refused = run(train_cmd(1, manifest, run_dir, "train.train_iters=5"))  # the forgotten --resume
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.splitlines()[-1] == (
-        f"error: --run-dir {tmp_path} holds an earlier run (last complete checkpoint {tmp_path}/checkpoints/"
-        f"global_step3, result.json: completed at step 3, metrics.jsonl with 3 logged steps, model.safetensors): "
+        f"error: --run-dir {run_dir} holds an earlier run (last complete checkpoint {run_dir}/checkpoints/"
+        f"global_step4, result.json: completed at step 4, metrics.jsonl with 4 logged steps, model.safetensors): "
         f"continue it with --resume auto, or start over in a new --run-dir, or here with --overwrite (deletes its "
         f"checkpoints and metrics)")
-    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "checkpoints" / "global_step5").exists()
-    again = run(train_cmd(1, manifest, tmp_path, "train.train_iters=2") + ["--overwrite"])
+    assert {p: p.read_bytes() for p in before} == before and not (run_dir / "checkpoints" / "global_step5").exists()
+    again = run(train_cmd(1, manifest, run_dir, "train.train_iters=2") + ["--overwrite"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert ("--overwrite: deleted checkpoints, metrics.jsonl, result.json, model.safetensors, tensorboard, "
             "run_info.json of the earlier run") in again.stdout
-    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert ckpt.complete_steps(tmp_path / "checkpoints") == [2]
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert ckpt.complete_steps(run_dir / "checkpoints") == [2]
 
 
 def flip_byte(path: Path, offset: int = 2000) -> None:
@@ -277,31 +305,29 @@ def flip_byte(path: Path, offset: int = 2000) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
-def test_a_corrupt_checkpoint_is_named_and_skipped_for_the_previous_one(manifest, tmp_path):
-    r = run(train_cmd(2, manifest, tmp_path, "train.train_iters=4", "train.save_interval=2"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    flip_byte(tmp_path / "checkpoints" / "global_step4" / "rtdist_rank1.pt")
-    r = run(train_cmd(2, manifest, tmp_path, "train.train_iters=6", "train.save_interval=2", resume="auto"))
+def test_a_corrupt_checkpoint_is_named_and_skipped_for_the_previous_one(manifest, finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path / "run")
+    flip_byte(run_dir / "checkpoints" / "global_step4" / "rtdist_rank1.pt")
+    r = run(train_cmd(2, manifest, run_dir, "train.train_iters=6", "train.save_interval=2", resume="auto"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "global_step4 is corrupt (rtdist_rank1.pt does not match its sha256" in r.stdout
     assert "resumed from" in r.stdout and "global_step2 at step 2" in r.stdout
-    assert ckpt.complete_steps(tmp_path / "checkpoints") == [2, 4, 6]
-    assert not ckpt.verify(tmp_path / "checkpoints" / "global_step4")  # rewritten whole by the resumed run
-    explicit = run(train_cmd(1, manifest, tmp_path / "other", resume=str(tmp_path / "checkpoints" / "nope")))
+    assert ckpt.complete_steps(run_dir / "checkpoints") == [2, 4, 6]
+    assert not ckpt.verify(run_dir / "checkpoints" / "global_step4")  # rewritten whole by the resumed run
+    explicit = run(train_cmd(1, manifest, tmp_path / "other", resume=str(run_dir / "checkpoints" / "nope")))
     assert explicit.returncode == 2 and "error: --resume" in explicit.stderr and "no such checkpoint" in explicit.stderr
 
 
-def test_a_failed_resume_names_the_model_keys_and_leaves_the_run_as_it_was(manifest, tmp_path):
-    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=2"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    before = (tmp_path / "config.yaml").read_text()
-    r = run(train_cmd(1, manifest, tmp_path, "train.train_iters=4", "model.d_model=64", resume="auto"))
+def test_a_failed_resume_names_the_model_keys_and_leaves_the_run_as_it_was(manifest, finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path / "run")
+    before = (run_dir / "config.yaml").read_text()
+    r = run(train_cmd(1, manifest, run_dir, "train.train_iters=6", "model.d_model=64", resume="auto"))
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln and "return func" not in ln]
     assert lines[-1].startswith("error: checkpoint") and "model.d_model: 128 in the checkpoint, 64 now" in lines[-1]
     assert "Traceback" not in r.stderr
-    assert (tmp_path / "config.yaml").read_text() == before
-    ev = run([sys.executable, "-m", "rtdist.evaluate", "--checkpoint", str(tmp_path), "--max-batches", "1"])
+    assert (run_dir / "config.yaml").read_text() == before
+    ev = run([sys.executable, "-m", "rtdist.evaluate", "--checkpoint", str(run_dir), "--max-batches", "1"])
     assert ev.returncode == 0, ev.stderr[-2000:]
 
 
