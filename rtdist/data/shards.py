@@ -408,11 +408,6 @@ def shard_bytes(layout: SampleLayout, samples: int) -> int:
     return body + len(tar_end_bytes(body))
 
 
-def _short(raw: bytes, limit: int = 24) -> str:
-    """A member name for a message: a damaged header may hold any bytes, so a short escaped repr of them."""
-    return repr(raw[:limit]) + ("..." if len(raw) > limit else "")
-
-
 class ShardReader:
     """Random access to the samples of one split's shards, checking each member against the layout.
 
@@ -479,15 +474,14 @@ class ShardReader:
             raise CorruptShardError(f"{where}: sample {bad} at byte {bad * self._stride}: file ends early (truncated); "
                                     f"{FIX_HINT}")
         rows = np.frombuffer(buf, np.uint8).reshape(count, self._stride)
-        tokens = self._check.tokens(rows)
-        problem = self._check.first_problem(rows, index, tokens)
+        problem = self._check.first_problem(rows, index)
         if problem:
             raise CorruptShardError(f"{where}: {problem}; {FIX_HINT}")
         if index + count == shard["samples"]:  # and the tar end: read front to back, a URL's shard is then hashed
             f.read(shard["bytes"] - offset - size)  # whole and checked against the manifest's (remote.RangeFile)
         suffix = len(MEMBER_SUFFIX)
         keys = [buf[k:k + 100].rstrip(b"\0")[:-suffix].decode("utf-8", "replace") for k in range(0, size, self._stride)]
-        return keys, tokens
+        return keys, self._check.tokens(rows)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -519,9 +513,8 @@ class _MemberCheck:
         return np.ndarray((len(rows), self.layout.sample_tokens), self.dtype, rows, BLOCK + len(self.npy),
                           (rows.strides[0], self.dtype.itemsize))
 
-    def first_problem(self, rows: np.ndarray, first: int, tokens: np.ndarray | None = None) -> str | None:
-        """The first bad member of ``rows`` (members ``first``, ``first + 1``, ...) and what is wrong, or None.
-        ``tokens``: ``self.tokens(rows)`` when the caller has it already."""
+    def first_problem(self, rows: np.ndarray, first: int) -> str | None:
+        """The first bad member of ``rows`` (members ``first``, ``first + 1``, ...) and what is wrong, or None."""
         hdr, n = rows[:, :BLOCK], len(rows)
         name = hdr[:, :100]
         end = np.where((name == 0).any(1), (name == 0).argmax(1), 100)  # name length
@@ -536,7 +529,7 @@ class _MemberCheck:
         checksum_ok = stored == hdr.sum(1, dtype=np.int64) - hdr[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
         h = len(self.npy)
         npy_ok = (rows[:, BLOCK:BLOCK + h] == self.npy).all(1)
-        top = (self.tokens(rows) if tokens is None else tokens).max(1)
+        top = self.tokens(rows).max(1)
         checks = [(name_ok, lambda i: f"member name is not {{key}}{MEMBER_SUFFIX} (not our layout)"),
                   (checksum_ok, lambda i: "tar header checksum mismatch"),
                   (size_ok, lambda i: f"member size is not {self.layout.payload_bytes} bytes (npy of "
