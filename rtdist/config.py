@@ -487,6 +487,8 @@ def validate(cfg: Config) -> None:
         _check(getattr(t, name) <= MAX_TIMEOUT_S, f"train.{name} must be <= {MAX_TIMEOUT_S:,} s (~115 days), got "
                                                   f"{getattr(t, name):,}")
     _check(0 <= t.zero_stage <= 3, f"train.zero_stage must be 0..3, got {t.zero_stage}")
+    _check(t.engine != "torch" or t.zero_stage == 0,
+           f"train.zero_stage={t.zero_stage} needs engine deepspeed or fairscale, not torch (set train.zero_stage: 0)")
     _check(not t.checkpoint_activations or t.checkpoint_policy in (None, "full"),
            f"train.checkpoint_activations: true (policy full) conflicts with train.checkpoint_policy: "
            f"{t.checkpoint_policy}; set only train.checkpoint_policy")

@@ -57,7 +57,9 @@ def test_the_two_rank_check_runs_its_cpu_pass_through_the_real_launcher(tmp_path
     """What the GPU check of 2 ranks (ZeRO-2, sequence parallelism over both) does, on the CPU: rtdist's launcher
     starts both ranks, and their losses equal one rank's on the same global batch."""
     r = run("--only", "two_ranks_sp2", "--work", str(tmp_path), timeout=400)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    logs = "".join(f"\n--- {p.name}, last lines:\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:])
+                   for p in sorted(tmp_path.glob("*.log")))  # the ranks' own output: why one failed
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + logs
     m = LINE.match(r.stdout.splitlines()[1])
     assert m and m.group(1) == "two_ranks_sp2" and m.group(2) == "dry", r.stdout
     assert "layout sp2 zero2, backend gloo, gpus 0, steps 2" in m.group(4)

@@ -127,3 +127,20 @@ def test_zero3_with_every_parameter_partitioned_equals_one_process(tmp_path, ref
     for r in ranks:
         torch.testing.assert_close(torch.tensor(r["losses"], dtype=torch.float64),
                                    torch.tensor(reference["losses"], dtype=torch.float64), rtol=0, atol=2e-5)
+
+
+def test_gathering_the_sharded_optimizer_state_leaves_the_live_steps_alone():
+    """fairscale's gather of FullyShardedDataParallel's optimizer state (CUDA only) turns each ``step`` into an int
+    in the dicts ``optimizer.state_dict()`` shares with the optimizer; the engine's guard puts the tensors back, so
+    the step after a checkpoint runs (torch's Adam refuses int steps)."""
+    from rtdist.parallel.engines import _steps_kept
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    with _steps_kept(opt):
+        for s in opt.state_dict()["state"].values():
+            s["step"] = s["step"].item()  # what fairscale 0.4.13 does to the dict it is given
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.is_tensor(opt.state[p]["step"]) and opt.state[p]["step"].item() == 2

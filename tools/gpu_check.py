@@ -6,8 +6,9 @@
   train_zero3_bf16     the same under ZeRO-3
   two_ranks_sp2        2 ranks through rtdist's launcher (ZeRO-2, sequence parallelism over both, fp32) against
                        1 rank on the same global batch: equal losses (1e-4), over NCCL with 2+ GPUs. On one GPU the
-                       ranks share it and gloo carries the CUDA tensors (NCCL refuses two ranks on one device), as
-                       data parallelism under DDP, so rtdist's own collectives still meet device tensors
+                       ranks share it (started by torchrun itself: rtdist's launcher refuses more ranks than GPUs)
+                       and gloo carries the CUDA tensors (NCCL refuses two ranks on one device), as data
+                       parallelism under DDP, so rtdist's own collectives still meet device tensors
   activation_offload   train.checkpoint_offload (saved activations in host memory) against the same run without
                        it: equal losses, peak GPU memory of both
   fairscale_fsdp       train.engine: fairscale, which picks FullyShardedDataParallel on CUDA
@@ -79,13 +80,14 @@ DRY_SETS = ["train.seq_length=64", "model.window_size=16", "train.train_iters=2"
             "train.save_interval=2", "train.precision=fp32"]
 
 
-def train_argv(ctx: dict, name: str, *sets: str, dry: bool = False) -> list[str]:
-    """Arguments of ``python -m rtdist.train`` for a short run of the tiny config in ``ctx['work']/name``."""
+def train_argv(ctx: dict, name: str, *sets: str, dry: bool = False, resume: bool = False) -> list[str]:
+    """Arguments of ``python -m rtdist.train`` for a short run of the tiny config in ``ctx['work']/name`` (``resume``:
+    continue the run there from its latest checkpoint)."""
     base = [f"data.manifest={ctx['manifest']}", "data.crop_samples=true", "train.train_iters=6", "train.warmup_iters=2", "train.log_interval=1",
             "train.eval_interval=3", "train.eval_iters=2", "train.save_interval=3", "train.precision=bf16",
             "data.num_workers=0"]
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(Path(ctx["work"]) / name),
-            "--overwrite"]  # a check run again in the same --work starts over
+            *(["--resume", "auto"] if resume else ["--overwrite"])]  # a check run again in --work starts over
     for s in base + list(sets) + (DRY_SETS if dry else []):
         args += ["--set", s]
     return args
@@ -99,14 +101,18 @@ def resolve_gpu_command(ctx: dict, name: str, *sets: str):
     return load_config(args.config, args.set)
 
 
-def run_training(ctx: dict, name: str, *sets: str, timeout: float = 300, ranks: int = 1, env=None) -> dict:
+def run_training(ctx: dict, name: str, *sets: str, timeout: float = 300, ranks: int = 1, env=None,
+                 resume: bool = False, shared_gpu: bool = False) -> dict:
     """Train with the command line users run (its own process, world size 1; or ``ranks`` processes started by
     rtdist's launcher); returns its losses, peak memory, final evaluation and rate, read from the run directory."""
     if ctx["dry"]:
         resolve_gpu_command(ctx, name, *sets)
-    argv = train_argv(ctx, name, *sets, dry=ctx["dry"])
+    argv = train_argv(ctx, name, *sets, dry=ctx["dry"], resume=resume)
     launch = [] if ranks == 1 else ["-m", "rtdist.launcher", "--num_gpus", str(ranks), "--master_port",
                                     str(free_port()), "--", "python"]
+    if shared_gpu:  # rtdist's launcher refuses more ranks than GPUs; torchrun itself does not
+        launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+                  "--master_port", str(free_port())]
     command = " ".join(["python", *launch, "-m", "rtdist.train"] + [shlex.quote(a) for a in argv])
     p = subprocess.run([sys.executable, *launch, "-m", "rtdist.train", *argv], cwd=ROOT,
                        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
@@ -123,6 +129,12 @@ def run_training(ctx: dict, name: str, *sets: str, timeout: float = 300, ranks: 
         raise CheckFailed(f"status {result['status']}, losses {losses}")
     if not (run_dir / "model.safetensors").is_file():
         raise CheckFailed("no model.safetensors export")
+    from rtdist.errors import RtdistError
+    from rtdist.export import load_model_for_inference
+    try:  # every weight is there under the model's names (an engine that flattens parameters can lose them)
+        load_model_for_inference(run_dir)
+    except RtdistError as e:
+        raise CheckFailed(f"the export does not load: {e}") from None
     return {"losses": losses, "max_mem_mb": max(x.get("max_mem_mb", 0) for x in lines),
             "eval_loss": result.get("eval", {}).get("loss"), "tokens_per_s": lines[-1].get("tokens_per_s")}
 
@@ -148,14 +160,17 @@ def check_two_ranks(ctx: dict) -> dict:
     import torch
     gpus = 0 if ctx["dry"] else torch.cuda.device_count()
     sets = ["train.precision=fp32"]
+    one_gpu = ["train.engine=torch", "train.zero_stage=0"]  # the configs' ZeRO stage is DeepSpeed's, not DDP's
     if gpus == 1:  # NCCL refuses two ranks on one device: gloo carries the CUDA tensors, as data parallelism
         # under DDP (gloo has no CUDA send/recv for the sequence-parallel halo, nor ZeRO's reduce-scatter)
-        sets, env, layout = sets + ["train.engine=torch"], {"RTDIST_DIST_BACKEND": "cpu:gloo,cuda:gloo"}, "dp2 torch"
+        sets, env, layout = sets + one_gpu, {"RTDIST_DIST_BACKEND": "cpu:gloo,cuda:gloo"}, "dp2 torch"
     else:
         sets, env, layout = sets + ["train.engine=deepspeed", "train.zero_stage=2"], {}, "sp2 zero2"
+        if ctx["dry"]:  # the one-GPU variant's command line must resolve too
+            resolve_gpu_command(ctx, "one_rank", *sets[:1], *one_gpu)
     one = run_training(ctx, "one_rank", *sets)
     two = run_training(ctx, "two_ranks_sp2", *sets, *(["parallel.sequence_parallel_size=2"] if gpus != 1 else []),
-                       ranks=2, env=env)
+                       ranks=2, env=env, shared_gpu=gpus == 1)
     diff = max(abs(a - b) for a, b in zip(one["losses"], two["losses"]))
     backend = env.get("RTDIST_DIST_BACKEND", "cpu:gloo,cuda:nccl" if gpus else "gloo")
     figures = {"layout": layout, "backend": backend, "gpus": gpus, "steps": len(two["losses"]),
@@ -186,7 +201,14 @@ def check_fsdp(ctx: dict) -> dict:
         cfg = resolve_gpu_command(ctx, "fsdp", "train.engine=fairscale", "train.zero_stage=3")
         return {"dry": f"FullyShardedDataParallel imports; config resolves (engine {cfg.train.engine}, "
                        f"zero {cfg.train.zero_stage})"}
-    return check_training("train.engine=fairscale", "train.zero_stage=3", name="fsdp")(ctx)
+    figures = check_training("train.engine=fairscale", "train.zero_stage=3", name="fsdp")(ctx)
+    # Its checkpoint loads: 2 more steps from step 6 (the gathered optimizer state, sharded again)
+    more = run_training(ctx, "fsdp", "train.engine=fairscale", "train.zero_stage=3", "train.train_iters=8",
+                        resume=True)
+    if len(more["losses"]) != 8:
+        raise CheckFailed(f"the resumed run logged {len(more['losses'])} steps, not 8: {more['losses']}")
+    figures["resumed"] = f"steps 7-8, loss {more['losses'][-1]:.3f}"
+    return figures
 
 
 # ----------------------------------------------------------------------------------------------- attention

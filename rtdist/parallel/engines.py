@@ -328,7 +328,8 @@ class FairscaleEngine(_LocalStepEngine):
 
     def _optimizer_state(self):
         if self.full_shard:
-            return self.model.gather_full_optim_state_dict(self.optimizer)
+            with _gather_buffers_sized(self.model), _steps_kept(self.optimizer):
+                return self.model.gather_full_optim_state_dict(self.optimizer)
         self.optimizer.consolidate_state_dict(recipient_rank=0)  # collective
         return self.optimizer.state_dict() if self._rank() == 0 else None
 
@@ -343,6 +344,16 @@ class FairscaleEngine(_LocalStepEngine):
             return
         super().save(path)
 
+    def consolidated_state_dict(self, path: Path) -> Optional[dict]:
+        if not self.full_shard:
+            return super().consolidated_state_dict(path)
+        # FullyShardedDataParallel flattened the module's parameters into its own: the module alone no longer
+        # lists them, and only the wrapper's state_dict (a collective) gathers them under the module's names.
+        full = self.model.state_dict()
+        if self._rank() != 0:
+            return None
+        return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in full.items()}
+
     def load(self, path: Path) -> None:
         state = torch.load(path / "engine_states.pt", map_location="cpu", weights_only=False)
         if self.full_shard:
@@ -355,10 +366,42 @@ class FairscaleEngine(_LocalStepEngine):
         self._micro = state["micro"]
 
 
+@contextlib.contextmanager
+def _gather_buffers_sized(fsdp):
+    """fairscale's ``gather_full_optim_state_dict`` sizes its all-gather buffer by each flat parameter's
+    ``_full_param_padded``, which ``FullyShardedDataParallel`` makes only for sharded parameters: in a world of one
+    process (nothing sharded) it raised AttributeError and no checkpoint could be saved (seen on an H200 by
+    tools/gpu_check.py). There the whole flat parameter is the padded size; a size-only stand-in serves while it
+    runs, and goes after."""
+    from fairscale.nn.data_parallel.fully_sharded_data_parallel import get_fsdp_instances
+    added = [p for m in get_fsdp_instances(fsdp, skip_empty=True) for p in m.params
+             if not hasattr(p, "_full_param_padded")]
+    for p in added:
+        p._full_param_padded = torch.empty(p.numel(), device="meta")
+    try:
+        yield
+    finally:
+        for p in added:
+            del p._full_param_padded
+
+
+@contextlib.contextmanager
+def _steps_kept(optimizer):
+    """fairscale's ``gather_full_optim_state_dict`` turns each parameter's ``step`` into an int in the dicts that
+    ``optimizer.state_dict()`` shares with the live optimizer, and torch's Adam then refuses to step (seen on an
+    H200 by tools/gpu_check.py): put the live values back after it. (A checkpoint's int steps are fine: Adam's
+    ``load_state_dict`` makes them tensors again.)"""
+    steps = [(s, s["step"]) for s in optimizer.state.values() if "step" in s]
+    try:
+        yield
+    finally:
+        for s, step in steps:
+            s["step"] = step
+
+
 def check_engine(kind: str, zero_stage: int) -> None:
-    """Engine and ZeRO stage combinations that cannot work, before any process group forms."""
-    if kind == "torch" and zero_stage:
-        raise ConfigError(f"train.zero_stage={zero_stage} needs engine deepspeed or fairscale, not torch")
+    """Engine and ZeRO stage combinations that cannot work on this machine, before any process group forms (the
+    config's own rules are :func:`rtdist.config.validate`'s)."""
     if kind == "fairscale" and zero_stage == 3 and not torch.cuda.is_available():
         raise ConfigError("train.zero_stage=3 with engine fairscale needs FullyShardedDataParallel, which needs CUDA; "
                           "use engine deepspeed for ZeRO-3 on CPU")
