@@ -130,12 +130,18 @@ def training_monitor(tmp_path, lines, progress=False, **sets):
     return cfg, state, monitor
 
 
-def test_a_training_run_logs_throughput_memory_and_mfu_to_every_sink_and_one_plain_line_per_log_step(tmp_path):
+def test_a_training_run_logs_throughput_memory_and_mfu_to_every_sink_and_one_plain_line_per_log_step(tmp_path,
+                                                                                                     monkeypatch):
     import json
     import re
     from types import SimpleNamespace
 
+    import rtdist.monitor
+    from rtdist.flops import flops_per_token
     from rtdist.model import RoutingTransformerLM
+    # A fixed peak: these "steps" take microseconds, so MFU against a measured one says nothing (it read 1.24 on a
+    # busy box); what matters is that the figure is tokens/s x FLOP per token / peak.
+    monkeypatch.setattr(rtdist.monitor, "peak_flops", lambda device, precision: (2e12, "a fixed peak"))
     lines = []
     cfg, state, monitor = training_monitor(tmp_path, lines)
     model = RoutingTransformerLM(cfg.model)
@@ -148,14 +154,24 @@ def test_a_training_run_logs_throughput_memory_and_mfu_to_every_sink_and_one_pla
     assert [r["step"] for r in logged] == [1, 2, 3, 4] and logged[0].keys() == {"step", "loss", "time_s", "tokens"}
     full = logged[1]
     assert {"lr", "grad_norm", "tokens_per_s", "mfu", "max_mem_mb", "skipped_steps", "epoch"} <= full.keys()
-    assert 0 < full["mfu"] < 1 and full["tokens_per_s"] > 0 and full["tokens"] == 2 * 256
+    assert full["tokens_per_s"] > 0 and full["tokens"] == 2 * 256
+    fpt = flops_per_token(cfg.model, cfg.train.seq_length)
+    assert full["mfu"] == pytest.approx(full["tokens_per_s"] * fpt / 2e12, rel=1e-3, abs=1e-5)
     assert any(k.startswith("kmeans_l") for k in full)
     assert {"train/mfu", "train/tokens_per_s", "train/max_mem_mb"} <= set(scalars(tmp_path / "tensorboard"))
     step_lines = [x for x in lines if x.startswith("step ")]
     assert len(step_lines) == 2 and not any("\r" in x for x in lines)
     assert re.fullmatch(r"step 2/4  loss 2\.0000  lr 0\.001  grad_norm 0\.5  tok/s [\d,]+  mfu \d+\.\d\d%  "
                         r"mem [\d,]+ MiB  elapsed 0:00:\d\d  eta 0:00:\d\d", step_lines[0]), step_lines[0]
-    assert lines[0].startswith("mfu: against ") and "measured fp32 matmul of this CPU" in lines[0]
+    assert lines[0] == f"mfu: against 2.00 TFLOP/s per device (a fixed peak); {fpt / 1e6:.1f} MFLOP per token"
+
+
+def test_the_peak_of_a_cpu_is_its_measured_matmul_rate():
+    import torch
+
+    from rtdist.flops import peak_flops
+    peak, source = peak_flops(torch.device("cpu"))
+    assert peak > 1e8 and source == "measured fp32 matmul of this CPU"
 
 
 def test_with_a_progress_bar_the_job_log_gets_no_step_lines(tmp_path):
