@@ -17,6 +17,7 @@ Where things live: the resume and save policy in :class:`rtdist.checkpoint.Check
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -386,6 +387,9 @@ def finish(status: str, state: TrainState, step_dir: Path, engine, evaluator: Op
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A rank killed by a crash in native code (SIGABRT from a C++ exception in a communication thread, SIGSEGV)
+    # otherwise leaves only "exit status -6" in the launcher's line: print every thread's Python stack first.
+    faulthandler.enable(all_threads=True)
     try:
         info = rdist.discover()
         prefix = f"[rank {info.rank}] " if info.world_size > 1 else ""

@@ -170,3 +170,21 @@ def test_a_stop_during_the_final_evaluation_keeps_the_checkpoint_and_the_export(
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((run_dir / "result.json").read_text())
     assert res["status"] == "completed" and res["step"] == 4 and res["eval"]["tokens"] > 0
+
+
+def test_a_rank_that_crashes_in_native_code_leaves_its_python_stack_in_the_log(manifest, tmp_path):
+    """SIGABRT is what a C++ exception in a communication thread ends a rank with; the launcher can only say "exit
+    status -6", so the rank prints every thread's Python stack on its way down."""
+    run_dir = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, *train_args(manifest, run_dir, 400, "data.num_workers=0")], cwd=ROOT,
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: training(1)(run_dir) or p.poll() is not None, "the first step")
+        p.send_signal(signal.SIGABRT)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in out and "rtdist/train.py" in out, out[-3000:]
