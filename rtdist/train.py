@@ -387,9 +387,6 @@ def finish(status: str, state: TrainState, step_dir: Path, engine, evaluator: Op
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # A rank killed by a crash in native code (SIGABRT from a C++ exception in a communication thread, SIGSEGV)
-    # otherwise leaves only "exit status -6" in the launcher's line: print every thread's Python stack first.
-    faulthandler.enable(all_threads=True)
     try:
         info = rdist.discover()
         prefix = f"[rank {info.rank}] " if info.world_size > 1 else ""
@@ -420,4 +417,8 @@ def _main(argv) -> int:
 
 
 if __name__ == "__main__":
+    # A rank killed by a crash in native code (SIGABRT from a C++ exception in a communication thread, SIGSEGV)
+    # otherwise leaves only "exit status -6" in the launcher's line: print every thread's Python stack first.
+    # (Here, not in main(): callers in-process may have an stderr without a file descriptor.)
+    faulthandler.enable(all_threads=True)
     sys.exit(main())
