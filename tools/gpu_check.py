@@ -104,15 +104,18 @@ def resolve_gpu_command(ctx: dict, name: str, *sets: str):
 def run_training(ctx: dict, name: str, *sets: str, timeout: float = 300, ranks: int = 1, env=None,
                  resume: bool = False, shared_gpu: bool = False) -> dict:
     """Train with the command line users run (its own process, world size 1; or ``ranks`` processes started by
-    rtdist's launcher); returns its losses, peak memory, final evaluation and rate, read from the run directory."""
+    rtdist's launcher, or by torchrun itself when they share one GPU, which the launcher refuses); returns its
+    losses, peak memory, final evaluation and rate, read from the run directory."""
     if ctx["dry"]:
         resolve_gpu_command(ctx, name, *sets)
     argv = train_argv(ctx, name, *sets, dry=ctx["dry"], resume=resume)
-    launch = [] if ranks == 1 else ["-m", "rtdist.launcher", "--num_gpus", str(ranks), "--master_port",
-                                    str(free_port()), "--", "python"]
-    if shared_gpu:  # rtdist's launcher refuses more ranks than GPUs; torchrun itself does not
+    if ranks == 1:
+        launch = []
+    elif shared_gpu:
         launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
                   "--master_port", str(free_port())]
+    else:
+        launch = ["-m", "rtdist.launcher", "--num_gpus", str(ranks), "--master_port", str(free_port()), "--", "python"]
     command = " ".join(["python", *launch, "-m", "rtdist.train"] + [shlex.quote(a) for a in argv])
     p = subprocess.run([sys.executable, *launch, "-m", "rtdist.train", *argv], cwd=ROOT,
                        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
