@@ -140,7 +140,7 @@ def test_a_training_run_logs_throughput_memory_and_mfu_to_every_sink_and_one_pla
     from rtdist.flops import flops_per_token
     from rtdist.model import RoutingTransformerLM
     # A fixed peak: these "steps" take microseconds, so MFU against a measured one says nothing (it read 1.24 on a
-    # busy box); what matters is that the figure is tokens/s x FLOP per token / peak.
+    # fast box); what matters is that the figure is tokens/s x FLOP per token / peak.
     monkeypatch.setattr(rtdist.monitor, "peak_flops", lambda device, precision: (2e12, "a fixed peak"))
     lines = []
     cfg, state, monitor = training_monitor(tmp_path, lines)
